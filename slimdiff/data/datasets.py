@@ -1,0 +1,131 @@
+"""Datasets: the embedded default (scikit-learn digits), image folders, pre-computed latents.
+
+Every dataset yields ``(x, y)`` with ``x`` a float tensor in the model's input range
+(images in [-1, 1]) and ``y`` an int64 class label (``-1`` when there is none).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from slimdiff.errors import UsageError
+
+DIGITS_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def digits(split: str = "train") -> TensorDataset:
+    """scikit-learn's 1,797 8x8 handwritten digits, scaled from [0, 16] to [-1, 1].
+
+    The split is fixed: a class-stratified 80/20 train/test split with seed 0
+    (``train_test_split(..., test_size=0.2, stratify=y, random_state=0)``):
+    1,437 train and 360 held-out test images. ``split`` is "train", "test" or "all".
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = data.images.astype(np.float32) / 8.0 - 1.0
+    y = data.target.astype(np.int64)
+    if split == "all":
+        xs, ys = x, y
+    elif split in ("train", "test"):
+        x_tr, x_te, y_tr, y_te = train_test_split(
+            x, y, test_size=DIGITS_TEST_FRACTION, stratify=y, random_state=DIGITS_SEED
+        )
+        xs, ys = (x_tr, y_tr) if split == "train" else (x_te, y_te)
+    else:
+        raise UsageError(f"unknown digits split {split!r}; use 'train', 'test' or 'all'")
+    return TensorDataset(torch.from_numpy(xs).unsqueeze(1), torch.from_numpy(ys))
+
+
+class ImageFolder(Dataset):
+    """PNG/JPEG images under ``root`` (recursively), resized and centre-cropped to ``size``.
+
+    A sub-folder layout ``root/<class>/*.png`` gives class labels in sorted folder order;
+    flat folders give label -1. Images are RGB (or grayscale with ``channels=1``) in [-1, 1].
+    """
+
+    def __init__(self, root: str | Path, size: int, channels: int = 3):
+        from PIL import Image
+
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UsageError(f"image folder {self.root} does not exist; pass a directory of PNG/JPEG files")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise UsageError(f"no PNG/JPEG images found under {self.root}; add images or pick another --data")
+        classes = sorted({p.parent.name for p in self.files if p.parent != self.root})
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.size, self.channels, self._image = size, channels, Image
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path = self.files[i]
+        try:
+            with self._image.open(path) as im:
+                im = im.convert("L" if self.channels == 1 else "RGB")
+                im = _resize_center_crop(im, self.size)
+        except OSError as e:
+            raise UsageError(f"cannot read image {path}: {e}; remove or replace the file") from None
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        x = torch.from_numpy(arr).reshape(self.size, self.size, -1).permute(2, 0, 1).contiguous()
+        label = self.class_to_idx.get(path.parent.name, -1)
+        return x, torch.tensor(label, dtype=torch.int64)
+
+
+def _resize_center_crop(im, size: int):
+    """Resize the short side to ``size`` (bicubic), then crop the centre square."""
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample=3)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def latents(path: str | Path) -> TensorDataset:
+    """Pre-computed latents from ``.npz`` or ``.safetensors`` with keys ``latents`` (N, C, H, W)
+    and optionally ``labels`` (N,). Values are used as stored (already scaled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"latents file {path} does not exist")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: torch.from_numpy(f[k]) for k in f.files}
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            arrays = load_file(str(path))
+        else:
+            raise UsageError(f"latents file {path} must be .npz or .safetensors")
+    except (ValueError, OSError) as e:
+        raise UsageError(f"cannot read latents file {path}: {e}") from None
+    if "latents" not in arrays or arrays["latents"].ndim != 4:
+        raise UsageError(f"{path} must hold a 4-D array named 'latents' (N, C, H, W); found {sorted(arrays)}")
+    x = arrays["latents"].float()
+    y = arrays.get("labels", torch.full((len(x),), -1)).long()
+    if len(y) != len(x):
+        raise UsageError(f"{path}: {len(x)} latents but {len(y)} labels")
+    return TensorDataset(x, y)
+
+
+def get_dataset(spec: str, size: int | None = None, channels: int = 3, split: str = "train") -> Dataset:
+    """Resolve a ``--data`` value: ``digits``, a folder of images, or a latents file."""
+    if spec == "digits":
+        return digits(split)
+    path = Path(spec)
+    if path.is_dir():
+        if size is None:
+            raise UsageError("an image folder needs the model's input size")
+        return ImageFolder(path, size, channels)
+    if path.suffix in (".npz", ".safetensors"):
+        return latents(path)
+    raise UsageError(f"unknown --data {spec!r}: use 'digits', an image folder, or a .npz/.safetensors latents file")
