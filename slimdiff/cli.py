@@ -1,0 +1,232 @@
+"""The ``slimdiff`` command line (typer + rich).
+
+Every command that reports numbers takes ``--json`` and then prints exactly one JSON
+object on stdout. Usage errors print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from slimdiff.errors import UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0], pretty_exceptions_enable=False)
+err = Console(stderr=True)
+
+MODEL_HELP = "a slimdiff model directory, a shipped name (digits-dit) or a DiT size name (DiT-S/2)"
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _parse_ints(text: str | None, what: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _emit(obj: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for k, v in obj.items():
+        if not isinstance(v, (dict, list)):
+            table.add_row(k, f"{v:,}" if isinstance(v, int) else f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+def _model(name: str, **kwargs):
+    from slimdiff import load
+
+    return load(name, **kwargs)
+
+
+@app.command()
+def sample(
+    model: str = typer.Option("digits-dit", help=MODEL_HELP),
+    sampler: str = typer.Option("ddim", help="ddpm | ddim | dpm | euler (flow models)"),
+    steps: int = typer.Option(50, help="sampling steps"),
+    cfg: float = typer.Option(1.5, help="classifier-free guidance scale (1 = off)"),
+    classes: Optional[str] = typer.Option(None, help="comma-separated class labels, e.g. 0,1,2"),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="number of samples"),
+    seed: int = typer.Option(0),
+    output: Path = typer.Option(Path("grid.png"), "-o", "--output", help="PNG grid to write"),
+) -> None:
+    """Sample a grid of images from a model."""
+    from slimdiff.diffusion.sampling import sample as run
+    from slimdiff.utils import save_grid
+
+    m = _model(model)
+    labels = _parse_ints(classes, "--classes")
+    from slimdiff.models.backbone import as_backbone
+
+    if cfg != 1.0 and as_backbone(m).conditioning is None:
+        cfg = 1.0
+    x = run(m, sampler=sampler, steps=steps, num_samples=num_samples, classes=labels, cfg=cfg, seed=seed, progress=True)
+    save_grid(x, output)
+    err.print(f"wrote {output} ({len(x)} samples, {sampler} x{steps}, cfg {cfg})")
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    sampler: str = typer.Option("ddim"),
+    steps: int = typer.Option(50),
+    cfg: float = typer.Option(1.0, help="guidance scale assumed for sampling MACs"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Parameters, MACs per forward and per full sampling run, and per-layer structure."""
+    from slimdiff.eval.compute import macs_forward, macs_sampling, params
+    from slimdiff.models.backbone import as_backbone
+
+    m = _model(model)
+    bb = as_backbone(m)
+    out = {
+        "model": model,
+        "kind": bb.kind,
+        "params": params(m),
+        "macs_forward": macs_forward(m),
+        "macs_sampling": macs_sampling(m, sampler=sampler, steps=steps, cfg=cfg),
+        "sampler": sampler,
+        "steps": steps,
+        "blocks": len(bb.blocks),
+    }
+    if bb.is_transformer:
+        out["structure"] = [{"block": i, "heads": bb.heads(i), "mlp": bb.mlp_width(i)} for i in range(len(bb.blocks))]
+    out["method"] = (getattr(m, "slimdiff_meta", None) or {}).get("method")
+    _emit(out, as_json, f"slimdiff info {model}")
+    if not as_json and "structure" in out:
+        err.print("blocks (heads/mlp): " + " ".join(f"{s['heads']}/{s['mlp']}" for s in out["structure"]))
+
+
+@app.command()
+def train(
+    data: str = typer.Option("digits", help="'digits', an image folder, or a .npz/.safetensors latents file"),
+    model: str = typer.Option("DiT-T/2", help="a DiT size name (random init) or a model to continue from"),
+    input_size: Optional[int] = typer.Option(None, help="image/latent size (default: from --data; digits = 8)"),
+    in_channels: Optional[int] = typer.Option(None, help="channels (default: from --data; digits = 1)"),
+    num_classes: Optional[int] = typer.Option(None, help="classes (default: from --data; digits = 10)"),
+    learn_sigma: bool = typer.Option(False, help="also predict the variance (official DiT); slimdiff samplers ignore it"),
+    objective: str = typer.Option("epsilon", help="epsilon | v_prediction | flow"),
+    clip_sample: Optional[bool] = typer.Option(None, help="clip x0 to [-1, 1] when sampling (default: on for pixel data)"),
+    steps: int = typer.Option(3000, help="optimisation steps"),
+    batch_size: int = typer.Option(128, "--batch-size", help="global batch size (split over processes)"),
+    lr: float = typer.Option(3e-4),
+    warmup: int = typer.Option(100, help="linear warm-up steps"),
+    schedule: str = typer.Option("cosine", help="cosine | constant"),
+    ema: float = typer.Option(0.999, help="EMA decay (0 = off)"),
+    cfg_dropout: float = typer.Option(0.1, help="probability of dropping the class label (for guidance)"),
+    checkpoint_every: int = typer.Option(500),
+    mixed_precision: str = typer.Option("no", help="no | fp16 | bf16"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/train"), "-o", "--out", help="run directory (checkpoints, final model)"),
+    resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
+) -> None:
+    """Train a diffusion model from scratch (the default teacher: ``--data digits``)."""
+    from slimdiff.data.datasets import get_dataset
+    from slimdiff.diffusion.schedulers import DiffusionConfig
+    from slimdiff.io import save
+
+    probe = get_dataset(data, size=input_size or 8)
+    x0, y0 = probe[0]
+    labels = [int(probe[i][1]) for i in range(min(len(probe), 2000))]
+    kwargs = dict(
+        input_size=input_size or x0.shape[-1],
+        in_channels=in_channels or x0.shape[0],
+        num_classes=num_classes or (max(labels) + 1 if min(labels) >= 0 else 1),
+        learn_sigma=learn_sigma,
+    )
+    diffusion = DiffusionConfig(objective=objective, clip_sample=clip_sample if clip_sample is not None else data == "digits" or Path(data).is_dir())
+    import torch
+
+    torch.manual_seed(seed)  # the random init is part of the recipe
+    m = _model(model, **kwargs)
+    m.slimdiff_meta = {**(getattr(m, "slimdiff_meta", None) or {}), "diffusion": diffusion.to_dict()}
+    m = _run_training(m, data, out, resume, diffusion=diffusion, steps=steps, batch_size=batch_size, lr=lr,
+                      warmup_steps=warmup, lr_schedule=schedule, ema_decay=ema, cfg_dropout=cfg_dropout,
+                      checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed)
+    if not _is_main_process():
+        return
+    path = save(m, out / "model", meta={"training": {"data": data, "steps": steps, "batch_size": batch_size, "lr": lr,
+                                                      "ema": ema, "seed": seed, "command": " ".join(sys.argv[1:])}},
+                overwrite=True)
+    err.print(f"saved {path}")
+
+
+def _run_training(m, data: str, out: Path, resume: bool, *, diffusion=None, teacher=None, **config):
+    from slimdiff.data.datasets import get_dataset
+    from slimdiff.models.backbone import as_backbone
+    from slimdiff.train.trainer import TrainConfig, train
+
+    bb = as_backbone(m)
+    dataset = get_dataset(data, size=bb.sample_size, channels=bb.in_channels)
+    return train(m, dataset, TrainConfig(**config), out, teacher=teacher, resume=resume, diffusion=diffusion)
+
+
+@app.command()
+def finetune(
+    model: str = typer.Option(..., help=MODEL_HELP + " (the compressed student)"),
+    data: str = typer.Option("digits"),
+    teacher: Optional[str] = typer.Option(None, help="teacher for distillation (e.g. digits-dit)"),
+    kd: str = typer.Option("none", help="none | output | hidden | masked (TinyFusion)"),
+    layer_map: Optional[str] = typer.Option(None, help="student:teacher block pairs, e.g. 0:1,1:3"),
+    steps: int = typer.Option(500),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(2e-4),
+    ema: float = typer.Option(0.999),
+    checkpoint_every: int = typer.Option(100),
+    mixed_precision: str = typer.Option("no"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/finetune"), "-o", "--out"),
+    resume: bool = typer.Option(False),
+) -> None:
+    """Recovery fine-tuning (diffusion loss) or distillation of a compressed model."""
+    from slimdiff.io import save
+
+    m = _model(model)
+    t = _model(teacher) if teacher else None
+    pairs = None
+    if layer_map:
+        try:
+            pairs = {int(a): int(b) for a, b in (p.split(":") for p in layer_map.split(","))}
+        except ValueError:
+            raise UsageError(f"--layer-map must look like 0:1,1:3, got {layer_map!r}") from None
+    m = _run_training(m, data, out, resume, teacher=t, steps=steps, batch_size=batch_size, lr=lr,
+                      lr_schedule="constant", ema_decay=ema, checkpoint_every=checkpoint_every,
+                      mixed_precision=mixed_precision, seed=seed, kd=kd, layer_map=pairs)
+    if not _is_main_process():
+        return
+    path = save(m, out / "model", meta={"finetune": {"data": data, "steps": steps, "kd": kd, "teacher": teacher}},
+                overwrite=True)
+    err.print(f"saved {path}")
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def main() -> None:
+    """Console-script entry point: one-line errors, exit code 2 for usage errors."""
+    try:
+        app()
+    except UsageError as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Compute accounting: MACs, parameter counts and wall-time ratios.
+
+Why these choices:
+
+* **MACs come from running the code**, not from a formula per architecture:
+  :func:`count_macs` runs one call under ``torch.utils.flop_counter.FlopCounterMode``
+  and halves the FLOPs (one multiply-accumulate = 2 FLOPs). Whatever a method skips
+  at run time (pruned channels, reused blocks, routed-away tokens, skipped steps) is
+  simply not counted, so every method is measured in the same currency.
+* **Attention is counted.** On CPU, ``F.scaled_dot_product_attention`` dispatches to a
+  fused kernel that FlopCounterMode does not know, so the ``Q K^T`` and ``A V`` matmuls
+  (``2 N^2 D`` MACs per layer and sample) would silently be missing. We count under
+  ``sdpa_kernel(SDPBackend.MATH)``, which decomposes attention into counted ``bmm`` ops.
+  The MATH backend computes the same values, so a counted run is a real run.
+* Only matmul-like ops (linear, conv, bmm, ...) are counted, as is usual for MACs;
+  elementwise work (norms, activations, scheduler updates) is not.
+* **Speed is a ratio measured in one process** (see ``/work/shared/BENCHMARK.md``):
+  :func:`latency_ratio` warms every callable up, then times them round-robin so that
+  machine noise hits all of them alike, and reports medians relative to a reference.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from slimdiff.errors import UsageError
+
+
+def count_flops_by_op(fn: Callable[..., Any], *args, **kwargs) -> dict[str, int]:
+    """FLOPs of one call ``fn(*args, **kwargs)``, split by aten op (e.g. ``"aten.addmm"``).
+
+    Runs under ``torch.no_grad()`` and the SDPA MATH backend (so attention matmuls show
+    up as ``aten.bmm``). Useful to see where the MACs of a model go.
+    """
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
+        fn(*args, **kwargs)
+    return {str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+def count_macs(fn: Callable[..., Any], *args, **kwargs) -> int:
+    """Multiply-accumulates (= FLOPs / 2) of one call ``fn(*args, **kwargs)``, attention included."""
+    return sum(count_flops_by_op(fn, *args, **kwargs).values()) // 2
+
+
+def params(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (shared parameters counted once; buffers excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def macs_forward(model: nn.Module, batch: int = 1) -> int:
+    """MACs of one denoiser forward pass on ``batch`` example inputs (via the Backbone view)."""
+    from slimdiff.models.backbone import as_backbone
+
+    if batch < 1:
+        raise UsageError(f"batch must be >= 1, got {batch}")
+    bb = as_backbone(model)
+    x, t, cond = bb.example_inputs(batch)
+    return count_macs(bb, x, t, cond)
+
+
+def macs_sampling(
+    model: nn.Module, sampler: str = "ddim", steps: int = 50, cfg: float = 1.0, batch: int = 1
+) -> int:
+    """MACs **per generated image** of one real, full sampling run.
+
+    Counts one call of ``slimdiff.diffusion.sampling.sample(model, sampler=..., steps=...,
+    cfg=..., num_samples=batch, seed=0)`` and divides by ``batch`` (rounded). Because the
+    real sampling loop runs, anything that skips work during sampling (block reuse plans,
+    per-step routing, CFG doubling the batch) is reflected. With input-dependent routing,
+    a larger ``batch`` averages over more samples.
+    """
+    from slimdiff.diffusion.sampling import sample
+
+    if batch < 1:
+        raise UsageError(f"batch must be >= 1, got {batch}")
+    total = count_macs(sample, model, sampler=sampler, steps=steps, cfg=cfg, num_samples=batch, seed=0)
+    return round(total / batch)
+
+
+def latency_ratio(
+    fns: dict[str, Callable[[], Any]], reference: str, warmup: int = 2, repeats: int = 7
+) -> dict:
+    """Wall time of each zero-argument callable relative to ``fns[reference]``, in one process.
+
+    Each callable is first called ``warmup`` times; then ``repeats`` rounds call every
+    callable once, round-robin (the starting callable rotates each round so none is always
+    first), timing each call with ``time.perf_counter``. Returns ``{name: {"median_s",
+    "ratio", "times_s"}}`` for every name plus ``"settings": {"reference", "warmup",
+    "repeats", "order"}``. ``ratio`` = median / reference median (< 1 is faster).
+    """
+    if not fns:
+        raise UsageError("latency_ratio needs at least one callable")
+    if reference not in fns:
+        raise UsageError(f"reference {reference!r} is not one of the callables {sorted(fns)}")
+    if "settings" in fns:
+        raise UsageError("'settings' is reserved in latency_ratio's result; rename that callable")
+    if warmup < 0 or repeats < 1:
+        raise UsageError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    ref = statistics.median(times[reference])
+    out: dict[str, Any] = {
+        name: {"median_s": statistics.median(ts), "ratio": statistics.median(ts) / ref, "times_s": ts}
+        for name, ts in times.items()
+    }
+    out["settings"] = {"reference": reference, "warmup": warmup, "repeats": repeats, "order": "round-robin, rotating"}
+    return out
+
+
+__all__ = ["count_macs", "count_flops_by_op", "params", "macs_forward", "macs_sampling", "latency_ratio"]

@@ -1,0 +1,300 @@
+"""One accelerate-based training loop for every weight-changing job in slimdiff.
+
+Training from scratch, recovery fine-tuning of a compressed model (diffusion loss) and
+distillation from a teacher (output KD, hidden-state KD through a layer map, and
+TinyFusion's masked KD) share this loop, with EMA, gradient clipping, mixed precision,
+atomic checkpoints and exact resume.
+
+Determinism across process counts: every rank draws the *global* batch indices, noise,
+timesteps and CFG label-drop mask from one shared seeded generator and keeps its slice,
+so a run on 2 processes sees exactly the data of a 1-process run with the same global
+batch (DDP averages the gradients). Batches are drawn with replacement.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from slimdiff.diffusion.losses import ForwardProcess, diffusion_loss
+from slimdiff.diffusion.schedulers import DiffusionConfig, diffusion_config_of
+from slimdiff.errors import UsageError
+from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from slimdiff.train.distill import KD_MODES, HiddenCapture, distill_loss
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run. ``batch_size`` is global (split over processes)."""
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"
+    cfg_dropout: float = 0.1
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+    kd: str = "none"
+    kd_alpha: float = 0.9
+    feat_beta: float = 1e-2
+    layer_map: dict[int, int] | None = field(default=None)
+    mask_k: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise UsageError(f"steps and batch size must be >= 1 (got {self.steps}, {self.batch_size})")
+        if self.lr <= 0:
+            raise UsageError(f"learning rate must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise UsageError(f"unknown lr schedule {self.lr_schedule!r}; use 'cosine' or 'constant'")
+        if self.kd not in KD_MODES:
+            raise UsageError(f"unknown distillation mode {self.kd!r}; choose one of {', '.join(KD_MODES)}")
+        if not 0 <= self.ema_decay < 1:
+            raise UsageError(f"EMA decay must be in [0, 1), got {self.ema_decay}")
+        if self.layer_map is not None:
+            self.layer_map = {int(k): int(v) for k, v in self.layer_map.items()}
+
+
+class Denoiser(nn.Module):
+    """``(x, t, cond) -> prediction`` for any supported model, as one module DDP can wrap."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        from slimdiff.models.backbone import as_backbone
+
+        return as_backbone(self.model)(x, t, cond)
+
+
+@contextmanager
+def no_internal_label_dropout(model: nn.Module) -> Iterator[None]:
+    """Turn off label embedders' own random dropout; the trainer drops labels itself
+    (from the shared generator) so runs are reproducible across process counts."""
+    saved = [(m, m.dropout_prob) for m in model.modules() if hasattr(m, "dropout_prob") and hasattr(m, "num_classes")]
+    for m, _ in saved:
+        m.dropout_prob = 0.0
+    try:
+        yield
+    finally:
+        for m, p in saved:
+            m.dropout_prob = p
+
+
+def lr_lambda(config: TrainConfig):
+    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio``."""
+    import math
+
+    def f(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "constant":
+            return 1.0
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _has_null(bb) -> bool:
+    try:
+        bb.null_cond(torch.zeros(1, dtype=torch.long), 1)
+    except UsageError:
+        return False
+    return True
+
+
+def _check_conditioning(bb, dataset: Dataset) -> None:
+    """Fail up front when the data cannot condition the model."""
+    if bb.conditioning == "text":
+        raise UsageError("training text-conditional models needs caption embeddings, which slimdiff data does not provide yet")
+    if bb.conditioning == "class":
+        label = int(torch.as_tensor(dataset[0][1]))
+        if not 0 <= label < bb.num_classes:
+            raise UsageError(
+                f"the model is class-conditional ({bb.num_classes} classes) but the data has label {label}: "
+                "use labelled data (class sub-folders or a 'labels' array)"
+            )
+
+
+def _batch(dataset: Dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[int(i)] for i in idx]
+    return torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[1]) for it in items])
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    teacher: nn.Module | None = None,
+    resume: bool = False,
+    diffusion: DiffusionConfig | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Train ``model`` in place and return it (with EMA weights when EMA is on).
+
+    Checkpoints go to ``out_dir/checkpoint`` every ``config.checkpoint_every`` steps and at
+    the end; ``resume=True`` continues from there with optimiser, EMA, lr schedule and RNG
+    state restored, so a resumed run ends with the same weights as an uninterrupted one.
+    """
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    from slimdiff.models.backbone import as_backbone
+
+    out_dir = Path(out_dir)
+    if config.kd != "none" and teacher is None:
+        raise UsageError(f"distillation mode {config.kd!r} needs a teacher model (--teacher)")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise UsageError(f"global batch {config.batch_size} does not divide over {world} processes")
+    local = config.batch_size // world
+    diffusion = diffusion or diffusion_config_of(model)
+    process = ForwardProcess(diffusion)
+    torch.manual_seed(config.seed)
+    data_gen = torch.Generator().manual_seed(config.seed)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise UsageError("the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    ema = EMAModel(trainable, decay=config.ema_decay) if config.ema_decay > 0 else None
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable_names = [names[id(p)] for p in trainable]
+
+    start = 0
+    ckpt = find_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        if ema is not None and state["ema"] is not None:
+            ema.shadow_params = [state["ema"][n].clone() for n in trainable_names]
+            ema.optimization_step = state["info"]["ema_step"]
+        data_gen.set_state(state["rng"]["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start = state["step"]
+        accelerator.print(f"resumed from {ckpt} at step {start}")
+
+    denoiser, optimizer = accelerator.prepare(Denoiser(model), optimizer)
+    device = accelerator.device
+    if ema is not None:
+        ema.to(device)
+    bb = as_backbone(model)
+    _check_conditioning(bb, dataset)
+    drop_labels = config.cfg_dropout > 0 and bb.conditioning == "class" and _has_null(bb)
+    sl = slice(rank * local, (rank + 1) * local)
+    t_den = capture_s = capture_t = None
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        t_den = Denoiser(teacher)
+        if config.kd in ("hidden", "masked"):
+            capture_s = HiddenCapture(model, list(config.layer_map or {}))
+            capture_t = HiddenCapture(teacher, list((config.layer_map or {}).values()))
+
+    def checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_checkpoint(
+                out_dir, step=step, model=accelerator.unwrap_model(denoiser).model.state_dict(),
+                optimizer=optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
+                lr_scheduler=scheduler.state_dict(),
+                rng={"data": data_gen.get_state(), "torch": torch.get_rng_state()},
+                info={"ema_step": ema.optimization_step if ema else 0, "config": asdict(config)},
+                ema={n: p for n, p in zip(trainable_names, ema.shadow_params)} if ema else None,
+            )
+        accelerator.wait_for_everyone()
+
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    running, t0, seen = torch.zeros((), device=device), time.perf_counter(), 0
+    bar = _progress(progress and accelerator.is_main_process, config.steps, start)
+    denoiser.train()
+    with no_internal_label_dropout(model), (bar or nullcontext()):
+        for step in range(start, config.steps):
+            idx = torch.randint(len(dataset), (config.batch_size,), generator=data_gen)
+            t_all = process.sample_timesteps(config.batch_size, data_gen)
+            x0, y = _batch(dataset, idx[sl])
+            noise = torch.randn((config.batch_size, *x0.shape[1:]), generator=data_gen)[sl]
+            drop = torch.rand(config.batch_size, generator=data_gen)[sl] < config.cfg_dropout
+            x0 = x0.to(device)
+            batch = process.noisy(x0, noise.to(device, x0.dtype), t_all[sl])
+            cond = y.to(device) if bb.conditioning == "class" else None
+            if drop_labels:
+                cond = torch.where(drop.to(device), bb.null_cond(cond, len(cond)).to(device), cond)
+            with accelerator.autocast():
+                pred = denoiser(batch.x_t, batch.t, cond)
+                loss = diffusion_loss(pred, batch)
+                if t_den is not None:
+                    with torch.no_grad():
+                        t_pred = t_den(batch.x_t, batch.t, cond)
+                    beta = config.feat_beta * (1 - step / config.steps)
+                    loss = distill_loss(loss, pred, t_pred, config, beta, capture_s, capture_t)
+            bad |= ~torch.isfinite(loss.detach())
+            accelerator.backward(loss)
+            if config.grad_clip > 0:
+                accelerator.clip_grad_norm_(trainable, config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.step(trainable)
+            running += loss.detach()
+            seen += config.batch_size
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps or done % config.checkpoint_every == 0:
+                if bool(bad):
+                    raise TrainingDiverged(
+                        f"loss became NaN/inf before step {done}; the last good checkpoint in {out_dir} is kept. "
+                        "Lower --lr or check the data, then --resume"
+                    )
+                n = config.log_every if done % config.log_every == 0 else max(1, done % config.log_every)
+                dt = time.perf_counter() - t0
+                logs = {"loss": float(running) / n, "lr": scheduler.get_last_lr()[0], "samples_per_s": seen / dt}
+                running.zero_()
+                t0, seen = time.perf_counter(), 0
+                if bar is not None:
+                    bar.update(bar.task_ids[0], completed=done, description=f"train loss {logs['loss']:.4f}")
+                accelerator.log(logs, step=done)
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                checkpoint(done)
+    if capture_s is not None:
+        capture_s.remove()
+        capture_t.remove()
+    model = accelerator.unwrap_model(denoiser).model
+    if ema is not None:
+        ema.copy_to(trainable)
+    accelerator.end_training()
+    return model.eval()
+
+
+def _progress(enabled: bool, total: int, start: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar.add_task("train", total=total, completed=start)
+    return bar

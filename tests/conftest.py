@@ -1,0 +1,122 @@
+"""Shared tiny models: real architectures, random weights, a forward well under 50 ms.
+
+Import them in tests as ``from conftest import tiny_dit, TINY_MODELS`` (pytest puts this
+folder on ``sys.path``). Every factory takes ``seed`` and keyword overrides of the config,
+returns the model in ``eval()`` mode, and gives outputs of order one (no zero-initialised
+output layers), so comparisons against them are not trivially satisfied.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from diffusers import (  # noqa: E402
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+
+from slimdiff.models.dit import DiT  # noqa: E402
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0, bias_std: float = 0.1) -> nn.Module:
+    """Overwrite every parameter with random values: weights ~ N(0, 1/fan_in), biases
+    ~ N(0, bias_std^2), norm scales ~ 1 + N(0, bias_std^2). Trained-looking, never zero
+    (unlike DiT's zero-initialised adaLN and output layers). Returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g)
+        if p.ndim >= 2:
+            p.copy_(noise / math.sqrt(p[0].numel()))
+        elif name.endswith("weight"):
+            p.copy_(1 + bias_std * noise)
+        else:
+            p.copy_(bias_std * noise)
+    return model
+
+
+@torch.no_grad()
+def tie_dit_embedders_(model: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """Copy block 0's timestep/class embedder into every block, as in converted official
+    DiT checkpoints (diffusers keeps one copy per block). Returns ``model``."""
+    ref = model.transformer_blocks[0].norm1.emb.state_dict()
+    for blk in model.transformer_blocks[1:]:
+        blk.norm1.emb.load_state_dict(ref)
+    return model
+
+
+def tiny_dit(seed: int = 0, **kw) -> DiT:
+    """Our DiT: 8x8x4 input, patch 2 (16 tokens), width 32, 2 blocks x 2 heads, 10 classes,
+    learned sigma (8 output channels)."""
+    cfg = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+               num_classes=10, learn_sigma=True)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    return randomize_(DiT(**cfg), seed).eval()
+
+
+def tiny_diffusers_dit(seed: int = 0, **kw) -> DiTTransformer2DModel:
+    """diffusers DiT: 8x8x4, patch 2, width 32 (2 heads x 16), 2 layers, 10 classes, out 8,
+    norm_eps 1e-6 (official DiT's), embedders identical across blocks."""
+    cfg = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+               sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1, norm_eps=1e-6)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    return tie_dit_embedders_(randomize_(DiTTransformer2DModel(**cfg), seed)).eval()
+
+
+def tiny_pixart(seed: int = 0, **kw) -> PixArtTransformer2DModel:
+    """PixArt: 8x8x4, patch 2, width 32 (2 heads x 16), 2 layers, captions of width 16."""
+    cfg = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2,
+               attention_head_dim=16, cross_attention_dim=32, caption_channels=16,
+               use_additional_conditions=False, norm_num_groups=1)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    return randomize_(PixArtTransformer2DModel(**cfg), seed).eval()
+
+
+def tiny_unet(seed: int = 0, **kw) -> UNet2DModel:
+    """UNet2DModel: 16x16x3, channels (16, 32), Down/AttnDown, 1 layer per block, 8 groups.
+    Pass ``num_class_embeds=K + 1`` for a class-conditional one (last row = null class)."""
+    cfg = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+               down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+               layers_per_block=1, norm_num_groups=8, attention_head_dim=8)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    return randomize_(UNet2DModel(**cfg), seed).eval()
+
+
+def tiny_unet_cond(seed: int = 0, **kw) -> UNet2DConditionModel:
+    """UNet2DConditionModel: 8x8x4, channels (16, 32), CrossAttnDown/Down, text width 32."""
+    cfg = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, norm_num_groups=8,
+               cross_attention_dim=32, attention_head_dim=8)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    return randomize_(UNet2DConditionModel(**cfg), seed).eval()
+
+
+TINY_MODELS = {
+    "dit": tiny_dit,
+    "diffusers-dit": tiny_diffusers_dit,
+    "pixart": tiny_pixart,
+    "unet2d": tiny_unet,
+    "unet2d-condition": tiny_unet_cond,
+}
+"""Backbone kind -> factory of a tiny model of that kind."""
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_model(request):
+    """Each tiny model in turn (``request.param`` is its Backbone kind)."""
+    return request.param, TINY_MODELS[request.param]()
