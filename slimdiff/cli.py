@@ -214,6 +214,33 @@ def finetune(
     err.print(f"saved {path}")
 
 
+@app.command("eval")
+def eval_(
+    model: str = typer.Option("digits-dit", help=MODEL_HELP),
+    reference: Optional[str] = typer.Option(None, help="reference (teacher) model for SSIM/PSNR and MACs ratio"),
+    samples: int = typer.Option(1000, help="number of samples (balanced over classes)"),
+    sampler: str = typer.Option("ddim"),
+    steps: int = typer.Option(50),
+    cfg: float = typer.Option(1.5, help="guidance scale"),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    grid: Optional[Path] = typer.Option(None, help="also write the first 100 samples as a PNG grid"),
+) -> None:
+    """Quality and compute of a model: FD (and its real-data floor), class accuracy,
+    SSIM/PSNR to a reference from the same noise, MACs ratio, parameters."""
+    from slimdiff.eval.evaluate import generate, score
+    from slimdiff.utils import save_grid
+
+    m = _model(model)
+    ref = _model(reference) if reference else None
+    settings = dict(sampler=sampler, steps=steps, cfg=cfg, seed=seed)
+    x, y = generate(m, samples, progress=not as_json, **settings)
+    if grid is not None:
+        save_grid(x[:100], grid, nrow=10)
+    out = {"model": model, "reference": reference, **score(m, x, y, ref, progress=not as_json, **settings)}
+    _emit(out, as_json, f"slimdiff eval {model}")
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 

@@ -159,8 +159,10 @@ def test_diffusers_to_dit_is_exact(out_channels):
     assert ref.abs().mean() > 0.1
 
 
-def test_diffusers_default_norm_eps_converts_exactly():
-    d = tiny_diffusers_dit(norm_eps=1e-5)  # the hub's DiT configs keep diffusers' default
+@pytest.mark.parametrize("norm_eps", [1e-5, 1e-2])
+def test_diffusers_norm_eps_converts_exactly(norm_eps):
+    # 1e-5: the hub's DiT configs keep diffusers' default; 1e-2 makes a dropped eps visible.
+    d = tiny_diffusers_dit(norm_eps=norm_eps)
     m = diffusers_to_dit(d)
     x, t, y = _inputs()
     with torch.no_grad():

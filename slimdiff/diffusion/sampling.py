@@ -84,7 +84,7 @@ def sample(
     cond = cond.to(device) if cond is not None else None
     scheduler = make_scheduler(sampler, diffusion or diffusion_config_of(model))
     scheduler.set_timesteps(steps)
-    x = (initial_noise(bb, n, seed, device) if noise is None else noise.to(device)) * scheduler.init_noise_sigma
+    x = (initial_noise(bb, n, seed, device) if noise is None else noise.to(device)) * getattr(scheduler, "init_noise_sigma", 1.0)
     x_dtype = next(model.parameters()).dtype
     if guided:
         cond_in = torch.cat([cond, bb.null_cond(cond, n).to(device)])
@@ -98,7 +98,7 @@ def sample(
     for i, t in it:
         if on_step_begin is not None:
             on_step_begin(i, t)
-        inp = scheduler.scale_model_input(x, t).to(x_dtype)
+        inp = (scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x).to(x_dtype)
         if guided:
             out = bb(torch.cat([inp, inp]), t, cond_in).float()
             c, u = out.chunk(2)

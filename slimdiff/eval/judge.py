@@ -143,6 +143,7 @@ def save_judge(judge: Judge, out: str | Path, info: dict) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "model.safetensors").chmod(0o644)  # safetensors creates it owner-only; it ships as package data
     (out / "judge.json").write_text(json.dumps(info, indent=2) + "\n")
 
 

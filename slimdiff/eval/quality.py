@@ -150,7 +150,7 @@ def class_accuracy(images: torch.Tensor, labels: torch.Tensor, judge: nn.Module 
         raise UsageError(f"need one label per image: {len(images)} images, labels of shape {tuple(labels.shape)}")
     judge = _judge_or_default(judge).eval()
     preds = torch.cat([judge(images[i : i + 512]).argmax(1) for i in range(0, len(images), 512)])
-    return (preds == labels).float().mean().item()
+    return (preds == labels).sum().item() / len(labels)
 
 
 # --------------------------------------------------------------------------- teacher agreement

@@ -1,0 +1,89 @@
+"""The evaluation protocol of BENCHMARK.md section 1, for one model against a reference.
+
+Samples are balanced over classes (label ``i % K`` for sample ``i``) and drawn in fixed
+batches whose noise depends only on ``seed`` and the batch index, so a student and its
+teacher are compared on exactly the same noise and labels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from slimdiff.diffusion.sampling import sample
+from slimdiff.errors import UsageError
+
+BATCH = 250
+
+
+@torch.no_grad()
+def generate(model: nn.Module, n: int, *, sampler: str = "ddim", steps: int = 50, cfg: float = 1.5,
+             seed: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` samples (and their class labels) with the protocol's labels and per-batch noise seeds."""
+    from slimdiff.models.backbone import as_backbone
+
+    if n < 1:
+        raise UsageError(f"number of samples must be >= 1, got {n}")
+    bb = as_backbone(model)
+    k = bb.num_classes if bb.conditioning == "class" else None
+    if bb.conditioning is None:
+        cfg = 1.0
+    out, labels = [], []
+    starts = range(0, n, BATCH)
+    if progress:
+        from rich.progress import track
+
+        starts = track(starts, description=f"sampling {n}", transient=True)
+    for b, start in enumerate(starts):
+        m = min(BATCH, n - start)
+        cls = [(start + i) % k for i in range(m)] if k else None
+        out.append(sample(model, sampler=sampler, steps=steps, num_samples=m, classes=cls, cfg=cfg, seed=seed + 1000 * b))
+        if cls:
+            labels.append(torch.tensor(cls))
+    return torch.cat(out).cpu(), (torch.cat(labels) if labels else None)
+
+
+def evaluate(model: nn.Module, reference: nn.Module | None = None, *, samples: int = 1000, sampler: str = "ddim",
+             steps: int = 50, cfg: float = 1.5, seed: int = 0, progress: bool = False) -> dict:
+    """Generate ``samples`` images with the protocol's labels and noise, then :func:`score` them."""
+    x, y = generate(model, samples, sampler=sampler, steps=steps, cfg=cfg, seed=seed, progress=progress)
+    return score(model, x, y, reference, sampler=sampler, steps=steps, cfg=cfg, seed=seed, progress=progress)
+
+
+def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, reference: nn.Module | None = None, *,
+          sampler: str = "ddim", steps: int = 50, cfg: float = 1.5, seed: int = 0, progress: bool = False,
+          reference_samples: torch.Tensor | None = None) -> dict:
+    """FD (judge features, vs. the held-out digits test split) and its real-data floor, class
+    accuracy, SSIM/PSNR to the reference's samples from the same noise, MACs ratio, params.
+
+    ``x, y`` come from :func:`generate` with the same settings. ``reference_samples`` lets a
+    caller that scores many students pass the teacher's samples once.
+    """
+    from slimdiff.data.datasets import digits
+    from slimdiff.eval.compute import macs_sampling, params
+    from slimdiff.eval.quality import class_accuracy, fd, fd_floor, psnr, ssim
+
+    real = digits("test").tensors[0]
+    if x.shape[1:] != real.shape[1:]:
+        raise UsageError(f"FD and class accuracy use the digits judge (1x8x8 images); this model makes {tuple(x.shape[1:])}")
+    floor = fd_floor()
+    macs = macs_sampling(model, sampler=sampler, steps=steps, cfg=cfg)
+    out = {
+        "samples": len(x), "sampler": sampler, "steps": steps, "cfg": cfg, "seed": seed,
+        "fd": fd(x, real),
+        "fd_floor": floor["fd_train_test"],
+        "fd_floor_subsample_mean": floor["subsample_mean"],
+        "fd_floor_subsample_std": floor["subsample_std"],
+        "class_acc": class_accuracy(x, y) if y is not None else None,
+        "params": params(model),
+        "macs_sampling": macs,
+    }
+    if reference is not None:
+        if reference_samples is None:
+            reference_samples, _ = generate(reference, len(x), sampler=sampler, steps=steps, cfg=cfg, seed=seed,
+                                            progress=progress)
+        ref_macs = macs_sampling(reference, sampler=sampler, steps=steps, cfg=cfg)
+        out.update(ssim=ssim(x, reference_samples), psnr=psnr(x, reference_samples), macs_ratio=macs / ref_macs,
+                   reference_params=params(reference), reference_macs_sampling=ref_macs)
+    else:
+        out.update(ssim=None, psnr=None, macs_ratio=1.0)
+    return out

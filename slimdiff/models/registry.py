@@ -1,0 +1,186 @@
+"""Names -> models: one entry point, :func:`load_model`, for every way to name a model.
+
+Resolution order (first match wins):
+
+1. an existing local directory: a slimdiff directory (``slimdiff.json``, via
+   :func:`slimdiff.io.load`) or a diffusers one (``config.json`` of a model, or a pipeline's
+   ``model_index.json`` with a ``transformer``/``unet`` folder; safetensors only);
+2. a shipped name: a directory ``slimdiff/weights/<name>/`` (e.g. ``digits-dit``);
+3. a DiT size name from :data:`slimdiff.models.dit.DiT_models` (``DiT-XL/2``; ``DiT-XL-2``
+   also works): random init, ``kwargs`` go to the constructor;
+4. an official facebookresearch/DiT ``.pt`` checkpoint via
+   :func:`slimdiff.models.dit.load_official` (``torch.load(weights_only=True)``, ``kwargs``
+   are ``DiTConfig`` fields, e.g. ``input_size=64`` for 512 px);
+5. a Hugging Face Hub name (``facebook/DiT-XL-2-256``), only with ``allow_hub=True`` and
+   ``HF_HUB_OFFLINE`` unset; by default an error says how to download it yourself.
+
+Anything else raises :class:`UsageError` listing the accepted forms and close names.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch.nn as nn
+
+from slimdiff.errors import UsageError
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z][\w.-]*$")  # not "DiT-XXL/2"
+_DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "UNet2DModel", "UNet2DConditionModel")
+
+
+def shipped_dir(name: str) -> Path:
+    """The directory of the shipped model ``name`` (it may not exist)."""
+    return WEIGHTS_DIR / name
+
+
+def available_names() -> list[str]:
+    """Shipped model names (those present) followed by the DiT size names."""
+    from slimdiff.models.dit import DiT_models
+
+    shipped = sorted(p.name for p in WEIGHTS_DIR.glob("*") if (p / "slimdiff.json").is_file()) if WEIGHTS_DIR.is_dir() else []
+    return shipped + list(DiT_models)
+
+
+def load_model(path_or_name: str | os.PathLike, *, allow_hub: bool = False, **kwargs) -> nn.Module:
+    """Load a model from a local directory, a shipped name, a DiT size name, an official
+    DiT ``.pt`` checkpoint or (opt-in) a Hub name; see the module docs for the order.
+
+    The result carries ``slimdiff_meta`` (at least ``name`` and ``diffusion``).
+    """
+    from slimdiff.diffusion.schedulers import DiffusionConfig
+    from slimdiff.models.dit import DiT_models, load_official
+
+    spec = os.fspath(path_or_name)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        _no_kwargs(spec, kwargs, "a model directory")
+        return _load_dir(path)
+    if spec and "/" not in spec and (shipped_dir(spec) / "slimdiff.json").is_file():
+        _no_kwargs(spec, kwargs, "a shipped model")
+        model = _load_dir(shipped_dir(spec))
+        model.slimdiff_meta["name"] = spec
+        return model
+    size = _size_name(spec, DiT_models)
+    if size is not None:
+        try:
+            model = DiT_models[size](**kwargs)
+        except TypeError as e:
+            raise UsageError(f"bad options for {size}: {e}; pass DiTConfig fields such as input_size=8, in_channels=1, num_classes=10") from e
+        model.slimdiff_meta = {"name": size, "diffusion": DiffusionConfig().to_dict()}
+        return model.eval()
+    if path.suffix.lower() == ".pt":
+        if not path.is_file():
+            raise UsageError(f"{path}: no such checkpoint file; pass the path of an official DiT .pt file")
+        return _load_official(path, load_official, kwargs)
+    if _HUB_NAME.match(spec) and not path.exists():
+        return _load_hub(spec, allow_hub, kwargs)
+    close = difflib.get_close_matches(spec, available_names(), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UsageError(
+        f"cannot load {spec!r}: no such directory, shipped name, DiT size or .pt file; {hint}accepted: a directory "
+        f"written by slimdiff.save, a shipped name or DiT size ({', '.join(available_names()[:4])}, ...; see "
+        "slimdiff.models.registry.available_names()), an official DiT .pt checkpoint, or a local diffusers directory"
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+def _no_kwargs(spec: str, kwargs: dict, what: str) -> None:
+    if kwargs:
+        raise UsageError(f"{spec!r} is {what}, which takes no options (got {', '.join(kwargs)}); options apply to DiT size names and .pt checkpoints")
+
+
+def _size_name(spec: str, sizes) -> str | None:
+    """``DiT-XL/2`` or its file-name spelling ``DiT-XL-2``."""
+    if spec in sizes:
+        return spec
+    alt = re.sub(r"^(DiT-[A-Za-z]+)-(\d+)$", r"\1/\2", spec)
+    return alt if alt in sizes else None
+
+
+def _load_dir(path: Path) -> nn.Module:
+    from slimdiff import io
+
+    if (path / io.JSON_NAME).is_file() or not ((path / "config.json").is_file() or (path / "model_index.json").is_file()):
+        return io.load(path)  # also reports a directory that is neither kind
+    return _load_diffusers_dir(path)
+
+
+def _load_diffusers_dir(path: Path) -> nn.Module:
+    """A diffusers model directory or pipeline snapshot, safetensors only, no network."""
+    import diffusers
+
+    from slimdiff.diffusion.schedulers import DiffusionConfig
+
+    folder, sub = path, None
+    if (path / "model_index.json").is_file():
+        sub = next((s for s in ("transformer", "unet") if (path / s / "config.json").is_file()), None)
+        if sub is None:
+            raise UsageError(f"{path} is a diffusers pipeline without a transformer/ or unet/ folder; pass the model folder")
+        folder = path / sub
+    try:
+        cls_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{folder / 'config.json'} is not readable JSON ({e}); download the model again") from e
+    if cls_name not in _DIFFUSERS_CLASSES:
+        raise UsageError(f"{folder} holds a {cls_name}; slimdiff supports {', '.join(_DIFFUSERS_CLASSES)}")
+    if not any(folder.glob("*.safetensors")):
+        raise UsageError(f"{folder} has no .safetensors weights; slimdiff never unpickles .bin files: download the safetensors variant")
+    try:
+        model = getattr(diffusers, cls_name).from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UsageError(f"cannot load {folder} with diffusers: {str(e).splitlines()[0]}") from e
+    diffusion = _diffusion_from_scheduler(path / "scheduler" / "scheduler_config.json") if sub else None
+    model.slimdiff_meta = {"name": path.name, "diffusion": (diffusion or DiffusionConfig()).to_dict()}
+    return model.eval()
+
+
+def _diffusion_from_scheduler(path: Path):
+    """DiffusionConfig from a pipeline's scheduler config (None when there is none)."""
+    from slimdiff.diffusion.schedulers import DiffusionConfig
+
+    if not path.is_file():
+        return None
+    cfg = json.loads(path.read_text())
+    if "FlowMatch" in cfg.get("_class_name", ""):
+        return DiffusionConfig(objective="flow", num_train_timesteps=cfg.get("num_train_timesteps", 1000))
+    objective = cfg.get("prediction_type", "epsilon")
+    return DiffusionConfig.from_dict({**cfg, "objective": objective if objective in ("epsilon", "v_prediction") else "epsilon"})
+
+
+def _load_official(path: Path, load_official, kwargs: dict) -> nn.Module:
+    import pickle
+
+    from slimdiff.diffusion.schedulers import DiffusionConfig
+
+    try:
+        model = load_official(str(path), **kwargs)
+    except pickle.UnpicklingError as e:
+        raise UsageError(
+            f"{path} is not a plain tensor checkpoint: it holds Python objects that torch.load(weights_only=True) "
+            "refuses to unpickle (they could run code); use the official DiT-*.pt files or a slimdiff directory"
+        ) from e
+    except RuntimeError as e:
+        raise UsageError(
+            f"{path} does not fit a DiT built with {kwargs or 'the defaults (DiT-XL/2, 256 px)'}: "
+            f"{str(e).splitlines()[0]}; pass the checkpoint's DiTConfig, e.g. input_size=64 for DiT-XL-2-512.pt"
+        ) from e
+    model.slimdiff_meta = {"name": path.stem, "diffusion": DiffusionConfig().to_dict()}
+    return model.eval()
+
+
+def _load_hub(name: str, allow_hub: bool, kwargs: dict) -> nn.Module:
+    how = f"run `hf download {name} --local-dir DIR` (huggingface_hub) and pass DIR"
+    if not allow_hub:
+        raise UsageError(f"{name!r} looks like a Hugging Face Hub name; slimdiff does not download by default: {how}, or pass allow_hub=True")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        raise UsageError(f"cannot download {name!r}: HF_HUB_OFFLINE is set; {how} on a machine with network access")
+    _no_kwargs(name, kwargs, "a Hub model")
+    from huggingface_hub import snapshot_download
+
+    local = snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+    return _load_diffusers_dir(Path(local))
