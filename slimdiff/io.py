@@ -22,7 +22,9 @@ Format (``format_version`` 1)::
 the config builds; ``tensors`` covers other parameters/buffers whose shape differs;
 ``attrs`` always records attention head counts (our DiT ``attn.num_heads``, diffusers
 ``Attention.heads``/``inner_dim``/``inner_kv_dim``/``scale``) and ``Downsample2D`` /
-``Upsample2D`` channel counts. Loading builds the class from the config (on the meta
+``Upsample2D`` channel counts, plus any plain scalar attribute (bool/int/float/str/None)
+that differs from the config-built model -- the runtime settings pruning fix-ups and
+converters leave behind (``sliceable_head_dim``, ``time_proj.downscale_freq_shift``, ...). Loading builds the class from the config (on the meta
 device, so no random initialisation), applies the structure, and loads the weights with
 ``strict=True``. :func:`save` checks that exactly this rebuild reproduces the model's
 keys and shapes, so a directory that saves also loads.
@@ -384,7 +386,8 @@ def _structure_for_save(model: nn.Module, arch: str, config: dict) -> dict:
     """Record the structure and prove that load's rebuild reproduces every key and shape."""
     fresh = _construct(arch, config, "meta")
     structure = _structure(model, fresh)
-    _apply_structure(fresh, structure, where=Path("<structure>"))
+    with torch.device("meta"):
+        _apply_structure(fresh, structure, where=Path("<structure>"))
     want, got = _shapes(model), _shapes(fresh)
     if want != got:
         extra = sorted(set(want) - set(got))[:3]

@@ -31,7 +31,7 @@ def _inputs(kind: str, seed: int = 1) -> dict:
     if kind == "pixart":
         return dict(x=torch.randn(2, 4, 8, 8, generator=g), t=t, c=torch.randn(2, 5, 16, generator=g))
     if kind == "unet2d":
-        return dict(x=torch.randn(2, 3, 16, 16, generator=g), t=t)
+        return dict(x=torch.randn(2, 3, 8, 8, generator=g), t=t)
     return dict(x=torch.randn(2, 4, 8, 8, generator=g), t=t, c=torch.randn(2, 5, 32, generator=g))
 
 
