@@ -26,7 +26,7 @@ test: install
 
 # Reproduce the shipped default teacher and judge (long: run in the background).
 teacher: install
-	$(BIN)/slimdiff train --data digits --model DiT-T/2 --steps 6000 --batch-size 64 --lr 5e-4 \
+	$(BIN)/slimdiff train --data digits --model DiT-T/2 --steps 8000 --batch-size 64 --lr 5e-4 \
 		--warmup 200 --ema 0.999 --checkpoint-every 250 -o runs/digits-dit
 	$(BIN)/python scripts/ship_teacher.py runs/digits-dit/model
 

@@ -241,6 +241,62 @@ def eval_(
     _emit(out, as_json, f"slimdiff eval {model}")
 
 
+@app.command()
+def compress(
+    method: str = typer.Option(..., help="a method or a chain, e.g. diff-pruning, tinyfusion,dipgo (see `slimdiff methods`)"),
+    model: str = typer.Option("digits-dit", help=MODEL_HELP),
+    budget: str = typer.Option("0.5", help="fraction of the original's sampling MACs, in (0, 1]"),
+    sampler: str = typer.Option("ddim", help="sampler the budget (and a reuse plan) is made for"),
+    steps: int = typer.Option(50, help="sampling steps the budget is made for"),
+    cfg: float = typer.Option(1.0, help="guidance scale assumed for the budget"),
+    data: str = typer.Option("digits", help="calibration / recovery data"),
+    recover_steps: int = typer.Option(0, help="recovery fine-tuning steps after compression"),
+    kd: str = typer.Option("none", help="recovery loss: none | output | hidden | masked"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    lr: float = typer.Option(2e-4, help="recovery learning rate"),
+    threshold: Optional[float] = typer.Option(None, help="[diff-pruning] relative-loss threshold (0 = all timesteps)"),
+    keep: Optional[str] = typer.Option(None, help="[tinyfusion] N:M group shape(s), e.g. 1:2 or 2:4,1:2"),
+    search_steps: Optional[int] = typer.Option(None, help="[tinyfusion] search steps"),
+    train_steps: Optional[int] = typer.Option(None, help="[dydit] router training steps"),
+    tune: Optional[str] = typer.Option(None, help="[dydit] full | lora"),
+    opt_steps: Optional[int] = typer.Option(None, help="[dipgo] pruner optimisation steps"),
+    loss: Optional[str] = typer.Option(None, help="[dipgo] consistency loss: ssim | l1 | l2"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(..., "-o", "--out", help="result directory"),
+    overwrite: bool = typer.Option(False, help="replace an existing, different result in --out"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Compress a model to a compute budget with one method or a chain, and save the result."""
+    from slimdiff.eval.compute import params
+    from slimdiff.io import save
+    from slimdiff.methods.base import Context, check_budget
+    from slimdiff.methods.base import compress as run
+
+    b = check_budget(budget)
+    m = _model(model)
+    ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps, kd=kd,
+                  batch_size=batch_size, lr=lr, work_dir=out.parent / f".{out.name}.work", progress=not as_json)
+    settings = dict(threshold=threshold, keep=keep, search_steps=search_steps, train_steps=train_steps, tune=tune,
+                    opt_steps=opt_steps, loss=loss)
+    result = run(m, method, b, ctx, settings)
+    path = save(result, out, overwrite=overwrite)
+    measured = result.slimdiff_meta["measured"]
+    _emit({"method": method, "model": model, "budget": b, "macs_ratio": measured["macs_ratio"],
+           "macs_sampling": measured["macs_sampling"], "params": params(result),
+           "original_params": params(m), "output": str(path)}, as_json, f"slimdiff compress {method}")
+
+
+@app.command("methods")
+def methods_() -> None:
+    """List the compression methods and baselines."""
+    from slimdiff.methods.base import METHODS, _load_all
+
+    _load_all()
+    for name in sorted(METHODS):
+        e = METHODS[name]
+        Console().print(f"{name:20s} [{e.kind}] {e.help}")
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 

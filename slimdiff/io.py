@@ -166,6 +166,9 @@ def load(path) -> nn.Module:
     _match_dtypes(model, tensors)
     model.load_state_dict(tensors, strict=True)
     model.slimdiff_meta = _meta_from_doc(doc)
+    from slimdiff.methods.base import restore_runtime
+
+    restore_runtime(model)
     return model.eval()
 
 

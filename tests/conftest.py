@@ -15,7 +15,9 @@ import torch
 import torch.nn as nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine
+# a busy neighbour makes 2 OpenMP threads spin-wait: a 10 ms UNet forward took 1.8 s.
+torch.set_num_threads(int(os.environ.get("SLIMDIFF_TEST_THREADS", "1")))
 
 from diffusers import (  # noqa: E402
     DiTTransformer2DModel,

@@ -126,7 +126,7 @@ def train_judge(
             "batch_size": batch_size,
             "lr": lr,
             "augmentation": f"random shifts of up to {max_shift} px, background fill -1",
-            "data": "slimdiff.data.datasets.digits: train 1437 / test 360 (stratified, seed 0)",
+            "data": f"slimdiff.data.datasets.digits: train {len(x_tr)} / test {len(x_te)}",
             "architecture": {"class": "slimdiff.eval.judge.Judge", "num_classes": judge.num_classes,
                              "width": judge.width, "num_features": judge.num_features},
             "command": TRAIN_COMMAND,

@@ -62,7 +62,7 @@ def load_model(path_or_name: str | os.PathLike, *, allow_hub: bool = False, **kw
         return _load_dir(path)
     if spec and "/" not in spec and (shipped_dir(spec) / "slimdiff.json").is_file():
         _no_kwargs(spec, kwargs, "a shipped model")
-        model = _load_dir(shipped_dir(spec))
+        model = _load_dir(shipped_dir(spec)).float()  # shipped weights are stored in fp16 to stay small
         model.slimdiff_meta["name"] = spec
         return model
     size = _size_name(spec, DiT_models)

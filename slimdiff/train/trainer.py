@@ -16,13 +16,13 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
-from slimdiff.diffusion.losses import ForwardProcess, diffusion_loss
+from slimdiff.diffusion.losses import ForwardProcess, NoisyBatch, diffusion_loss
 from slimdiff.diffusion.schedulers import DiffusionConfig, diffusion_config_of
 from slimdiff.errors import UsageError
 from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -150,12 +150,20 @@ def train(
     resume: bool = False,
     diffusion: DiffusionConfig | None = None,
     progress: bool = True,
+    param_groups: list[dict] | None = None,
+    extra_loss: Callable[[int, NoisyBatch, torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None,
+    on_step_begin: Callable[[int], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place and return it (with EMA weights when EMA is on).
 
     Checkpoints go to ``out_dir/checkpoint`` every ``config.checkpoint_every`` steps and at
     the end; ``resume=True`` continues from there with optimiser, EMA, lr schedule and RNG
     state restored, so a resumed run ends with the same weights as an uninterrupted one.
+
+    Hooks for methods that train more than weights (search, routers): ``param_groups``
+    replaces the optimiser's groups (e.g. a higher lr for logits; every trainable parameter
+    must be in one), ``extra_loss(step, batch, cond, pred)`` is added to the loss, and
+    ``on_step_begin(step)`` runs first in every step (temperature or target schedules).
     """
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
@@ -178,7 +186,7 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise UsageError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups or trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     ema = EMAModel(trainable, decay=config.ema_decay) if config.ema_decay > 0 else None
     names = {id(p): n for n, p in model.named_parameters()}
@@ -234,6 +242,8 @@ def train(
     denoiser.train()
     with no_internal_label_dropout(model), (bar or nullcontext()):
         for step in range(start, config.steps):
+            if on_step_begin is not None:
+                on_step_begin(step)
             idx = torch.randint(len(dataset), (config.batch_size,), generator=data_gen)
             t_all = process.sample_timesteps(config.batch_size, data_gen)
             x0, y = _batch(dataset, idx[sl])
@@ -247,6 +257,8 @@ def train(
             with accelerator.autocast():
                 pred = denoiser(batch.x_t, batch.t, cond)
                 loss = diffusion_loss(pred, batch)
+                if extra_loss is not None:
+                    loss = loss + extra_loss(step, batch, cond, pred)
                 if t_den is not None:
                     with torch.no_grad():
                         t_pred = t_den(batch.x_t, batch.t, cond)

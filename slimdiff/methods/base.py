@@ -1,0 +1,201 @@
+"""What every compression method provides, and the machinery they share.
+
+A method is a function registered with :func:`register_method`::
+
+    @register_method("diff-pruning", kind="width", help="Taylor width pruning", options=("threshold",))
+    def compress(model, budget: float, ctx: Context, threshold: float = 0.05) -> nn.Module: ...
+
+It receives the model (a copy it may change in place), a **budget**
+(fraction of *its input's* sampling MACs for ``ctx.sampler``/``ctx.steps``/``ctx.cfg``)
+and the method-specific settings it declared in ``options``, and returns a model ready to sample with. It
+records what it did with :func:`record` (settings, budget reached, runtime data in
+``extras``). Methods whose result needs runtime state at load time (a reuse plan, routing
+tables) register a restorer with :func:`register_restorer`; ``slimdiff.load`` calls it.
+
+Chains (``tinyfusion,dipgo``) run static depth/width first, then dynamic routing, then
+step reuse, each at ``budget ** (1/k)`` of its input so that the end-to-end budget is met;
+MACs are always measured end to end against the original.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from slimdiff.errors import UsageError
+
+KIND_ORDER = ("depth", "width", "dynamic", "reuse")
+
+
+@dataclass
+class Context:
+    """Settings shared by every method in one ``compress`` call."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    cfg: float = 1.0
+    data: str = "digits"
+    seed: int = 0
+    recover_steps: int = 0
+    kd: str = "none"
+    batch_size: int = 64
+    lr: float = 2e-4
+    work_dir: Path | None = None
+    progress: bool = True
+    teacher: nn.Module | None = field(default=None, repr=False)
+
+
+@dataclass
+class MethodEntry:
+    name: str
+    kind: str
+    help: str
+    fn: Callable[..., nn.Module]
+    options: tuple[str, ...] = ()
+
+
+METHODS: dict[str, MethodEntry] = {}
+RESTORERS: dict[str, Callable[[nn.Module, dict], None]] = {}
+
+
+def register_method(name: str, *, kind: str, help: str, options: tuple[str, ...] = ()):
+    """Decorator registering ``fn(model, budget, ctx, **options) -> nn.Module`` as ``name``."""
+    if kind not in KIND_ORDER:
+        raise ValueError(f"kind must be one of {KIND_ORDER}")
+
+    def deco(fn):
+        METHODS[name] = MethodEntry(name, kind, help, fn, tuple(options))
+        return fn
+
+    return deco
+
+
+def register_restorer(name: str):
+    """Decorator registering ``fn(model, extras)`` that re-applies method ``name``'s runtime on load."""
+
+    def deco(fn):
+        RESTORERS[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_all() -> None:
+    import importlib
+    import pkgutil
+
+    import slimdiff.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "base":
+            importlib.import_module(f"slimdiff.methods.{info.name}")
+
+
+def get_method(name: str) -> MethodEntry:
+    _load_all()
+    if name not in METHODS:
+        import difflib
+
+        close = difflib.get_close_matches(name, METHODS, n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise UsageError(f"unknown method {name!r}{hint}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def check_budget(budget: Any) -> float:
+    """A budget is a fraction of the original's sampling MACs in (0, 1]."""
+    try:
+        b = float(budget)
+    except (TypeError, ValueError):
+        raise UsageError(f"budget must be a number in (0, 1], got {budget!r}") from None
+    if not 0 < b <= 1:
+        raise UsageError(f"budget must be in (0, 1] (a fraction of the original's sampling MACs), got {b}")
+    return b
+
+
+def sampling_macs(model: nn.Module, ctx: Context) -> int:
+    """MACs per image of one full sampling run under ``ctx``'s sampler, steps and guidance."""
+    from slimdiff.eval.compute import macs_sampling
+
+    return macs_sampling(model, sampler=ctx.sampler, steps=ctx.steps, cfg=ctx.cfg)
+
+
+def record(model: nn.Module, name: str, settings: dict, measured: dict, extras: Any = None) -> nn.Module:
+    """Append this method's entry to ``model.slimdiff_meta['method']['chain']`` (and its extras)."""
+    meta = dict(getattr(model, "slimdiff_meta", None) or {})
+    method = dict(meta.get("method") or {"chain": []})
+    chain = list(method.get("chain", [])) + [{"name": name, "settings": settings, "measured": measured}]
+    meta["method"] = {"name": "+".join(c["name"] for c in chain), "chain": chain}
+    if extras is not None:
+        meta["extras"] = {**(meta.get("extras") or {}), name: extras}
+    model.slimdiff_meta = meta
+    return model
+
+
+def restore_runtime(model: nn.Module) -> nn.Module:
+    """Re-apply every runtime (reuse plan, routing tables) recorded in the model's metadata."""
+    meta = getattr(model, "slimdiff_meta", None) or {}
+    chain = (meta.get("method") or {}).get("chain") or []
+    if chain:
+        _load_all()
+    for entry in chain:
+        if entry["name"] in RESTORERS:
+            RESTORERS[entry["name"]](model, (meta.get("extras") or {}).get(entry["name"]))
+    return model
+
+
+def recover(model: nn.Module, ctx: Context, tag: str, **train_kwargs) -> nn.Module:
+    """Recovery fine-tuning (diffusion loss, or KD from ``ctx.teacher``) for ``ctx.recover_steps``.
+
+    Every method and baseline uses this, so equal steps mean equal recovery.
+    """
+    if ctx.recover_steps <= 0:
+        return model
+    from slimdiff.data.datasets import get_dataset
+    from slimdiff.models.backbone import as_backbone
+    from slimdiff.train.trainer import TrainConfig, train
+
+    bb = as_backbone(model)
+    dataset = get_dataset(ctx.data, size=bb.sample_size, channels=bb.in_channels)
+    cfg = TrainConfig(steps=ctx.recover_steps, batch_size=ctx.batch_size, lr=ctx.lr, lr_schedule="constant",
+                      kd=ctx.kd, seed=ctx.seed, checkpoint_every=max(1, ctx.recover_steps // 4), **train_kwargs)
+    work = (ctx.work_dir or Path("runs/compress")) / f"recover-{tag}"
+    return train(model, dataset, cfg, work, teacher=ctx.teacher if ctx.kd != "none" else None, resume=True,
+                 progress=ctx.progress)
+
+
+def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Context | None = None,
+             settings: dict | None = None) -> nn.Module:
+    """Apply one method or a chain at an end-to-end ``budget``; returns a new model.
+
+    ``settings`` maps option names to values; each method receives the ones it declares
+    (unknown options for every method in the chain are an error).
+    """
+    ctx = ctx or Context()
+    budget = check_budget(budget)
+    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    if not names:
+        raise UsageError("no method given; pass --method NAME (see `slimdiff compress --help`)")
+    entries = sorted((get_method(n) for n in names), key=lambda e: KIND_ORDER.index(e.kind))
+    ctx.teacher = ctx.teacher or model
+    original = sampling_macs(model, ctx)
+    settings = {k: v for k, v in (settings or {}).items() if v is not None}
+    unknown = set(settings) - {o for e in entries for o in e.options}
+    if unknown:
+        raise UsageError(f"option(s) {', '.join(sorted(unknown))} do not apply to {', '.join(names)}")
+    result = copy.deepcopy(model)
+    for i, entry in enumerate(entries):
+        reached = sampling_macs(result, ctx) / original
+        remaining = len(entries) - i
+        step_budget = min(1.0, (budget / reached) ** (1 / remaining)) if reached > 0 else 1.0
+        result = entry.fn(result, step_budget, ctx, **{k: v for k, v in settings.items() if k in entry.options})
+    macs = sampling_macs(result, ctx)
+    meta = dict(result.slimdiff_meta)
+    meta["measured"] = {**(meta.get("measured") or {}), "budget": budget, "macs_sampling": macs,
+                        "macs_ratio": macs / original, "original_macs_sampling": original,
+                        "sampler": ctx.sampler, "steps": ctx.steps, "cfg": ctx.cfg}
+    result.slimdiff_meta = meta
+    return result
