@@ -88,7 +88,7 @@ def save(model: nn.Module, path, *, meta: dict | None = None, overwrite: bool = 
     existing = _check_target(target)
     merged = {**(getattr(model, "slimdiff_meta", None) or {}), **(meta or {})}
     config = _config_of(model, arch)
-    structure = _structure_for_save(model, arch, config)
+    structure = _structure_for_save(model, arch, config, merged)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -160,15 +160,13 @@ def load(path) -> nn.Module:
     arch, config, structure = _read_architecture(doc, d / JSON_NAME)
     tensors = _read_weights(d / WEIGHTS_NAME, doc)
 
-    model = _build(arch, config, structure, where=d / JSON_NAME)
+    meta = _meta_from_doc(doc)
+    model = _build(arch, config, structure, where=d / JSON_NAME, meta=meta)
     _check_fit(model, tensors, arch, d / WEIGHTS_NAME)
-    model = _materialize(model, arch, config, structure, d / JSON_NAME)
+    model = _materialize(model, arch, config, structure, d / JSON_NAME, meta)
     _match_dtypes(model, tensors)
     model.load_state_dict(tensors, strict=True)
-    model.slimdiff_meta = _meta_from_doc(doc)
-    from slimdiff.methods.base import restore_runtime
-
-    restore_runtime(model)
+    model.slimdiff_meta = meta
     return model.eval()
 
 
@@ -385,12 +383,10 @@ def _apply_structure(model: nn.Module, structure: dict, where: Path) -> None:
         ) from e
 
 
-def _structure_for_save(model: nn.Module, arch: str, config: dict) -> dict:
+def _structure_for_save(model: nn.Module, arch: str, config: dict, meta: dict) -> dict:
     """Record the structure and prove that load's rebuild reproduces every key and shape."""
-    fresh = _construct(arch, config, "meta")
-    structure = _structure(model, fresh)
-    with torch.device("meta"):
-        _apply_structure(fresh, structure, where=Path("<structure>"))
+    structure = _structure(model, _construct(arch, config, "meta"))
+    fresh = _build(arch, config, structure, Path("<structure>"), meta=meta)
     want, got = _shapes(model), _shapes(fresh)
     if want != got:
         extra = sorted(set(want) - set(got))[:3]
@@ -631,13 +627,21 @@ def _read_weights(path: Path, doc: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _build(arch: str, config: dict, structure: dict, where: Path, device: str = "meta") -> nn.Module:
+def _build(arch: str, config: dict, structure: dict, where: Path, device: str = "meta",
+           meta: dict | None = None) -> nn.Module:
+    """Construct from config, apply the recorded structure, then let the methods recorded in
+    ``meta`` add what they need (routers, reuse hooks) before any weight is loaded."""
+    from slimdiff.methods.base import restore_runtime
+
     try:
         model = _construct(arch, config, device)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise UsageError(f"{where}: cannot build {arch} from the stored config ({e}); the file is damaged or from another slimdiff version") from e
     with torch.device(device):
         _apply_structure(model, structure, where)
+        if meta:
+            model.slimdiff_meta = meta
+            restore_runtime(model)
     return model
 
 
@@ -676,9 +680,9 @@ def _meta_unsafe(model: nn.Module) -> bool:
     )  # fmt: skip
 
 
-def _materialize(model: nn.Module, arch: str, config: dict, structure: dict, where: Path) -> nn.Module:
+def _materialize(model: nn.Module, arch: str, config: dict, structure: dict, where: Path, meta: dict) -> nn.Module:
     if _meta_unsafe(model):
-        return _build(arch, config, structure, where, device="cpu")
+        return _build(arch, config, structure, where, device="cpu", meta=meta)
     return model.to_empty(device="cpu")
 
 
