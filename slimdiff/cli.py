@@ -22,8 +22,8 @@ MODEL_HELP = "a slimdiff model directory, a shipped name (digits-dit) or a DiT s
 
 
 def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True, markup=True)
+    sys.exit(2)
 
 
 def _parse_ints(text: str | None, what: str) -> list[int] | None:
@@ -269,10 +269,12 @@ def compress(
     """Compress a model to a compute budget with one method or a chain, and save the result."""
     from slimdiff.eval.compute import params
     from slimdiff.io import save
-    from slimdiff.methods.base import Context, check_budget
+    from slimdiff.methods.base import Context, check_budget, get_method
     from slimdiff.methods.base import compress as run
 
     b = check_budget(budget)
+    for name in method.split(","):
+        get_method(name.strip())  # fail on a typo before loading anything
     m = _model(model)
     ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps, kd=kd,
                   batch_size=batch_size, lr=lr, work_dir=out.parent / f".{out.name}.work", progress=not as_json)

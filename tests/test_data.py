@@ -1,0 +1,69 @@
+"""Datasets: the fixed digits split, image folders and latents files, with clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from slimdiff.data.datasets import ImageFolder, digits, get_dataset, latents
+from slimdiff.errors import UsageError
+
+
+def test_digits_split_is_fixed_disjoint_and_scaled():
+    tr, te = digits("train"), digits("test")
+    assert len(tr) == 1437 and len(te) == 360
+    x, y = tr.tensors
+    assert x.shape[1:] == (1, 8, 8) and x.min() == -1 and x.max() == 1
+    assert torch.equal(digits("train").tensors[0], x)  # deterministic
+    assert set(y.tolist()) == set(range(10)) and set(te.tensors[1].tolist()) == set(range(10))
+    flat_tr = {tuple(v) for v in x.flatten(1).tolist()}
+    overlap = sum(tuple(v) in flat_tr for v in te.tensors[0].flatten(1).tolist())
+    assert overlap <= 2  # sklearn digits holds a few exact duplicates; the split itself is disjoint
+    with pytest.raises(UsageError, match="split"):
+        digits("val")
+
+
+def _write(path, size, color=128, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color=color).save(path)
+
+
+def test_image_folder_resizes_center_crops_and_labels(tmp_path):
+    _write(tmp_path / "cats" / "a.png", (40, 20), color=(255, 0, 0))
+    _write(tmp_path / "dogs" / "b.jpg", (16, 32), color=(0, 0, 255))
+    ds = ImageFolder(tmp_path, size=16)
+    assert len(ds) == 2
+    x, y = ds[0]
+    assert x.shape == (3, 16, 16) and y.item() == 0
+    torch.testing.assert_close(x[0], torch.ones(16, 16))  # red channel at max after scaling to [-1, 1]
+    assert ds[1][1].item() == 1
+    gray = ImageFolder(tmp_path, size=8, channels=1)
+    assert gray[0][0].shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("case", ["empty", "corrupt", "missing"])
+def test_image_folder_errors(tmp_path, case):
+    if case == "corrupt":
+        (tmp_path / "bad.png").write_bytes(b"not a png at all")
+        with pytest.raises(UsageError, match="bad.png"):
+            ImageFolder(tmp_path, size=8)[0]
+        return
+    root = tmp_path if case == "empty" else tmp_path / "nope"
+    with pytest.raises(UsageError, match="no PNG|does not exist"):
+        ImageFolder(root, size=8)
+
+
+def test_latents_npz_and_safetensors(tmp_path):
+    lat = np.random.default_rng(0).standard_normal((5, 4, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "l.npz", latents=lat, labels=np.arange(5))
+    ds = latents(tmp_path / "l.npz")
+    assert torch.equal(ds.tensors[0], torch.from_numpy(lat)) and ds.tensors[1].tolist() == list(range(5))
+    save_file({"latents": torch.from_numpy(lat)}, str(tmp_path / "l.safetensors"))
+    assert latents(tmp_path / "l.safetensors").tensors[1].tolist() == [-1] * 5
+    np.savez(tmp_path / "bad.npz", images=lat)
+    with pytest.raises(UsageError, match="latents"):
+        latents(tmp_path / "bad.npz")
+    with pytest.raises(UsageError, match="unknown --data"):
+        get_dataset("imagenet")
