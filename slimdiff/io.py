@@ -304,7 +304,10 @@ def _structure(model: nn.Module, fresh: nn.Module) -> dict:
     """What must be applied to ``fresh`` (built from the config) to get ``model``'s layout."""
     fmods = dict(fresh.named_modules(remove_duplicate=False))
     lengths, layers, attrs, covered = {}, {}, {}, set()
+    runtime = _runtime_prefixes(model)
     for name, mod in model.named_modules(remove_duplicate=False):
+        if name.startswith(runtime):
+            continue
         f = fmods.get(name)
         if isinstance(mod, nn.ModuleList) and isinstance(f, nn.ModuleList) and len(mod) != len(f):
             lengths[name] = len(mod)
@@ -327,11 +330,18 @@ def _structure(model: nn.Module, fresh: nn.Module) -> dict:
     tensors = {}
     for key, v in model.state_dict(keep_vars=True).items():
         owner, _, attr = key.rpartition(".")
-        if owner in covered or fshapes.get(key) == tuple(v.shape):
+        if owner in covered or fshapes.get(key) == tuple(v.shape) or key.startswith(runtime):
             continue
         kind = "parameter" if attr in model.get_submodule(owner)._parameters else "buffer"
         tensors[key] = {"shape": list(v.shape), "kind": kind}
     return {"lengths": lengths, "layers": unique_layers, "tensors": tensors, "attrs": attrs}
+
+
+def _runtime_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Name prefixes of method-runtime subtrees (modules with ``slimdiff_runtime = True``, e.g.
+    DyDiT's routers): the method's restorer rebuilds them on load, so the structure skips them
+    (their weights are still saved and loaded)."""
+    return tuple(f"{n}." for n, m in model.named_modules() if n and getattr(m, "slimdiff_runtime", False))
 
 
 def _apply_structure(model: nn.Module, structure: dict, where: Path) -> None:

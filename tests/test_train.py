@@ -117,4 +117,4 @@ def test_masked_feature_loss_ignores_outliers():
     assert outlier_mask(spiked, 2.0)[0, 3, 7] == 0
     plain = feature_loss(spiked, h, masked=False, k=2.0)
     masked = feature_loss(spiked, h, masked=True, k=2.0)
-    assert plain > 1e5 and masked < 1.0
+    assert plain > 5e4 and masked < 1.0

@@ -68,7 +68,7 @@ from slimdiff.models.backbone import Backbone, as_backbone
 
 __all__ = [
     "Group", "parse_keep", "group_options", "check_depth_prunable", "extract_blocks", "masked_blocks",
-    "depth_for_budget", "shape_for_depth", "kept_layer_map", "finish_depth", "SearchConfig", "DepthGates",
+    "depth_for_budget", "shape_for_depth", "kept_layer_map", "finish_depth", "training_dataset", "SearchConfig", "DepthGates",
     "SearchResult", "search", "tinyfusion",
 ]
 
@@ -303,7 +303,8 @@ def shape_for_depth(depth: int, k: int) -> str:
     raise UsageError(f"no N:M pattern with <= {MAX_OPTIONS} options per group keeps {k} of {depth} blocks; pass keep")
 
 
-def _dataset(model: nn.Module, ctx: Context):
+def training_dataset(model: nn.Module, ctx: Context):
+    """The dataset ``ctx.data`` at ``model``'s input size (as the shared recovery loads it)."""
     from slimdiff.data.datasets import get_dataset
 
     bb = as_backbone(model)
@@ -311,7 +312,7 @@ def _dataset(model: nn.Module, ctx: Context):
 
 
 def _work_dir(ctx: Context, tag: str) -> Path:
-    return (ctx.work_dir or Path("runs/compress")) / tag
+    return Path(ctx.work_dir or "runs/compress") / tag
 
 
 def finish_depth(model: nn.Module, kept: Sequence[int], ctx: Context, name: str, settings: dict,
@@ -327,6 +328,10 @@ def finish_depth(model: nn.Module, kept: Sequence[int], ctx: Context, name: str,
             f"{len(as_backbone(teacher).blocks)} blocks and {name}'s input {depth}; run depth pruning first in the chain"
         )
     extract_blocks(model, kept)
+    if ctx.recover_steps > 0:
+        # Recovery trains every weight. The trainer freezes its teacher in place, so a model
+        # that served as ctx.teacher in an earlier call arrives here frozen.
+        model.requires_grad_(True)
     start = time.process_time()
     tag = f"{name}-{'-'.join(map(str, kept))}-s{ctx.seed}"
     model = recover(model, ctx, tag, layer_map=layer_map)
@@ -511,7 +516,7 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
                        checkpoint_every=max(1, config.steps // 4), log_every=max(1, min(50, config.steps)))
     shapes = format_groups(groups).replace(":", "of").replace(",", "_")
     out = _work_dir(ctx, f"search-tinyfusion-{shapes}-n{config.steps}-s{ctx.seed}")
-    train(work, dataset if dataset is not None else _dataset(model, ctx), tcfg, out, resume=True,
+    train(work, dataset if dataset is not None else training_dataset(model, ctx), tcfg, out, resume=True,
           progress=ctx.progress, param_groups=groups_, on_step_begin=on_step_begin)
     steps_log.append(config.steps)
     history.append(gates.probabilities())  # EMA logits: train() copies the EMA weights back

@@ -93,7 +93,8 @@ def load_checkpoint(path: Path) -> dict:
         out = {
             "step": state["step"],
             "info": state["info"],
-            "lr_scheduler": state["lr_scheduler"],
+            # the schedule's lambda is code, rebuilt from the config; LambdaLR wants a slot per group
+            "lr_scheduler": {**state["lr_scheduler"], "lr_lambdas": [None] * len(state["lr_scheduler"]["base_lrs"])},
             "model": load_file(str(path / "model.safetensors")),
             "optimizer": _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]),
             "rng": load_file(str(path / "rng.safetensors")),

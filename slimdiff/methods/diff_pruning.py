@@ -1,0 +1,509 @@
+"""Diff-Pruning (Fang et al., 2023): Taylor structural pruning over thresholded timesteps,
+and the two width baselines that share its pruner (random and magnitude importance).
+
+What it does, in order:
+
+1. **Calibration** -- one fixed batch ``x0`` (``ctx.batch_size`` samples of ``ctx.data``,
+   drawn with ``ctx.seed``) and one fixed noise tensor, reused at every timestep.
+2. **Gradients over thresholded timesteps** -- the diffusion loss ``L_t`` (the model's own
+   objective, mean squared error as in the reference's ``ddpm_prune.py``) is evaluated at
+   ``t = 0, s, 2s, ...`` upward (stride ``s``, default 1 = all 1000 training steps, as in the
+   paper; a larger stride is a speed knob for CPU runs). Gradients are *summed* over the
+   steps; the loop stops at the first ``t`` with ``L_t < threshold * L_max`` (``L_max`` the
+   running maximum, ``threshold=0`` = every step). **Stop convention**: the reference has
+   two. ``ddpm_exp/`` (which produced the paper's numbers) and the paper's definition of the
+   kept steps (``L_t / L_max > T``) leave the stopping step *out*; ``ddpm_prune.py``
+   back-propagates first, so the stopping step is *in*. We follow the paper by default
+   (``backprop_stop_step=False``) and offer the other with ``backprop_stop_step=True``.
+3. **Scores** -- ``torch_pruning.importance.TaylorImportance(multivariable=False)``:
+   per channel ``sum_k |w_k * sum_t g_t,k|`` reduced over its dependency group (the
+   reference's choice; the plain "taylor" baseline would be ``multivariable=True``).
+4. **Structural pruning** through torch-pruning's dependency graph, *local* ranking (the
+   same ratio in every group, as in the reference), one shot:
+
+   * UNet2DModel / UNet2DConditionModel: every conv/linear channel group (GroupNorm groups
+     and skip connections are handled by the graph); only ``conv_out`` is kept whole.
+   * Transformers (our DiT, diffusers DiT, PixArt): attention inner width (q/k/v rows and the
+     output projection's columns; self- and cross-attention) and MLP hidden channels. The
+     residual width and every embedder stay whole (the residual group is coupled to a
+     ``pos_embed`` buffer and adaLN chunks, see environment.md).
+   * ``heads="dims"`` (default, torch-pruning's default) narrows every head; ``heads="whole"``
+     removes whole heads (at least one head is kept per attention).
+   * Afterwards :func:`slimdiff.models.backbone.sync_attention_heads` writes the new head
+   counts (``pruner.num_heads``) and Down/Upsample channel counts back onto the modules:
+   torch-pruning changes shapes only, and a stale ``heads`` makes diffusers' attention
+   silently split the width into the wrong heads.
+5. **Budget, not ratio** -- torch-pruning's ratio meant different things across versions
+   (see diff_pruning.md), so the ratio is *searched* by bisection until the MACs ratio is
+   within 3% of the budget. The search compares one-forward MACs (batch 1, attention
+   included); for a static width-pruned model the sampling MACs are exactly ``steps x``
+   (``2 x steps`` with guidance) that, so the ratio is the same. The budget reached is then
+   measured end to end with :func:`slimdiff.methods.base.sampling_macs` and recorded.
+   With local ranking the pruned *shape* depends on the ratio only, so the three importances
+   reach the same MACs at the same ratio (an equal-compute comparison).
+6. **Recovery** -- :func:`slimdiff.methods.base.recover` (``ctx.recover_steps``, ``ctx.kd``),
+   identical for the method and its baselines.
+
+The result is a plain, smaller ``nn.Module`` of the input's class; removed channels are gone
+(no masks), and :mod:`slimdiff.io` saves its per-layer widths.
+"""
+from __future__ import annotations
+
+import copy
+import types
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from slimdiff.errors import UsageError
+from slimdiff.methods.base import Context, check_budget, record, recover, register_method, sampling_macs
+
+__all__ = [
+    "TimestepTrace", "Trial", "taylor_timesteps", "calibration_batch", "accumulate_gradients",
+    "max_ratio", "prune_with_ratio", "prune_to_budget", "diff_pruning", "random_width", "magnitude_width",
+    "HEAD_MODES", "TOLERANCE",
+]
+
+HEAD_MODES = ("dims", "whole")
+TOLERANCE = 0.03  # relative distance of the reached MACs ratio to the budget
+MAX_RATIO = 0.9  # the largest torch-pruning ratio tried (keeps >= 10% of every group)
+MAX_TRIALS = 24
+DIGITS_SHAPE = (1, 8, 8)
+
+
+# --------------------------------------------------------------------------- timesteps
+@dataclass
+class TimestepTrace:
+    """Which timesteps contributed gradients, and their losses."""
+
+    timesteps: list[int] = field(default_factory=list)  # evaluated, in order
+    losses: list[float] = field(default_factory=list)  # L_t of each evaluated step
+    used: list[int] = field(default_factory=list)  # back-propagated (gradients summed)
+    stop_t: int | None = None  # the step that met L_t < threshold * L_max (None: ran to the end)
+    loss_max: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"timesteps_used": len(self.used), "first_t": self.used[0] if self.used else None,
+                "last_t": self.used[-1] if self.used else None, "stop_t": self.stop_t, "loss_max": self.loss_max,
+                "losses": [round(v, 6) for v in self.losses]}
+
+
+def taylor_timesteps(loss_at: Callable[[int], torch.Tensor], timesteps: Iterable[int], threshold: float, *,
+                     backprop_stop_step: bool = False) -> TimestepTrace:
+    """Sum gradients of ``loss_at(t)`` over ``timesteps`` (ascending) until the first ``t`` with
+    ``L_t < threshold * L_max``; return which steps contributed.
+
+    ``backprop_stop_step=False`` (the paper and ``ddpm_exp``): check first, so the stopping
+    step adds no gradient. ``True`` (``ddpm_prune.py``): back-propagate first, so it does.
+    The caller zeroes gradients beforehand; nothing here zeroes them (they accumulate).
+    """
+    if not 0 <= threshold <= 1:
+        raise UsageError(f"threshold must be in [0, 1] (a fraction of the largest loss; 0 = all timesteps), got {threshold}")
+    trace = TimestepTrace()
+    for t in timesteps:
+        loss = loss_at(int(t))
+        value = float(loss.detach())
+        trace.timesteps.append(int(t))
+        trace.losses.append(value)
+        trace.loss_max = max(trace.loss_max, value)
+        stop = value < threshold * trace.loss_max
+        if backprop_stop_step or not stop:
+            loss.backward()
+            trace.used.append(int(t))
+        if stop:
+            trace.stop_t = int(t)
+            break
+    return trace
+
+
+# --------------------------------------------------------------------------- calibration
+def _check_shape(x0: torch.Tensor, bb, what: str) -> None:
+    want = (bb.in_channels, bb.sample_size, bb.sample_size)
+    if x0.ndim != 4 or tuple(x0.shape[1:]) != want:
+        raise UsageError(f"calibration data {what} has samples of shape {tuple(x0.shape[1:])} but the model takes "
+                         f"{want}: pass --data with images/latents of that shape")
+
+
+def _cond_for(bb, labels: torch.Tensor | None, n: int, gen: torch.Generator) -> torch.Tensor | None:
+    """Labels for class models (validated), random text embeddings for text models, else None."""
+    if bb.conditioning == "class":
+        if labels is None or labels.min() < 0 or labels.max() >= bb.num_classes:
+            raise UsageError(f"the model is class-conditional ({bb.num_classes} classes) but the calibration data "
+                             "has no valid labels: use labelled data (class sub-folders or a 'labels' array)")
+        return labels.long()
+    if bb.conditioning == "text":
+        return bb.example_cond(n, gen)  # slimdiff data carries no captions
+    return None
+
+
+def calibration_batch(model: nn.Module, ctx: Context, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """The fixed calibration batch ``(x0, cond, source)`` for ``model``.
+
+    ``size`` samples (default ``ctx.batch_size``) of ``ctx.data`` drawn with ``ctx.seed``.
+    With the default ``ctx.data == "digits"`` and a model that is not 1x8x8 (e.g. a latent
+    DiT), seeded random example inputs of the right shape are used instead, with a warning
+    (fine for compute measurements; a real model should get real ``--data``). Any other data
+    of the wrong shape is a :class:`UsageError`.
+    """
+    from slimdiff.models.backbone import as_backbone
+
+    bb = as_backbone(model)
+    n = int(size or ctx.batch_size)
+    if n < 1:
+        raise UsageError(f"calibration batch size must be >= 1, got {n}")
+    gen = torch.Generator().manual_seed(ctx.seed)
+    shape = (bb.in_channels, bb.sample_size, bb.sample_size)
+    if ctx.data == "digits" and shape != DIGITS_SHAPE:
+        warnings.warn(f"calibration: the digits data does not fit a {shape} model; using seeded random inputs "
+                      "(pass --data with real images/latents for a meaningful importance)", stacklevel=2)
+        x0 = torch.randn(n, *shape, generator=gen)
+        return x0, _cond_for(bb, bb.example_cond(n, gen) if bb.conditioning == "class" else None, n, gen), "random"
+    from slimdiff.data.datasets import get_dataset
+
+    data = get_dataset(ctx.data, size=bb.sample_size, channels=bb.in_channels)
+    idx = torch.randperm(len(data), generator=gen)[:n]
+    items = [data[int(i)] for i in idx]
+    x0 = torch.stack([it[0] for it in items]).float()
+    _check_shape(x0, bb, repr(ctx.data))
+    labels = torch.stack([torch.as_tensor(it[1]) for it in items])
+    return x0, _cond_for(bb, labels, len(x0), gen), str(ctx.data)
+
+
+def accumulate_gradients(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor | None, *, threshold: float,
+                         stride: int = 1, backprop_stop_step: bool = False, seed: int = 0,
+                         progress: bool = False) -> TimestepTrace:
+    """Diff-Pruning's gradient pass: zero grads, then :func:`taylor_timesteps` with the model's
+    diffusion loss on ``x0`` and one fixed noise tensor at ``t = 0, stride, 2 stride, ...``."""
+    from slimdiff.diffusion.losses import ForwardProcess, diffusion_loss
+    from slimdiff.diffusion.schedulers import diffusion_config_of
+    from slimdiff.models.backbone import as_backbone
+
+    bb = as_backbone(model)
+    _check_shape(x0, bb, "(x0)")
+    if not isinstance(stride, int) or stride < 1:
+        raise UsageError(f"timestep stride must be a positive integer, got {stride!r}")
+    process = ForwardProcess(diffusion_config_of(model))
+    device, dtype = bb.device, bb.dtype
+    x0 = x0.to(device, dtype)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    cond = cond.to(device) if cond is not None else None
+    steps: Sequence[int] = range(0, process.config.num_train_timesteps, stride)
+    if progress:
+        from rich.progress import track
+
+        steps = track(steps, description="diff-pruning gradients", transient=True)
+
+    def loss_at(t: int) -> torch.Tensor:
+        batch = process.noisy(x0, noise, torch.full((len(x0),), t, dtype=torch.long))
+        return diffusion_loss(bb(batch.x_t, batch.t, cond), batch)
+
+    was_training = model.training
+    model.eval()  # deterministic: no dropout, no label dropout (the reference also uses eval())
+    model.zero_grad(set_to_none=True)
+    try:
+        with torch.enable_grad():
+            return taylor_timesteps(loss_at, steps, threshold, backprop_stop_step=backprop_stop_step)
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- pruner
+def _attention_heads(model: nn.Module) -> dict[nn.Module, tuple[list[nn.Linear], int]]:
+    """Attention module -> (its q/k/v projections, head count), for ours and diffusers'."""
+    from diffusers.models.attention_processor import Attention as DiffusersAttention
+
+    from slimdiff.models.dit import Attention as DiTAttention
+
+    out = {}
+    for m in model.modules():
+        if isinstance(m, DiTAttention):
+            out[m] = ([m.qkv], int(m.num_heads))
+        elif isinstance(m, DiffusersAttention):
+            out[m] = ([m.to_q, m.to_k, m.to_v], int(m.heads))
+    return out
+
+
+def _mlp_inputs(blocks: Iterable[nn.Module]) -> list[nn.Module]:
+    """First linear of every MLP inside ``blocks`` (our ``Mlp.fc1``, diffusers ``FeedForward.net[0].proj``)."""
+    from diffusers.models.attention import FeedForward
+
+    from slimdiff.models.dit import Mlp
+
+    found = []
+    for blk in blocks:
+        for m in blk.modules():
+            if isinstance(m, Mlp):
+                found.append(m.fc1)
+            elif isinstance(m, FeedForward):
+                found.append(m.net[0].proj)
+    return found
+
+
+def _ignored_layers(model: nn.Module) -> list[nn.Module]:
+    """Layers whose output channels must stay: ``conv_out`` for UNets; for transformers every
+    linear/conv except the attention q/k/v and MLP first layers inside the blocks."""
+    from slimdiff.models.backbone import as_backbone
+
+    bb = as_backbone(model)
+    if not bb.is_transformer:
+        return [model.conv_out]
+    attn = {a: qkv for a, (qkv, _) in _attention_heads(model).items()}
+    allowed = {id(l) for blk in bb.blocks for m in blk.modules() if m in attn for l in attn[m]}
+    allowed |= {id(l) for l in _mlp_inputs(bb.blocks)}
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in allowed]
+
+
+def _unbind_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Our DiT attention written with ``unbind`` (same values): torch-pruning maps fused-qkv
+    channels through ``unbind`` (timm's form) but not through ``qkv[0]`` indexing."""
+    import torch.nn.functional as F
+
+    B, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1))
+
+
+@contextmanager
+def _traceable(model: nn.Module):
+    """Temporarily give our DiT's attention modules the :func:`_unbind_forward` for graph tracing."""
+    from slimdiff.models.dit import Attention as DiTAttention
+
+    patched = [m for m in model.modules() if isinstance(m, DiTAttention)]
+    for m in patched:
+        m.forward = types.MethodType(_unbind_forward, m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def _importance(kind: str):
+    import torch_pruning as tp
+
+    if kind == "taylor":
+        return tp.importance.TaylorImportance(multivariable=False)
+    if kind == "magnitude":
+        return tp.importance.MagnitudeImportance()
+    if kind == "random":
+        return tp.importance.RandomImportance()
+    raise UsageError(f"unknown importance {kind!r}; use taylor, magnitude or random")
+
+
+def _copy_with_grads(model: nn.Module) -> nn.Module:
+    """``deepcopy`` drops ``.grad``; Taylor importance on the copy needs them."""
+    clone = copy.deepcopy(model)
+    for src, dst in zip(model.parameters(), clone.parameters()):
+        dst.grad = None if src.grad is None else src.grad.detach().clone()
+    return clone
+
+
+def _make_pruner(m: nn.Module, ratio: float, importance: str, heads: str):
+    """torch-pruning's ``BasePruner`` over ``m`` with slimdiff's groups, heads and ignored layers."""
+    import torch_pruning as tp
+
+    from slimdiff.models.backbone import as_backbone
+
+    if heads not in HEAD_MODES:
+        raise UsageError(f"heads must be one of {', '.join(HEAD_MODES)}, got {heads!r}")
+    attn = _attention_heads(m)
+    num_heads = {l: h for qkv, h in attn.values() for l in qkv}
+    whole = heads == "whole"
+    head_ratio = {a: min(ratio, (h - 1) / h - 1e-6) for a, (_, h) in attn.items() if h > 1}  # keep >= 1 head
+    example = as_backbone(m).example_inputs(1, torch.Generator().manual_seed(0))
+    with _traceable(m):
+        return tp.pruner.BasePruner(
+            m, example, importance=_importance(importance), pruning_ratio=ratio, ignored_layers=_ignored_layers(m),
+            num_heads=num_heads, in_channel_groups={}, out_channel_groups={},  # fresh dicts: TP mutates its defaults
+            prune_num_heads=whole, prune_head_dims=not whole, head_pruning_ratio=ratio if whole else 0.0,
+            head_pruning_ratio_dict=head_ratio if whole else None, forward_fn=lambda mod, inp: as_backbone(mod)(*inp),
+        )
+
+
+def max_ratio(model: nn.Module, heads: str = "dims") -> float:
+    """The largest ratio (at most 0.9) that still keeps >= 1 channel in every channel group.
+
+    torch-pruning keeps ``int(g * (1 - ratio))`` of a group of ``g`` channels (per GroupNorm
+    group / head); past ``1 - 1/g`` it would empty the group and then skips pruning it
+    altogether, so MACs would jump *up*. Returns 0.0 when nothing is prunable.
+    """
+    pruner = _make_pruner(model, 0.5, "magnitude", heads)
+    sizes = []
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+        if pruner._is_atten_group(group)[0]:
+            group = pruner._downstream_node_as_root_if_attention(group)
+            if group is None:
+                continue
+            if heads == "whole":
+                continue  # whole heads: the head ratio is clamped per attention to keep one head
+        sizes.append(pruner.DG.get_out_channels(group[0].dep.target.module) // pruner._get_channel_groups(group))
+    sizes = [g for g in sizes if g > 1]
+    if not sizes:
+        return 0.0
+    return min(MAX_RATIO, (1 - 1 / min(sizes)) * (1 - 1e-6))
+
+
+def prune_with_ratio(model: nn.Module, ratio: float, importance: str = "taylor", *, heads: str = "dims",
+                     seed: int = 0, inplace: bool = False) -> tuple[nn.Module, list]:
+    """Prune a copy of ``model`` (or ``model`` itself with ``inplace``) at torch-pruning ratio
+    ``ratio`` with local ranking; return it and torch-pruning's pruning history
+    ``[(layer name, is_output_channels, removed indices), ...]``.
+
+    ``importance="taylor"`` needs gradients on ``model`` (see :func:`accumulate_gradients`).
+    Head counts and sampler channels are synced afterwards (:func:`sync_attention_heads`).
+    """
+    from slimdiff.models.backbone import sync_attention_heads
+
+    m = model if inplace else _copy_with_grads(model)
+    if ratio <= 0:
+        return m, []
+    if importance == "taylor" and any(p.grad is None for p in m.parameters() if p.requires_grad):
+        raise UsageError("Taylor importance needs gradients: run accumulate_gradients(model, ...) first")
+    pruner = _make_pruner(m, ratio, importance, heads)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # RandomImportance draws from the global generator
+        pruner.step()
+    sync_attention_heads(m, pruner.num_heads)
+    m.zero_grad(set_to_none=True)
+    return m, [tuple(h) for h in pruner.pruning_history()]
+
+
+# --------------------------------------------------------------------------- budget search
+@dataclass
+class Trial:
+    """One pruned candidate of the budget search."""
+
+    ratio: float
+    macs_ratio: float  # one-forward MACs, pruned / original
+    model: nn.Module = field(repr=False)
+    history: list = field(default_factory=list, repr=False)
+
+
+def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor", *, heads: str = "dims",
+                    seed: int = 0, tolerance: float = TOLERANCE) -> tuple[Trial, list[tuple[float, float]]]:
+    """Bisect torch-pruning's ratio until the forward-MACs ratio is within ``tolerance``
+    (relative) of ``budget``. Returns the chosen :class:`Trial` and every ``(ratio, macs_ratio)`` tried.
+
+    Raises :class:`UsageError` when nothing is prunable or the budget is out of reach.
+    """
+    from slimdiff.eval.compute import macs_forward
+    from slimdiff.models.backbone import as_backbone
+
+    budget = check_budget(budget)
+    base = macs_forward(model)
+    tried: list[tuple[float, float]] = []
+
+    def trial(r: float) -> Trial:
+        pruned, history = prune_with_ratio(model, r, importance, heads=heads, seed=seed)
+        t = Trial(r, macs_forward(pruned) / base, pruned, history)
+        tried.append((r, t.macs_ratio))
+        return t
+
+    def ok(t: Trial) -> bool:
+        return abs(t.macs_ratio / budget - 1) <= tolerance
+
+    top = max_ratio(model, heads)
+    best = trial(top) if top > 0 else None
+    if best is None or best.macs_ratio >= 1 - 1e-9:
+        raise UsageError(f"this {as_backbone(model).kind} model has nothing width pruning can remove (no prunable "
+                         "attention, MLP or conv channels); use a depth or step-reuse method instead")
+    if best.macs_ratio > budget * (1 + tolerance):
+        raise UsageError(f"budget {budget:g} is below what width pruning reaches on this model "
+                         f"({best.macs_ratio:.3f} of the MACs at ratio {top:.3f}); use a larger budget or chain a "
+                         "depth/step method (e.g. --method tinyfusion,diff-pruning)")
+    lo, hi = 0.0, top
+    for _ in range(MAX_TRIALS):
+        if ok(best):
+            break
+        cur = trial((lo + hi) / 2)
+        if abs(cur.macs_ratio / budget - 1) < abs(best.macs_ratio / budget - 1):
+            best = cur
+        lo, hi = (cur.ratio, hi) if cur.macs_ratio > budget else (lo, cur.ratio)
+    if not ok(best):
+        raise UsageError(f"width pruning cannot meet budget {budget:g} within {tolerance:.0%} on this model (closest: "
+                         f"{best.macs_ratio:.3f} at ratio {best.ratio:.4f}; channel counts are too coarse); "
+                         "try a nearby budget")
+    return best, tried
+
+
+# --------------------------------------------------------------------------- methods
+def _layer_widths(before: nn.Module, after: nn.Module) -> dict[str, list[int]]:
+    """``{layer: [original out channels, kept]}`` for every linear/conv whose output shrank."""
+    old = {n: m for n, m in before.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    out = {}
+    for name, m in after.named_modules():
+        if name in old and isinstance(m, (nn.Linear, nn.Conv2d)):
+            a, b = old[name].weight.shape[0], m.weight.shape[0]
+            if a != b:
+                out[name] = [int(a), int(b)]
+    return out
+
+
+def _width_prune(model: nn.Module, budget: float, ctx: Context, name: str, importance: str, *,
+                 heads: str, settings: dict, prepare: Callable[[nn.Module], dict] | None = None) -> nn.Module:
+    """Shared body of diff-pruning and its baselines: (gradients), search, sync, measure, recover, record."""
+    budget = check_budget(budget)
+    if heads not in HEAD_MODES:
+        raise UsageError(f"heads must be one of {', '.join(HEAD_MODES)}, got {heads!r}")
+    settings = {**settings, "heads": heads, "importance": importance, "ranking": "local"}
+    if budget >= 1.0:
+        return record(model, name, settings, {"budget": 1.0, "macs_ratio": 1.0, "pruning_ratio": 0.0},
+                      {"identity": True})
+    extras = prepare(model) if prepare else {}
+    original = sampling_macs(model, ctx)
+    chosen, tried = prune_to_budget(model, budget, importance, heads=heads, seed=ctx.seed)
+    model.zero_grad(set_to_none=True)
+    result = chosen.model
+    reached = sampling_macs(result, ctx) / original
+    extras.update(widths=_layer_widths(model, result), search=[[round(r, 6), round(q, 6)] for r, q in tried])
+    result = recover(result, ctx, tag=name)
+    measured = {"budget": budget, "macs_ratio": reached, "pruning_ratio": chosen.ratio,
+                "macs_forward_ratio": chosen.macs_ratio, "search_trials": len(tried)}
+    return record(result, name, settings, measured, extras)
+
+
+@register_method("diff-pruning", kind="width", options=("threshold",),
+                 help="Diff-Pruning: Taylor structural width pruning over thresholded timesteps")
+def diff_pruning(model: nn.Module, budget: float, ctx: Context, threshold: float = 0.05, *, stride: int = 1,
+                 backprop_stop_step: bool = False, heads: str = "dims",
+                 calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> nn.Module:
+    """Diff-Pruning at ``budget`` (fraction of sampling MACs): see the module docstring.
+
+    ``threshold`` (default 0.05, the reference's CIFAR-10 value; 0 = all timesteps), ``stride``
+    over the training timesteps (1 = paper), ``backprop_stop_step`` (stop convention),
+    ``heads`` ("dims" or "whole"), ``calibration`` = ``(x0, cond)`` to override the batch
+    drawn from ``ctx.data``.
+    """
+    threshold = float(threshold)
+    if not 0 <= threshold <= 1:
+        raise UsageError(f"threshold must be in [0, 1] (a fraction of the largest loss; 0 = all timesteps), got {threshold}")
+    settings = {"threshold": threshold, "stride": stride, "backprop_stop_step": backprop_stop_step,
+                "calibration_size": None, "calibration": "given" if calibration is not None else None}
+
+    def prepare(m: nn.Module) -> dict:
+        if calibration is not None:
+            x0, cond = calibration
+        else:
+            x0, cond, settings["calibration"] = calibration_batch(m, ctx)
+        settings["calibration_size"] = int(len(x0))
+        trace = accumulate_gradients(m, x0, cond, threshold=threshold, stride=stride,
+                                     backprop_stop_step=backprop_stop_step, seed=ctx.seed, progress=ctx.progress)
+        return {"timesteps": trace.to_dict()}
+
+    return _width_prune(model, budget, ctx, "diff-pruning", "taylor", heads=heads, settings=settings, prepare=prepare)
+
+
+@register_method("random-width", kind="width", help="baseline: random channel importance, Diff-Pruning's pruner")
+def random_width(model: nn.Module, budget: float, ctx: Context, *, heads: str = "dims") -> nn.Module:
+    """Random-importance width pruning with exactly Diff-Pruning's pruner, search and recovery."""
+    return _width_prune(model, budget, ctx, "random-width", "random", heads=heads, settings={"seed": ctx.seed})
+
+
+@register_method("magnitude-width", kind="width", help="baseline: L2 weight-magnitude importance, Diff-Pruning's pruner")
+def magnitude_width(model: nn.Module, budget: float, ctx: Context, *, heads: str = "dims") -> nn.Module:
+    """Magnitude (group L2) width pruning with exactly Diff-Pruning's pruner, search and recovery."""
+    return _width_prune(model, budget, ctx, "magnitude-width", "magnitude", heads=heads, settings={})

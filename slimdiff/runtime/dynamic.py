@@ -1,0 +1,497 @@
+"""DyDiT execution: timestep-wise dynamic width (TDW) and spatial-wise dynamic tokens (SDT).
+
+What is installed on a :class:`~slimdiff.models.dit.DiT` by :func:`install`:
+
+* ``model.dydit`` (:class:`DyDiTRouting`): per block a **head router** and an **MLP
+  channel-group router** (each one ``nn.Linear`` on the timestep embedding ``t_embedder(t)``,
+  never on the class embedding, so width depends on ``t`` only) and a **token router**
+  (one ``nn.Linear`` on each token of the residual stream after attention). Head 0 and
+  group 0 have no router and are always on, so at least one head and one group run.
+  Router weights start at zero and biases at ``+init_bias``: every route starts on, for any
+  input scale.
+* every block's class becomes :class:`DynamicDiTBlock` (a ``DiTBlock`` subclass: same
+  parameters and state-dict keys), whose forward follows the route set for the current call;
+* a forward hook on ``model.t_embedder``: it sees the timesteps ``t`` passed to the model and
+  their embedding, decides the routes of every block for this call and hands them to the
+  blocks. Per-step state therefore needs no sampler hook: plain ``sample()``, ``slimdiff
+  info`` and ``macs_sampling`` all run the dynamic model.
+
+Modes (``model.dydit.mode``):
+
+* ``"dynamic"`` -- training: hard straight-through Gumbel-sigmoid decisions (logistic noise,
+  temperature ``tau``), applied as **masks** on a full-width computation (masks are for
+  training only). Eval: deterministic decisions (``logit > 0``) executed **sliced**: the
+  kept heads' rows of ``qkv`` / columns of ``proj`` and the kept groups' rows of ``fc1`` /
+  columns of ``fc2`` are sliced once per (block, decision) and cached (LRU, invalidated when
+  the weights change), so a sampling step reuses them for every call; the MLP runs on the
+  gathered kept tokens only (``index_select`` -> MLP -> ``index_add``), per sample, so a batch
+  whose samples keep different tokens is exact. A batch with several distinct timesteps is
+  split by timestep (attention is per sample, so this is exact).
+* ``"masked"`` -- deterministic decisions, masked full-width execution (recovery training
+  and the sliced == masked tests).
+* ``"off"`` -- the complete model (every route on, routers not evaluated): the full-model
+  stabiliser loss and the reference for the MACs of the unrouted parts.
+
+Per-step tables: :meth:`DyDiTRouting.build_tables` stores the width decisions of every
+timestep of a sampler schedule; an eval call at a tabled ``t`` evaluates no width router.
+Unknown ``t`` are routed on the fly and memoised (not saved).
+
+Differences from the reference code (alibaba-damo-academy/DyDiT), following the paper:
+
+* the reference DiT multiplies by masks at inference; here removed work is not computed;
+* the reference token router is a 2-layer MLP (D -> D/16 -> 1); the paper and our brief use a
+  linear router, which we follow;
+* reference router weights use PyTorch's default init with biases 15 (width) / 35 (tokens)
+  and ``tau = 5``; we zero the weights (all-on for any input scale) and default to a smaller
+  bias and ``tau = 1`` so that short CPU trainings can move the routers (see
+  :class:`RoutingConfig`);
+* the FLOPs ratio counts the whole model (embedders, adaLN, final layer, routers), so the
+  budget is end to end; the reference divides block attention+MLP costs only.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimdiff.errors import UsageError
+from slimdiff.models.dit import DiT, DiTBlock, modulate
+
+MODES = ("dynamic", "masked", "off")
+
+
+@dataclass
+class RoutingConfig:
+    """Shape and coefficients of the routers (stored in the saved model's extras)."""
+
+    heads: list[int] = field(default_factory=list)  # heads per block
+    groups: list[int] = field(default_factory=list)  # MLP channel groups per block
+    tokens: bool = True  # spatial-wise dynamic tokens (SDT) on the MLP
+    tau: float = 1.0  # Gumbel-sigmoid temperature in training
+    init_bias: float = 4.0  # all-on start: logits = +init_bias (eval: exactly all on)
+    cache_size: int = 16  # cached sliced weight sets per block and branch (LRU)
+
+
+def hard_gate(logits: torch.Tensor, tau: float, noise: bool) -> torch.Tensor:
+    """Straight-through Gumbel-sigmoid: value ``1[logits + noise > 0]``, gradient of ``sigmoid(./tau)``.
+
+    The value is exactly 0 or 1 (``hard + (soft - soft.detach())``), so all-on masks leave a
+    forward bit-identical to the unmasked one.
+    """
+    if noise:
+        u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+        logits = logits + torch.log(u) - torch.log1p(-u)
+    soft = torch.sigmoid(logits / tau)
+    hard = (logits > 0).to(soft.dtype)
+    return hard + (soft - soft.detach())
+
+
+def _with_always_on(gates: torch.Tensor) -> torch.Tensor:
+    """Prepend the always-on unit 0 to router gates ``(B, n-1)`` -> ``(B, n)``."""
+    return torch.cat([torch.ones_like(gates[:, :1]), gates], dim=1)
+
+
+class BlockRouters(nn.Module):
+    """The three routers of one block: heads and groups on ``t_emb``, tokens on the tokens."""
+
+    def __init__(self, dim: int, heads: int, groups: int, tokens: bool, init_bias: float):
+        super().__init__()
+        self.head = nn.Linear(dim, heads - 1) if heads > 1 else None
+        self.group = nn.Linear(dim, groups - 1) if groups > 1 else None
+        self.token = nn.Linear(dim, 1) if tokens else None
+        for lin in (self.head, self.group, self.token):
+            if lin is not None:
+                nn.init.zeros_(lin.weight)
+                nn.init.constant_(lin.bias, init_bias)
+
+    def width_logits(self, temb: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Head and group logits ``(B, n-1)`` (None where a block has a single unit)."""
+        return (self.head(temb) if self.head is not None else None,
+                self.group(temb) if self.group is not None else None)
+
+
+# --------------------------------------------------------------------------- routes
+@dataclass
+class MaskRoute:
+    """Training-path route of one block for one call: per-sample masks on full-width compute."""
+
+    heads: torch.Tensor  # (B, H) in {0, 1} with straight-through gradients
+    groups: torch.Tensor  # (B, G)
+    token: nn.Linear | None
+    tau: float
+    noise: bool
+    kept_tokens: torch.Tensor | None = None  # (B,) differentiable count, set by the block
+
+    def run(self, block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return masked_forward(block, x, c, self)
+
+
+@dataclass
+class SlicePlan:
+    """Eval-path width decision of one block for one timestep, with its sliced weights."""
+
+    heads: tuple[int, ...]
+    groups: tuple[int, ...]
+    attn: tuple[torch.Tensor, ...]  # qkv weight, qkv bias, proj weight, proj bias
+    mlp: tuple[torch.Tensor, ...]  # fc1 weight, fc1 bias, fc2 weight, fc2 bias
+
+
+@dataclass
+class SliceRoute:
+    """Eval-path route of one block: sample groups (by timestep) and their plans."""
+
+    parts: list[tuple[torch.Tensor | None, SlicePlan]]  # (sample indices or None = all, plan)
+    token: nn.Linear | None
+    kept_tokens: torch.Tensor | None = None  # (B,) realised kept-token counts
+    keep_maps: torch.Tensor | None = None  # (B, N) bool, when recording
+
+    def run(self, block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1 and self.parts[0][0] is None:
+            out, keep = sliced_forward(block, x, c, self.parts[0][1], self.token)
+            self._note(keep, x.shape[0], None)
+            return out
+        out = torch.empty_like(x)
+        for idx, plan in self.parts:
+            o, keep = sliced_forward(block, x.index_select(0, idx), c.index_select(0, idx), plan, self.token)
+            out.index_copy_(0, idx, o)
+            self._note(keep, x.shape[0], idx)
+        return out
+
+    def _note(self, keep: torch.Tensor, batch: int, idx: torch.Tensor | None) -> None:
+        if self.kept_tokens is None:
+            self.kept_tokens = torch.zeros(batch, dtype=torch.long, device=keep.device)
+            self.keep_maps = torch.zeros(batch, keep.shape[1], dtype=torch.bool, device=keep.device)
+        if idx is None:
+            self.kept_tokens, self.keep_maps = keep.sum(1), keep
+        else:
+            self.kept_tokens[idx] = keep.sum(1)
+            self.keep_maps[idx] = keep
+
+
+# --------------------------------------------------------------------------- block forwards
+def _attention(x: torch.Tensor, qkv_w, qkv_b, heads: int) -> torch.Tensor:
+    """Multi-head attention core on ``heads`` heads; returns ``(B, heads, N, hd)``."""
+    B, N, _ = x.shape
+    qkv = F.linear(x, qkv_w, qkv_b).reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    return F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+
+
+def masked_forward(block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor, route: MaskRoute) -> torch.Tensor:
+    """The DiT block with head, group and token masks (full width is computed: training only)."""
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(c)
+    attn, mlp = block.attn, block.mlp
+    B, N, _ = x.shape
+    h = modulate(block.norm1(x), shift_msa, scale_msa)
+    qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]) * route.heads[:, :, None, None].to(x.dtype)
+    x = x + gate_msa.unsqueeze(1) * attn.proj(out.transpose(1, 2).reshape(B, N, -1))
+    hidden = mlp.act(mlp.fc1(modulate(block.norm2(x), shift_mlp, scale_mlp)))
+    G = route.groups.shape[1]
+    hidden = (hidden.reshape(B, N, G, -1) * route.groups[:, None, :, None].to(x.dtype)).reshape(B, N, -1)
+    m = mlp.fc2(hidden)
+    if route.token is not None:
+        keep = hard_gate(route.token(x).squeeze(-1).float(), route.tau, route.noise)
+        route.kept_tokens = keep.sum(1)
+        m = m * keep.unsqueeze(-1).to(x.dtype)
+    return x + gate_mlp.unsqueeze(1) * m
+
+
+def sliced_forward(block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor, plan: SlicePlan,
+                   token: nn.Linear | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DiT block on the kept heads/groups only, the MLP on the kept tokens only.
+
+    Returns the output and the ``(B, N)`` bool map of tokens that ran the MLP.
+    """
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.modulation(c)
+    qkv_w, qkv_b, proj_w, proj_b = plan.attn
+    B, N, D = x.shape
+    out = _attention(modulate(block.norm1(x), shift_msa, scale_msa), qkv_w, qkv_b, len(plan.heads))
+    x = x + gate_msa.unsqueeze(1) * F.linear(out.transpose(1, 2).reshape(B, N, -1), proj_w, proj_b)
+    keep = (token(x).squeeze(-1) > 0) if token is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
+    fc1_w, fc1_b, fc2_w, fc2_b = plan.mlp
+    act = block.mlp.act
+    if bool(keep.all()):
+        m = F.linear(act(F.linear(modulate(block.norm2(x), shift_mlp, scale_mlp), fc1_w, fc1_b)), fc2_w, fc2_b)
+        return x + gate_mlp.unsqueeze(1) * m, keep
+    flat = x.reshape(B * N, D)
+    rows = keep.reshape(-1).nonzero().squeeze(1)
+    sample = torch.div(rows, N, rounding_mode="floor")
+    h = block.norm2(flat.index_select(0, rows)) * (1 + scale_mlp.index_select(0, sample)) + shift_mlp.index_select(0, sample)
+    m = F.linear(act(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+    flat = flat.index_add(0, rows, gate_mlp.index_select(0, sample) * m)
+    return flat.reshape(B, N, D), keep
+
+
+class DynamicDiTBlock(DiTBlock):
+    """A :class:`DiTBlock` that runs the route :class:`DyDiTRouting` set for the current call
+    (the plain block forward when there is none, i.e. routing ``"off"``)."""
+
+    _transient = ("_dydit_route",)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        route = self.__dict__.get("_dydit_route")
+        if route is None:
+            return super().forward(x, c)
+        return route.run(self, x, c)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {k: v for k, v in state.items() if k not in self._transient}
+
+
+# --------------------------------------------------------------------------- controller
+def _weights_key(*tensors: torch.Tensor) -> tuple:
+    """Identity + version of tensors: changes whenever the weights are replaced or edited in place."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
+class DyDiTRouting(nn.Module):
+    """All routers of a DyDiT model plus its runtime state (mode, per-step tables, weight cache).
+
+    ``slimdiff_runtime = True`` tells :mod:`slimdiff.io` that this subtree is rebuilt by the
+    method's restorer on load (its weights are still saved and loaded with the model).
+    """
+
+    slimdiff_runtime = True
+    _transient = ("_routes", "_cache", "_memo", "_recording")
+
+    def __init__(self, blocks: Iterable[DiTBlock], dim: int, config: RoutingConfig):
+        super().__init__()
+        self.config = config
+        self.routers = nn.ModuleList(
+            BlockRouters(dim, h, g, config.tokens, config.init_bias) for h, g in zip(config.heads, config.groups)
+        )
+        self._blocks = list(blocks)
+        self.mode = "dynamic"
+        self.tables: dict[float, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        self.table_info: dict = {}
+        self.slice_count = 0
+        self._init_transient()
+
+    def _init_transient(self) -> None:
+        self._routes: list = []
+        self._cache: OrderedDict = OrderedDict()
+        self._memo: dict = {}
+        self._recording: list | None = None
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {k: v for k, v in state.items() if k not in self._transient}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._init_transient()
+
+    def set_mode(self, mode: str) -> None:
+        """``"dynamic"`` (default), ``"masked"`` or ``"off"`` (see the module docs)."""
+        if mode not in MODES:
+            raise UsageError(f"unknown DyDiT mode {mode!r}; use one of {', '.join(MODES)}")
+        self.mode = mode
+
+    # ---- the hook: decide every block's route for this call
+    def on_time_embedding(self, module: nn.Module, inputs: tuple, temb: torch.Tensor) -> None:
+        t = inputs[0]
+        if self.mode == "off":
+            routes = [None] * len(self._blocks)
+        elif self.training or self.mode == "masked":
+            routes = self._mask_routes(temb, noise=self.training and self.mode == "dynamic")
+        else:
+            routes = self._slice_routes(t, temb)
+        for block, route in zip(self._blocks, routes):
+            block.__dict__["_dydit_route"] = route
+        self._routes = routes
+
+    def _mask_routes(self, temb: torch.Tensor, noise: bool) -> list[MaskRoute]:
+        routes, tau = [], self.config.tau
+        for r, h, g in zip(self.routers, self.config.heads, self.config.groups):
+            hl, gl = r.width_logits(temb.float())
+            heads = _with_always_on(hard_gate(hl, tau, noise)) if hl is not None else temb.new_ones(len(temb), 1)
+            groups = _with_always_on(hard_gate(gl, tau, noise)) if gl is not None else temb.new_ones(len(temb), 1)
+            routes.append(MaskRoute(heads, groups, r.token, tau, noise))
+        return routes
+
+    def _slice_routes(self, t: torch.Tensor, temb: torch.Tensor) -> list[SliceRoute]:
+        t = t.reshape(-1)
+        uniq, inverse = torch.unique(t, return_inverse=True)
+        parts = []
+        for k, tv in enumerate(uniq.tolist()):
+            idx = None if len(uniq) == 1 else (inverse == k).nonzero().squeeze(1)
+            first = int((inverse == k).nonzero()[0, 0]) if idx is not None else 0
+            parts.append((idx, self.decisions(tv, temb[first:first + 1])))
+        routes = []
+        for i, r in enumerate(self.routers):
+            plans = [(idx, self._plan(i, dec[i])) for idx, dec in parts]
+            routes.append(SliceRoute(plans, r.token))
+        return routes
+
+    # ---- width decisions (depend on t only)
+    @torch.no_grad()
+    def decisions(self, t: float, temb: torch.Tensor | None = None) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Kept (heads, groups) of every block at timestep ``t``: from the per-step table, else
+        from the routers on ``temb`` (the ``(1, D)`` embedding of ``t``), memoised."""
+        key = float(t)
+        if key in self.tables:
+            return self.tables[key]
+        if key not in self._memo:
+            if temb is None:
+                raise UsageError(f"no routing table entry for t={key}; pass its time embedding")
+            self._memo[key] = [self._decide(r, temb.float()) for r in self.routers]
+        return self._memo[key]
+
+    def _decide(self, router: BlockRouters, temb: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        hl, gl = router.width_logits(temb)
+        heads = (0,) + tuple(int(j) + 1 for j in (hl[0] > 0).nonzero().flatten()) if hl is not None else (0,)
+        groups = (0,) + tuple(int(j) + 1 for j in (gl[0] > 0).nonzero().flatten()) if gl is not None else (0,)
+        return heads, groups
+
+    @torch.no_grad()
+    def build_tables(self, model: DiT, timesteps: Iterable[float], info: dict | None = None) -> None:
+        """Precompute the width decisions at every timestep of a sampling schedule."""
+        self.tables = {}
+        for tv in timesteps:
+            t = torch.tensor([float(tv)], device=next(model.parameters()).device)
+            temb = model.t_embedder(t) if self.mode == "off" else _raw_temb(model, t)
+            self.tables[float(tv)] = [self._decide(r, temb.float()) for r in self.routers]
+        self.table_info = dict(info or {})
+        self._memo = {}
+
+    # ---- sliced weights, once per (block, decision), cached
+    def _plan(self, i: int, decision: tuple[tuple[int, ...], tuple[int, ...]]) -> SlicePlan:
+        heads, groups = decision
+        block = self._blocks[i]
+        attn, mlp = block.attn, block.mlp
+        return SlicePlan(heads, groups,
+                         self._cached((i, "attn", heads), (attn.qkv.weight, attn.qkv.bias, attn.proj.weight),
+                                      lambda: _slice_attention(attn, heads), attn.proj.bias),
+                         self._cached((i, "mlp", groups), (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight),
+                                      lambda: _slice_mlp(mlp, groups, self.config.groups[i]), mlp.fc2.bias))
+
+    def _cached(self, key: tuple, sources: tuple, make, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        full_key = key + (_weights_key(*sources),)
+        hit = self._cache.get(full_key)
+        if hit is None:
+            hit = make()
+            self.slice_count += 1
+            self._cache[full_key] = hit
+            limit = self.config.cache_size * 2 * max(1, len(self.routers))
+            while len(self._cache) > limit:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(full_key)
+        return (*hit, bias)
+
+    def train(self, mode: bool = True):
+        self._cache.clear()
+        self._memo.clear()
+        return super().train(mode)
+
+    # ---- after a call
+    def realised(self) -> dict[str, torch.Tensor]:
+        """Per block, per sample kept heads / groups / tokens of the last call, ``(L, B)`` each
+        (differentiable in training)."""
+        heads, groups, tokens = [], [], []
+        for route in self._routes:
+            if isinstance(route, MaskRoute):
+                heads.append(route.heads.sum(1))
+                groups.append(route.groups.sum(1))
+                tokens.append(route.kept_tokens)
+            else:
+                b = len(route.kept_tokens)
+                h = torch.zeros(b, device=route.kept_tokens.device)
+                g = torch.zeros(b, device=route.kept_tokens.device)
+                for idx, plan in route.parts:
+                    sel = slice(None) if idx is None else idx
+                    h[sel], g[sel] = len(plan.heads), len(plan.groups)
+                heads.append(h)
+                groups.append(g)
+                tokens.append(route.kept_tokens.float())
+        stack = lambda xs: torch.stack(xs) if xs and xs[0] is not None else None  # noqa: E731
+        return {"heads": stack(heads), "groups": stack(groups), "tokens": stack(tokens)}
+
+
+def _raw_temb(model: DiT, t: torch.Tensor) -> torch.Tensor:
+    """``t_embedder(t)`` without triggering the routing hook."""
+    emb = model.t_embedder
+    freq = emb.timestep_embedding(t, emb.frequency_embedding_size, freq_shift=emb.freq_shift)
+    return emb.mlp(freq.to(emb.mlp[0].weight.dtype))
+
+
+def _slice_attention(attn: nn.Module, heads: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """qkv rows and proj columns of the kept heads (the original tensors when all are kept)."""
+    H = attn.num_heads
+    if len(heads) == H:
+        return attn.qkv.weight, attn.qkv.bias, attn.proj.weight
+    hd = attn.qkv.out_features // (3 * H)
+    per_head = torch.arange(hd, device=attn.qkv.weight.device)
+    cols = torch.cat([h * hd + per_head for h in heads])
+    rows = torch.cat([p * H * hd + cols for p in range(3)])
+    w, b = attn.qkv.weight.detach(), attn.qkv.bias.detach()
+    return w.index_select(0, rows), b.index_select(0, rows), attn.proj.weight.detach().index_select(1, cols)
+
+
+def _slice_mlp(mlp: nn.Module, groups: tuple[int, ...], G: int) -> tuple[torch.Tensor, ...]:
+    """fc1 rows and fc2 columns of the kept channel groups."""
+    if len(groups) == G:
+        return mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight
+    width = mlp.fc1.out_features // G
+    per = torch.arange(width, device=mlp.fc1.weight.device)
+    idx = torch.cat([g * width + per for g in groups])
+    return (mlp.fc1.weight.detach().index_select(0, idx), mlp.fc1.bias.detach().index_select(0, idx),
+            mlp.fc2.weight.detach().index_select(1, idx))
+
+
+# --------------------------------------------------------------------------- install
+def routing_of(model: nn.Module) -> DyDiTRouting:
+    """The :class:`DyDiTRouting` of a DyDiT model, or :class:`UsageError`."""
+    r = getattr(model, "dydit", None)
+    if not isinstance(r, DyDiTRouting):
+        raise UsageError("this model has no DyDiT routers; compress it with --method dydit first")
+    return r
+
+
+def default_config(model: DiT, **overrides) -> RoutingConfig:
+    """Routers for every block: one per head, ``num_heads`` MLP channel groups (as the reference)."""
+    heads = [int(b.attn.num_heads) for b in model.blocks]
+    groups = []
+    for b, h in zip(model.blocks, heads):
+        width = b.mlp.fc1.out_features
+        groups.append(h if width % h == 0 else math.gcd(width, h))
+    return RoutingConfig(heads=heads, groups=groups, **overrides)
+
+
+def install(model: DiT, config: RoutingConfig) -> DyDiTRouting:
+    """Add DyDiT routers and the dynamic execution to ``model`` in place; returns the routing.
+
+    Idempotent for the same config. The model stays a :class:`DiT` with the same weights;
+    with the routers all on it computes exactly what it computed before.
+    """
+    if not isinstance(model, DiT):
+        raise UsageError(f"DyDiT execution needs slimdiff's DiT, got {type(model).__name__}")
+    if len(config.heads) != len(model.blocks) or len(config.groups) != len(model.blocks):
+        raise UsageError(f"routing config is for {len(config.heads)} blocks, the model has {len(model.blocks)}")
+    for b, g in zip(model.blocks, config.groups):
+        if b.mlp.fc1.out_features % g:
+            raise UsageError(f"MLP width {b.mlp.fc1.out_features} does not split into {g} channel groups")
+    existing = getattr(model, "dydit", None)
+    if isinstance(existing, DyDiTRouting):
+        if asdict(existing.config) == asdict(config):
+            return existing
+        raise UsageError("the model already has DyDiT routers with another configuration")
+    dim = model.t_embedder.mlp[2].out_features
+    for block in model.blocks:
+        block.__class__ = DynamicDiTBlock
+    model.dydit = DyDiTRouting(model.blocks, dim, config)
+    model.dydit.train(model.training)
+    model.t_embedder.register_forward_hook(model.dydit.on_time_embedding)
+    return model.dydit
+
+
+__all__ = [
+    "RoutingConfig", "DyDiTRouting", "DynamicDiTBlock", "BlockRouters", "hard_gate", "install",
+    "routing_of", "default_config", "masked_forward", "sliced_forward",
+]

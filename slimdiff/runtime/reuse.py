@@ -1,0 +1,538 @@
+"""Block reuse during sampling, driven by a boolean (steps x blocks) plan.
+
+One runtime serves DiP-GO and every caching baseline (DeepCache-style uniform reuse,
+Learning-to-Cache-style routers, fewer steps): each of them only produces a
+:class:`ReusePlan`. At sampling step ``s`` block ``b`` is either **computed** or
+**reused**:
+
+* transformer blocks (our DiT, diffusers DiT, PixArt) reuse their own *residual
+  contribution* ``output - input`` from the last step where they were computed, added to
+  the current input (the residual stream keeps flowing; reusing the block's raw output,
+  as DiP-GO's SD-UNet code does, would discard everything computed before the block);
+* UNet blocks (``down_blocks[i]``, ``mid_block``, ``up_blocks[i]`` of ``UNet2DModel`` /
+  ``UNet2DConditionModel``; the granularity of DiP-GO's SD code) reuse their own output
+  (tensor or tuple of skip features) as the reference code does. A producer whose
+  consumers (next block, skip-connected up blocks) are all reused at a step is not
+  computed either -- its output would be thrown away -- and its MACs count as saved
+  (DiP-GO's "cascade", :func:`effective_compute`).
+
+A plan may also skip whole steps (``step_compute``): the model is then not called at all
+and its last output is returned. With DDIM (eta = 0) that is *exactly* DDIM on the kept
+timesteps, because a reused epsilon leaves the predicted ``x0`` unchanged; it is how the
+``fewer-steps`` baseline runs inside an N-step sampling loop (its plan also records
+``sampling_steps``: the true step count a user should pass to a sampler, which for DDIM
+gives identical samples).
+
+**Hooks.** :func:`apply_block_reuse` installs diffusers ``ModelHook`` s through
+``HookRegistry`` (the mechanism of diffusers' own cache hooks): a stateful root hook on
+the denoiser and one hook per block, removable with :func:`remove_block_reuse`.
+
+**Step index, without the caller's help.** A plan is made for one sampler and step count
+and stores that schedule's timesteps. The root hook reads the timestep of every call: the
+schedule's first timestep starts a new trajectory (all caches are dropped), and every
+following call must be at the schedule's next timestep (PLMS' repeated timestep is fine:
+calls are counted). A call at any other timestep *during* a trajectory means another
+sampler or step count and raises :class:`UsageError`; so do two off-schedule calls in a
+row at falling timesteps (a whole trajectory of another schedule). A single off-schedule
+call outside a trajectory (e.g. one forward to count MACs) runs the full model and
+touches no state. This works unchanged inside diffusers pipelines (``DiTPipeline``:
+``apply_block_reuse(pipe.transformer, plan)``), which reset nothing themselves. Samplers
+with identical timesteps (our DDIM and DPM-Solver++ both use "trailing" spacing) can only
+be told apart when the caller says which one runs: :func:`sampling_context` (our sampling
+loop should set it; see the module's report).
+
+**CFG.** A guided call carries ``[cond; uncond]`` in one batch; caches are kept per batch
+row, so the two branches never share a cache. A batch-size change inside a trajectory is
+an error (pipelines that call the branches separately are not supported).
+
+**Caveat.** Like every diffusers hook, a deep copy of a hooked model would still run the
+original's hooks; the root hook detects it and raises -- re-apply the plan to the copy.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from diffusers.hooks import HookRegistry, ModelHook
+
+from slimdiff.errors import UsageError
+
+__all__ = [
+    "ReusePlan", "BlockCosts", "apply_block_reuse", "remove_block_reuse", "get_block_reuse",
+    "block_reuse_disabled", "sampling_context", "soft_reuse", "SoftFrame", "reuse_blocks",
+    "block_costs", "effective_compute", "plan_macs", "schedule_timesteps", "unet_consumers",
+]
+
+ROOT_HOOK = "slimdiff_block_reuse"
+BLOCK_HOOK = "slimdiff_block_reuse_block"
+_SAMPLING: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("slimdiff_sampling", default=None)
+
+
+# --------------------------------------------------------------------------- blocks
+def reuse_blocks(model: nn.Module) -> tuple[list[str], list[nn.Module], str]:
+    """(names, modules, mode) of the reusable blocks; mode is "residual" or "output" (UNets)."""
+    from slimdiff.models.backbone import as_backbone
+
+    bb = as_backbone(model)
+    if bb.is_transformer:
+        return bb.block_names, bb.blocks, "residual"
+    names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
+    if getattr(model, "mid_block", None) is not None:
+        names.append("mid_block")
+    names += [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
+    return names, [model.get_submodule(n) for n in names], "output"
+
+
+def unet_consumers(model: nn.Module) -> dict[str, list[str]]:
+    """For each UNet block, the blocks that read its output ("output" = the model's output).
+
+    Down block ``i`` feeds the next down block (or the mid block) and, through its
+    ``len(resnets) + downsamplers`` skip features, the up blocks that pop them from the end
+    of the skip stack (``len(resnets)`` each) -- exactly diffusers' UNet forward.
+    """
+    downs = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
+    ups = [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
+    mid = ["mid_block"] if getattr(model, "mid_block", None) is not None else []
+    chain = downs + mid + ups
+    cons: dict[str, list[str]] = {n: [chain[i + 1]] for i, n in enumerate(chain[:-1])}
+    cons[chain[-1]] = ["output"]
+    stack = ["conv_in"]
+    for n, blk in zip(downs, model.down_blocks):
+        stack += [n] * (len(blk.resnets) + (1 if getattr(blk, "downsamplers", None) else 0))
+    for n, blk in zip(ups, model.up_blocks):
+        for _ in range(len(blk.resnets)):
+            producer = stack.pop()
+            if producer != "conv_in" and n not in cons[producer]:
+                cons[producer].append(n)
+    return cons
+
+
+def effective_compute(compute: torch.Tensor, names: Sequence[str], consumers: dict[str, list[str]] | None) -> torch.Tensor:
+    """Which blocks really run: planned ones whose output some running block (or the model's
+    output) reads. Without a consumer graph (transformers) this is ``compute`` itself."""
+    if consumers is None:
+        return compute.clone()
+    eff = compute.clone()
+    idx = {n: i for i, n in enumerate(names)}
+    for b in reversed(range(len(names))):  # consumers come later in execution order
+        readers = consumers[names[b]]
+        needed = torch.zeros(compute.shape[0], dtype=torch.bool)
+        for r in readers:
+            needed |= torch.ones_like(needed) if r == "output" else eff[:, idx[r]]
+        eff[:, b] &= needed
+    return eff
+
+
+# --------------------------------------------------------------------------- plans
+def schedule_timesteps(sampler: str, steps: int, model: nn.Module | None = None) -> list[float]:
+    """Timesteps our sampling loop visits for ``sampler`` x ``steps`` (the model's schedule)."""
+    from slimdiff.diffusion.schedulers import diffusion_config_of, make_scheduler
+
+    sch = make_scheduler(sampler, diffusion_config_of(model) if model is not None else diffusion_config_of(nn.Module()))
+    sch.set_timesteps(steps)
+    return [float(t) for t in sch.timesteps]
+
+
+@dataclass
+class ReusePlan:
+    """A boolean (steps x blocks) compute table for one sampler and step count.
+
+    ``compute[s, b]`` True = compute block ``b`` at step ``s``; row 0 is all True.
+    ``step_compute[s]`` False skips the whole model call at step ``s`` (output reuse).
+    ``timesteps`` are the schedule's timesteps (one per model call; PLMS has steps + 1).
+    ``sampling_steps`` is metadata only: the fewer-steps baseline's true step count.
+    """
+
+    compute: torch.Tensor
+    sampler: str
+    steps: int
+    timesteps: list[float]
+    blocks: list[str]
+    step_compute: list[bool] = field(default_factory=list)
+    sampling_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        self.compute = torch.as_tensor(self.compute, dtype=torch.bool).clone()
+        if not self.step_compute:
+            self.step_compute = [True] * len(self.timesteps)
+        self.validate()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.compute.shape)  # type: ignore[return-value]
+
+    def validate(self) -> None:
+        s, n = len(self.timesteps), len(self.blocks)
+        if self.compute.ndim != 2 or tuple(self.compute.shape) != (s, n):
+            raise UsageError(
+                f"reuse plan has shape {tuple(self.compute.shape)} but {self.sampler} x{self.steps} with "
+                f"{n} blocks needs ({s}, {n}): make the plan for this sampler, step count and model"
+            )
+        if len(self.step_compute) != s:
+            raise UsageError(f"step_compute has {len(self.step_compute)} entries, the schedule has {s} calls")
+        if not bool(self.compute[0].all()) or not self.step_compute[0]:
+            raise UsageError("a reuse plan must compute every block at step 0 (nothing is cached yet)")
+
+    @classmethod
+    def for_sampler(cls, compute: Any, sampler: str, steps: int, model: nn.Module, **kw) -> "ReusePlan":
+        """A plan for our sampling loop (``slimdiff.sample``) with ``sampler`` x ``steps``."""
+        return cls(compute, sampler, steps, schedule_timesteps(sampler, steps, model), reuse_blocks(model)[0], **kw)
+
+    @classmethod
+    def for_scheduler(cls, compute: Any, scheduler: Any, steps: int, model: nn.Module, **kw) -> "ReusePlan":
+        """A plan for a diffusers pipeline using (a copy of) ``scheduler`` with ``steps`` steps."""
+        import copy
+
+        sch = copy.deepcopy(scheduler)
+        sch.set_timesteps(steps)
+        return cls(compute, type(scheduler).__name__, steps, [float(t) for t in sch.timesteps],
+                   reuse_blocks(model)[0], **kw)
+
+    @classmethod
+    def full(cls, sampler: str, steps: int, model: nn.Module) -> "ReusePlan":
+        """The all-compute plan (identical to the original model)."""
+        n_calls = len(schedule_timesteps(sampler, steps, model))
+        return cls.for_sampler(torch.ones(n_calls, len(reuse_blocks(model)[0]), dtype=torch.bool), sampler, steps, model)
+
+    def check_sampler(self, sampler: str, steps: int) -> None:
+        """UsageError unless this plan was made for ``sampler`` x ``steps``."""
+        if (sampler, int(steps)) != (self.sampler, self.steps):
+            raise UsageError(
+                f"this reuse plan was made for {self.sampler} x{self.steps} steps, not {sampler} x{steps}: "
+                f"sample with --sampler {self.sampler} --steps {self.steps}, or compress again for {sampler} x{steps}"
+            )
+
+    def to_dict(self) -> dict:
+        return {"sampler": self.sampler, "steps": self.steps, "timesteps": self.timesteps, "blocks": self.blocks,
+                "compute": ["".join("1" if v else "0" for v in row) for row in self.compute.tolist()],
+                "step_compute": "".join("1" if v else "0" for v in self.step_compute),
+                "sampling_steps": self.sampling_steps}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReusePlan":
+        try:
+            compute = torch.tensor([[c == "1" for c in row] for row in d["compute"]], dtype=torch.bool)
+            return cls(compute.reshape(len(d["compute"]), -1), d["sampler"], int(d["steps"]),
+                       [float(t) for t in d["timesteps"]], list(d["blocks"]),
+                       [c == "1" for c in d.get("step_compute") or ""], d.get("sampling_steps"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"damaged reuse plan in the model's metadata ({e}); compress the model again") from e
+
+    def reuse_fraction(self) -> float:
+        """Fraction of (step, block) entries that are reused."""
+        return float((~self.compute).float().mean())
+
+
+# --------------------------------------------------------------------------- MACs
+@dataclass
+class BlockCosts:
+    """MACs of one forward of one image: per block and the rest (embedders, output layers)."""
+
+    blocks: list[int]
+    fixed: int
+    names: list[str]
+    consumers: dict[str, list[str]] | None
+
+    @property
+    def forward(self) -> int:
+        return self.fixed + sum(self.blocks)
+
+    def step_macs(self, compute: torch.Tensor, step_compute: Sequence[bool] | None = None) -> torch.Tensor:
+        """MACs per step (per image, one branch) of a (steps x blocks) compute table."""
+        eff = effective_compute(compute.bool(), self.names, self.consumers)
+        per = self.fixed + eff.double() @ torch.tensor(self.blocks, dtype=torch.float64)
+        if step_compute is not None:
+            per = per * torch.tensor(step_compute, dtype=torch.float64)
+        return per
+
+    def cost(self, compute: torch.Tensor, step_compute: Sequence[bool] | None = None) -> float:
+        """Sampling MACs per image and branch of a compute table (sum over steps)."""
+        return float(self.step_macs(compute, step_compute).sum())
+
+
+def block_costs(model: nn.Module) -> BlockCosts:
+    """Measure per-block MACs with ``torch.utils.flop_counter`` (attention under the MATH
+    backend, as :mod:`slimdiff.eval.compute` does) on one full forward of one example."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from slimdiff.models.backbone import as_backbone
+
+    names, _, mode = reuse_blocks(model)
+    bb = as_backbone(model)
+    x, t, cond = bb.example_inputs(1)
+    counter = FlopCounterMode(display=False)
+    with block_reuse_disabled(model), sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
+        bb(x, t, cond)
+    counts = counter.get_flop_counts()
+    prefix = type(model).__name__ + "."
+    per = [sum(counts.get(prefix + n, {}).values()) // 2 for n in names]
+    total = sum(counts["Global"].values()) // 2
+    return BlockCosts(per, total - sum(per), names, unet_consumers(model) if mode == "output" else None)
+
+
+def plan_macs(model: nn.Module, plan: ReusePlan, cfg: float = 1.0, costs: BlockCosts | None = None) -> int:
+    """Sampling MACs per image of ``plan`` (CFG doubles the batch), without running it."""
+    costs = costs or block_costs(model)
+    return round(costs.cost(plan.compute, plan.step_compute) * (2 if cfg != 1.0 else 1))
+
+
+# --------------------------------------------------------------------------- state
+@dataclass
+class SoftFrame:
+    """One step of a differentiable SuperNet pass: ``keep[b]`` gates in [0, 1] (None at step 0,
+    where everything computes), the caches going in and the mixed caches coming out."""
+
+    keep: torch.Tensor | None
+    caches_in: list[Any]
+    caches_out: list[Any] = field(default_factory=list)
+
+
+class _State:
+    """Per-trajectory state shared by the root and block hooks."""
+
+    def __init__(self, plan: ReusePlan, eff: torch.Tensor):
+        self.plan, self.eff = plan, eff
+        self.disabled = 0
+        self.frame: SoftFrame | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.step: int | None = None  # step of the current call (None: full compute, no state)
+        self.last: int | None = None  # last on-schedule step of the current trajectory
+        self.batch: int | None = None
+        self.caches: dict[int, Any] = {}
+        self.root_out: Any = None
+        self.off_t: float | None = None
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-4 * max(1.0, abs(b))
+
+
+class BlockReuseRootHook(ModelHook):
+    """Root hook: derives the step index from the timestep, resets per trajectory, skips
+    whole steps the plan does not compute."""
+
+    _is_stateful = True
+
+    def __init__(self, state: _State, t_index: int, t_names: tuple[str, ...]):
+        super().__init__()
+        self.state, self.t_index, self.t_names = state, t_index, t_names
+        self.module: nn.Module | None = None
+
+    def initialize_hook(self, module: nn.Module) -> nn.Module:
+        self.module = module
+        return module
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.state.reset()
+        return module
+
+    def _timestep(self, args: tuple, kwargs: dict) -> tuple[float, int]:
+        t = next((kwargs[n] for n in self.t_names if n in kwargs), None)
+        if t is None and len(args) > self.t_index:
+            t = args[self.t_index]
+        x = args[0] if args else next(iter(kwargs.values()))
+        if t is None:
+            raise UsageError("block reuse needs the timestep of every call; pass it to the model")
+        return float(torch.as_tensor(t).flatten()[0]), int(x.shape[0])
+
+    def _locate(self, t: float, batch: int) -> int | None:
+        st, plan = self.state, self.state.plan
+        ctx = _SAMPLING.get()
+        if ctx is not None:
+            plan.check_sampler(*ctx)
+        ts = plan.timesteps
+        if st.last is not None and st.last + 1 < len(ts) and _close(t, ts[st.last + 1]):
+            if batch != st.batch:
+                raise UsageError(f"batch size changed from {st.batch} to {batch} inside a sampling trajectory: "
+                                 "block reuse needs one call per step (CFG branches in one [cond; uncond] batch)")
+            st.last += 1
+            return st.last
+        if _close(t, ts[0]):
+            st.reset()
+            st.last, st.batch = 0, batch
+            return 0
+        if st.last is not None and st.last + 1 < len(ts):
+            raise UsageError(
+                f"timestep {t:g} at call {st.last + 1} does not follow the reuse plan's {plan.sampler} x{plan.steps} "
+                f"schedule (expected {ts[st.last + 1]:g}): sample with the plan's sampler and steps, or compress again"
+            )
+        if st.off_t is not None and t < st.off_t:
+            raise UsageError(
+                f"the model is sampled on a schedule other than its reuse plan's {plan.sampler} x{plan.steps} "
+                f"(timestep {t:g} is not on it): sample with --sampler {plan.sampler} --steps {plan.steps}"
+            )
+        st.off_t = t
+        return None
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        st = self.state
+        if module is not self.module:
+            raise UsageError("this model is a copy of a model with a block-reuse plan; hooks do not survive copying: "
+                             "call remove_block_reuse(copy) and apply_block_reuse(copy, plan)")
+        if st.disabled or st.frame is not None:
+            st.step = None
+            return self.fn_ref.original_forward(*args, **kwargs)
+        step = self._locate(*self._timestep(args, kwargs))
+        st.step = step
+        if step is not None and not st.plan.step_compute[step]:
+            return st.root_out
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if step is not None:
+            st.root_out = out
+        else:
+            st.last = None
+        return out
+
+
+def _map(fn, *xs):
+    """Apply ``fn`` leaf-wise over tensors nested in tuples/lists (UNet block outputs)."""
+    if isinstance(xs[0], (tuple, list)):
+        return type(xs[0])(_map(fn, *parts) for parts in zip(*xs))
+    return fn(*xs)
+
+
+class BlockReuseBlockHook(ModelHook):
+    """Per-block hook: compute (and cache) or reuse, as the plan says for the current step."""
+
+    def __init__(self, state: _State, index: int, mode: str):
+        super().__init__()
+        self.state, self.index, self.mode = state, index, mode
+
+    def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        st, b = self.state, self.index
+        if st.frame is not None:
+            return self._soft(st.frame, args, kwargs)
+        if st.step is None or st.disabled:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if st.eff[st.step, b] or b not in st.caches:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            st.caches[b] = out - self._input(args, kwargs) if self.mode == "residual" else out
+            return out
+        return self._input(args, kwargs) + st.caches[b] if self.mode == "residual" else st.caches[b]
+
+    def _soft(self, frame: SoftFrame, args: tuple, kwargs: dict):
+        """SuperNet: always compute (the gate's gradient needs the fresh value) and mix."""
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        fresh = out - self._input(args, kwargs) if self.mode == "residual" else out
+        cached = frame.caches_in[self.index] if frame.caches_in else None
+        if frame.keep is None or cached is None:
+            mixed = fresh
+        else:
+            g = frame.keep[self.index]
+            mixed = _map(lambda f, c: g * f + (1 - g) * c, fresh, cached)
+        frame.caches_out[self.index] = mixed
+        return self._input(args, kwargs) + mixed if self.mode == "residual" else mixed
+
+
+# --------------------------------------------------------------------------- public API
+def _timestep_position(model: nn.Module) -> tuple[int, tuple[str, ...]]:
+    params = list(inspect.signature(type(model).forward).parameters)[1:]
+    for name in ("timestep", "t"):
+        if name in params:
+            return params.index(name), (name,)
+    raise UsageError(f"{type(model).__name__}.forward has no 'timestep' or 't' argument: block reuse cannot follow steps")
+
+
+def _root_hook(model: nn.Module) -> BlockReuseRootHook | None:
+    reg = getattr(model, "_diffusers_hook", None)
+    return reg.get_hook(ROOT_HOOK) if reg is not None else None
+
+
+def apply_block_reuse(model: nn.Module, plan: ReusePlan) -> nn.Module:
+    """Install ``plan`` on ``model`` (in place; returns it). Sampling then follows the plan."""
+    if not isinstance(plan, ReusePlan):
+        raise UsageError(f"apply_block_reuse needs a ReusePlan, got {type(plan).__name__}")
+    if _root_hook(model) is not None:
+        raise UsageError("this model already has a block-reuse plan: call remove_block_reuse(model) first")
+    names, blocks, mode = reuse_blocks(model)
+    if list(plan.blocks) != list(names):
+        raise UsageError(f"the reuse plan is for {len(plan.blocks)} blocks ({', '.join(plan.blocks[:3])}, ...) but the "
+                         f"model has {len(names)} ({', '.join(names[:3])}, ...): make the plan for this model")
+    plan.validate()
+    eff = effective_compute(plan.compute, names, unet_consumers(model) if mode == "output" else None)
+    state = _State(plan, eff)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(BlockReuseRootHook(state, *_timestep_position(model)), ROOT_HOOK)
+    for i, blk in enumerate(blocks):
+        HookRegistry.check_if_exists_or_initialize(blk).register_hook(BlockReuseBlockHook(state, i, mode), BLOCK_HOOK)
+    HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+    return model
+
+
+def remove_block_reuse(model: nn.Module) -> nn.Module:
+    """Remove the plan's hooks (a no-op without them); the model is the original again."""
+    reg = getattr(model, "_diffusers_hook", None)
+    if reg is not None:
+        reg.remove_hook(ROOT_HOOK, recurse=False)
+        for _, blk in model.named_modules():
+            sub = getattr(blk, "_diffusers_hook", None)
+            if sub is not None:
+                sub.remove_hook(BLOCK_HOOK, recurse=False)
+        reg.invalidate_child_registries_cache()
+    return model
+
+
+def get_block_reuse(model: nn.Module) -> ReusePlan | None:
+    """The plan installed on ``model``, if any."""
+    hook = _root_hook(model)
+    return hook.state.plan if hook is not None else None
+
+
+def _state(model: nn.Module) -> _State | None:
+    hook = _root_hook(model)
+    return hook.state if hook is not None else None
+
+
+@contextlib.contextmanager
+def block_reuse_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in full (no reuse, no state change) inside the block."""
+    st = _state(model)
+    if st is not None:
+        st.disabled += 1
+    try:
+        yield model
+    finally:
+        if st is not None:
+            st.disabled -= 1
+
+
+@contextlib.contextmanager
+def sampling_context(sampler: str, steps: int) -> Iterator[None]:
+    """Declare which sampler runs, so a plan made for another one raises even when the
+    timesteps coincide (DDIM and DPM-Solver++ with trailing spacing)."""
+    token = _SAMPLING.set((sampler, int(steps)))
+    try:
+        yield
+    finally:
+        _SAMPLING.reset(token)
+
+
+@contextlib.contextmanager
+def soft_reuse(model: nn.Module, frame: SoftFrame) -> Iterator[SoftFrame]:
+    """Run one SuperNet step: every block computes and mixes with ``frame``'s caches."""
+    st = _state(model)
+    if st is None:
+        raise UsageError("soft_reuse needs apply_block_reuse(model, plan) first")
+    n = len(st.plan.blocks)
+    frame.caches_out = [None] * n
+    st.frame = frame
+    try:
+        yield frame
+    finally:
+        st.frame = None
+
+
+def keep_fraction(plan: ReusePlan) -> float:
+    """Fraction of (step, block) entries computed."""
+    return 1.0 - plan.reuse_fraction()
+

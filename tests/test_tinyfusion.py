@@ -1,0 +1,268 @@
+"""TinyFusion (learnable N:M depth pruning) and the depth baselines, on tiny real models."""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_diffusers_dit, tiny_dit, tiny_pixart, tiny_unet
+
+from slimdiff.errors import UsageError
+from slimdiff.io import export_diffusers, load, save
+from slimdiff.methods.base import Context, compress, sampling_macs
+from slimdiff.methods.depth_baselines import block_influence, select_blocks
+from slimdiff.methods.tinyfusion import (
+    DepthGates,
+    SearchConfig,
+    depth_for_budget,
+    extract_blocks,
+    group_options,
+    kept_layer_map,
+    masked_blocks,
+    parse_keep,
+    search,
+    shape_for_depth,
+    tinyfusion,
+)
+from slimdiff.models.backbone import as_backbone
+
+# Depth-4 models with one input channel, so the digits data can train / calibrate them.
+FACTORIES = {
+    "dit": lambda seed=0: tiny_dit(seed, depth=4, in_channels=1),
+    "diffusers-dit": lambda seed=0: tiny_diffusers_dit(seed, num_layers=4, in_channels=1, out_channels=2),
+    "pixart": lambda seed=0: tiny_pixart(seed, num_layers=4, in_channels=1, out_channels=2),
+}
+
+
+def _ctx(tmp_path: Path, **kw) -> Context:
+    return Context(**{"steps": 4, "batch_size": 8, "work_dir": tmp_path, "progress": False, **kw})
+
+
+def _out(model, inputs):
+    with torch.no_grad():
+        return as_backbone(model)(*inputs)
+
+
+def _inputs(model, batch: int = 3):
+    return as_backbone(model).example_inputs(batch, torch.Generator().manual_seed(1))
+
+
+# --------------------------------------------------------------------------- group shapes
+def test_keep_patterns_cover_the_depth():
+    assert [g.shape for g in parse_keep("1:2", 6)] == ["1:2"] * 3
+    groups = parse_keep("2:4,1:2", 12)
+    assert [g.shape for g in groups] == ["2:4", "1:2", "2:4", "1:2"]
+    assert [g.start for g in groups] == [0, 4, 6, 10]
+    assert [g.shape for g in parse_keep("2:4,1:2,1:2,2:4", 12)] == ["2:4", "1:2", "1:2", "2:4"]
+    opts = group_options(2, 4)
+    assert opts.shape == (math.comb(4, 2), 4) and bool((opts.sum(1) == 2).all())
+
+
+@pytest.mark.parametrize("spec,msg", [("1:5", "does not divide"), ("3:2", "N > M"), ("0:2", ">= 1"),
+                                      ("a:b", "integers"), ("", "pattern")])
+def test_bad_group_shapes_are_usage_errors(spec, msg):
+    with pytest.raises(UsageError, match=msg):
+        parse_keep(spec, 12)
+
+
+def test_unet_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="transformer blocks"):
+        tinyfusion(tiny_unet(), 0.5, _ctx(tmp_path), keep="1:2")
+    with pytest.raises(UsageError, match="transformer blocks"):
+        compress(tiny_unet(), "stride-depth", 0.5, _ctx(tmp_path), {"keep": "1:2"})
+
+
+def test_shape_for_depth():
+    assert shape_for_depth(12, 6) == "1:2"
+    assert shape_for_depth(12, 9) == "3:4"
+    assert shape_for_depth(12, 4) == "1:3"
+    assert shape_for_depth(12, 12) == "1:1"
+    mixed = shape_for_depth(28, 13)  # 13:28 would have 37M options
+    groups = parse_keep(mixed, 28)
+    assert sum(g.n for g in groups) == 13 and all(math.comb(g.m, g.n) <= 256 for g in groups)
+
+
+def test_depth_for_budget_is_the_largest_depth_within_budget(tmp_path):
+    model, ctx = FACTORIES["dit"](), _ctx(tmp_path)
+    full = sampling_macs(model, ctx)
+    k, _ = depth_for_budget(model, 0.6, ctx)
+    at_k = sampling_macs(extract_blocks(copy.deepcopy(model), list(range(k))), ctx)
+    above = sampling_macs(extract_blocks(copy.deepcopy(model), list(range(k + 1))), ctx)
+    assert at_k <= 0.6 * full < above
+    with pytest.raises(UsageError, match="below what one block costs"):
+        depth_for_budget(model, 0.01, ctx)
+
+
+# --------------------------------------------------------------------------- extraction
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_extracted_equals_masked_exactly(kind):
+    model = FACTORIES[kind]()
+    x = _inputs(model)
+    for kept in ([1, 2], [0, 3], [3]):
+        mask = [1.0 if i in kept else 0.0 for i in range(4)]
+        with masked_blocks(model, mask):
+            want = _out(model, x)
+        small = extract_blocks(copy.deepcopy(model), kept)
+        assert len(as_backbone(small).blocks) == len(kept)
+        assert torch.equal(_out(small, x), want), (kind, kept)
+
+
+def test_masked_with_all_kept_is_the_model():
+    model = FACTORIES["dit"]()
+    x = _inputs(model)
+    with masked_blocks(model, [1, 1, 1, 1]):
+        assert torch.equal(_out(model, x), _out(FACTORIES["dit"](), x))
+
+
+def test_untied_diffusers_embedders_keep_block_0():
+    model = FACTORIES["diffusers-dit"]()
+    with torch.no_grad():
+        model.transformer_blocks[2].norm1.emb.timestep_embedder.linear_1.bias.add_(1.0)
+    with pytest.raises(UsageError, match="block 0 cannot be removed"):
+        extract_blocks(copy.deepcopy(model), [1, 2])
+    assert len(extract_blocks(model, [0, 2]).transformer_blocks) == 2
+
+
+def test_kept_layer_map():
+    assert kept_layer_map([1, 3, 4]) == {0: 1, 1: 3, 2: 4}
+
+
+# --------------------------------------------------------------------------- the search
+def test_sampled_masks_are_valid_n_of_m():
+    groups = parse_keep("2:4,1:2", 12)
+    gates = DepthGates(groups)
+    gates.tau = 0.5
+    mask = gates.sample(64)
+    assert mask.shape == (64, 12)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    for j, g in enumerate(groups):
+        part = mask[:, g.start : g.start + g.m]
+        assert bool((part.sum(1) == g.n).all())
+        assert bool((part[:, None, :] == gates.options(j)[None]).all(-1).any(-1).all())  # each row is an option
+    assert len({tuple(r) for r in mask[:, :4].tolist()}) > 1  # uniform logits: several options drawn
+
+
+def test_gradients_reach_the_logits():
+    model = FACTORIES["dit"]()
+    gates = DepthGates(parse_keep("1:2", 4))
+    gates.attach(model)
+    x, t, y = _inputs(model, 4)
+    as_backbone(model)(x, t, y).square().mean().backward()
+    grads = [lg.grad for lg in gates.logits]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    gates.detach_from(model)
+    assert not hasattr(model, "tinyfusion_gates")
+
+
+def _destructive_block_1(model):
+    """Blow up block 1's residual branches: dropping it is clearly the better option."""
+    with torch.no_grad():
+        shift = torch.randn(model.blocks[1].mlp.fc2.out_features, generator=torch.Generator().manual_seed(0))
+        model.blocks[1].mlp.fc2.bias.add_(30.0 * shift)  # swamps the residual stream with one fixed vector
+        model.blocks[1].adaLN_modulation[1].bias[-model.blocks[1].mlp.fc2.out_features :].fill_(1.0)  # MLP gate on
+    return model
+
+
+def test_search_raises_the_probability_of_the_better_option(tmp_path):
+    model = _destructive_block_1(tiny_dit(0, depth=2, in_channels=1, learn_sigma=False))
+    result = search(model, parse_keep("1:2", 2), _ctx(tmp_path, batch_size=16), SearchConfig(steps=6))
+    first, last = result.history[0][0][0], result.probabilities[0][0]  # option 0 keeps block 0, drops block 1
+    assert first == pytest.approx(0.5)
+    assert last > 0.8 and result.kept == [0]
+    assert [h[0][0] for h in result.history][-1] == last
+
+
+def test_search_on_diffusers_dit_with_lora(tmp_path):
+    model = FACTORIES["diffusers-dit"]()
+    before = copy.deepcopy(model.state_dict())
+    result = search(model, parse_keep("1:2", 4), _ctx(tmp_path), SearchConfig(steps=2, lora_rank=4))
+    assert len(result.kept) == 2 and all(sum(p) == pytest.approx(1) for p in result.probabilities)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # searched on a copy
+
+
+def test_text_models_cannot_be_searched_without_captions(tmp_path):
+    with pytest.raises(UsageError, match="caption"):
+        search(FACTORIES["pixart"](), parse_keep("1:2", 4), _ctx(tmp_path), SearchConfig(steps=1))
+
+
+# --------------------------------------------------------------------------- the method
+def test_n_equals_m_returns_the_teacher_unchanged(tmp_path):
+    for kind in ("dit", "diffusers-dit"):
+        model = FACTORIES[kind]()
+        x = _inputs(model)
+        out = tinyfusion(copy.deepcopy(model), 1.0, _ctx(tmp_path), keep="2:2")
+        assert len(as_backbone(out).blocks) == 4
+        assert torch.equal(_out(out, x), _out(model, x))
+        assert out.slimdiff_meta["extras"]["tinyfusion"]["searched"] is False
+
+
+def test_tinyfusion_end_to_end_with_masked_kd_and_save_load(tmp_path):
+    model = FACTORIES["dit"]()
+    model.slimdiff_meta = {}
+    ctx = _ctx(tmp_path, recover_steps=2, kd="masked")
+    result = compress(model, "tinyfusion", 0.5, ctx, {"keep": "1:2", "search_steps": 3})
+    meta = result.slimdiff_meta
+    extras = meta["extras"]["tinyfusion"]
+    kept = extras["kept_blocks"]
+    assert len(result.blocks) == 2 and result.config.depth == 2
+    assert all(g * 2 <= k < g * 2 + 2 for g, k in enumerate(kept))  # one block of each 1:2 group
+    assert extras["layer_map"] == {"0": kept[0], "1": kept[1]}
+    assert len(extras["probability_history"]["steps"]) == len(extras["probability_history"]["values"]) == 4
+    assert meta["measured"]["macs_ratio"] < 0.55
+    x = _inputs(result)
+    path = save(result, tmp_path / "out")
+    loaded = load(path)
+    assert torch.equal(_out(loaded, x), _out(result, x))
+    assert loaded.slimdiff_meta["method"]["name"] == "tinyfusion"
+
+
+def test_budget_picks_the_shape(tmp_path):
+    model = FACTORIES["dit"]()
+    model.slimdiff_meta = {}
+    result = compress(model, "tinyfusion", 0.6, _ctx(tmp_path), {"search_steps": 1})
+    settings = result.slimdiff_meta["method"]["chain"][0]["settings"]
+    assert settings["keep"] == "1:2" and settings["keep_from"] == "budget 0.6"
+    assert len(result.blocks) == 2
+
+
+def test_depth_pruned_diffusers_dit_exports(tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    model = extract_blocks(FACTORIES["diffusers-dit"](), [0, 2])
+    x = _inputs(model)
+    path = export_diffusers(model, tmp_path / "hf")
+    again = DiTTransformer2DModel.from_pretrained(path).eval()
+    assert again.config.num_layers == 2
+    assert torch.allclose(_out(again, x), _out(model, x), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- baselines
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+def test_baselines_produce_the_requested_depth(kind, tmp_path):
+    expected = {"first-depth": [0, 1], "last-depth": [2, 3], "stride-depth": [0, 2]}
+    for name in ("bi-depth", "first-depth", "last-depth", "stride-depth", "random-depth"):
+        model = FACTORIES[kind]()
+        model.slimdiff_meta = {}
+        result = compress(model, name, 1.0, _ctx(tmp_path), {"keep": "1:2"})
+        kept = result.slimdiff_meta["extras"][name]["kept_blocks"]
+        assert len(as_backbone(result).blocks) == 2 and len(kept) == 2, name
+        if name in expected:
+            assert kept == expected[name], name
+
+
+def test_stride_and_random_selection():
+    assert select_blocks("stride", 12, 6) == [1, 3, 5, 7, 9, 11]
+    assert select_blocks("random", 12, 6, seed=3) == select_blocks("random", 12, 6, seed=3)
+    assert len(set(select_blocks("random", 12, 6, seed=3))) == 6
+
+
+def test_block_influence_drops_an_identity_block(tmp_path):
+    model = FACTORIES["dit"]()
+    with torch.no_grad():  # zero adaLN: block 2 returns its input (BI = 0)
+        model.blocks[2].adaLN_modulation[1].weight.zero_()
+        model.blocks[2].adaLN_modulation[1].bias.zero_()
+    scores = block_influence(model, _ctx(tmp_path), samples=16)
+    assert scores[2] == pytest.approx(0.0, abs=1e-6) and min(s for i, s in enumerate(scores) if i != 2) > 1e-3
+    assert 2 not in select_blocks("bi", 4, 3, scores=scores)
