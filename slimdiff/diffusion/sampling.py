@@ -3,17 +3,39 @@
 ``sample`` is the one loop every command and method uses. Two hooks let methods act per
 step: ``on_step_begin(i, t)`` runs before the model is evaluated at step ``i`` (DiP-GO's
 reuse plan and DyDiT's per-step routing read the step index from it) and
-``callback(i, t, x)`` runs after the scheduler step.
+``callback(i, t, x)`` runs after the scheduler step. While a trajectory runs,
+:func:`current_sampler` tells runtimes which sampler and step count are in use (DDIM and
+DPM-Solver++ share timesteps, so a reuse plan cannot tell them apart otherwise).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import contextvars
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
 from slimdiff.diffusion.schedulers import DiffusionConfig, diffusion_config_of, make_scheduler
 from slimdiff.errors import UsageError
+
+
+_SAMPLER: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("slimdiff_sampler", default=None)
+
+
+def current_sampler() -> tuple[str, int] | None:
+    """``(sampler, steps)`` of the sampling run in progress, or None outside one."""
+    return _SAMPLER.get()
+
+
+@contextlib.contextmanager
+def sampling_context(sampler: str, steps: int) -> Iterator[None]:
+    """Declare the running sampler (``sample`` does this; external loops may too)."""
+    token = _SAMPLER.set((sampler, int(steps)))
+    try:
+        yield
+    finally:
+        _SAMPLER.reset(token)
 
 
 def resolve_classes(bb, num_samples: int | None, classes: Sequence[int] | None) -> tuple[int, torch.Tensor | None]:
@@ -86,8 +108,6 @@ def sample(
     scheduler.set_timesteps(steps)
     x = (initial_noise(bb, n, seed, device) if noise is None else noise.to(device)) * getattr(scheduler, "init_noise_sigma", 1.0)
     x_dtype = next(model.parameters()).dtype
-    if guided:
-        cond_in = torch.cat([cond, bb.null_cond(cond, n).to(device)])
     gen = torch.Generator().manual_seed(seed + 1)
     timesteps = scheduler.timesteps
     it = enumerate(timesteps)
@@ -95,17 +115,18 @@ def sample(
         from rich.progress import track
 
         it = track(it, total=len(timesteps), description=f"{sampler} x{steps}", transient=True)
-    for i, t in it:
-        if on_step_begin is not None:
-            on_step_begin(i, t)
-        inp = (scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x).to(x_dtype)
-        if guided:
-            out = bb(torch.cat([inp, inp]), t, cond_in).float()
-            c, u = out.chunk(2)
-            pred = u + cfg * (c - u)
-        else:
-            pred = bb(inp, t, cond).float()
-        x = scheduler.step(pred, t, x, generator=gen).prev_sample
-        if callback is not None:
-            callback(i, t, x)
+    cond_in = torch.cat([cond, bb.null_cond(cond, n).to(device)]) if guided else None
+    with sampling_context(sampler, steps):
+        for i, t in it:
+            if on_step_begin is not None:
+                on_step_begin(i, t)
+            inp = (scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x).to(x_dtype)
+            if guided:
+                c, u = bb(torch.cat([inp, inp]), t, cond_in).float().chunk(2)
+                pred = u + cfg * (c - u)
+            else:
+                pred = bb(inp, t, cond).float()
+            x = scheduler.step(pred, t, x, generator=gen).prev_sample
+            if callback is not None:
+                callback(i, t, x)
     return x

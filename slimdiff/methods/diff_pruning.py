@@ -28,19 +28,28 @@ What it does, in order:
      residual width and every embedder stay whole (the residual group is coupled to a
      ``pos_embed`` buffer and adaLN chunks, see environment.md).
    * ``heads="dims"`` (default, torch-pruning's default) narrows every head; ``heads="whole"``
-     removes whole heads (at least one head is kept per attention).
+     removes whole heads (at least one head is kept per attention). Narrower heads also
+     change SDPA's default softmax scale to ``1/sqrt(new head dim)`` (ours and diffusers'
+     processors both use the default), as with torch-pruning's own examples; recovery
+     absorbs it. Whole-head removal is exact: it equals zeroing the heads.
    * Afterwards :func:`slimdiff.models.backbone.sync_attention_heads` writes the new head
    counts (``pruner.num_heads``) and Down/Upsample channel counts back onto the modules:
    torch-pruning changes shapes only, and a stale ``heads`` makes diffusers' attention
    silently split the width into the wrong heads.
+   * Our DiT's fused ``qkv`` is split with ``qkv[0..2]`` indexing, which torch-pruning's
+     graph cannot map back to q/k/v channels (it pruned q of one head with k of another);
+     while tracing, the attention runs an identical ``unbind`` form (timm's, which
+     torch-pruning supports). A test checks q, k and v keep the same positions.
 5. **Budget, not ratio** -- torch-pruning's ratio meant different things across versions
-   (see diff_pruning.md), so the ratio is *searched* by bisection until the MACs ratio is
-   within 3% of the budget. The search compares one-forward MACs (batch 1, attention
-   included); for a static width-pruned model the sampling MACs are exactly ``steps x``
-   (``2 x steps`` with guidance) that, so the ratio is the same. The budget reached is then
-   measured end to end with :func:`slimdiff.methods.base.sampling_macs` and recorded.
-   With local ranking the pruned *shape* depends on the ratio only, so the three importances
-   reach the same MACs at the same ratio (an equal-compute comparison).
+   (see diff_pruning.md), so the ratio is *searched* (:func:`prune_to_budget`: bisection,
+   then, where channel groups make MACs jump past the budget, the two bracketing ratios
+   mixed over groups) until the MACs ratio is within 3% of the budget. The search compares
+   one-forward MACs (batch 1, attention included); for a static width-pruned model the
+   sampling MACs are exactly ``steps x`` (``2 x steps`` with guidance) that, so the ratio is
+   the same. The budget reached is then measured end to end with
+   :func:`slimdiff.methods.base.sampling_macs` and recorded. With local ranking the pruned
+   *shape* depends on the ratio only, so the three importances reach the same MACs at the
+   same ratio (an equal-compute comparison).
 6. **Recovery** -- :func:`slimdiff.methods.base.recover` (``ctx.recover_steps``, ``ctx.kd``),
    identical for the method and its baselines.
 
@@ -64,7 +73,7 @@ from slimdiff.methods.base import Context, check_budget, record, recover, regist
 
 __all__ = [
     "TimestepTrace", "Trial", "taylor_timesteps", "calibration_batch", "accumulate_gradients",
-    "max_ratio", "prune_with_ratio", "prune_to_budget", "diff_pruning", "random_width", "magnitude_width",
+    "group_roots", "prune_with_ratio", "prune_to_budget", "diff_pruning", "random_width", "magnitude_width",
     "HEAD_MODES", "TOLERANCE",
 ]
 
@@ -206,9 +215,13 @@ def accumulate_gradients(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor 
     model.zero_grad(set_to_none=True)
     try:
         with torch.enable_grad():
-            return taylor_timesteps(loss_at, steps, threshold, backprop_stop_step=backprop_stop_step)
+            trace = taylor_timesteps(loss_at, steps, threshold, backprop_stop_step=backprop_stop_step)
     finally:
         model.train(was_training)
+    for p in model.parameters():  # parameters the loss does not reach have gradient zero
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return trace
 
 
 # --------------------------------------------------------------------------- pruner
@@ -302,56 +315,73 @@ def _copy_with_grads(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _make_pruner(m: nn.Module, ratio: float, importance: str, heads: str):
-    """torch-pruning's ``BasePruner`` over ``m`` with slimdiff's groups, heads and ignored layers."""
+def _make_pruner(m: nn.Module, ratio: float, importance: str, heads: str, overrides: dict[str, float] | None = None):
+    """torch-pruning's ``BasePruner`` over ``m`` with slimdiff's groups, heads and ignored layers.
+
+    ``overrides`` maps group-root layer names (see :func:`group_roots`) to their own ratio.
+    """
     import torch_pruning as tp
 
     from slimdiff.models.backbone import as_backbone
 
     if heads not in HEAD_MODES:
         raise UsageError(f"heads must be one of {', '.join(HEAD_MODES)}, got {heads!r}")
+    modules = dict(m.named_modules())
+    per_layer = {modules[n]: r for n, r in (overrides or {}).items()}
     attn = _attention_heads(m)
     num_heads = {l: h for qkv, h in attn.values() for l in qkv}
     whole = heads == "whole"
-    head_ratio = {a: min(ratio, (h - 1) / h - 1e-6) for a, (_, h) in attn.items() if h > 1}  # keep >= 1 head
+
+    def head_ratio(qkv: list[nn.Module], h: int) -> float:  # keep >= 1 head per attention
+        r = next((per_layer[l] for l in qkv if l in per_layer), ratio)
+        return min(r, (h - 1) / h - 1e-6)
+
     example = as_backbone(m).example_inputs(1, torch.Generator().manual_seed(0))
     with _traceable(m):
         return tp.pruner.BasePruner(
-            m, example, importance=_importance(importance), pruning_ratio=ratio, ignored_layers=_ignored_layers(m),
-            num_heads=num_heads, in_channel_groups={}, out_channel_groups={},  # fresh dicts: TP mutates its defaults
+            m, example, importance=_importance(importance), pruning_ratio=ratio, pruning_ratio_dict=per_layer or None,
+            ignored_layers=_ignored_layers(m), num_heads=num_heads,
+            in_channel_groups={}, out_channel_groups={},  # fresh dicts: torch-pruning mutates its defaults
             prune_num_heads=whole, prune_head_dims=not whole, head_pruning_ratio=ratio if whole else 0.0,
-            head_pruning_ratio_dict=head_ratio if whole else None, forward_fn=lambda mod, inp: as_backbone(mod)(*inp),
+            head_pruning_ratio_dict={a: head_ratio(q, h) for a, (q, h) in attn.items() if h > 1} if whole else None,
+            forward_fn=lambda mod, inp: as_backbone(mod)(*inp),
         )
 
 
-def max_ratio(model: nn.Module, heads: str = "dims") -> float:
-    """The largest ratio (at most 0.9) that still keeps >= 1 channel in every channel group.
+def group_roots(model: nn.Module, heads: str = "dims") -> tuple[list[str], float]:
+    """Prunable groups and the ratio range: ``(root layer names in dependency-graph order, max ratio)``.
 
-    torch-pruning keeps ``int(g * (1 - ratio))`` of a group of ``g`` channels (per GroupNorm
-    group / head); past ``1 - 1/g`` it would empty the group and then skips pruning it
-    altogether, so MACs would jump *up*. Returns 0.0 when nothing is prunable.
+    The max ratio (at most 0.9) still keeps >= 1 channel in every channel group: torch-pruning
+    keeps ``int(g * (1 - ratio))`` of a group of ``g`` channels (per GroupNorm group / head);
+    past ``1 - 1/g`` it would empty the group and then skip pruning it altogether, so MACs
+    would jump *up*. Whole-head mode clamps heads per attention instead. No groups: ``([], 0.0)``.
     """
     pruner = _make_pruner(model, 0.5, "magnitude", heads)
-    sizes = []
+    names = {m: n for n, m in model.named_modules()}
+    roots, sizes = [], []
     for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
-        if pruner._is_atten_group(group)[0]:
+        root = group[0].dep.target.module
+        is_attn, _ = pruner._is_atten_group(group)
+        if is_attn:
             group = pruner._downstream_node_as_root_if_attention(group)
             if group is None:
                 continue
-            if heads == "whole":
-                continue  # whole heads: the head ratio is clamped per attention to keep one head
-        sizes.append(pruner.DG.get_out_channels(group[0].dep.target.module) // pruner._get_channel_groups(group))
-    sizes = [g for g in sizes if g > 1]
-    if not sizes:
-        return 0.0
-    return min(MAX_RATIO, (1 - 1 / min(sizes)) * (1 - 1e-6))
+        size = pruner.DG.get_out_channels(group[0].dep.target.module) // pruner._get_channel_groups(group)
+        if size > 1 or (is_attn and heads == "whole"):
+            roots.append(names[root])
+            if not (is_attn and heads == "whole"):
+                sizes.append(size)
+    if not roots:
+        return [], 0.0
+    return roots, min([MAX_RATIO] + [(1 - 1 / g) * (1 - 1e-6) for g in sizes])
 
 
 def prune_with_ratio(model: nn.Module, ratio: float, importance: str = "taylor", *, heads: str = "dims",
-                     seed: int = 0, inplace: bool = False) -> tuple[nn.Module, list]:
+                     seed: int = 0, overrides: dict[str, float] | None = None,
+                     inplace: bool = False) -> tuple[nn.Module, list]:
     """Prune a copy of ``model`` (or ``model`` itself with ``inplace``) at torch-pruning ratio
-    ``ratio`` with local ranking; return it and torch-pruning's pruning history
-    ``[(layer name, is_output_channels, removed indices), ...]``.
+    ``ratio`` (``overrides``: per-group ratios by root layer name) with local ranking; return it
+    and torch-pruning's history ``[(layer name, is_output_channels, removed indices), ...]``.
 
     ``importance="taylor"`` needs gradients on ``model`` (see :func:`accumulate_gradients`).
     Head counts and sampler channels are synced afterwards (:func:`sync_attention_heads`).
@@ -359,11 +389,11 @@ def prune_with_ratio(model: nn.Module, ratio: float, importance: str = "taylor",
     from slimdiff.models.backbone import sync_attention_heads
 
     m = model if inplace else _copy_with_grads(model)
-    if ratio <= 0:
+    if ratio <= 0 and not overrides:
         return m, []
     if importance == "taylor" and any(p.grad is None for p in m.parameters() if p.requires_grad):
         raise UsageError("Taylor importance needs gradients: run accumulate_gradients(model, ...) first")
-    pruner = _make_pruner(m, ratio, importance, heads)
+    pruner = _make_pruner(m, ratio, importance, heads, overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # RandomImportance draws from the global generator
         pruner.step()
@@ -381,12 +411,22 @@ class Trial:
     macs_ratio: float  # one-forward MACs, pruned / original
     model: nn.Module = field(repr=False)
     history: list = field(default_factory=list, repr=False)
+    overrides: dict[str, float] = field(default_factory=dict, repr=False)
 
 
 def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor", *, heads: str = "dims",
-                    seed: int = 0, tolerance: float = TOLERANCE) -> tuple[Trial, list[tuple[float, float]]]:
-    """Bisect torch-pruning's ratio until the forward-MACs ratio is within ``tolerance``
-    (relative) of ``budget``. Returns the chosen :class:`Trial` and every ``(ratio, macs_ratio)`` tried.
+                    seed: int = 0, tolerance: float = TOLERANCE) -> tuple[Trial, list[tuple[float, float, int]]]:
+    """Search torch-pruning's ratio until the forward-MACs ratio is within ``tolerance``
+    (relative) of ``budget``. Returns the chosen :class:`Trial` and every trial as
+    ``(ratio, macs_ratio, groups at the higher ratio)``.
+
+    1. Bisection of one uniform ratio (the reference's local pruning).
+    2. Channel groups make MACs a step function of the ratio (DDPM-CIFAR10: GroupNorm(32) on
+       128 channels moves in steps of 32 channels, so 0.56 -> 0.34 of the MACs in one step).
+       If the uniform ratio cannot land within tolerance, the bracketing ratios ``r_lo < r_hi``
+       are mixed: the first ``k`` groups in dependency-graph order get ``r_hi``, the rest
+       ``r_lo``, with ``k`` bisected. The order is structural, so random, magnitude and
+       Taylor importance still get the same shapes at the same budget.
 
     Raises :class:`UsageError` when nothing is prunable or the budget is out of reach.
     """
@@ -395,19 +435,19 @@ def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor",
 
     budget = check_budget(budget)
     base = macs_forward(model)
-    tried: list[tuple[float, float]] = []
+    tried: list[tuple[float, float, int]] = []
 
-    def trial(r: float) -> Trial:
-        pruned, history = prune_with_ratio(model, r, importance, heads=heads, seed=seed)
-        t = Trial(r, macs_forward(pruned) / base, pruned, history)
-        tried.append((r, t.macs_ratio))
+    def trial(r: float, overrides: dict[str, float] | None = None) -> Trial:
+        pruned, history = prune_with_ratio(model, r, importance, heads=heads, seed=seed, overrides=overrides)
+        t = Trial(r, macs_forward(pruned) / base, pruned, history, dict(overrides or {}))
+        tried.append((r, t.macs_ratio, len(t.overrides)))
         return t
 
-    def ok(t: Trial) -> bool:
-        return abs(t.macs_ratio / budget - 1) <= tolerance
+    def err(t: Trial) -> float:
+        return abs(t.macs_ratio / budget - 1)
 
-    top = max_ratio(model, heads)
-    best = trial(top) if top > 0 else None
+    roots, top = group_roots(model, heads)
+    best = trial(top) if roots else None
     if best is None or best.macs_ratio >= 1 - 1e-9:
         raise UsageError(f"this {as_backbone(model).kind} model has nothing width pruning can remove (no prunable "
                          "attention, MLP or conv channels); use a depth or step-reuse method instead")
@@ -417,15 +457,20 @@ def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor",
                          "depth/step method (e.g. --method tinyfusion,diff-pruning)")
     lo, hi = 0.0, top
     for _ in range(MAX_TRIALS):
-        if ok(best):
+        if err(best) <= tolerance or hi - lo < 1e-3:
             break
         cur = trial((lo + hi) / 2)
-        if abs(cur.macs_ratio / budget - 1) < abs(best.macs_ratio / budget - 1):
-            best = cur
+        best = min(best, cur, key=err)
         lo, hi = (cur.ratio, hi) if cur.macs_ratio > budget else (lo, cur.ratio)
-    if not ok(best):
+    k_lo, k_hi = 0, len(roots)  # mixed ratios: roots[:k] at hi, the rest at lo
+    while err(best) > tolerance and k_hi - k_lo > 1:
+        k = (k_lo + k_hi) // 2
+        cur = trial(lo, {name: hi for name in roots[:k]})
+        best = min(best, cur, key=err)
+        k_lo, k_hi = (k, k_hi) if cur.macs_ratio > budget else (k_lo, k)
+    if err(best) > tolerance:
         raise UsageError(f"width pruning cannot meet budget {budget:g} within {tolerance:.0%} on this model (closest: "
-                         f"{best.macs_ratio:.3f} at ratio {best.ratio:.4f}; channel counts are too coarse); "
+                         f"{best.macs_ratio:.3f} at ratio {best.ratio:.4f}; channel groups are too coarse); "
                          "try a nearby budget")
     return best, tried
 
@@ -444,8 +489,12 @@ def _layer_widths(before: nn.Module, after: nn.Module) -> dict[str, list[int]]:
 
 
 def _width_prune(model: nn.Module, budget: float, ctx: Context, name: str, importance: str, *,
-                 heads: str, settings: dict, prepare: Callable[[nn.Module], dict] | None = None) -> nn.Module:
-    """Shared body of diff-pruning and its baselines: (gradients), search, sync, measure, recover, record."""
+                 heads: str, settings: dict,
+                 prepare: Callable[[nn.Module], tuple[dict, dict]] | None = None) -> nn.Module:
+    """Shared body of diff-pruning and its baselines: search, measure, recover, record.
+
+    ``prepare(model) -> (settings, extras)`` runs first (Diff-Pruning's gradient pass).
+    """
     budget = check_budget(budget)
     if heads not in HEAD_MODES:
         raise UsageError(f"heads must be one of {', '.join(HEAD_MODES)}, got {heads!r}")
@@ -453,15 +502,19 @@ def _width_prune(model: nn.Module, budget: float, ctx: Context, name: str, impor
     if budget >= 1.0:
         return record(model, name, settings, {"budget": 1.0, "macs_ratio": 1.0, "pruning_ratio": 0.0},
                       {"identity": True})
-    extras = prepare(model) if prepare else {}
+    more, extras = prepare(model) if prepare else ({}, {})
+    settings.update(more)
     original = sampling_macs(model, ctx)
     chosen, tried = prune_to_budget(model, budget, importance, heads=heads, seed=ctx.seed)
     model.zero_grad(set_to_none=True)
     result = chosen.model
     reached = sampling_macs(result, ctx) / original
-    extras.update(widths=_layer_widths(model, result), search=[[round(r, 6), round(q, 6)] for r, q in tried])
+    extras.update(widths=_layer_widths(model, result), groups_at_hi=sorted(chosen.overrides),
+                  search=[[round(r, 6), round(q, 6), k] for r, q, k in tried])
     result = recover(result, ctx, tag=name)
     measured = {"budget": budget, "macs_ratio": reached, "pruning_ratio": chosen.ratio,
+                "pruning_ratio_hi": max(chosen.overrides.values(), default=None),
+                "groups_at_hi": len(chosen.overrides),
                 "macs_forward_ratio": chosen.macs_ratio, "search_trials": len(tried)}
     return record(result, name, settings, measured, extras)
 
@@ -481,18 +534,13 @@ def diff_pruning(model: nn.Module, budget: float, ctx: Context, threshold: float
     threshold = float(threshold)
     if not 0 <= threshold <= 1:
         raise UsageError(f"threshold must be in [0, 1] (a fraction of the largest loss; 0 = all timesteps), got {threshold}")
-    settings = {"threshold": threshold, "stride": stride, "backprop_stop_step": backprop_stop_step,
-                "calibration_size": None, "calibration": "given" if calibration is not None else None}
+    settings = {"threshold": threshold, "stride": stride, "backprop_stop_step": backprop_stop_step}
 
-    def prepare(m: nn.Module) -> dict:
-        if calibration is not None:
-            x0, cond = calibration
-        else:
-            x0, cond, settings["calibration"] = calibration_batch(m, ctx)
-        settings["calibration_size"] = int(len(x0))
+    def prepare(m: nn.Module) -> tuple[dict, dict]:
+        x0, cond, source = (*calibration, "given") if calibration is not None else calibration_batch(m, ctx)
         trace = accumulate_gradients(m, x0, cond, threshold=threshold, stride=stride,
                                      backprop_stop_step=backprop_stop_step, seed=ctx.seed, progress=ctx.progress)
-        return {"timesteps": trace.to_dict()}
+        return {"calibration": source, "calibration_size": int(len(x0))}, {"timesteps": trace.to_dict()}
 
     return _width_prune(model, budget, ctx, "diff-pruning", "taylor", heads=heads, settings=settings, prepare=prepare)
 

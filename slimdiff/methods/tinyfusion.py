@@ -68,7 +68,8 @@ from slimdiff.models.backbone import Backbone, as_backbone
 
 __all__ = [
     "Group", "parse_keep", "group_options", "check_depth_prunable", "extract_blocks", "masked_blocks",
-    "depth_for_budget", "shape_for_depth", "kept_layer_map", "finish_depth", "training_dataset", "SearchConfig", "DepthGates",
+    "depth_for_budget", "shape_for_depth", "kept_layer_map", "finish_depth", "training_dataset", "resolve_depth",
+    "format_groups", "SearchConfig", "DepthGates",
     "SearchResult", "search", "tinyfusion",
 ]
 
@@ -228,7 +229,8 @@ def _gate_hook(index: int, mask_of: Callable[[int], torch.Tensor]):
 
 
 def _install_gates(model: nn.Module, mask_of: Callable[[int], torch.Tensor]) -> list:
-    return [b.register_forward_hook(_gate_hook(i, mask_of), with_kwargs=True) for i, b in enumerate(as_backbone(model).blocks)]
+    blocks = as_backbone(model).blocks
+    return [b.register_forward_hook(_gate_hook(i, mask_of), with_kwargs=True) for i, b in enumerate(blocks)]
 
 
 @contextmanager
@@ -333,7 +335,7 @@ def finish_depth(model: nn.Module, kept: Sequence[int], ctx: Context, name: str,
         # that served as ctx.teacher in an earlier call arrives here frozen.
         model.requires_grad_(True)
     start = time.process_time()
-    tag = f"{name}-{'-'.join(map(str, kept))}-s{ctx.seed}"
+    tag = f"{name}-{'-'.join(map(str, kept))}-{ctx.kd}-n{ctx.recover_steps}-s{ctx.seed}"  # a resume key
     model = recover(model, ctx, tag, layer_map=layer_map)
     measured = {"depth": len(kept), "original_depth": depth, "compress_cpu_s": cost_s,
                 "recover_cpu_s": time.process_time() - start, "recover_steps": ctx.recover_steps, "kd": ctx.kd}
@@ -489,6 +491,8 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
     Trains :class:`DepthGates` logits jointly with LoRA adapters through
     :func:`slimdiff.train.trainer.train` for ``config.steps`` steps on ``ctx.data`` (or
     ``dataset``) with batch ``ctx.batch_size``, then decides by the argmax of the EMA logits.
+    Checkpoints go to ``ctx.work_dir/search-tinyfusion-<shape>-n<steps>-s<seed>`` and an
+    interrupted search resumes there (its probability history then starts at the resumed step).
     """
     from slimdiff.train.trainer import TrainConfig, train
 

@@ -111,8 +111,8 @@ class BlockRouters(nn.Module):
 
     def width_logits(self, temb: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Head and group logits ``(B, n-1)`` (None where a block has a single unit)."""
-        return (self.head(temb) if self.head is not None else None,
-                self.group(temb) if self.group is not None else None)
+        run = lambda lin: lin(temb.to(lin.weight.dtype)).float() if lin is not None else None  # noqa: E731
+        return run(self.head), run(self.group)
 
 
 # --------------------------------------------------------------------------- routes
@@ -333,10 +333,14 @@ class DyDiTRouting(nn.Module):
     @torch.no_grad()
     def decisions(self, t: float, temb: torch.Tensor | None = None) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """Kept (heads, groups) of every block at timestep ``t``: from the per-step table, else
-        from the routers on ``temb`` (the ``(1, D)`` embedding of ``t``), memoised."""
+        from the routers on ``temb`` (the ``(1, D)`` embedding of ``t``), memoised until the
+        router weights change. Tables are fixed data: rebuild them after editing routers."""
         key = float(t)
         if key in self.tables:
             return self.tables[key]
+        version = _weights_key(*self.parameters())
+        if self._memo.get("version") != version:  # routers changed: forget on-the-fly decisions
+            self._memo = {"version": version}
         if key not in self._memo:
             if temb is None:
                 raise UsageError(f"no routing table entry for t={key}; pass its time embedding")

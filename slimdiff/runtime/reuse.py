@@ -38,8 +38,8 @@ call outside a trajectory (e.g. one forward to count MACs) runs the full model a
 touches no state. This works unchanged inside diffusers pipelines (``DiTPipeline``:
 ``apply_block_reuse(pipe.transformer, plan)``), which reset nothing themselves. Samplers
 with identical timesteps (our DDIM and DPM-Solver++ both use "trailing" spacing) can only
-be told apart when the caller says which one runs: :func:`sampling_context` (our sampling
-loop should set it; see the module's report).
+be told apart when the caller says which one runs: slimdiff's ``sample`` declares it
+(:func:`slimdiff.diffusion.sampling.sampling_context`); external loops may do the same.
 
 **CFG.** A guided call carries ``[cond; uncond]`` in one batch; caches are kept per batch
 row, so the two branches never share a cache. A batch-size change inside a trajectory is
@@ -51,7 +51,6 @@ original's hooks; the root hook detects it and raises -- re-apply the plan to th
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -60,17 +59,17 @@ import torch
 import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
+from slimdiff.diffusion.sampling import current_sampler
 from slimdiff.errors import UsageError
 
 __all__ = [
     "ReusePlan", "BlockCosts", "apply_block_reuse", "remove_block_reuse", "get_block_reuse",
-    "block_reuse_disabled", "sampling_context", "soft_reuse", "SoftFrame", "reuse_blocks",
+    "block_reuse_disabled", "soft_reuse", "SoftFrame", "reuse_blocks",
     "block_costs", "effective_compute", "plan_macs", "schedule_timesteps", "unet_consumers",
 ]
 
 ROOT_HOOK = "slimdiff_block_reuse"
 BLOCK_HOOK = "slimdiff_block_reuse_block"
-_SAMPLING: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("slimdiff_sampling", default=None)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -121,7 +120,7 @@ def effective_compute(compute: torch.Tensor, names: Sequence[str], consumers: di
     idx = {n: i for i, n in enumerate(names)}
     for b in reversed(range(len(names))):  # consumers come later in execution order
         readers = consumers[names[b]]
-        needed = torch.zeros(compute.shape[0], dtype=torch.bool)
+        needed = torch.zeros(compute.shape[0], dtype=torch.bool, device=compute.device)
         for r in readers:
             needed |= torch.ones_like(needed) if r == "output" else eff[:, idx[r]]
         eff[:, b] &= needed
@@ -157,7 +156,7 @@ class ReusePlan:
     sampling_steps: int | None = None
 
     def __post_init__(self) -> None:
-        self.compute = torch.as_tensor(self.compute, dtype=torch.bool).clone()
+        self.compute = torch.as_tensor(self.compute, dtype=torch.bool, device="cpu").clone()
         if not self.step_compute:
             self.step_compute = [True] * len(self.timesteps)
         self.validate()
@@ -197,7 +196,8 @@ class ReusePlan:
     def full(cls, sampler: str, steps: int, model: nn.Module) -> "ReusePlan":
         """The all-compute plan (identical to the original model)."""
         n_calls = len(schedule_timesteps(sampler, steps, model))
-        return cls.for_sampler(torch.ones(n_calls, len(reuse_blocks(model)[0]), dtype=torch.bool), sampler, steps, model)
+        return cls.for_sampler(torch.ones(n_calls, len(reuse_blocks(model)[0]), dtype=torch.bool, device="cpu"),
+                               sampler, steps, model)
 
     def check_sampler(self, sampler: str, steps: int) -> None:
         """UsageError unless this plan was made for ``sampler`` x ``steps``."""
@@ -216,7 +216,7 @@ class ReusePlan:
     @classmethod
     def from_dict(cls, d: dict) -> "ReusePlan":
         try:
-            compute = torch.tensor([[c == "1" for c in row] for row in d["compute"]], dtype=torch.bool)
+            compute = torch.tensor([[c == "1" for c in row] for row in d["compute"]], dtype=torch.bool, device="cpu")
             return cls(compute.reshape(len(d["compute"]), -1), d["sampler"], int(d["steps"]),
                        [float(t) for t in d["timesteps"]], list(d["blocks"]),
                        [c == "1" for c in d.get("step_compute") or ""], d.get("sampling_steps"))
@@ -345,7 +345,7 @@ class BlockReuseRootHook(ModelHook):
 
     def _locate(self, t: float, batch: int) -> int | None:
         st, plan = self.state, self.state.plan
-        ctx = _SAMPLING.get()
+        ctx = current_sampler()
         if ctx is not None:
             plan.check_sampler(*ctx)
         ts = plan.timesteps
@@ -372,11 +372,16 @@ class BlockReuseRootHook(ModelHook):
         st.off_t = t
         return None
 
-    def new_forward(self, module: nn.Module, *args, **kwargs):
-        st = self.state
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        # A deep copy's forward still routes to the original's hook chain (the registry's
+        # closures are not copied); only the module handed in here is the copy.
         if module is not self.module:
             raise UsageError("this model is a copy of a model with a block-reuse plan; hooks do not survive copying: "
                              "call remove_block_reuse(copy) and apply_block_reuse(copy, plan)")
+        return args, kwargs
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        st = self.state
         if st.disabled or st.frame is not None:
             st.step = None
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -432,7 +437,10 @@ class BlockReuseBlockHook(ModelHook):
             g = frame.keep[self.index]
             mixed = _map(lambda f, c: g * f + (1 - g) * c, fresh, cached)
         frame.caches_out[self.index] = mixed
-        return self._input(args, kwargs) + mixed if self.mode == "residual" else mixed
+        if mixed is fresh:
+            return out
+        # out + (mixed - fresh): bit-exact ``out`` when the gate keeps, ``input + cache`` when it reuses
+        return out + (mixed - fresh) if self.mode == "residual" else mixed
 
 
 # --------------------------------------------------------------------------- public API
@@ -504,17 +512,6 @@ def block_reuse_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         if st is not None:
             st.disabled -= 1
-
-
-@contextlib.contextmanager
-def sampling_context(sampler: str, steps: int) -> Iterator[None]:
-    """Declare which sampler runs, so a plan made for another one raises even when the
-    timesteps coincide (DDIM and DPM-Solver++ with trailing spacing)."""
-    token = _SAMPLING.set((sampler, int(steps)))
-    try:
-        yield
-    finally:
-        _SAMPLING.reset(token)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,265 @@
+"""Measure Diff-Pruning (issue 4) and write bench/diff_pruning/results.json (+ PNG plots).
+
+Reproduce (from the repository root; the full run needs the shipped ``digits-dit`` teacher)::
+
+    OMP_NUM_THREADS=1 python scripts/measure_diff_pruning.py            # full settings
+    OMP_NUM_THREADS=1 python scripts/measure_diff_pruning.py --quick    # tiny settings, ~1 min
+
+1. **Quality at equal compute** (BENCHMARK.md section 1): the teacher pruned to budget 0.5 by
+   ``diff-pruning`` (threshold 0.05 and threshold 0), ``random-width`` and ``magnitude-width``,
+   each followed by the same recovery fine-tuning (``--recover-steps``), then scored with
+   :func:`slimdiff.eval.evaluate.evaluate` (FD, class accuracy, SSIM/PSNR to the teacher on the
+   same noise). Compression cost (gradient pass + search + recovery) in CPU-seconds.
+2. **Speed** (section 2): random-init DiT-B/2 (32x32x4) and the DDPM-CIFAR10-shaped
+   ``UNet2DModel`` pruned to budget 0.5; measured speedup = 1 / ``latency_ratio`` of one
+   forward at batch 8 (interleaved medians in one process), theoretical = 1 / MACs ratio,
+   realisation = measured / theoretical.
+
+Without the teacher (``--quick`` on a fresh checkout) section 1 runs on a random-init small
+DiT so the pipeline is exercised; its numbers are then marked ``"teacher": "random-init"``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from slimdiff.eval.compute import latency_ratio, macs_forward, params
+from slimdiff.eval.evaluate import generate, score
+from slimdiff.methods import diff_pruning as dp
+from slimdiff.methods.base import Context
+from slimdiff.models.backbone import as_backbone
+
+OUT = Path("bench/diff_pruning")
+FULL = dict(samples=1000, steps=50, cfg=1.5, recover_steps=300, batch_size=64, stride=1, speed_batch=8,
+            repeats=9, budget=0.5, threshold=0.05)
+QUICK = dict(samples=60, steps=5, cfg=1.5, recover_steps=2, batch_size=16, stride=100, speed_batch=2,
+             repeats=3, budget=0.5, threshold=0.05)
+
+
+def teacher(quick: bool, spec: str = "digits-dit") -> tuple[nn.Module, str]:
+    """The teacher: a slimdiff model name/directory (default the shipped ``digits-dit``), or a
+    ``.safetensors`` EMA state dict of a DiT-T/2 digits model (a training checkpoint, for
+    provisional numbers before the teacher ships); in quick mode without one, a random DiT."""
+    import slimdiff
+    from slimdiff.models.registry import shipped_dir
+
+    if spec.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        from slimdiff.models.dit import DiT_models
+
+        model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10, learn_sigma=False)
+        model.load_state_dict(load_file(spec))
+        return model.eval(), f"checkpoint {spec}"
+    if spec != "digits-dit" or (shipped_dir("digits-dit") / "slimdiff.json").is_file():
+        return slimdiff.load(spec), spec
+    if not quick:
+        raise SystemExit("digits-dit is not shipped yet (slimdiff/weights/digits-dit); run with --quick or wait")
+    from slimdiff.models.dit import DiT
+
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=4, num_heads=4, num_classes=10,
+                learn_sigma=False)
+    with torch.no_grad():  # DiT zero-initialises adaLN and the output layer: make every layer matter
+        for p in model.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5 if p.ndim > 1 else 0.02)
+    return model.eval(), "random-init"
+
+
+def run_method(model: nn.Module, name: str, s: dict, work: Path, **kw) -> tuple[nn.Module, float]:
+    """Compress a copy at the budget with equal recovery; return it and the CPU-seconds spent."""
+    ctx = Context(steps=s["steps"], cfg=1.0, recover_steps=s["recover_steps"], batch_size=s["batch_size"],
+                  work_dir=work / name, progress=False, seed=0, teacher=model)
+    fn = {"random-width": dp.random_width, "magnitude-width": dp.magnitude_width}.get(name.split("@")[0])
+    start = time.process_time()
+    if fn is None:
+        out = dp.diff_pruning(copy.deepcopy(model), s["budget"], ctx, kw.pop("threshold"), stride=s["stride"], **kw)
+    else:
+        out = fn(copy.deepcopy(model), s["budget"], ctx)
+    return out, time.process_time() - start
+
+
+def quality(s: dict, quick: bool, work: Path, spec: str) -> dict:
+    """Section 1: FD / accuracy / SSIM of every method and baseline at the same budget."""
+    model, source = teacher(quick, spec)
+    ev = dict(steps=s["steps"], cfg=s["cfg"], seed=0)
+    ref_x, ref_y = generate(model, s["samples"], **ev)
+    rows = {"teacher": score(model, ref_x, ref_y, None, **ev)}
+    jobs = {f"diff-pruning@{s['threshold']}": dict(threshold=s["threshold"]), "diff-pruning@0": dict(threshold=0.0),
+            "random-width": {}, "magnitude-width": {}}
+    for name, kw in jobs.items():
+        out, cpu = run_method(model, name, s, work, **kw)
+        x, y = generate(out, s["samples"], **ev)
+        row = score(out, x, y, model, reference_samples=ref_x, **ev)
+        entry = out.slimdiff_meta["method"]["chain"][-1]
+        row.update(compress_cpu_s=cpu, settings=entry["settings"], measured=entry["measured"])
+        extras = (out.slimdiff_meta.get("extras") or {}).get(entry["name"], {})
+        row["timesteps"] = extras.get("timesteps")
+        row["widths"] = extras.get("widths")
+        rows[name] = row
+        print(f"{name:22s} FD {row['fd']:.3f}  acc {row['class_acc']}  macs {row['macs_ratio']:.3f}  cpu {cpu:.0f}s",
+              flush=True)
+    return {"teacher": source, "settings": s, "rows": rows}
+
+
+def ddpm_cifar10_unet() -> nn.Module:
+    """google/ddpm-cifar10-32's UNet2DModel shape (diff_pruning.md), random init."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                       block_out_channels=(128, 256, 256, 256),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=32, attention_head_dim=None).eval()  # heads=1, as google/ddpm-cifar10-32
+
+
+def speed_models(quick: bool) -> dict[str, nn.Module]:
+    """Random-init models of BENCHMARK.md section 2 (tiny stand-ins with ``--quick``)."""
+    from diffusers import UNet2DModel
+
+    from slimdiff.models.dit import DiT, DiT_models
+
+    torch.manual_seed(0)
+    if quick:
+        return {"DiT-tiny": DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                                num_classes=10).eval(),
+                "UNet-tiny": UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                                         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                         up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                         norm_num_groups=8).eval()}
+    return {"DiT-B/2": DiT_models["DiT-B/2"](input_size=32, num_classes=1000).eval(),
+            "UNet2D-DDPM-CIFAR10": ddpm_cifar10_unet()}
+
+
+def speed(s: dict, quick: bool) -> dict:
+    """Section 2: realised vs theoretical speedup of one forward at batch ``speed_batch``."""
+    out = {}
+    runs = [(name, m, heads) for name, m in speed_models(quick).items()
+            for heads in (dp.HEAD_MODES if as_backbone(m).is_transformer else ("dims",))]
+    for name, model, heads in runs:
+        ctx = Context(steps=1, batch_size=4, progress=False)  # static pruning: MACs ratio is step-independent
+        start = time.process_time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # random calibration for random-init models is intended here
+            pruned = dp.diff_pruning(copy.deepcopy(model), s["budget"], ctx, s["threshold"], stride=250, heads=heads)
+        name = f"{name} heads={heads}" if as_backbone(model).is_transformer else name
+        cpu = time.process_time() - start
+        bb0, bb1 = as_backbone(model), as_backbone(pruned)
+        x, t, c = bb0.example_inputs(s["speed_batch"], torch.Generator().manual_seed(0))
+        macs = macs_forward(pruned) / macs_forward(model)
+
+        def fwd(bb):
+            return lambda: bb(x, t, c)
+
+        with torch.no_grad():
+            lat = latency_ratio({"original": fwd(bb0), "pruned": fwd(bb1)}, "original", warmup=2, repeats=s["repeats"])
+        measured = 1 / lat["pruned"]["ratio"]
+        out[name] = {"macs_ratio": macs, "theoretical_speedup": 1 / macs, "measured_speedup": measured,
+                     "realisation": measured * macs, "params": params(model), "pruned_params": params(pruned),
+                     "batch": s["speed_batch"], "latency": lat, "compress_cpu_s": cpu,
+                     "measured_meta": pruned.slimdiff_meta["method"]["chain"][-1]["measured"]}
+        print(f"{name:22s} MACs {macs:.3f}  theoretical x{1 / macs:.2f}  measured x{measured:.2f}  "
+              f"realisation {measured * macs:.2f}", flush=True)
+    return out
+
+
+def plots(res: dict, out: Path) -> list[str]:
+    """Kept channels per layer and L_t / L_max with the threshold (Diff-Pruning's own pictures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["quality"]["rows"]
+    name = next(k for k in rows if k.startswith("diff-pruning@") and k != "diff-pruning@0")
+    files = []
+    widths = rows[name]["widths"] or {}
+    if widths:
+        fig, ax = plt.subplots(figsize=(max(6, len(widths) * 0.25), 3.5))
+        names = list(widths)
+        ax.bar(range(len(names)), [w[0] for w in widths.values()], color="#ddd", label="original")
+        ax.bar(range(len(names)), [w[1] for w in widths.values()], color="#36c", label="kept")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+        ax.set_ylabel("output channels")
+        ax.set_title(f"{name}: kept channels per layer (budget {res['quality']['settings']['budget']})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "kept_channels.png", dpi=120)
+        plt.close(fig)
+        files.append("kept_channels.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    stride = res["quality"]["settings"]["stride"]
+    for key in (name, "diff-pruning@0"):
+        ls = rows[key]["timesteps"]["losses"]
+        ax.plot([i * stride for i in range(len(ls))], [v / max(ls) for v in ls], label=key)
+    ax.axhline(res["quality"]["settings"]["threshold"], color="k", ls="--", lw=0.8, label="threshold")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("L_t / L_max")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "timestep_losses.png", dpi=120)
+    plt.close(fig)
+    return files + ["timestep_losses.png"]
+
+
+def environment() -> dict:
+    import diffusers
+    import torch_pruning
+
+    head = Path(".git/HEAD")
+    commit = None
+    if head.is_file():  # read the files; no git command is run
+        ref = head.read_text().strip()
+        path = Path(".git") / ref[5:] if ref.startswith("ref: ") else None
+        commit = path.read_text().strip() if path and path.is_file() else (None if path else ref)
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "torch_pruning": torch_pruning.__version__,
+            "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "git_commit": commit}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny settings (pipeline check, minutes)")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default bench/diff_pruning[/quick])")
+    ap.add_argument("--recover-steps", type=int, default=None)
+    ap.add_argument("--teacher", default="digits-dit", help="model name/dir, or a DiT-T/2 EMA .safetensors checkpoint")
+    ap.add_argument("--skip-speed", action="store_true", help="keep the speed section of an earlier results.json")
+    ap.add_argument("--skip-quality", action="store_true", help="keep the quality section of an earlier results.json")
+    args = ap.parse_args()
+    s = dict(QUICK if args.quick else FULL)
+    if args.recover_steps is not None:
+        s["recover_steps"] = args.recover_steps
+    out = args.out or (OUT / "quick" if args.quick else OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    res = {"command": "python scripts/measure_diff_pruning.py" + (" --quick" if args.quick else ""),
+           "environment": environment(), "load_average_start": os.getloadavg()}
+    for section, skip in (("quality", args.skip_quality), ("speed", args.skip_speed)):
+        if skip and section in previous:  # keep an earlier run's section (partial re-runs)
+            res[section] = previous[section]
+    if not args.skip_quality:
+        with tempfile.TemporaryDirectory(prefix="recover-", dir=out) as work:  # fresh: the trainer resumes
+            res["quality"] = quality(s, args.quick, Path(work), args.teacher)
+    if not args.skip_speed:
+        res["speed"] = speed(s, args.quick)
+    res["load_average_end"] = os.getloadavg()
+    if "quality" in res:
+        res["plots"] = plots(res, out)
+    print(json.dumps({k: res[k] for k in ("load_average_start", "load_average_end")}))
+    (out / "results.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
+    print(f"wrote {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

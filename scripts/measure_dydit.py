@@ -1,0 +1,266 @@
+"""Measure DyDiT (issue 6) and write ``bench/dydit/results.json`` plus pictures.
+
+1. **Quality at equal compute** (digits-dit, budget 0.5): DyDiT (``train_steps = N``, no
+   extra recovery) vs static width pruning (Diff-Pruning, else magnitude-width) compressed to
+   DyDiT's *measured* sampling-MACs ratio with ``recover_steps = N`` (the same number of
+   optimiser steps, batch and lr). Both scored with slimdiff.eval.evaluate (FD, class
+   accuracy, SSIM/PSNR to the teacher from the same noise).
+2. **Pictures**: active heads / MLP channel groups per timestep (per block) from the saved
+   per-step tables; token-keep maps (fraction of blocks whose MLP ran, per token) over
+   generated samples at early / middle / late steps.
+3. **Realised speedup** on a random-init DiT-B/2 (32x32x4 latents, batch 8, CPU): routers
+   given random weights, then one bias shift (bisection) sets a forward to the budget;
+   measured speedup (latency_ratio, one process, interleaved) vs theoretical (MACs ratio of
+   the very same calls, FlopCounterMode). Realisation = measured / theoretical.
+
+``--quick`` runs everything at toy sizes (random-init teacher if digits-dit is absent).
+Numbers come only from this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import slimdiff  # noqa: E402
+from slimdiff.errors import UsageError  # noqa: E402
+from slimdiff.eval.compute import count_macs, latency_ratio  # noqa: E402
+from slimdiff.methods.base import Context, compress  # noqa: E402
+from slimdiff.methods.dydit import cost_model, shift_routers  # noqa: E402
+from slimdiff.models.backbone import as_backbone  # noqa: E402
+from slimdiff.runtime.dynamic import default_config, install  # noqa: E402
+
+
+def teacher(quick: bool, spec: str = "digits-dit"):
+    """``spec`` (default digits-dit), or (quick, when it is absent) a random-init DiT-M/2 on 8x8x1 digits."""
+    try:
+        return slimdiff.load(spec), spec
+    except UsageError:
+        if not quick:
+            raise
+        torch.manual_seed(0)
+        return slimdiff.load("DiT-M/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False), "random DiT-M/2"
+
+
+def quality(args, out: Path) -> dict:
+    """DyDiT vs static width pruning at DyDiT's measured MACs, equal training steps."""
+    from slimdiff.eval.evaluate import evaluate, generate
+
+    import shutil
+
+    model, name = teacher(args.quick, args.teacher)
+    for old in out.glob("work-*"):  # the trainer resumes from a work dir: start fresh
+        shutil.rmtree(old)
+    common = dict(sampler="ddim", steps=args.sample_steps, cfg=args.cfg, batch_size=args.batch, lr=args.lr,
+                  progress=not args.quiet, seed=0)
+    t0 = time.process_time()
+    dyn = compress(model, "dydit", args.budget, Context(work_dir=out / "work-dydit", **common),
+                   {"train_steps": args.train_steps, "tune": args.tune})
+    dyn_cpu = time.process_time() - t0
+    slimdiff.save(dyn, out / "dydit-model", overwrite=True)
+    ratio = dyn.slimdiff_meta["measured"]["macs_ratio"]
+    static, static_name, static_cpu = None, None, None
+    for method in ("diff-pruning", "magnitude-width"):
+        try:
+            t0 = time.process_time()
+            static = compress(model, method, ratio, Context(work_dir=out / f"work-{method}", recover_steps=args.train_steps,
+                                                            **common))
+            static_name, static_cpu = method, time.process_time() - t0
+            break
+        except Exception as e:  # noqa: BLE001 - record why and try the next baseline
+            print(f"{method} failed: {e}", file=sys.stderr)
+    ev = dict(samples=args.samples, steps=args.sample_steps, cfg=args.cfg, sampler="ddim")
+    ref, _ = generate(model, args.samples, sampler="ddim", steps=args.sample_steps, cfg=args.cfg)
+    res = {"teacher": name, "budget": args.budget, "train_steps": args.train_steps, "tune": args.tune,
+           "teacher_eval": evaluate(model, **ev)}
+    from slimdiff.eval.evaluate import score
+
+    def scored(m):
+        x, y = generate(m, args.samples, sampler="ddim", steps=args.sample_steps, cfg=args.cfg)
+        return score(m, x, y, model, reference_samples=ref, **{k: v for k, v in ev.items() if k != "samples"})
+
+    res["dydit"] = {**scored(dyn), "measured": dyn.slimdiff_meta["measured"], "cpu_seconds": dyn_cpu}
+    if static is not None:
+        res["static"] = {"method": static_name, **scored(static), "measured": static.slimdiff_meta["measured"],
+                         "cpu_seconds": static_cpu}
+        res["dydit_fd_le_static"] = res["dydit"]["fd"] <= res["static"]["fd"]
+    else:
+        res["static"] = {"error": "no static width method ran (diff-pruning / magnitude-width)"}
+    pictures(dyn, out, args)
+    return res
+
+
+def pictures(model, out: Path, args) -> None:
+    """Active heads / groups per timestep, and token-keep maps over generated samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from slimdiff.diffusion.sampling import sample
+    from slimdiff.utils import to_uint8
+
+    routing = model.dydit
+    ts = sorted(routing.tables, reverse=True)
+    heads = np.array([[len(h) for h, _ in routing.tables[t]] for t in ts]).T
+    groups = np.array([[len(g) for _, g in routing.tables[t]] for t in ts]).T
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, data, title, top in ((axes[0], heads, "active heads", max(routing.config.heads)),
+                                 (axes[1], groups, "active MLP channel groups", max(routing.config.groups))):
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=top)
+        ax.set_xlabel("sampling step (t from 999 down)")
+        ax.set_ylabel("block")
+        ax.set_xticks(range(0, len(ts), max(1, len(ts) // 6)), [int(ts[i]) for i in range(0, len(ts), max(1, len(ts) // 6))])
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "width_per_timestep.png", dpi=120)
+    plt.close(fig)
+
+    n = 8
+    maps: dict[int, np.ndarray] = {}
+    steps = args.sample_steps
+    pick = sorted({0, steps // 2, steps - 1})
+
+    def cb(i, t, x):
+        if i in pick:
+            keep = torch.stack([r.keep_maps.float() for r in routing._routes]).mean(0)  # (B, N) over blocks
+            maps[i] = keep.cpu().numpy()
+
+    x = sample(model, steps=steps, num_samples=n, cfg=args.cfg, callback=cb)
+    g = as_backbone(model).token_grid
+    fig, axes = plt.subplots(1 + len(pick), n, figsize=(1.4 * n, 1.5 * (1 + len(pick))))
+    imgs = to_uint8(x)
+    for j in range(n):
+        axes[0, j].imshow(imgs[j].squeeze(), cmap="gray")
+        for k, i in enumerate(pick):
+            axes[k + 1, j].imshow(maps[i][j].reshape(g), cmap="magma", vmin=0, vmax=1)
+            if j == 0:
+                axes[k + 1, j].set_ylabel(f"step {i}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("samples and the fraction of blocks whose MLP ran per token", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "token_keep_maps.png", dpi=120)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def speed(args) -> dict:
+    """Realised vs theoretical speedup of a routed forward at the budget (random-init DiT)."""
+    name, size, batch = ("DiT-S/2", 16, 2) if args.quick else ("DiT-B/2", 32, 8)
+    torch.manual_seed(0)
+    model = slimdiff.load(name, input_size=size, in_channels=4)
+    routing = install(model, default_config(model))
+    g = torch.Generator().manual_seed(0)
+    for r in routing.routers:
+        for lin in (r.head, r.group, r.token):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.in_features**0.5)
+            lin.bias.copy_(0.5 * torch.randn(lin.bias.shape, generator=g))
+    bb = as_backbone(model)
+    x, _, y = bb.example_inputs(batch, torch.Generator().manual_seed(1))
+    t = torch.full((batch,), 500)
+    cost = cost_model(model)
+
+    def ratio_at(delta: float) -> float:
+        shift_routers(routing, delta)
+        routing.build_tables(model, [500.0])
+        model(x, t, y)
+        shift_routers(routing, -delta)
+        return float(cost.ratio(routing.realised()).mean())
+
+    lo, hi = -20.0, 20.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio_at(mid) > args.budget else (lo, mid)
+    shift_routers(routing, hi)
+    routing.build_tables(model, [500.0])
+
+    def run(mode: str):
+        routing.set_mode(mode)
+        return count_macs(bb, x, t, y)
+
+    macs_full, macs_dyn = run("off"), run("dynamic")
+    realised = routing.realised()
+
+    def call(mode: str):
+        def f():
+            routing.set_mode(mode)
+            model(x, t, y)
+        return f
+
+    lat = latency_ratio({"full": call("off"), "dydit": call("dynamic")}, "full", warmup=2, repeats=args.repeats)
+    routing.set_mode("dynamic")
+    theoretical = macs_full / macs_dyn
+    measured = 1 / lat["dydit"]["ratio"]
+    return {"model": name, "input_size": size, "batch": batch, "budget": args.budget, "threads": torch.get_num_threads(),
+            "macs_full": macs_full, "macs_dydit": macs_dyn, "macs_ratio": macs_dyn / macs_full,
+            "mean_heads_kept_frac": float(realised["heads"].sum() / (sum(cost.heads) * batch)),
+            "mean_groups_kept_frac": float(realised["groups"].sum() / (sum(cost.groups) * batch)),
+            "mean_tokens_kept_frac": float(realised["tokens"].mean() / cost.tokens),
+            "theoretical_speedup": theoretical, "measured_speedup": measured,
+            "realisation": measured / theoretical, "latency": lat}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="toy sizes (seconds); for testing the script")
+    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--train-steps", type=int, default=None)
+    p.add_argument("--tune", default="full")
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--sample-steps", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip", default="", help="comma list of parts to skip: quality,speed")
+    p.add_argument("--teacher", default="digits-dit", help="model to compress (slimdiff.load spec)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "dydit")
+    args = p.parse_args()
+    args.train_steps = args.train_steps if args.train_steps is not None else (3 if args.quick else 300)
+    args.samples = args.samples or (20 if args.quick else 500)
+    args.sample_steps = args.sample_steps or (4 if args.quick else 50)
+    if args.quick:
+        args.batch, args.repeats = 8, 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    res = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
+                       "torch": torch.__version__, "threads": torch.get_num_threads()},
+           "command": " ".join(sys.argv)}
+    if "quality" not in skip:
+        res["quality"] = quality(args, args.out)
+    if "speed" not in skip:
+        res["speed"] = speed(args)
+    res["machine"]["loadavg_end"] = os.getloadavg()
+    path = args.out / ("results_quick.json" if args.quick else "results.json")
+    if path.is_file():  # keep the parts skipped this time from an earlier run
+        old = json.loads(path.read_text())
+        res = {**{k: v for k, v in old.items() if k in ("quality", "speed") and k in skip}, **res}
+        if skip:
+            res["earlier_parts_from"] = {k: old.get("command") for k in skip if k in old}
+    path.write_text(json.dumps(res, indent=2, default=float) + "\n")
+    summary = {k: res.get("speed", {}).get(k) for k in ("theoretical_speedup", "measured_speedup", "realisation")}
+    if "quality" in res:
+        summary.update(dydit_fd=res["quality"]["dydit"]["fd"], static_fd=res["quality"]["static"].get("fd"),
+                       macs_ratio=res["quality"]["dydit"]["macs_ratio"])
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

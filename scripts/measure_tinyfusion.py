@@ -1,0 +1,289 @@
+"""Measure TinyFusion against the depth baselines (BENCHMARK.md sections 1 and 2).
+
+Writes ``bench/tinyfusion/results.json`` and ``bench/tinyfusion/probabilities.png``:
+
+1. **Quality at equal recovery** on ``digits-dit`` (12 -> 6 blocks, ``keep=1:2``): TinyFusion
+   and every depth baseline (bi / first / last / stride / random) are cut and then
+   recovered with the same steps, optimiser and loss (``--kd``, default fine-tune only);
+   each is scored with the protocol's FD, class accuracy and SSIM/PSNR to the teacher.
+2. **Recovery losses** for TinyFusion's choice: fine-tune only vs output KD vs hidden KD
+   (unmasked, "plain") vs masked KD, same steps.
+3. **Option probabilities over the search**, plotted per group.
+4. **Speed**: random-init DiT-B/2 (32x32x4 latents, batch 8, CPU), 12 -> 6 blocks;
+   measured speedup (``latency_ratio``, interleaved medians in this process) vs the
+   theoretical one (MACs ratio); realisation = measured / theoretical.
+
+``--quick`` runs everything with tiny settings (a random-init DiT-M/2 on digits instead of
+the teacher, a few steps, few samples, DiT-S/2 with 2 repeats) to check that the script works;
+its numbers mean nothing.
+
+Usage: ``OMP_NUM_THREADS=1 python scripts/measure_tinyfusion.py [--quick] [--part all|quality|speed]``
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINES = ("bi-depth", "first-depth", "last-depth", "stride-depth", "random-depth")
+KD_MODES = ("none", "output", "hidden", "masked")
+
+
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny settings: checks the script runs")
+    ap.add_argument("--model", default="digits-dit")
+    ap.add_argument("--keep", default="1:2")
+    ap.add_argument("--search-steps", type=int, default=500)
+    ap.add_argument("--recover-steps", type=int, default=500)
+    ap.add_argument("--kd", default="none", help="recovery of the method-vs-baselines comparison")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--sampler", default="ddim")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--speed-model", default="DiT-B/2")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "tinyfusion"))
+    ap.add_argument("--part", choices=("all", "quality", "speed"), default="all",
+                    help="run one part and merge it into an existing results.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.model, args.search_steps, args.recover_steps, args.batch_size = "quick", 4, 2, 16
+        args.samples, args.steps, args.speed_model, args.repeats = 40, 5, "DiT-S/2", 2
+    return args
+
+
+def _teacher(args) -> torch.nn.Module:
+    import slimdiff
+    from slimdiff.diffusion.schedulers import DiffusionConfig
+    from slimdiff.models.dit import DiT
+
+    if args.model != "quick":
+        return slimdiff.load(args.model)
+    torch.manual_seed(args.seed)  # random init, adaLN not zeroed (else every block is the identity)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=12, num_heads=4, num_classes=10,
+                learn_sigma=False)
+    for b in model.blocks:
+        torch.nn.init.normal_(b.adaLN_modulation[1].weight, std=0.02)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)
+    model.slimdiff_meta = {"name": "quick", "diffusion": DiffusionConfig().to_dict()}
+    return model.eval()
+
+
+def _ctx(args, work: Path, kd: str, teacher):
+    from slimdiff.methods.base import Context
+
+    return Context(sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed, recover_steps=args.recover_steps,
+                   kd=kd, batch_size=args.batch_size, work_dir=work, progress=False, teacher=teacher)
+
+
+def _score(model, teacher, ref_samples, args, samples=None) -> dict:
+    """Protocol metrics of ``model`` (``samples`` = its own ``(x, y)`` if already generated)."""
+    from slimdiff.eval.evaluate import generate, score
+
+    x, y = samples or generate(model, args.samples, sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed)
+    out = score(model, x, y, teacher, sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                reference_samples=ref_samples)
+    return {k: out[k] for k in ("fd", "class_acc", "ssim", "psnr", "macs_ratio", "params", "fd_floor")}
+
+
+def _entry(model, teacher, ref, args, name: str) -> dict:
+    chain = model.slimdiff_meta["method"]["chain"][-1]
+    extras = model.slimdiff_meta["extras"][name]
+    return {"kept_blocks": extras["kept_blocks"], **chain["measured"], **_score(model, teacher, ref, args)}
+
+
+def quality(args, work: Path) -> tuple[dict, dict]:
+    """Method vs baselines at equal recovery, TinyFusion's KD ablation, and the search log."""
+    from slimdiff.eval.evaluate import generate
+    from slimdiff.methods.base import compress
+    from slimdiff.methods.tinyfusion import finish_depth
+
+    teacher = _teacher(args)
+    depth = len(teacher.blocks) if hasattr(teacher, "blocks") else None
+    ref, labels = generate(teacher, args.samples, sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed)
+    results: dict = {"teacher": {"depth": depth, **_score(teacher, None, None, args, samples=(ref, labels))}}
+    settings = {"keep": args.keep}
+    tf = compress(teacher, "tinyfusion", 1.0, _ctx(args, work / "tf", args.kd, teacher),
+                  {**settings, "search_steps": args.search_steps})
+    results["tinyfusion"] = _entry(tf, teacher, ref, args, "tinyfusion")
+    search = tf.slimdiff_meta["extras"]["tinyfusion"]
+    for name in BASELINES:
+        m = compress(teacher, name, 1.0, _ctx(args, work / name, args.kd, teacher), settings)
+        results[name] = _entry(m, teacher, ref, args, name)
+    kd_results = {}
+    for kd in KD_MODES:
+        if kd == args.kd:
+            kd_results[kd] = results["tinyfusion"]
+            continue
+        ctx = _ctx(args, work / f"tf-{kd}", kd, teacher)
+        m = finish_depth(copy.deepcopy(teacher), results["tinyfusion"]["kept_blocks"], ctx, "tinyfusion",
+                         {"keep": args.keep, "kd_ablation": kd}, {})
+        kd_results[kd] = _entry(m, teacher, ref, args, "tinyfusion")
+    best_baseline = min(BASELINES, key=lambda n: results[n]["fd"])
+    summary = {
+        "tinyfusion_fd": results["tinyfusion"]["fd"],
+        "best_baseline": best_baseline,
+        "best_baseline_fd": results[best_baseline]["fd"],
+        "tinyfusion_beats_every_baseline": all(results["tinyfusion"]["fd"] < results[n]["fd"] for n in BASELINES),
+        "kd_fd": {k: v["fd"] for k, v in kd_results.items()},
+    }
+    return {"methods": results, "kd_ablation": kd_results, "summary": summary}, search
+
+
+def plot_probabilities(search: dict, path: Path) -> None:
+    """One line per group: probability of the option that keeps the group's first kept block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = search["probability_history"]["steps"]
+    values = search["probability_history"]["values"]  # [record][group][option]
+    groups = search["groups"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(2.6 * len(groups), 2.8), sharey=True, squeeze=False)
+    for j, (ax, g) in enumerate(zip(axes[0], groups)):
+        for o, blocks in enumerate(g["options"]):
+            ax.plot(steps, [v[j][o] for v in values], label="keep " + ",".join(map(str, blocks)))
+        ax.set_title(f"group {j} ({g['shape']})", fontsize=9)
+        ax.set_xlabel("search step")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("option probability")
+    fig.suptitle("TinyFusion: option probabilities over the search (last point = EMA logits)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def speed(args) -> dict:
+    """Realised vs theoretical speedup of a 2x depth cut on a random-init DiT."""
+    from slimdiff.eval.compute import count_macs, latency_ratio
+    from slimdiff.methods.depth_baselines import select_blocks
+    from slimdiff.methods.tinyfusion import extract_blocks
+    from slimdiff.models.backbone import as_backbone
+    from slimdiff.models.registry import load_model
+
+    torch.manual_seed(args.seed)
+    full = load_model(args.speed_model, input_size=32, in_channels=4).eval()
+    depth = len(full.blocks)
+    half = extract_blocks(copy.deepcopy(full), select_blocks("stride", depth, depth // 2))
+    x, t, y = as_backbone(full).example_inputs(8, torch.Generator().manual_seed(0))
+    macs = {n: count_macs(as_backbone(m), x, t, y) for n, m in (("full", full), ("half", half))}
+
+    def call(m):
+        bb = as_backbone(m)
+        return lambda: bb(x, t, y)
+
+    with torch.no_grad():
+        lat = latency_ratio({"full": call(full), "half": call(half)}, "full", warmup=2, repeats=args.repeats)
+    measured = 1 / lat["half"]["ratio"]
+    theoretical = macs["full"] / macs["half"]
+    full_t, half_t = lat["full"]["times_s"], lat["half"]["times_s"]
+    # Robustness checks on a shared machine: the median of per-round ratios (the two calls of a
+    # round run back to back, so slow drifts in the load cancel) and the ratio of minimum times.
+    paired = statistics.median(f / h for f, h in zip(full_t, half_t))
+    fastest = min(full_t) / min(half_t)
+    return {
+        "model": args.speed_model, "latent": [4, 32, 32], "batch": 8, "depth": [depth, len(half.blocks)],
+        "macs_forward": macs, "theoretical_speedup": theoretical, "measured_speedup": measured,
+        "realisation": measured / theoretical, "target": 0.95, "meets_target": measured / theoretical >= 0.95,
+        "measured_speedup_paired_median": paired, "realisation_paired_median": paired / theoretical,
+        "measured_speedup_min_times": fastest, "realisation_min_times": fastest / theoretical,
+        "latency": {k: v for k, v in lat.items()}, "threads": torch.get_num_threads(),
+    }
+
+
+def _environment(args) -> dict:
+    import diffusers
+    import peft
+
+    head = ROOT / ".git" / "HEAD"
+    commit = None
+    if head.is_file():  # read, not `git`: the repository's current commit if it is a plain ref
+        ref = head.read_text().strip()
+        ref_file = ROOT / ".git" / ref.removeprefix("ref: ") if ref.startswith("ref: ") else None
+        commit = ref_file.read_text().strip() if ref_file and ref_file.is_file() else ref
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "load_average_start": os.getloadavg(), "commit": commit, "args": vars(args)}
+
+
+def report(results: dict) -> str:
+    """Markdown tables of ``results`` (every number comes from results.json)."""
+    lines = ["# TinyFusion vs depth baselines", "", "Written by `scripts/measure_tinyfusion.py`; see results.json.", ""]
+    q = results.get("quality")
+    if q:
+        a = q["environment"]["args"]
+        lines += [f"## Quality: {a['model']}, keep {a['keep']}, search {a['search_steps']} steps, recovery "
+                  f"{a['recover_steps']} steps ({a['kd']}), {a['samples']} samples, {a['sampler']} {a['steps']} steps, "
+                  f"cfg {a['cfg']}", "", "| model | kept blocks | FD | class acc | SSIM | PSNR | MACs ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in q["methods"].items():
+            kept = r.get("kept_blocks", "all")
+            lines.append(f"| {name} | {kept} | {r['fd']:.2f} | {r['class_acc']:.3f} | {r['ssim'] or float('nan'):.3f} "
+                         f"| {r['psnr'] or float('nan'):.2f} | {r['macs_ratio']:.3f} |")
+        lines += ["", f"FD floor (real train vs test): {q['methods']['teacher']['fd_floor']:.2f}", "",
+                  "## TinyFusion recovery loss (same kept blocks, same steps)", "", "| recovery | FD | class acc |",
+                  "|---|---|---|"]
+        lines += [f"| {kd} | {r['fd']:.2f} | {r['class_acc']:.3f} |" for kd, r in q["kd_ablation"].items()]
+        lines += ["", f"Summary: {json.dumps(q['summary'])}", "", "![probabilities](probabilities.png)", ""]
+    sp = results.get("speed")
+    if sp:
+        lines += [f"## Speed: {sp['model']}, {sp['depth'][0]} -> {sp['depth'][1]} blocks, batch {sp['batch']}, CPU, "
+                  f"{sp['threads']} thread(s), load average {sp['environment']['load_average_start'][0]:.1f}", "",
+                  "| statistic | measured speedup | theoretical | realisation |", "|---|---|---|---|"]
+        for label, key in (("ratio of medians", "measured_speedup"), ("median of per-round ratios",
+                                                                     "measured_speedup_paired_median"),
+                           ("ratio of minimum times", "measured_speedup_min_times")):
+            lines.append(f"| {label} | {sp[key]:.3f} | {sp['theoretical_speedup']:.3f} | "
+                         f"{sp[key] / sp['theoretical_speedup']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = _args()
+    out = Path(args.out) / ("quick" if args.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() and args.part != "all" else {}
+    env = _environment(args)
+    if args.part in ("all", "quality"):
+        work = out / "work"
+        shutil.rmtree(work, ignore_errors=True)  # never resume a stale search / recovery
+        t0 = time.time()
+        q, search = quality(args, work)
+        plot_probabilities(search, out / "probabilities.png")
+        q["wall_s"] = time.time() - t0
+        q["environment"] = {**env, "load_average_end": os.getloadavg()}
+        results["quality"] = q
+        results["search"] = {k: search[k] for k in ("groups", "probabilities", "probability_history", "search")}
+        shutil.rmtree(work, ignore_errors=True)
+    if args.part in ("all", "speed"):
+        t1 = time.time()
+        s = speed(args)
+        s["wall_s"] = time.time() - t1
+        s["environment"] = {**env, "load_average_end": os.getloadavg()}
+        results["speed"] = s
+    path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    (out / "report.md").write_text(report(results))
+    brief = {}
+    if "quality" in results:
+        brief["quality"] = results["quality"]["summary"]
+    if "speed" in results:
+        brief["speed"] = {k: v for k, v in results["speed"].items() if "speedup" in k or "realisation" in k}
+    print(json.dumps(brief, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""DiP-GO (Zhu et al., NeurIPS 2024): a few-step-optimised pruner over a (step x block) reuse plan.
+
+The result is the **unchanged model plus a reuse plan** (:mod:`slimdiff.runtime.reuse`),
+saved in ``slimdiff_meta["extras"]["dipgo"]`` and re-applied by ``slimdiff.load``.
+
+1. **SuperNet.** Every block at every step > 0 gets a "backup connection" to its own
+   cached contribution from the previous step; a gate mixes fresh and cached values
+   (``g * fresh + (1 - g) * cache``, the cache holding the mixed value, not detached, so
+   gradients flow through the whole trajectory). Each step runs under
+   ``torch.utils.checkpoint``: block activations are recomputed in backward, only the
+   step's inputs (x and the block caches) are kept.
+2. **Pruner.** One learnable query per (step, block); one self-attention + FFN encoder
+   layer over all queries (``nn.TransformerEncoderLayer``; its output *is* used -- the
+   reference code discards it, the paper does not); a separate 3-layer MLP head per
+   query giving [reuse, keep] logits, last layer zero with bias [0, 1], so all gates start
+   at "keep"; hard straight-through gates (forward one-hot argmax, backward softmax).
+3. **Losses.** Consistency between the SuperNet's final samples and the original model's
+   from the same noise: ``1 - SSIM`` (default, as the paper's ablation and the reference
+   code) or L1 / L2, on the samples the sampler returns (pixels for pixel models; latents
+   for latent models, as slimdiff ships no VAE). Plus ``alpha`` x the MACs-weighted
+   sparsity ``mean_t sum_b g_keep(t, b) * macs_b / macs_forward``; as in the reference's
+   "sparsity early stop", the sparsity term is dropped while the hard gates already meet
+   the budget.
+4. **Post-processing** to the exact budget from the learned ``p_reuse``. Default: the
+   paper's search -- rank (step > 0, block) by ``p_reuse`` and bisect on the threshold
+   (the count of top entries reused) for the cheapest threshold that meets the budget, so
+   the plan's MACs are within one block's MACs (UNets: one block plus the producers it
+   frees) below the budget. ``postprocess="sweep"`` is the reference code's greedy sweep
+   (blocks in reverse order, falling threshold from 0.95 in steps of 0.05).
+
+Deviations, for CPU budgets: Adam (lr 0.05, cosine with warm-up, grad-clip 1) instead of
+SGD lr 0.2 for 500 steps; a default of 30 optimisation steps of 8 trajectories each; a
+64-wide pruner instead of 512.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from slimdiff.errors import UsageError
+from slimdiff.methods.base import Context, record, register_method, register_restorer
+from slimdiff.runtime.reuse import (
+    BlockCosts,
+    ReusePlan,
+    SoftFrame,
+    apply_block_reuse,
+    block_costs,
+    block_reuse_disabled,
+    get_block_reuse,
+    remove_block_reuse,
+    reuse_blocks,
+    soft_reuse,
+)
+
+LOSSES = ("ssim", "l1", "l2")
+
+
+# --------------------------------------------------------------------------- pruner
+class DiPGOPruner(nn.Module):
+    """Queries -> SA+FFN encoder -> per-query MLP heads -> [reuse, keep] logits (S, N, 2)."""
+
+    def __init__(self, steps: int, blocks: int, dim: int = 64, heads: int = 4, hidden: int = 32):
+        super().__init__()
+        self.steps, self.blocks = steps, blocks
+        q = steps * blocks
+        self.queries = nn.Embedding(q, dim)
+        self.encoder = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=max(4, dim // 4), dropout=0.1,
+                                                  batch_first=True)
+        self.w1 = nn.Parameter(torch.randn(q, dim, hidden) / math.sqrt(dim))
+        self.b1 = nn.Parameter(torch.zeros(q, hidden))
+        self.w2 = nn.Parameter(torch.randn(q, hidden, hidden) / math.sqrt(hidden))
+        self.b2 = nn.Parameter(torch.zeros(q, hidden))
+        self.w3 = nn.Parameter(torch.zeros(q, hidden, 2))
+        self.b3 = nn.Parameter(torch.tensor([0.0, 1.0]).repeat(q, 1))
+
+    def forward(self) -> torch.Tensor:
+        h = self.encoder(self.queries.weight.unsqueeze(0))[0]
+        h = F.relu(torch.einsum("qd,qdh->qh", h, self.w1) + self.b1)
+        h = F.relu(torch.einsum("qd,qdh->qh", h, self.w2) + self.b2)
+        return (torch.einsum("qd,qdh->qh", h, self.w3) + self.b3).view(self.steps, self.blocks, 2)
+
+
+def ste_keep(logits: torch.Tensor) -> torch.Tensor:
+    """Hard keep gates (S, N) with softmax gradients; step 0 always keeps."""
+    soft = logits.softmax(-1)
+    hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
+    keep = (hard - soft.detach() + soft)[..., 1]
+    return torch.cat([torch.ones_like(keep[:1]), keep[1:]])
+
+
+def reuse_probability(pruner: DiPGOPruner) -> torch.Tensor:
+    """Learned p_reuse (S, N), deterministic (eval mode)."""
+    was = pruner.training
+    pruner.eval()
+    with torch.no_grad():
+        p = pruner().softmax(-1)[..., 0]
+    pruner.train(was)
+    return p
+
+
+# --------------------------------------------------------------------------- SuperNet
+def _conditions(bb, labels: torch.Tensor | None, n: int, cfg: float, seed: int):
+    if bb.conditioning == "class":
+        cond = labels.to(bb.device)
+    elif bb.conditioning == "text":
+        cond = bb.example_cond(n, torch.Generator().manual_seed(seed))
+    else:
+        cond = None
+    if cfg != 1.0:
+        return torch.cat([cond, bb.null_cond(cond, n).to(bb.device)])
+    return cond
+
+
+def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Tensor, labels: torch.Tensor | None,
+                    *, sampler: str, steps: int, cfg: float = 1.0, seed: int = 0, use_checkpoint: bool = True) -> torch.Tensor:
+    """One sampling trajectory through the SuperNet (the same loop as ``slimdiff.sample``).
+
+    ``keep`` (S, N) gates mix fresh and cached block contributions (None = all fresh);
+    the model must carry a reuse plan for ``sampler`` x ``steps`` (any plan: in SuperNet
+    mode every block computes). Differentiable w.r.t. ``keep``.
+    """
+    from slimdiff.diffusion.schedulers import diffusion_config_of, make_scheduler
+    from slimdiff.models.backbone import as_backbone
+
+    bb = as_backbone(model)
+    n = noise.shape[0]
+    cond = _conditions(bb, labels, n, cfg, seed)
+    scheduler = make_scheduler(sampler, diffusion_config_of(model))
+    scheduler.set_timesteps(steps)
+    x = noise.to(bb.device) * getattr(scheduler, "init_noise_sigma", 1.0)
+    gen = torch.Generator().manual_seed(seed + 1)
+    caches: list[Any] = [None] * len(reuse_blocks(model)[0])
+
+    def step_fn(inp, t, k, *cs):
+        with soft_reuse(model, SoftFrame(k, list(cs))) as frame:
+            out = bb(torch.cat([inp, inp]) if cfg != 1.0 else inp, t, cond).float()
+        if cfg != 1.0:
+            c, u = out.chunk(2)
+            out = u + cfg * (c - u)
+        return (out, *frame.caches_out)
+
+    for i, t in enumerate(scheduler.timesteps):
+        inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        k = None if (keep is None or i == 0) else keep[i]
+        if use_checkpoint and torch.is_grad_enabled():
+            pred, *caches = checkpoint(step_fn, inp, t, k, *caches, use_reentrant=False)
+        else:
+            pred, *caches = step_fn(inp, t, k, *caches)
+        x = scheduler.step(pred, t, x, generator=gen).prev_sample
+    return x
+
+
+def consistency_loss(x: torch.Tensor, target: torch.Tensor, kind: str = "ssim") -> torch.Tensor:
+    """1 - SSIM (window fitted to small images), L1 or L2 between samples and the teacher's."""
+    if kind == "l1":
+        return F.l1_loss(x, target)
+    if kind == "l2":
+        return F.mse_loss(x, target)
+    from pytorch_msssim import ssim
+
+    lo = target.min().detach()
+    rng = float((target.max() - lo).clamp_min(1e-6))
+    win = min(11, max(3, (min(target.shape[-2:]) // 2) | 1))
+    return 1 - ssim(x - lo, target - lo, data_range=rng, size_average=True, win_size=win)
+
+
+def sparsity_loss(keep: torch.Tensor, costs: BlockCosts) -> torch.Tensor:
+    """mean over steps > 0 of sum_b keep(t, b) * macs_b / macs_forward."""
+    w = torch.tensor(costs.blocks, dtype=keep.dtype) / costs.forward
+    return (keep[1:] * w).sum(-1).mean()
+
+
+# --------------------------------------------------------------------------- post-processing
+def _cost(costs: BlockCosts, compute: torch.Tensor) -> float:
+    return costs.cost(compute)
+
+
+def minimum_fraction(costs: BlockCosts, steps: int) -> float:
+    """Cheapest reachable fraction: everything reused after step 0."""
+    c = torch.zeros(steps, len(costs.blocks), dtype=torch.bool)
+    c[0] = True
+    return _cost(costs, c) / _cost(costs, torch.ones_like(c))
+
+
+def check_reachable(costs: BlockCosts, steps: int, budget: float) -> None:
+    low = minimum_fraction(costs, steps)
+    if budget < low - 1e-12:
+        raise UsageError(
+            f"budget {budget:g} is below what block reuse can reach ({low:.4f} of the sampling MACs: step 0 and the "
+            "non-block layers always run): use a budget >= that, fewer steps, or chain a depth/width method first"
+        )
+
+
+def threshold_plan(p_reuse: torch.Tensor, costs: BlockCosts, budget: float, method: str = "search") -> torch.Tensor:
+    """Compute table (S, N) meeting ``budget`` (fraction of the all-compute MACs) from scores."""
+    steps = p_reuse.shape[0]
+    check_reachable(costs, steps, budget)
+    target = budget * _cost(costs, torch.ones(p_reuse.shape, dtype=torch.bool))
+    if method == "sweep":
+        return _sweep(p_reuse, costs, target)
+    if method != "search":
+        raise UsageError(f"unknown post-processing {method!r}; use 'search' (paper) or 'sweep' (reference code)")
+    order = torch.argsort(p_reuse[1:].flatten(), descending=True, stable=True)
+
+    def table(k: int) -> torch.Tensor:
+        c = torch.ones(p_reuse.shape, dtype=torch.bool)
+        flat = c[1:].flatten()
+        flat[order[:k]] = False
+        c[1:] = flat.view(steps - 1, -1)
+        return c
+
+    lo, hi = 0, order.numel()  # cost(table(hi)) <= target is guaranteed by check_reachable
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _cost(costs, table(mid)) <= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return table(lo)
+
+
+def _sweep(p_reuse: torch.Tensor, costs: BlockCosts, target: float) -> torch.Tensor:
+    """The reference code's greedy sweep (``prune(expected_ratio, prune_threshold=0.95)``)."""
+    c = torch.ones(p_reuse.shape, dtype=torch.bool)
+    thr = 0.95
+    while thr > -1e-9:
+        for b in reversed(range(p_reuse.shape[1])):
+            for t in torch.argsort(p_reuse[1:, b], descending=True, stable=True).tolist():
+                if p_reuse[t + 1, b] > thr and c[t + 1, b]:
+                    c[t + 1, b] = False
+                    if _cost(costs, c) <= target:
+                        return c
+        thr -= 0.05
+    c[1:] = False
+    return c
+
+
+# --------------------------------------------------------------------------- optimisation
+def dipgo_loss(model: nn.Module, pruner: DiPGOPruner, costs: BlockCosts, noise: torch.Tensor,
+               labels: torch.Tensor | None, target: torch.Tensor, *, sampler: str, steps: int, cfg: float,
+               budget: float, loss: str = "ssim", alpha: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Total DiP-GO loss for one batch, and its parts."""
+    keep = ste_keep(pruner())
+    x = supernet_sample(model, keep, noise, labels, sampler=sampler, steps=steps, cfg=cfg, seed=seed)
+    cons = consistency_loss(x, target, loss)
+    sparse = sparsity_loss(keep, costs)
+    frac = _cost(costs, keep.detach() > 0.5) / costs.cost(torch.ones(keep.shape, dtype=torch.bool))
+    total = cons + alpha * sparse if frac > budget else cons
+    return total, {"consistency": float(cons.detach()), "sparsity": float(sparse.detach()), "macs_fraction": frac}
+
+
+def teacher_batch(model: nn.Module, n: int, seed: int, *, sampler: str, steps: int, cfg: float,
+                  with_target: bool = True):
+    """Noise, labels and the original model's samples from that noise (no reuse)."""
+    from slimdiff.diffusion.sampling import initial_noise, sample
+    from slimdiff.models.backbone import as_backbone
+
+    bb = as_backbone(model)
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, bb.num_classes, (n,), generator=gen) if bb.conditioning == "class" else None
+    noise = initial_noise(bb, n, seed, bb.device)
+    if not with_target:
+        return noise, labels, None
+    with block_reuse_disabled(model):
+        target = sample(model, sampler=sampler, steps=steps, num_samples=n,
+                        classes=labels.tolist() if labels is not None else None, cfg=cfg, seed=seed, noise=noise)
+    return noise, labels, target
+
+
+def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *, opt_steps: int, loss: str,
+             batch: int = 8, lr: float = 0.05, alpha: float = 1.0, dim: int = 64) -> tuple[DiPGOPruner, list[dict]]:
+    """Few-step gradient optimisation of a fresh pruner (the model must carry a reuse plan)."""
+    n_calls = len(get_block_reuse(model).timesteps)
+    torch.manual_seed(ctx.seed)
+    pruner = DiPGOPruner(n_calls, len(costs.blocks), dim=dim).train()
+    opt = torch.optim.Adam(pruner.parameters(), lr=lr)
+    warm = max(1, min(10, opt_steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / max(1, opt_steps))))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    history: list[dict] = []
+    it = range(opt_steps)
+    if ctx.progress:
+        from rich.progress import track
+
+        it = track(it, description=f"DiP-GO x{opt_steps}", transient=True)
+    for s in it:
+        noise, labels, target = teacher_batch(model, batch, ctx.seed + 7919 * (s + 1), sampler=ctx.sampler,
+                                              steps=ctx.steps, cfg=ctx.cfg)
+        total, parts = dipgo_loss(model, pruner, costs, noise, labels, target, sampler=ctx.sampler, steps=ctx.steps,
+                                  cfg=ctx.cfg, budget=budget, loss=loss, alpha=alpha, seed=ctx.seed + 7919 * (s + 1))
+        opt.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(pruner.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        history.append({"step": s, "loss": float(total.detach()), **parts})
+    return pruner, history
+
+
+def _check_options(opt_steps: Any, loss: Any) -> tuple[int, str]:
+    loss = "ssim" if loss is None else str(loss).lower()
+    if loss not in LOSSES:
+        raise UsageError(f"unknown --loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    steps = 30 if opt_steps is None else opt_steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise UsageError(f"--opt-steps must be a non-negative integer, got {opt_steps!r}")
+    return steps, loss
+
+
+def finish(model: nn.Module, name: str, compute: torch.Tensor, ctx: Context, costs: BlockCosts, settings: dict,
+           measured: dict, **plan_kw) -> nn.Module:
+    """Install the final plan on the unchanged model and record it (shared by the baselines)."""
+    remove_block_reuse(model)
+    plan = ReusePlan.for_sampler(compute, ctx.sampler, ctx.steps, model, **plan_kw)
+    apply_block_reuse(model, plan)
+    full = costs.cost(torch.ones(plan.shape, dtype=torch.bool))
+    measured = {**measured, "plan_macs_ratio": costs.cost(plan.compute, plan.step_compute) / full,
+                "reused_fraction": plan.reuse_fraction()}
+    return record(model, name, {"sampler": ctx.sampler, "steps": ctx.steps, **settings}, measured, plan.to_dict())
+
+
+def prepare(model: nn.Module, budget: float, ctx: Context) -> BlockCosts:
+    """Refuse a model that already has a plan; measure block MACs; check the budget is reachable."""
+    if get_block_reuse(model) is not None:
+        raise UsageError("the model already carries a reuse plan: chain at most one reuse method")
+    costs = block_costs(model)
+    check_reachable(costs, len(ReusePlan.full(ctx.sampler, ctx.steps, model).timesteps), budget)
+    return costs
+
+
+@register_method("dipgo", kind="reuse", help="DiP-GO: few-step gradient-optimised (step x block) reuse plan",
+                 options=("opt_steps", "loss"))
+def dipgo(model: nn.Module, budget: float, ctx: Context, opt_steps: int | None = None, loss: str | None = None,
+          postprocess: str = "search", batch: int = 8, alpha: float = 1.0) -> nn.Module:
+    """Learn a reuse plan for ``ctx.sampler`` x ``ctx.steps`` meeting ``budget``; returns the
+    unchanged model with the plan applied and recorded."""
+    opt_steps, loss = _check_options(opt_steps, loss)
+    costs = prepare(model, budget, ctx)
+    start = time.process_time()
+    apply_block_reuse(model, ReusePlan.full(ctx.sampler, ctx.steps, model))
+    try:
+        pruner, history = optimise(model, costs, budget, ctx, opt_steps=opt_steps, loss=loss, batch=batch, alpha=alpha)
+    finally:
+        remove_block_reuse(model)
+    compute = threshold_plan(reuse_probability(pruner), costs, budget, postprocess)
+    measured = {"search_cpu_s": time.process_time() - start, "history": history[-5:],
+                "final_loss": history[-1]["loss"] if history else None}
+    return finish(model, "dipgo", compute, ctx, costs,
+                  {"opt_steps": opt_steps, "loss": loss, "postprocess": postprocess, "batch": batch, "alpha": alpha},
+                  measured)
+
+
+def restore_plan(model: nn.Module, extras: dict | None) -> None:
+    """Re-apply a recorded reuse plan (the restorer of every reuse method)."""
+    if not extras:
+        raise UsageError("the model's metadata names a reuse method but holds no plan; compress the model again")
+    apply_block_reuse(model, ReusePlan.from_dict(extras))
+
+
+register_restorer("dipgo")(restore_plan)

@@ -1,0 +1,202 @@
+"""Step-reuse baselines on the same runtime as DiP-GO (:mod:`slimdiff.runtime.reuse`).
+
+Each yields the unchanged model plus a :class:`ReusePlan` meeting the budget, recorded in
+``extras`` and re-applied by ``slimdiff.load``:
+
+* ``deepcache`` -- DeepCache-style uniform reuse (Ma et al., CVPR 2024): every ``k``-th
+  step computes everything; the steps between reuse a *centred* run of ``r`` blocks and
+  compute the shallow blocks around it (for a UNet ``down_0 .. up_last`` order that run is
+  the deep part: DeepCache's skip branch; for a transformer, the middle blocks). The
+  smallest interval that can meet the budget is chosen (DeepCache's quality ordering),
+  then the fewest reused blocks that meet it.
+* ``l2c`` -- Learning-to-Cache-style router (Ma et al., NeurIPS 2024): one learnable
+  score per (step, block) through a sigmoid, trained *locally*: the previous step is
+  computed in full (filling the caches), then at the step itself every block's output is
+  ``s * fresh + (1 - s) * cached``; loss = MSE to the full output + ``lam`` x MACs-weighted
+  sum of ``s``. Thresholded to the budget with DiP-GO's post-processing. Deviations: the
+  inputs are the teacher's own trajectory states (data-free, like DiP-GO, so the two
+  differ only in local vs. whole-trajectory optimisation), block granularity instead of
+  separate attention/MLP branches, and any step may reuse (the paper's Algorithm 2; the
+  released code alternates full and cache steps).
+* ``fewer-steps`` -- simply fewer sampler steps at the same MACs: ``k = floor(budget * S)``
+  model calls. It is stored as a plan whose ``step_compute`` keeps the ``k`` steps of the
+  ``S``-step schedule nearest to the ``k``-step schedule's timesteps (the skipped steps
+  return the last output), plus ``sampling_steps = k``. With DDIM (eta = 0) a reused
+  epsilon leaves the predicted x0 unchanged, so this *is* k-step DDIM (exactly so when
+  ``k`` divides ``S``; tested); for multistep samplers (DPM-Solver++, PLMS) it is not, and
+  ``sampling_steps`` is what to pass as ``--steps`` for true fewer-step sampling.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimdiff.errors import UsageError
+from slimdiff.methods.base import Context, register_method, register_restorer
+from slimdiff.methods.dipgo import finish, prepare, restore_plan, teacher_batch, threshold_plan
+from slimdiff.runtime.reuse import (
+    BlockCosts,
+    ReusePlan,
+    SoftFrame,
+    apply_block_reuse,
+    block_reuse_disabled,
+    remove_block_reuse,
+    schedule_timesteps,
+    soft_reuse,
+)
+
+
+# --------------------------------------------------------------------------- DeepCache
+def deepcache_table(steps: int, blocks: int, interval: int, reused: int) -> torch.Tensor:
+    """Every ``interval``-th step full; otherwise a centred run of ``reused`` blocks is reused."""
+    c = torch.ones(steps, blocks, dtype=torch.bool)
+    start = (blocks - reused) // 2
+    for s in range(steps):
+        if s % interval:
+            c[s, start:start + reused] = False
+    return c
+
+
+def deepcache_search(costs: BlockCosts, steps: int, budget: float) -> tuple[torch.Tensor, int, int]:
+    """(table, interval, reused): smallest interval, then fewest reused blocks, meeting ``budget``."""
+    n = len(costs.blocks)
+    full = costs.cost(torch.ones(steps, n, dtype=torch.bool))
+    for k in range(2, steps + 1):
+        for r in range(1, n + 1):
+            c = deepcache_table(steps, n, k, r)
+            if costs.cost(c) <= budget * full:
+                return c, k, r
+    raise UsageError(f"budget {budget:g} is below what DeepCache-style uniform reuse reaches for {steps} steps; "
+                     "use a larger budget or more steps")
+
+
+@register_method("deepcache", kind="reuse", help="DeepCache-style uniform block reuse (every k-th step full)")
+def deepcache(model: nn.Module, budget: float, ctx: Context) -> nn.Module:
+    costs = prepare(model, budget, ctx)
+    steps = len(schedule_timesteps(ctx.sampler, ctx.steps, model))
+    table, k, r = deepcache_search(costs, steps, budget)
+    return finish(model, "deepcache", table, ctx, costs, {"interval": k, "reused_blocks": r}, {})
+
+
+# --------------------------------------------------------------------------- L2C
+def _trajectory(model: nn.Module, noise, labels, ctx: Context) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(model input, timestep) of every step of the teacher's trajectory from ``noise``."""
+    from slimdiff.diffusion.schedulers import diffusion_config_of, make_scheduler
+
+    states = []
+    sch = make_scheduler(ctx.sampler, diffusion_config_of(model))
+    sch.set_timesteps(ctx.steps)
+    scale = getattr(sch, "scale_model_input", None)
+
+    def grab(i, t, x):
+        states.append(x)
+
+    from slimdiff.diffusion.sampling import sample
+
+    with block_reuse_disabled(model):
+        sample(model, sampler=ctx.sampler, steps=ctx.steps, classes=labels.tolist() if labels is not None else None,
+               num_samples=noise.shape[0], cfg=ctx.cfg, noise=noise, seed=ctx.seed, callback=grab)
+    xs = [noise * getattr(sch, "init_noise_sigma", 1.0)] + states[:-1]
+    out = []
+    return [((scale(x, t) if scale else x), t) for x, t in zip(xs, sch.timesteps)]
+
+
+def _soft_call(model, bb, x, t, cond, cfg, keep, caches):
+    with soft_reuse(model, SoftFrame(keep, caches)) as frame:
+        out = bb(torch.cat([x, x]) if cfg != 1.0 else x, t, cond).float()
+    return out, frame.caches_out
+
+
+def l2c_train(model: nn.Module, costs: BlockCosts, ctx: Context, opt_steps: int, batch: int = 8,
+              lam: float = 1e-3, lr: float = 0.05) -> tuple[torch.Tensor, list[float]]:
+    """Train per-(step, block) router scores; returns p_reuse = 1 - sigmoid(score) and losses."""
+    from slimdiff.methods.dipgo import _conditions
+    from slimdiff.models.backbone import as_backbone
+
+    bb = as_backbone(model)
+    steps = len(schedule_timesteps(ctx.sampler, ctx.steps, model))
+    logits = nn.Parameter(torch.full((steps, len(costs.blocks)), 3.0))
+    opt = torch.optim.Adam([logits], lr=lr)
+    w = torch.tensor(costs.blocks, dtype=torch.float32) / costs.forward
+    losses: list[float] = []
+    it = range(opt_steps)
+    if ctx.progress:
+        from rich.progress import track
+
+        it = track(it, description=f"L2C x{opt_steps}", transient=True)
+    for s in it:
+        noise, labels, _ = teacher_batch(model, batch, ctx.seed + 7919 * (s + 1), sampler=ctx.sampler,
+                                         steps=ctx.steps, cfg=ctx.cfg, with_target=False)
+        cond = _conditions(bb, labels, batch, ctx.cfg, ctx.seed)
+        traj = _trajectory(model, noise, labels, ctx)
+        total = torch.zeros(())
+        for i in range(1, steps):
+            with torch.no_grad():
+                _, caches = _soft_call(model, bb, *traj[i - 1], cond, ctx.cfg, None, [])
+                full, _ = _soft_call(model, bb, *traj[i], cond, ctx.cfg, None, [])
+            gate = torch.sigmoid(logits[i])
+            out, _ = _soft_call(model, bb, *traj[i], cond, ctx.cfg, gate, caches)
+            total = total + F.mse_loss(out, full) + lam * (gate * w).sum()
+        opt.zero_grad()
+        (total / max(1, steps - 1)).backward()
+        opt.step()
+        losses.append(float(total.detach()) / max(1, steps - 1))
+    return 1 - torch.sigmoid(logits.detach()), losses
+
+
+@register_method("l2c", kind="reuse", help="Learning-to-Cache-style learned per-step block router",
+                 options=("opt_steps",))
+def l2c(model: nn.Module, budget: float, ctx: Context, opt_steps: int | None = None, batch: int = 8,
+        lam: float = 1e-3) -> nn.Module:
+    opt_steps = 20 if opt_steps is None else opt_steps
+    if not isinstance(opt_steps, int) or opt_steps < 0:
+        raise UsageError(f"--opt-steps must be a non-negative integer, got {opt_steps!r}")
+    costs = prepare(model, budget, ctx)
+    start = time.process_time()
+    apply_block_reuse(model, ReusePlan.full(ctx.sampler, ctx.steps, model))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        p_reuse, losses = l2c_train(model, costs, ctx, opt_steps, batch=batch, lam=lam)
+    finally:
+        remove_block_reuse(model)
+    table = threshold_plan(p_reuse, costs, budget)
+    return finish(model, "l2c", table, ctx, costs, {"opt_steps": opt_steps, "batch": batch, "lam": lam},
+                  {"search_cpu_s": time.process_time() - start, "losses": losses[-5:]})
+
+
+# --------------------------------------------------------------------------- fewer steps
+def fewer_steps_mask(model: nn.Module, sampler: str, steps: int, k: int) -> list[bool]:
+    """Keep the ``k`` calls of the ``steps`` schedule nearest to the ``k``-step schedule's timesteps."""
+    full = torch.tensor(schedule_timesteps(sampler, steps, model))
+    few = schedule_timesteps(sampler, k, model)
+    keep = [False] * len(full)
+    for t in few:
+        free = torch.tensor([not v for v in keep])
+        dist = (full - t).abs().masked_fill(~free, math.inf)
+        keep[int(dist.argmin())] = True
+    keep[0] = True
+    return keep
+
+
+@register_method("fewer-steps", kind="reuse", help="simply fewer sampler steps at the same MACs")
+def fewer_steps(model: nn.Module, budget: float, ctx: Context) -> nn.Module:
+    costs = prepare(model, budget, ctx)
+    n_calls = len(schedule_timesteps(ctx.sampler, ctx.steps, model))
+    k = math.floor(budget * ctx.steps + 1e-9)
+    if k < 1:
+        raise UsageError(f"budget {budget:g} x {ctx.steps} steps leaves no sampling step; use a budget >= {1 / ctx.steps:g}")
+    mask = fewer_steps_mask(model, ctx.sampler, ctx.steps, k)
+    table = torch.ones(n_calls, len(costs.blocks), dtype=torch.bool)
+    return finish(model, "fewer-steps", table, ctx, costs, {"sampling_steps": k}, {}, step_compute=mask,
+                  sampling_steps=k)
+
+
+for _name in ("deepcache", "l2c", "fewer-steps"):
+    register_restorer(_name)(restore_plan)
+
+__all__ = ["deepcache", "l2c", "fewer_steps", "deepcache_table", "deepcache_search", "fewer_steps_mask", "l2c_train"]

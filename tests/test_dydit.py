@@ -1,0 +1,224 @@
+"""DyDiT: routers, sliced execution, token gather/scatter, MACs accounting, training, save/load."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_diffusers_dit, tiny_dit, tiny_pixart, tiny_unet
+
+import slimdiff
+from slimdiff.diffusion.sampling import sample
+from slimdiff.errors import UsageError
+from slimdiff.eval.compute import count_macs, macs_sampling
+from slimdiff.methods.base import Context, compress
+from slimdiff.methods.dydit import DyDiTConfig, cost_model, dydit, routed_ratio, shift_routers
+from slimdiff.models.backbone import as_backbone
+from slimdiff.models.dit import DiT
+from slimdiff.runtime.dynamic import DyDiTRouting, default_config, install, masked_forward, sliced_forward
+
+
+def _inputs(model, batch=3, seed=1, t=None):
+    x, tt, y = as_backbone(model).example_inputs(batch, torch.Generator().manual_seed(seed))
+    return x, (tt if t is None else torch.full((batch,), t)), y
+
+
+@torch.no_grad()
+def _randomize_routers(routing: DyDiTRouting, seed: int = 0) -> None:
+    """Routers that keep some heads/groups and different tokens per sample."""
+    g = torch.Generator().manual_seed(seed)
+    for r in routing.routers:
+        for lin in (r.head, r.group, r.token):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
+            lin.bias.copy_(0.3 * torch.randn(lin.bias.shape, generator=g))
+
+
+def _dynamic(seed=0, **kw):
+    model = tiny_dit(seed, depth=3, num_heads=4, hidden_size=32, **kw)
+    routing = install(model, default_config(model))
+    return model, routing
+
+
+def _ctx(tmp_path, **kw):
+    base = dict(steps=3, batch_size=4, work_dir=tmp_path / "work", progress=False)
+    return Context(**{**base, **kw})
+
+
+FAST = DyDiTConfig(train_steps=2, calibrate_samples=2, calibrate_iters=4)
+
+
+# --------------------------------------------------------------------------- equivalences
+@torch.no_grad()
+def test_all_on_routers_equal_the_original_exactly():
+    model = tiny_dit(depth=3, num_heads=4)
+    x, t, y = _inputs(model)
+    x1, t1, _ = _inputs(model, t=421)
+    ref, ref1 = model(x, t, y), model(x1, t1, y)
+    routing = install(model, default_config(model))
+    assert torch.equal(model(x1, t1, y), ref1)  # sliced eval path, one timestep (sampling)
+    assert torch.allclose(model(x, t, y), ref, atol=1e-6)  # batch split by timestep
+    routing.set_mode("masked")
+    assert torch.equal(model(x, t, y), ref)  # masked training path
+
+
+@torch.no_grad()
+def test_sliced_inference_equals_masked_forward_for_the_same_decisions():
+    model, routing = _dynamic()
+    _randomize_routers(routing)
+    for t in (None, 600):  # mixed timesteps and one shared timestep
+        x, tt, y = _inputs(model, batch=4, t=t)
+        sliced = model(x, tt, y)
+        kept = routing.realised()
+        routing.set_mode("masked")
+        masked = model(x, tt, y)
+        routing.set_mode("dynamic")
+        assert torch.allclose(sliced, masked, atol=1e-5)
+        assert (kept["heads"] < 4).any() and (kept["groups"] < 4).any()  # width really cut
+        assert len(set(kept["tokens"][0].tolist())) > 1  # samples keep different token counts
+
+
+@torch.no_grad()
+def test_token_gather_scatter_equals_masking_per_sample():
+    model, routing = _dynamic()
+    _randomize_routers(routing, seed=3)
+    block, r = model.blocks[1], routing.routers[1]
+    x = torch.randn(3, 16, 32)
+    c = torch.randn(3, 32)
+    route = routing._mask_routes(torch.randn(3, 32), noise=False)[1]
+    route.heads = torch.ones(3, 4)
+    route.groups = torch.ones(3, 4)
+    plan = routing._plan(1, ((0, 1, 2, 3), (0, 1, 2, 3)))
+    out, kept = sliced_forward(block, x, c, plan, r.token)
+    ref = masked_forward(block, x, c, route)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert not kept.all() and kept.any() and len({int(k) for k in kept.sum(1)}) > 1
+
+
+@torch.no_grad()
+def test_macs_accounting_matches_flop_counter_on_sliced_execution():
+    model, routing = _dynamic()
+    _randomize_routers(routing, seed=5)
+    cost = cost_model(model)
+    routing.build_tables(model, [300.0])
+    x, t, y = _inputs(model, batch=3, t=300)
+    counted = count_macs(as_backbone(model), x, t, y)
+    assert counted == int(cost.macs(routing.realised()).sum())
+    assert counted < 3 * cost.full * 0.95  # really cheaper than the original
+    routing.set_mode("off")
+    assert count_macs(as_backbone(model), x, t, y) == 3 * cost.full
+
+
+@torch.no_grad()
+def test_weights_are_sliced_once_per_step_not_per_call():
+    model, routing = _dynamic()
+    _randomize_routers(routing)
+    sample(model, steps=4, num_samples=2, cfg=2.0)
+    first = routing.slice_count
+    assert 0 < first <= 4 * 2 * len(model.blocks)
+    sample(model, steps=4, num_samples=2, cfg=2.0)
+    assert routing.slice_count == first  # cached: the second run slices nothing
+    model.blocks[0].attn.qkv.weight.mul_(1.0)  # an in-place edit (optimizer, load_state_dict) invalidates the cache
+    sample(model, steps=4, num_samples=2)
+    assert routing.slice_count > first
+
+
+@torch.no_grad()
+def test_deepcopy_keeps_its_own_routing():
+    model, routing = _dynamic()
+    _randomize_routers(routing)
+    x, t, y = _inputs(model, t=100)
+    ref = model(x, t, y)
+    twin = copy.deepcopy(model)
+    assert twin.dydit._blocks[0] is twin.blocks[0]
+    assert torch.equal(twin(x, t, y), ref)
+
+
+# --------------------------------------------------------------------------- training and method
+def test_flops_loss_pushes_routers_toward_the_budget(tmp_path):
+    model = tiny_dit(depth=2, num_heads=2, in_channels=1)
+    ctx = _ctx(tmp_path)
+    out = dydit(model, 0.4, ctx, config=DyDiTConfig(train_steps=3, calibrate=False, complete_model_loss=True))
+    biases = torch.cat([r.head.bias for r in out.dydit.routers] + [r.token.bias for r in out.dydit.routers])
+    assert (biases < 4.0).all()  # moved from the all-on init toward fewer heads/tokens
+
+
+def test_lora_mode_trains_routers_and_merges_adapters(tmp_path):
+    model = tiny_dit(depth=2, num_heads=2, in_channels=1)
+    before = model.blocks[0].attn.qkv.weight.clone()
+    out = dydit(model, 0.6, _ctx(tmp_path), tune="lora", config=FAST)
+    assert type(out.blocks[0].attn.qkv) is torch.nn.Linear
+    assert not any("lora" in k for k in out.state_dict())
+    assert not torch.equal(out.blocks[0].attn.qkv.weight, before)  # merged delta
+    assert torch.equal(out.blocks[1].adaLN_modulation[1].weight, tiny_dit(depth=2, num_heads=2, in_channels=1).blocks[1].adaLN_modulation[1].weight)
+
+
+def test_compress_meets_budget_and_save_load_roundtrip(tmp_path):
+    from typer.testing import CliRunner
+
+    from slimdiff.cli import app
+
+    model = tiny_dit(depth=3, num_heads=4, in_channels=1)
+    model.slimdiff_meta = {"name": "tiny"}
+    ctx = _ctx(tmp_path)
+    out = compress(model, "dydit", 0.6, ctx, {"train_steps": 2, "tune": "full"})
+    assert out.slimdiff_meta["measured"]["macs_ratio"] <= 0.75
+    tables = out.dydit.tables
+    assert len(tables) == 3 and all(len(v) == 3 for v in tables.values())
+    path = slimdiff.save(out, tmp_path / "dydit")
+    loaded = slimdiff.load(str(path))
+    assert isinstance(loaded, DiT) and loaded.dydit.tables == tables
+    x, t, y = _inputs(loaded, t=int(next(iter(tables))))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), out(x, t, y))
+    res = CliRunner().invoke(app, ["info", str(path), "--json", "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output.strip().splitlines()[-1])
+    assert info["macs_sampling"] == macs_sampling(loaded, steps=3) == out.slimdiff_meta["measured"]["macs_sampling"]
+
+
+def test_calibration_shift_is_monotone(tmp_path):
+    model, routing = _dynamic()
+    _randomize_routers(routing)
+    model.slimdiff_meta = {}
+    cost = cost_model(model)
+    ratios = []
+    for delta in (-5.0, 0.0, 5.0):
+        shift_routers(routing, delta)
+        ratios.append(routed_ratio(model, cost, "ddim", 3, 1.0, 2))
+        shift_routers(routing, -delta)
+    assert ratios[0] >= ratios[1] >= ratios[2] and ratios[0] > ratios[2]
+
+
+def test_diffusers_dit_is_converted(tmp_path):
+    out = dydit(tiny_diffusers_dit(), 0.8, _ctx(tmp_path), config=DyDiTConfig(train_steps=0, calibrate_samples=1,
+                                                                               calibrate_iters=2))
+    assert isinstance(out, DiT) and isinstance(out.dydit, DyDiTRouting)
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("budget", [0, -0.1, 1.5, "x"])
+def test_bad_budget(budget, tmp_path):
+    with pytest.raises(UsageError, match="budget"):
+        compress(tiny_dit(), "dydit", budget, _ctx(tmp_path))
+
+
+@pytest.mark.parametrize("factory,match", [(tiny_unet, "UNet"), (tiny_pixart, "PixArt")])
+def test_unsupported_backbones(factory, match, tmp_path):
+    with pytest.raises(UsageError, match=match):
+        dydit(factory(), 0.5, _ctx(tmp_path), train_steps=0)
+
+
+def test_bad_tune(tmp_path):
+    with pytest.raises(UsageError, match="tune"):
+        dydit(tiny_dit(), 0.5, _ctx(tmp_path), tune="half")
+
+
+def test_training_decisions_pass_gradients_to_every_router():
+    model, routing = _dynamic()
+    model.train()
+    x, t, y = _inputs(model, batch=4)
+    model(x, t, y).pow(2).mean().backward()
+    for r in routing.routers:
+        for lin in (r.head, r.group, r.token):
+            assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
