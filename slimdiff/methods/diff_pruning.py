@@ -72,7 +72,7 @@ from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, check_budget, record, recover, register_method, sampling_macs
 
 __all__ = [
-    "TimestepTrace", "Trial", "taylor_timesteps", "calibration_batch", "accumulate_gradients",
+    "TimestepTrace", "Trial", "check_threshold", "taylor_timesteps", "calibration_batch", "accumulate_gradients",
     "group_roots", "prune_with_ratio", "prune_to_budget", "diff_pruning", "random_width", "magnitude_width",
     "HEAD_MODES", "TOLERANCE",
 ]
@@ -101,6 +101,18 @@ class TimestepTrace:
                 "losses": [round(v, 6) for v in self.losses]}
 
 
+def check_threshold(threshold: float) -> float:
+    """Diff-Pruning's threshold is a fraction of the largest loss, in [0, 1] (0 = all timesteps)."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise UsageError(f"threshold must be in [0, 1] (a fraction of the largest loss; 0 = all timesteps), "
+                         f"got {threshold!r}")
+    return value
+
+
 def taylor_timesteps(loss_at: Callable[[int], torch.Tensor], timesteps: Iterable[int], threshold: float, *,
                      backprop_stop_step: bool = False) -> TimestepTrace:
     """Sum gradients of ``loss_at(t)`` over ``timesteps`` (ascending) until the first ``t`` with
@@ -110,8 +122,7 @@ def taylor_timesteps(loss_at: Callable[[int], torch.Tensor], timesteps: Iterable
     step adds no gradient. ``True`` (``ddpm_prune.py``): back-propagate first, so it does.
     The caller zeroes gradients beforehand; nothing here zeroes them (they accumulate).
     """
-    if not 0 <= threshold <= 1:
-        raise UsageError(f"threshold must be in [0, 1] (a fraction of the largest loss; 0 = all timesteps), got {threshold}")
+    check_threshold(threshold)
     trace = TimestepTrace()
     for t in timesteps:
         loss = loss_at(int(t))
@@ -149,7 +160,8 @@ def _cond_for(bb, labels: torch.Tensor | None, n: int, gen: torch.Generator) -> 
     return None
 
 
-def calibration_batch(model: nn.Module, ctx: Context, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+def calibration_batch(model: nn.Module, ctx: Context,
+                      size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str]:
     """The fixed calibration batch ``(x0, cond, source)`` for ``model``.
 
     ``size`` samples (default ``ctx.batch_size``) of ``ctx.data`` drawn with ``ctx.seed``.
@@ -359,7 +371,8 @@ def group_roots(model: nn.Module, heads: str = "dims") -> tuple[list[str], float
     pruner = _make_pruner(model, 0.5, "magnitude", heads)
     names = {m: n for n, m in model.named_modules()}
     roots, sizes = [], []
-    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+    groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types)
+    for group in groups:
         root = group[0].dep.target.module
         is_attn, _ = pruner._is_atten_group(group)
         if is_attn:
@@ -531,9 +544,7 @@ def diff_pruning(model: nn.Module, budget: float, ctx: Context, threshold: float
     ``heads`` ("dims" or "whole"), ``calibration`` = ``(x0, cond)`` to override the batch
     drawn from ``ctx.data``.
     """
-    threshold = float(threshold)
-    if not 0 <= threshold <= 1:
-        raise UsageError(f"threshold must be in [0, 1] (a fraction of the largest loss; 0 = all timesteps), got {threshold}")
+    threshold = check_threshold(threshold)
     settings = {"threshold": threshold, "stride": stride, "backprop_stop_step": backprop_stop_step}
 
     def prepare(m: nn.Module) -> tuple[dict, dict]:
@@ -551,7 +562,8 @@ def random_width(model: nn.Module, budget: float, ctx: Context, *, heads: str = 
     return _width_prune(model, budget, ctx, "random-width", "random", heads=heads, settings={"seed": ctx.seed})
 
 
-@register_method("magnitude-width", kind="width", help="baseline: L2 weight-magnitude importance, Diff-Pruning's pruner")
+@register_method("magnitude-width", kind="width",
+                 help="baseline: L2 weight-magnitude importance, Diff-Pruning's pruner")
 def magnitude_width(model: nn.Module, budget: float, ctx: Context, *, heads: str = "dims") -> nn.Module:
     """Magnitude (group L2) width pruning with exactly Diff-Pruning's pruner, search and recovery."""
     return _width_prune(model, budget, ctx, "magnitude-width", "magnitude", heads=heads, settings={})

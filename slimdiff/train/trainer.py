@@ -173,7 +173,13 @@ def train(
     out_dir = Path(out_dir)
     if config.kd != "none" and teacher is None:
         raise UsageError(f"distillation mode {config.kd!r} needs a teacher model (--teacher)")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    import importlib.util
+
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
+                              log_with="tensorboard" if tensorboard else None, project_dir=str(out_dir))
+    if tensorboard:
+        accelerator.init_trackers("logs", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))})
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise UsageError(f"global batch {config.batch_size} does not divide over {world} processes")
@@ -282,13 +288,16 @@ def train(
                         f"loss became NaN/inf before step {done}; the last good checkpoint in {out_dir} is kept. "
                         "Lower --lr or check the data, then --resume"
                     )
-                n = config.log_every if done % config.log_every == 0 else max(1, done % config.log_every)
                 dt = time.perf_counter() - t0
-                logs = {"loss": float(running) / n, "lr": scheduler.get_last_lr()[0], "samples_per_s": seen / dt}
+                logs = {"loss": float(running) / (seen // config.batch_size), "lr": scheduler.get_last_lr()[0],
+                        "samples_per_s": seen / dt}
                 running.zero_()
                 t0, seen = time.perf_counter(), 0
                 if bar is not None:
-                    bar.update(bar.task_ids[0], completed=done, description=f"train loss {logs['loss']:.4f}")
+                    bar.update(bar.task_ids[0], completed=done,
+                               description=f"train loss {logs['loss']:.4f} | {logs['samples_per_s']:.0f} samples/s")
+                elif accelerator.is_main_process and done % (10 * config.log_every) == 0:
+                    accelerator.print(f"step {done}: loss {logs['loss']:.4f}, {logs['samples_per_s']:.0f} samples/s")
                 accelerator.log(logs, step=done)
             if done % config.checkpoint_every == 0 or done == config.steps:
                 checkpoint(done)
