@@ -59,7 +59,9 @@ def teacher(quick: bool, spec: str = "digits-dit") -> tuple[nn.Module, str]:
         from slimdiff.models.dit import DiT_models
 
         model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10, learn_sigma=False)
-        model.load_state_dict(load_file(spec))
+        missing, unexpected = model.load_state_dict(load_file(spec), strict=False)
+        if unexpected or set(missing) != {"pos_embed"}:  # EMA files hold parameters; pos_embed is a fixed buffer
+            raise SystemExit(f"{spec} is not a DiT-T/2 digits state dict (missing {missing}, unexpected {unexpected})")
         return model.eval(), f"checkpoint {spec}"
     if spec != "digits-dit" or (shipped_dir("digits-dit") / "slimdiff.json").is_file():
         return slimdiff.load(spec), spec
