@@ -33,3 +33,12 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def progress(iterable, description: str, enabled: bool = True, total: int | None = None):
+    """``iterable`` with a transient rich progress bar when ``enabled`` (long loops only)."""
+    if not enabled:
+        return iterable
+    from rich.progress import track
+
+    return track(iterable, description=description, total=total, transient=True)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from slimdiff.diffusion.schedulers import DiffusionConfig, diffusion_config_of, make_scheduler
 from slimdiff.errors import UsageError
+from slimdiff.utils import progress as progress_bar
 
 
 _SAMPLER: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("slimdiff_sampler", default=None)
@@ -110,11 +111,7 @@ def sample(
     x_dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(seed + 1)
     timesteps = scheduler.timesteps
-    it = enumerate(timesteps)
-    if progress:
-        from rich.progress import track
-
-        it = track(it, total=len(timesteps), description=f"{sampler} x{steps}", transient=True)
+    it = progress_bar(enumerate(timesteps), f"{sampler} x{steps}", progress, total=len(timesteps))
     cond_in = torch.cat([cond, bb.null_cond(cond, n).to(device)]) if guided else None
     with sampling_context(sampler, steps):
         for i, t in it:

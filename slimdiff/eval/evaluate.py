@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from slimdiff.diffusion.sampling import sample
 from slimdiff.errors import UsageError
+from slimdiff.utils import progress as progress_bar
 
 BATCH = 250
 
@@ -28,11 +29,7 @@ def generate(model: nn.Module, n: int, *, sampler: str = "ddim", steps: int = 50
     if bb.conditioning is None:
         cfg = 1.0
     out, labels = [], []
-    starts = range(0, n, BATCH)
-    if progress:
-        from rich.progress import track
-
-        starts = track(starts, description=f"sampling {n}", transient=True)
+    starts = progress_bar(range(0, n, BATCH), f"sampling {n}", progress)
     for b, start in enumerate(starts):
         m = min(BATCH, n - start)
         cls = [(start + i) % k for i in range(m)] if k else None

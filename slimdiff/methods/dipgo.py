@@ -57,6 +57,7 @@ from slimdiff.runtime.reuse import (
     reuse_blocks,
     soft_reuse,
 )
+from slimdiff.utils import progress
 
 LOSSES = ("ssim", "l1", "l2")
 
@@ -286,11 +287,7 @@ def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *
     for p in model.parameters():
         p.requires_grad_(False)
     history: list[dict] = []
-    it = range(opt_steps)
-    if ctx.progress:
-        from rich.progress import track
-
-        it = track(it, description=f"DiP-GO x{opt_steps}", transient=True)
+    it = progress(range(opt_steps), f"DiP-GO x{opt_steps}", ctx.progress)
     for s in it:
         noise, labels, target = teacher_batch(model, batch, ctx.seed + 7919 * (s + 1), sampler=ctx.sampler,
                                               steps=ctx.steps, cfg=ctx.cfg)

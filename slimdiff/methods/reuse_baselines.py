@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimdiff.errors import UsageError
+from slimdiff.utils import progress
 from slimdiff.methods.base import Context, register_method, register_restorer
 from slimdiff.methods.dipgo import finish, prepare, restore_plan, teacher_batch, threshold_plan
 from slimdiff.runtime.reuse import (
@@ -123,11 +124,7 @@ def l2c_train(model: nn.Module, costs: BlockCosts, ctx: Context, opt_steps: int,
     opt = torch.optim.Adam([logits], lr=lr)
     w = torch.tensor(costs.blocks, dtype=torch.float32) / costs.forward
     losses: list[float] = []
-    it = range(opt_steps)
-    if ctx.progress:
-        from rich.progress import track
-
-        it = track(it, description=f"L2C x{opt_steps}", transient=True)
+    it = progress(range(opt_steps), f"L2C x{opt_steps}", ctx.progress)
     for s in it:
         noise, labels, _ = teacher_batch(model, batch, ctx.seed + 7919 * (s + 1), sampler=ctx.sampler,
                                          steps=ctx.steps, cfg=ctx.cfg, with_target=False)
