@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/slimdiff sample --model digits-dit --classes 0,1,2,3,4,5,6,7,8,9 -n 40 --cfg 1.5 -o runs/demo/grid.png
+	$(BIN)/slimdiff sample --model digits-dit --classes 0,1,2,3,4,5,6,7,8,9 -n 40 -o runs/demo/grid.png
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -1,6 +1,6 @@
 """Evaluate the shipped teacher (issue 3's acceptance) and write ``bench/teacher/results.json``.
 
-Usage: ``python scripts/evaluate_teacher.py [--samples 1000] [--cfgs 1.0,1.5,2.0] [--seeds 0,1,2]``.
+Usage: ``python scripts/evaluate_teacher.py [--samples 1000] [--cfgs 1.0,1.5] [--seeds 0,1,2]``.
 Every guidance scale is evaluated at the first seed (DDIM 50 steps); the default scale of
 ``slimdiff eval`` is then evaluated at every seed to report FD's spread over seeds.
 """
@@ -42,8 +42,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="digits-dit")
     ap.add_argument("--samples", type=int, default=1000)
-    ap.add_argument("--cfgs", default="1.0,1.5,2.0")
-    ap.add_argument("--default-cfg", type=float, default=1.5)
+    ap.add_argument("--cfgs", default="1.0,1.5")
+    ap.add_argument("--default-cfg", type=float, default=1.0)
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
     model = slimdiff.load(args.model)

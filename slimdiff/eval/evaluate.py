@@ -17,7 +17,7 @@ BATCH = 250
 
 
 @torch.no_grad()
-def generate(model: nn.Module, n: int, *, sampler: str = "ddim", steps: int = 50, cfg: float = 1.5,
+def generate(model: nn.Module, n: int, *, sampler: str = "ddim", steps: int = 50, cfg: float = 1.0,
              seed: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``n`` samples (and their class labels) with the protocol's labels and per-batch noise seeds."""
     from slimdiff.models.backbone import as_backbone
@@ -40,14 +40,14 @@ def generate(model: nn.Module, n: int, *, sampler: str = "ddim", steps: int = 50
 
 
 def evaluate(model: nn.Module, reference: nn.Module | None = None, *, samples: int = 1000, sampler: str = "ddim",
-             steps: int = 50, cfg: float = 1.5, seed: int = 0, progress: bool = False) -> dict:
+             steps: int = 50, cfg: float = 1.0, seed: int = 0, progress: bool = False) -> dict:
     """Generate ``samples`` images with the protocol's labels and noise, then :func:`score` them."""
     x, y = generate(model, samples, sampler=sampler, steps=steps, cfg=cfg, seed=seed, progress=progress)
     return score(model, x, y, reference, sampler=sampler, steps=steps, cfg=cfg, seed=seed, progress=progress)
 
 
 def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, reference: nn.Module | None = None, *,
-          sampler: str = "ddim", steps: int = 50, cfg: float = 1.5, seed: int = 0, progress: bool = False,
+          sampler: str = "ddim", steps: int = 50, cfg: float = 1.0, seed: int = 0, progress: bool = False,
           reference_samples: torch.Tensor | None = None) -> dict:
     """FD (judge features, vs. the held-out digits test split) and its real-data floor, class
     accuracy, SSIM/PSNR to the reference's samples from the same noise, MACs ratio, params.
