@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--opt-steps", type=int, default=None)
-    ap.add_argument("--cfg", type=float, default=1.5)
+    ap.add_argument("--cfg", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     args.samples = args.samples or (40 if args.quick else 2000)

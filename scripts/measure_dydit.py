@@ -223,7 +223,7 @@ def main() -> None:
     p.add_argument("--tune", default="full")
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--sample-steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--cfg", type=float, default=1.0)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--repeats", type=int, default=5)
