@@ -55,8 +55,9 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "tinyfusion"))
-    ap.add_argument("--part", choices=("all", "quality", "speed"), default="all",
+    ap.add_argument("--part", choices=("all", "quality", "speed", "shapes"), default="all",
                     help="run one part and merge it into an existing results.json")
+    ap.add_argument("--shapes", default="6:12", help="[--part shapes] other TinyFusion keep patterns, ';'-separated")
     args = ap.parse_args()
     if args.quick:
         args.model, args.search_steps, args.recover_steps, args.batch_size = "quick", 4, 2, 16
@@ -140,6 +141,23 @@ def quality(args, work: Path) -> tuple[dict, dict]:
         "kd_fd": {k: v["fd"] for k, v in kd_results.items()},
     }
     return {"methods": results, "kd_ablation": kd_results, "summary": summary}, search
+
+
+def other_shapes(args, work: Path) -> dict:
+    """TinyFusion with other group shapes (same depth, recovery and scoring as the main table)."""
+    from slimdiff.eval.evaluate import generate
+    from slimdiff.methods.base import compress
+
+    teacher = _teacher(args)
+    ref, _ = generate(teacher, args.samples, sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed)
+    out = {}
+    for keep in args.shapes.split(";"):
+        m = compress(teacher, "tinyfusion", 1.0, _ctx(args, work / f"tf-{keep.replace(':', 'of')}", args.kd, teacher),
+                     {"keep": keep, "search_steps": args.search_steps})
+        out[f"tinyfusion keep={keep}"] = {**_entry(m, teacher, ref, args, "tinyfusion"),
+                                          "probabilities": m.slimdiff_meta["extras"]["tinyfusion"]["probabilities"],
+                                          "environment": _environment(args)}
+    return out
 
 
 def plot_probabilities(search: dict, path: Path) -> None:
@@ -233,6 +251,9 @@ def report(results: dict) -> str:
             kept = r.get("kept_blocks", "all")
             lines.append(f"| {name} | {kept} | {r['fd']:.2f} | {r['class_acc']:.3f} | {r['ssim'] or float('nan'):.3f} "
                          f"| {r['psnr'] or float('nan'):.2f} | {r['macs_ratio']:.3f} |")
+        for name, r in (q.get("other_shapes") or {}).items():
+            lines.append(f"| {name} | {r['kept_blocks']} | {r['fd']:.2f} | {r['class_acc']:.3f} | {r['ssim']:.3f} "
+                         f"| {r['psnr']:.2f} | {r['macs_ratio']:.3f} |")
         lines += ["", f"FD floor (real train vs test): {q['methods']['teacher']['fd_floor']:.2f}", "",
                   "## TinyFusion recovery loss (same kept blocks, same steps)", "", "| recovery | FD | class acc |",
                   "|---|---|---|"]
@@ -268,6 +289,11 @@ def main() -> None:
         q["environment"] = {**env, "load_average_end": os.getloadavg()}
         results["quality"] = q
         results["search"] = {k: search[k] for k in ("groups", "probabilities", "probability_history", "search")}
+        shutil.rmtree(work, ignore_errors=True)
+    if args.part == "shapes":
+        work = out / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        results.setdefault("quality", {}).setdefault("other_shapes", {}).update(other_shapes(args, work))
         shutil.rmtree(work, ignore_errors=True)
     if args.part in ("all", "speed"):
         t1 = time.time()

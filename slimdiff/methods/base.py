@@ -162,7 +162,7 @@ def recover(model: nn.Module, ctx: Context, tag: str, **train_kwargs) -> nn.Modu
     dataset = get_dataset(ctx.data, size=bb.sample_size, channels=bb.in_channels)
     cfg = TrainConfig(steps=ctx.recover_steps, batch_size=ctx.batch_size, lr=ctx.lr, lr_schedule="constant",
                       kd=ctx.kd, seed=ctx.seed, checkpoint_every=max(1, ctx.recover_steps // 4), **train_kwargs)
-    work = (ctx.work_dir or Path("runs/compress")) / f"recover-{tag}"
+    work = Path(ctx.work_dir or "runs/compress") / f"recover-{tag}"
     return train(model, dataset, cfg, work, teacher=ctx.teacher if ctx.kd != "none" else None, resume=True,
                  progress=ctx.progress)
 

@@ -122,6 +122,19 @@ def _has_null(bb) -> bool:
     return True
 
 
+def _check_same_run(saved: dict | None, current: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint written with other settings (it would silently mix runs)."""
+    if saved is None:
+        return
+    current = {k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()}) for k, v in current.items()}
+    diff = sorted(k for k in current if k in saved and saved[k] != current[k] and k != "checkpoint_every")
+    if diff:
+        raise UsageError(
+            f"the checkpoint in {path} was written with other settings ({', '.join(diff)}); "
+            "delete it or choose another output directory to start a new run"
+        )
+
+
 def _check_conditioning(bb, dataset: Dataset) -> None:
     """Fail up front when the data cannot condition the model."""
     if bb.conditioning == "text":
@@ -202,6 +215,7 @@ def train(
     ckpt = find_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt)
+        _check_same_run(state["info"].get("config"), asdict(config), ckpt)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
@@ -223,7 +237,7 @@ def train(
     sl = slice(rank * local, (rank + 1) * local)
     t_den = capture_s = capture_t = None
     if teacher is not None:
-        teacher = teacher.to(device).eval().requires_grad_(False)
+        teacher = teacher.to(device).eval()  # run under no_grad; its requires_grad flags stay the caller's
         t_den = Denoiser(teacher)
         if config.kd in ("hidden", "masked"):
             capture_s = HiddenCapture(model, list(config.layer_map or {}))
