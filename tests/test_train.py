@@ -22,6 +22,7 @@ from slimdiff.train.trainer import TrainConfig, TrainingDiverged, train
 TINY = dict(input_size=8, in_channels=1, num_classes=10, learn_sigma=False)
 RUN = """
 import sys, torch
+torch.set_num_threads(int(__import__("os").environ["OMP_NUM_THREADS"]))
 from slimdiff.data.datasets import digits
 from slimdiff.models.dit import DiT_models
 from slimdiff.train.trainer import TrainConfig, train
@@ -52,7 +53,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     cfg = dict(steps=16, batch_size=16, lr=1e-3, warmup_steps=2, checkpoint_every=2, log_every=2, seed=0)
     reference = train(_fresh(), digits("train"), TrainConfig(**cfg), tmp_path / "a", progress=False)
     run = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, "-c", RUN.format(cfg=cfg), str(run)])
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float reduction order
+    proc = subprocess.Popen([sys.executable, "-c", RUN.format(cfg=cfg), str(run)], env=env)
     deadline = time.time() + 120
     while _step_of(run) < 6 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
