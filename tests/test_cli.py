@@ -85,3 +85,13 @@ def test_usage_errors_are_one_line_with_exit_code_2(args, needle):
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_finetune_with_output_kd_saves_a_loadable_model(tiny_digits_model, tmp_path):
+    out = tmp_path / "ft"
+    run("finetune", "--model", str(tiny_digits_model), "--teacher", str(tiny_digits_model), "--kd", "output",
+        "--steps", "2", "--batch-size", "8", "--checkpoint-every", "1", "-o", str(out))
+    tuned = slimdiff.load(out / "model")
+    assert tuned.slimdiff_meta["finetune"]["kd"] == "output"
+    before = slimdiff.load(tiny_digits_model)
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), tuned.state_dict().values()))
