@@ -1,0 +1,348 @@
+"""``slimdiff bench`` and ``slimdiff demo``: every method and baseline side by side (BENCHMARK.md §1).
+
+One run compresses the teacher with every method (and chains such as ``tinyfusion+dipgo``)
+at every budget, all with the same recovery steps, optimiser, sampler, seeds and class
+labels, and scores each against the teacher's samples from the same noise. It writes into
+``-o DIR``:
+
+- ``entries/<key>.json`` -- one file per finished entry, written atomically. A rerun with
+  the same settings keeps them and computes only what is missing (an interrupted entry's
+  recovery resumes from its trainer checkpoint under ``work/``);
+- ``results.json`` (every number, library versions, seeds, machine, git commit),
+  ``report.md``, ``pareto.png`` (MACs vs FD, every point labelled), ``samples.png``
+  (teacher and every student from the same noise) and ``pictures/<key>/`` (each method's
+  own picture).
+
+Equal recovery: weight-changing methods get ``recover_steps`` fine-tuning steps. DyDiT
+trains its routers *with* the weights, so it gets ``train_steps = recover_steps`` in place
+of a separate recovery (the same number of optimiser steps); pass ``--option
+train_steps=N`` to change that. Reuse methods (DiP-GO, DeepCache, ...) keep the weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimdiff.errors import UsageError
+
+DEMO_METHODS = ("diff-pruning", "tinyfusion", "dydit", "dipgo")
+DEFAULT_CHAINS = ("tinyfusion+dipgo",)
+PROTOCOL = ("model", "sampler", "steps", "cfg", "seed", "samples", "recover_steps", "batch_size", "lr", "kd", "data",
+            "options")
+
+
+@dataclass
+class BenchConfig:
+    """What one bench run compares, and under which protocol."""
+
+    model: str = "digits-dit"
+    budgets: list[float] = field(default_factory=lambda: [0.5, 0.25])
+    methods: list[str] | None = None  # None: every registered method and baseline, plus DEFAULT_CHAINS
+    samples: int = 2000
+    sampler: str = "ddim"
+    steps: int = 50
+    cfg: float = 1.0
+    seed: int = 0
+    recover_steps: int = 300
+    batch_size: int = 64
+    lr: float = 2e-4
+    kd: str = "none"
+    data: str = "digits"
+    options: dict[str, Any] = field(default_factory=dict)  # method options, given to the methods that declare them
+    latency_batch: int = 16
+    latency_repeats: int = 3
+    grid: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from slimdiff.methods.base import check_budget
+
+        self.budgets = [check_budget(b) for b in self.budgets]
+        if self.samples < 1:
+            raise UsageError(f"--samples must be >= 1, got {self.samples}")
+        if self.recover_steps < 0:
+            raise UsageError(f"--recover-steps must be >= 0, got {self.recover_steps}")
+
+    def protocol(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k in PROTOCOL}
+
+
+def demo_config(**overrides) -> BenchConfig:
+    """The reduced bench of ``slimdiff demo``: the four methods once at budget 0.5, short recovery."""
+    base = dict(budgets=[0.5], methods=list(DEMO_METHODS), samples=500, recover_steps=50,
+                options={"search_steps": 50, "opt_steps": 10})
+    return BenchConfig(**{**base, **overrides})
+
+
+def entry_list(config: BenchConfig) -> list[tuple[str, str, float]]:
+    """``(key, method-or-chain, budget)`` for every entry; keys look like ``tinyfusion+dipgo@0.25``."""
+    from slimdiff.methods.base import METHODS, _load_all, get_method
+
+    _load_all()
+    methods = config.methods if config.methods is not None else sorted(METHODS) + list(DEFAULT_CHAINS)
+    if not methods:
+        raise UsageError("no methods to bench; pass --methods (see `slimdiff methods`)")
+    if not config.budgets:
+        raise UsageError("no budgets to bench; pass --budgets 0.5,0.25")
+    for m in methods:
+        for part in m.split("+"):
+            get_method(part)
+    return [(f"{m}@{b:g}", m, b) for b in config.budgets for m in methods]
+
+
+def _filename(key: str) -> str:
+    return key.replace("/", "_")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (temporary file in the same directory, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def environment() -> dict:
+    """Library versions, machine and git commit, for results.json."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    libs = {}
+    for lib in ("slimdiff", "torch", "diffusers", "torch-pruning", "peft", "accelerate", "torchmetrics", "pytorch-msssim"):
+        try:
+            libs[lib] = version(lib)
+        except PackageNotFoundError:
+            libs[lib] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"libraries": libs, "platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "git_commit": commit,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+class Bench:
+    """One bench directory: its settings, the teacher's samples, and the finished entries."""
+
+    def __init__(self, config: BenchConfig, out: Path):
+        from rich.console import Console
+
+        self.config, self.out = config, Path(out)
+        self.console = Console(stderr=True, quiet=not config.progress)
+        self.entries = entry_list(config)
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """Refuse to mix results of another protocol into this directory."""
+        path = self.out / "bench.json"
+        mine = json.loads(json.dumps(self.config.protocol()))
+        if path.exists():
+            theirs = json.loads(path.read_text())
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if diff:
+                raise UsageError(f"{self.out} holds bench results made with other settings ({', '.join(diff)}); "
+                                 f"rerun with the same settings to resume, or pass another -o")
+        else:
+            try:
+                _write_json(path, mine)
+            except OSError as e:
+                raise UsageError(f"cannot write the bench directory {self.out} ({e.strerror}); pass a writable -o") from None
+
+    # -- the teacher -----------------------------------------------------------------
+    def teacher(self) -> tuple[nn.Module, dict, torch.Tensor]:
+        """The teacher, its scores and its samples (computed once, then read back)."""
+        from slimdiff import load
+        from slimdiff.eval.evaluate import generate, score
+
+        c = self.config
+        model = load(c.model)
+        model.eval()
+        path, scores = self.out / "teacher_samples.safetensors", self.out / "entries" / "teacher.json"
+        if path.exists() and scores.exists():
+            return model, json.loads(scores.read_text()), _load_tensors(path)["x"]
+        self.console.print(f"[bold]teacher[/bold] {c.model}: {c.samples} samples")
+        start = time.perf_counter()
+        x, y = generate(model, c.samples, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed, progress=c.progress)
+        result = score(model, x, y, None, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed)
+        result["eval_wall_s"] = time.perf_counter() - start
+        _save_tensors(path, {"x": x, **({"y": y} if y is not None else {})})
+        _write_json(scores, result)
+        return model, result, x
+
+    # -- one entry -------------------------------------------------------------------
+    def _context(self, key: str, teacher: nn.Module, recover_steps: int):
+        from slimdiff.methods.base import Context
+
+        c = self.config
+        return Context(sampler=c.sampler, steps=c.steps, cfg=c.cfg, data=c.data, seed=c.seed,
+                       recover_steps=recover_steps, kd=c.kd, batch_size=c.batch_size, lr=c.lr,
+                       work_dir=self.out / "work" / _filename(key), progress=c.progress, teacher=teacher)
+
+    def _plan(self, parts: list[str]) -> tuple[dict, int]:
+        """The options each method declares, and the recovery steps: ``recover_steps`` when a
+        static (depth/width) method changes weights; dynamic methods train that many steps
+        instead; reuse methods keep the weights."""
+        from slimdiff.methods.base import get_method
+
+        entries = [get_method(p) for p in parts]
+        declared = {o for e in entries for o in e.options}
+        options = {k: v for k, v in self.config.options.items() if k in declared}
+        kinds = {e.kind for e in entries}
+        if "dynamic" in kinds:
+            options.setdefault("train_steps", self.config.recover_steps)
+            return options, 0
+        return options, self.config.recover_steps if kinds & {"depth", "width"} else 0
+
+    def run_entry(self, key: str, method: str, budget: float, teacher: nn.Module, ref: torch.Tensor) -> dict:
+        """Compress, score against the teacher, time, draw; returns the entry's record."""
+        from slimdiff.eval.evaluate import generate, score
+        from slimdiff.eval.report import method_pictures
+        from slimdiff.methods.base import compress, get_method
+        from slimdiff.models.backbone import as_backbone
+
+        c = self.config
+        parts = method.split("+")
+        kind = "+".join(get_method(p).kind for p in parts)
+        base = {"method": method, "budget": budget, "kind": kind}
+        options, recover_steps = self._plan(parts)
+        ctx = self._context(key, teacher, recover_steps)
+        cpu, wall = time.process_time(), time.perf_counter()
+        try:
+            student = compress(teacher, parts, budget, ctx, options)
+        except UsageError as e:  # the method does not apply to this model: say so in the table
+            return {**base, "skipped": str(e)}
+        compress_cpu, compress_wall = time.process_time() - cpu, time.perf_counter() - wall
+        student.eval()
+        start = time.perf_counter()
+        x, y = generate(student, c.samples, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed,
+                        progress=c.progress)
+        scores = score(student, x, y, teacher, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed,
+                       reference_samples=ref)
+        eval_wall = time.perf_counter() - start
+        _save_tensors(self.out / "samples" / f"{_filename(key)}.safetensors", {"x": x[: c.grid]})
+        pictures = method_pictures(student, self.out / "pictures" / _filename(key), steps=c.steps, cfg=c.cfg,
+                                   depth=len(as_backbone(teacher).blocks))
+        return {**base, **scores, "options": options, "recover_steps": ctx.recover_steps,
+                "wall_ratio": self.wall_ratio(teacher, student),
+                "compress_cpu_s": compress_cpu, "compress_wall_s": compress_wall, "eval_wall_s": eval_wall,
+                "chain": student.slimdiff_meta["method"]["chain"],
+                "pictures": [str(p.relative_to(self.out)) for p in pictures]}
+
+    def wall_ratio(self, teacher: nn.Module, student: nn.Module) -> float:
+        """Sampling wall time of the student / the teacher's: interleaved repeats, same process."""
+        from slimdiff.diffusion.sampling import sample
+        from slimdiff.eval.compute import latency_ratio
+        from slimdiff.models.backbone import as_backbone
+
+        c = self.config
+        bb = as_backbone(teacher)
+        classes = [i % bb.num_classes for i in range(c.latency_batch)] if bb.conditioning == "class" else None
+        n = None if classes else c.latency_batch
+
+        def run(m):
+            return lambda: sample(m, sampler=c.sampler, steps=c.steps, num_samples=n, classes=classes, cfg=c.cfg,
+                                  seed=c.seed)
+
+        timing = latency_ratio({"teacher": run(teacher), "student": run(student)}, "teacher", warmup=1,
+                               repeats=c.latency_repeats)
+        return timing["student"]["ratio"]
+
+    # -- the whole run ---------------------------------------------------------------
+    def run(self) -> dict:
+        """Every entry (finished ones are read back), then results.json, report.md and the plots."""
+        teacher, teacher_scores, ref = self.teacher()
+        done: dict[str, dict] = {}
+        for i, (key, method, budget) in enumerate(self.entries, 1):
+            path = self.out / "entries" / f"{_filename(key)}.json"
+            if path.exists():
+                done[key] = json.loads(path.read_text())
+                self.console.print(f"[dim][{i}/{len(self.entries)}] {key}: done earlier[/dim]")
+                continue
+            self.console.print(f"[bold][{i}/{len(self.entries)}] {key}[/bold]")
+            record = self.run_entry(key, method, budget, teacher, ref)
+            _write_json(path, record)
+            shutil.rmtree(self.out / "work" / _filename(key), ignore_errors=True)
+            done[key] = record
+            self.console.print(f"    {key}: " + (f"skipped ({record['skipped']})" if record.get("skipped") else
+                                                 f"MACs {record['macs_ratio']:.3f}, FD {record['fd']:.2f}, "
+                                                 f"acc {record['class_acc']}, CPU {record['compress_cpu_s']:.0f}s"))
+        return self.finish(teacher_scores, done)
+
+    def finish(self, teacher_scores: dict, done: dict[str, dict]) -> dict:
+        from slimdiff.eval.report import markdown, pareto, sample_rows
+
+        c = self.config
+        results = {"config": asdict(c), "environment": environment(), "teacher": teacher_scores, "entries": done,
+                   "chains": chain_verdicts(done),
+                   "pictures": {k: e["pictures"] for k, e in done.items() if e.get("pictures")}}
+        points = {k: (e["macs_ratio"], e["fd"]) for k, e in done.items() if not e.get("skipped")}
+        points["teacher"] = (1.0, teacher_scores["fd"])
+        pareto(points, self.out / "pareto.png", reference_fd=teacher_scores["fd"], floor=teacher_scores["fd_floor"],
+               title=f"{c.model}: {c.sampler} x{c.steps}, {c.samples} samples, recovery {c.recover_steps} steps")
+        rows = {"teacher": _load_tensors(self.out / "teacher_samples.safetensors")["x"][: c.grid]}
+        for key in done:
+            f = self.out / "samples" / f"{_filename(key)}.safetensors"
+            if f.exists():
+                rows[key] = _load_tensors(f)["x"]
+        sample_rows(rows, self.out / "samples.png")
+        _write_json(self.out / "results.json", results)
+        (self.out / "report.md").write_text(markdown(results))
+        return results
+
+
+def chain_verdicts(entries: dict[str, dict]) -> dict[str, dict]:
+    """For each chain: its FD against the best single method at the same budget."""
+    out = {}
+    for key, e in entries.items():
+        if "+" not in e["method"] or e.get("skipped"):
+            continue
+        singles = {k: s["fd"] for k, s in entries.items()
+                   if "+" not in s["method"] and s["budget"] == e["budget"] and not s.get("skipped")}
+        best = min(singles, key=singles.get) if singles else None
+        out[key] = {"budget": e["budget"], "fd": e["fd"], "best_single": best,
+                    "best_single_fd": singles.get(best), "beats_every_single": bool(singles) and e["fd"] < min(singles.values())}
+    return out
+
+
+def run_bench(config: BenchConfig, out: str | Path) -> dict:
+    """Run (or resume) a bench into ``out``; returns the results written to ``out/results.json``."""
+    return Bench(config, Path(out)).run()
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One flat row per entry (for the CLI table and --json)."""
+    rows = [{"entry": "teacher", "macs_ratio": 1.0, "fd": results["teacher"]["fd"],
+             "class_acc": results["teacher"]["class_acc"]}]
+    for key, e in results["entries"].items():
+        rows.append({"entry": key, "macs_ratio": e.get("macs_ratio"), "fd": e.get("fd"), "class_acc": e.get("class_acc"),
+                     "ssim": e.get("ssim"), "wall_ratio": e.get("wall_ratio"), "compress_cpu_s": e.get("compress_cpu_s"),
+                     **({"skipped": e["skipped"]} if e.get("skipped") else {})})
+    return rows

@@ -1,0 +1,312 @@
+"""Pictures and the markdown report of a benchmark (BENCHMARK.md "Outputs").
+
+Every picture is drawn from what a method *recorded* in ``model.slimdiff_meta`` (so a saved
+model can be drawn again after loading), except DyDiT's token-skip maps, which need a
+sampling run of the routed model:
+
+- width methods (Diff-Pruning, random/magnitude width): kept channels per layer, and for
+  Diff-Pruning the timestep loss curve L_t / L_max with its threshold;
+- TinyFusion: option probabilities per group over the search; depth baselines: kept blocks;
+- DyDiT: active heads and MLP channel groups per (timestep, block), token-keep maps;
+- reuse methods (DiP-GO, DeepCache, L2C, fewer steps): the (step x block) compute plan.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def kept_channels(widths: dict[str, list[int]], path: Path, title: str) -> Path:
+    """Bars of original vs kept output channels per pruned layer."""
+    plt = _plt()
+    names = list(widths)
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.22), 3.5))
+    ax.bar(range(len(names)), [w[0] for w in widths.values()], color="#ddd", label="original")
+    ax.bar(range(len(names)), [w[1] for w in widths.values()], color="#36c", label="kept")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
+    ax.set_ylabel("output channels")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def timestep_losses(curves: dict[str, dict], threshold: float, path: Path, stride: int = 1) -> Path:
+    """L_t / L_max over the timesteps Diff-Pruning accumulated (every ``stride``-th), one line per run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, trace in curves.items():
+        losses = trace["losses"]
+        top = max(losses)
+        ax.plot([(trace.get("first_t") or 0) + i * stride for i in range(len(losses))], [v / top for v in losses], label=name)
+    ax.axhline(threshold, color="k", ls="--", lw=0.8, label="threshold")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("L_t / L_max")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def option_probabilities(groups: list[dict], history: dict, path: Path) -> Path:
+    """TinyFusion: one panel per group, one line per keep-option, over the search steps."""
+    plt = _plt()
+    steps, values = history["steps"], history["values"]  # values[record][group][option]
+    fig, axes = plt.subplots(1, len(groups), figsize=(2.6 * len(groups), 2.8), sharey=True, squeeze=False)
+    for j, (ax, g) in enumerate(zip(axes[0], groups)):
+        for o, blocks in enumerate(g["options"]):
+            ax.plot(steps, [v[j][o] for v in values], label="keep " + ",".join(map(str, blocks)))
+        ax.set_title(f"group {j} ({g['shape']})", fontsize=9)
+        ax.set_xlabel("search step")
+        if len(g["options"]) <= 6:
+            ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("option probability")
+    fig.suptitle("TinyFusion: option probabilities over the search", fontsize=10)
+    return _save(fig, path)
+
+
+def kept_blocks(kept: list[int], depth: int, path: Path, title: str) -> Path:
+    """One row of ``depth`` cells, filled where a block is kept."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(4, depth * 0.35), 1.4))
+    ax.imshow([[i in kept for i in range(depth)]], cmap="Greens", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(depth))
+    ax.set_yticks([])
+    ax.set_xlabel("block")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def width_per_timestep(tables: list[dict], max_heads: int, max_groups: int, path: Path) -> Path:
+    """DyDiT: active heads / MLP channel groups per (sampling step, block)."""
+    import numpy as np
+
+    plt = _plt()
+    heads = np.array([[len(h) for h in e["heads"]] for e in tables]).T
+    groups = np.array([[len(g) for g in e["groups"]] for e in tables]).T
+    ticks = list(range(0, len(tables), max(1, len(tables) // 6)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, data, title, top in ((axes[0], heads, "active heads", max_heads),
+                                 (axes[1], groups, "active MLP channel groups", max_groups)):
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=top)
+        ax.set_xlabel("sampling step (t from high to low)")
+        ax.set_ylabel("block")
+        ax.set_xticks(ticks, [int(tables[i]["t"]) for i in ticks])
+        ax.set_title(title)
+        fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def token_keep_maps(model: nn.Module, path: Path, *, steps: int, cfg: float, n: int = 8) -> Path:
+    """DyDiT: samples, and per token the fraction of blocks whose MLP ran, at early/middle/late steps."""
+    from slimdiff.diffusion.sampling import sample
+    from slimdiff.models.backbone import as_backbone
+    from slimdiff.utils import to_uint8
+
+    plt = _plt()
+    routing = model.dydit
+    pick = sorted({0, steps // 2, steps - 1})
+    maps: dict[int, torch.Tensor] = {}
+
+    def grab(i, t, x):
+        if i in pick:
+            maps[i] = torch.stack([r.keep_maps.float() for r in routing._routes]).mean(0).cpu()
+
+    bb = as_backbone(model)
+    classes = list(range(n)) if bb.conditioning == "class" else None
+    x = sample(model, steps=steps, num_samples=n, classes=classes, cfg=cfg, callback=grab)
+    grid, imgs = bb.token_grid, to_uint8(x)
+    fig, axes = plt.subplots(1 + len(pick), n, figsize=(1.4 * n, 1.5 * (1 + len(pick))), squeeze=False)
+    for j in range(n):
+        axes[0, j].imshow(imgs[j][..., :3].squeeze(), cmap="gray")
+        for k, i in enumerate(pick):
+            axes[k + 1, j].imshow(maps[i][j].reshape(grid).numpy(), cmap="magma", vmin=0, vmax=1)
+            if j == 0:
+                axes[k + 1, j].set_ylabel(f"step {i}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("samples, and the fraction of blocks whose MLP ran per token", fontsize=9)
+    return _save(fig, path)
+
+
+def reuse_plan(plan: dict, path: Path, title: str) -> Path:
+    """The (step x block) plan: computed (green) or reused (white); skipped steps are white columns."""
+    from slimdiff.runtime.reuse import ReusePlan
+
+    plt = _plt()
+    p = ReusePlan.from_dict(plan)
+    c = p.compute.clone()
+    if p.step_compute:
+        c[torch.tensor([not v for v in p.step_compute])] = False
+    fig, ax = plt.subplots(figsize=(max(4, c.shape[0] / 6), 3))
+    ax.imshow(c.T.float().numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xlabel("sampling step")
+    ax.set_ylabel("block")
+    ax.set_title(f"{title}: computed (green) / reused (white)", fontsize=9)
+    return _save(fig, path)
+
+
+def _draw_width(name, extras, model, out, ctx) -> list[Path]:
+    files = []
+    if extras.get("widths"):
+        files.append(kept_channels(extras["widths"], out / f"{name}-kept_channels.png", f"{name}: kept channels per layer"))
+    if extras.get("timesteps"):
+        trace = extras["timesteps"]
+        files.append(timestep_losses({name: trace}, ctx.get("threshold", 0.0), out / f"{name}-timestep_losses.png",
+                                     stride=ctx.get("stride", 1)))
+    return files
+
+
+def _draw_depth(name, extras, model, out, ctx) -> list[Path]:
+    if extras.get("probability_history"):
+        return [option_probabilities(extras["groups"], extras["probability_history"], out / f"{name}-probabilities.png")]
+    if "kept_blocks" in extras:
+        depth = max(int(k) for k in extras["layer_map"].values()) + 1 if extras.get("layer_map") else 0
+        depth = max(depth, ctx.get("depth", 0))
+        return [kept_blocks(extras["kept_blocks"], depth, out / f"{name}-kept_blocks.png", f"{name}: kept blocks")]
+    return []
+
+
+def _draw_dynamic(name, extras, model, out, ctx) -> list[Path]:
+    config, tables = extras.get("config") or {}, (extras.get("tables") or {}).get("entries") or []
+    files = []
+    if tables:
+        files.append(width_per_timestep(tables, max(config.get("heads") or [1]), max(config.get("groups") or [1]),
+                                        out / f"{name}-width_per_timestep.png"))
+    if model is not None and hasattr(model, "dydit"):
+        files.append(token_keep_maps(model, out / f"{name}-token_keep_maps.png", steps=ctx.get("steps", 50),
+                                     cfg=ctx.get("cfg", 1.0)))
+    return files
+
+
+def _draw_reuse(name, extras, model, out, ctx) -> list[Path]:
+    return [reuse_plan(extras, out / f"{name}-plan.png", name)] if extras and "compute" in extras else []
+
+
+DRAWERS: dict[str, Callable[..., list[Path]]] = {"width": _draw_width, "depth": _draw_depth,
+                                                  "dynamic": _draw_dynamic, "reuse": _draw_reuse}
+
+
+def method_pictures(model: nn.Module, out: Path, *, steps: int = 50, cfg: float = 1.0, depth: int = 0) -> list[Path]:
+    """Each method in ``model``'s chain draws its own picture(s) into ``out``; returns the files.
+
+    ``depth`` is the original block count (for the depth baselines' kept-blocks row).
+    """
+    from slimdiff.methods.base import get_method
+
+    meta = getattr(model, "slimdiff_meta", None) or {}
+    extras = meta.get("extras") or {}
+    files: list[Path] = []
+    for entry in (meta.get("method") or {}).get("chain") or []:
+        name = entry["name"]
+        ctx = {"steps": steps, "cfg": cfg, "depth": depth, **(entry.get("settings") or {})}
+        files += DRAWERS[get_method(name).kind](name, extras.get(name) or {}, model, out, ctx)
+    return files
+
+
+def pareto(points: dict[str, tuple[float, float]], path: Path, *, reference_fd: float | None = None,
+           floor: float | None = None, title: str = "") -> Path:
+    """MACs ratio vs FD, every point labelled, the Pareto front (lower-left is better) drawn."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    items = sorted(points.items(), key=lambda kv: (kv[1][0], kv[1][1]))
+    front, best = [], math.inf
+    for name, (macs, fd) in items:
+        if fd < best:
+            front.append((macs, fd))
+            best = fd
+    for name, (macs, fd) in items:
+        ax.scatter(macs, fd, s=18, color="#c33" if (macs, fd) in front else "#36c", zorder=3)
+        ax.annotate(name, (macs, fd), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if len(front) > 1:
+        ax.step([m for m, _ in front], [f for _, f in front], where="post", color="#c33", lw=1, label="Pareto front")
+    if reference_fd is not None:
+        ax.axhline(reference_fd, color="k", lw=0.8, ls=":", label="teacher")
+    if floor is not None:
+        ax.axhline(floor, color="g", lw=0.8, ls="--", label="real-data floor")
+    ax.set_xlabel("sampling MACs / teacher's")
+    ax.set_ylabel("FD (judge features, lower is better)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def sample_rows(rows: dict[str, torch.Tensor], path: Path) -> Path:
+    """One labelled row of samples per model (same noise and labels in every row)."""
+    from slimdiff.utils import to_uint8
+
+    plt = _plt()
+    n = max(len(x) for x in rows.values())
+    fig, axes = plt.subplots(len(rows), n, figsize=(0.8 * n + 1.6, 0.85 * len(rows)), squeeze=False)
+    for r, (name, x) in enumerate(rows.items()):
+        imgs = to_uint8(x)
+        for j in range(n):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(imgs):
+                ax.imshow(imgs[j][..., :3].squeeze(), cmap="gray", vmin=0, vmax=255)
+            if j == 0:
+                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    return _save(fig, path)
+
+
+def _fmt(v, spec: str = ".3g") -> str:
+    if v is None:
+        return "-"
+    return format(v, spec) if isinstance(v, float) else str(v)
+
+
+def markdown(results: dict) -> str:
+    """The bench report: settings, the teacher, one table per budget (sorted by FD), chains, files."""
+    cfg, teacher = results["config"], results["teacher"]
+    lines = [f"# slimdiff bench: {cfg['model']}", "",
+             f"Sampler {cfg['sampler']} x{cfg['steps']}, cfg {cfg['cfg']}, {cfg['samples']} samples (balanced labels, "
+             f"seed {cfg['seed']}; every model sees the same noise), recovery {cfg['recover_steps']} steps "
+             f"(batch {cfg['batch_size']}, lr {cfg['lr']}, kd {cfg['kd']}). Git {results['environment'].get('git_commit')}.",
+             "", f"Teacher: FD {_fmt(teacher['fd'])} (real-data floor {_fmt(teacher['fd_floor'])}; "
+             f"subsample floor {_fmt(teacher['fd_floor_subsample_mean'])} +- {_fmt(teacher['fd_floor_subsample_std'])}), "
+             f"class accuracy {_fmt(teacher['class_acc'])}, {teacher['params']:,} parameters.", ""]
+    head = ("| entry | kind | MACs ratio | FD | class acc | SSIM | PSNR | params | wall ratio | compress CPU-s |",
+            "|---|---|---|---|---|---|---|---|---|---|")
+    for budget in cfg["budgets"]:
+        rows = [(k, e) for k, e in results["entries"].items() if e["budget"] == budget]
+        lines += [f"## Budget {budget}", "", *head]
+        for key, e in sorted(rows, key=lambda kv: (kv[1].get("fd") is None, kv[1].get("fd") or 0)):
+            if e.get("skipped"):
+                lines.append(f"| {key} | {e['kind']} | - | skipped: {e['skipped']} | | | | | | |")
+                continue
+            lines.append(f"| {key} | {e['kind']} | {_fmt(e['macs_ratio'])} | {_fmt(e['fd'])} | {_fmt(e['class_acc'])} | "
+                         f"{_fmt(e['ssim'])} | {_fmt(e['psnr'])} | {e['params']:,} | {_fmt(e['wall_ratio'])} | "
+                         f"{_fmt(e['compress_cpu_s'], '.0f')} |")
+        lines.append("")
+    if results.get("chains"):
+        lines += ["## Chains", ""]
+        for key, c in results["chains"].items():
+            verdict = "beats" if c["beats_every_single"] else "does not beat"
+            lines.append(f"- `{key}` (FD {_fmt(c['fd'])}) {verdict} every single method at budget {c['budget']} "
+                         f"(best single: `{c['best_single']}`, FD {_fmt(c['best_single_fd'])}).")
+        lines.append("")
+    lines += ["## Pictures", "", "![Pareto front](pareto.png)", "", "![samples](samples.png)", ""]
+    for key, files in results.get("pictures", {}).items():
+        lines += [f"- {key}: " + ", ".join(f"[{Path(f).name}]({f})" for f in files)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,128 @@
+"""``slimdiff bench`` end to end on a tiny random digits-shaped DiT, including a resume after kill -9."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_dit
+from typer.testing import CliRunner
+
+import slimdiff
+from slimdiff.bench import BenchConfig, chain_verdicts, run_bench
+from slimdiff.cli import app
+from slimdiff.errors import UsageError
+
+METHODS = ["magnitude-width", "first-depth", "dipgo", "first-depth+dipgo"]
+FAST = dict(budgets=[0.5], samples=20, steps=3, recover_steps=2, batch_size=8, latency_batch=2, latency_repeats=1,
+            options={"opt_steps": 2}, progress=False)
+NUMBERS = ("macs_ratio", "fd", "class_acc", "ssim", "psnr", "params", "macs_sampling")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bench") / "teacher"
+    slimdiff.save(tiny_dit(input_size=8, in_channels=1, learn_sigma=False, depth=4), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(teacher_dir, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench") / "full"
+    return run_bench(BenchConfig(model=str(teacher_dir), methods=METHODS, **FAST), out), out
+
+
+def test_bench_writes_every_entry_report_and_plots(uninterrupted):
+    results, out = uninterrupted
+    assert set(results["entries"]) == {f"{m}@0.5" for m in METHODS}
+    for key, e in results["entries"].items():
+        assert not e.get("skipped"), key
+        assert 0 < e["macs_ratio"] <= 0.5 * 1.03, key  # the budget is met, measured end to end
+        assert e["fd"] > 0 and 0 <= e["class_acc"] <= 1 and e["compress_cpu_s"] >= 0 and e["wall_ratio"] > 0
+        assert e["pictures"] and all((out / p).stat().st_size > 0 for p in e["pictures"]), key
+    assert results["entries"]["magnitude-width@0.5"]["recover_steps"] == 2
+    assert results["environment"]["libraries"]["torch"] and results["teacher"]["fd_floor"] > 0
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["entries"]["dipgo@0.5"]["fd"] == results["entries"]["dipgo@0.5"]["fd"]
+    report = (out / "report.md").read_text()
+    assert all(f"| {m}@0.5 |" in report for m in METHODS) and "## Chains" in report
+    for name in ("pareto.png", "samples.png"):
+        assert (out / name).stat().st_size > 1000
+    chain = results["chains"]["first-depth+dipgo@0.5"]
+    singles = [e["fd"] for k, e in results["entries"].items() if "+" not in k]
+    assert chain["beats_every_single"] == (chain["fd"] < min(singles))
+
+
+def test_bench_resumes_after_kill_and_matches_uninterrupted(teacher_dir, uninterrupted, tmp_path):
+    results, _ = uninterrupted
+    out = tmp_path / "resumed"
+    script = (f"import torch; torch.set_num_threads(1)\n"
+              f"from slimdiff.bench import BenchConfig, run_bench\n"
+              f"run_bench(BenchConfig(model={str(teacher_dir)!r}, methods={METHODS!r}, **{FAST!r}), {str(out)!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = out / "entries" / f"{METHODS[0]}@0.5.json"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), "the bench died before finishing its first entry"
+    kept = first.read_text()
+    resumed = run_bench(BenchConfig(model=str(teacher_dir), methods=METHODS, **FAST), out)
+    assert first.read_text() == kept  # finished work is kept, not recomputed
+    assert set(resumed["entries"]) == set(results["entries"])
+    for key, e in results["entries"].items():
+        for field in NUMBERS:
+            assert resumed["entries"][key][field] == e[field], (key, field)
+
+
+def test_bench_refuses_a_directory_of_other_settings(teacher_dir, uninterrupted):
+    _, out = uninterrupted
+    with pytest.raises(UsageError, match="other settings.*samples"):
+        run_bench(BenchConfig(model=str(teacher_dir), methods=METHODS, **{**FAST, "samples": 10}), out)
+
+
+def test_bench_reports_a_method_that_does_not_apply(tmp_path):
+    """A 1-block model has nothing to depth-prune: the entry says so instead of crashing the bench."""
+    path = tmp_path / "teacher"
+    slimdiff.save(tiny_dit(input_size=8, in_channels=1, learn_sigma=False, depth=1), path)
+    results = run_bench(BenchConfig(model=str(path), methods=["first-depth"], **FAST), tmp_path / "out")
+    assert "block" in results["entries"]["first-depth@0.5"]["skipped"]
+    assert "skipped" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(budgets=[0]), "budget must be in"),
+    (dict(budgets=["abc"]), "budget must be a number"),
+    (dict(methods=["no-such"]), "unknown method"),
+    (dict(methods=["first-depth+nope"]), "unknown method"),
+    (dict(samples=0), "--samples"),
+])
+def test_bench_bad_settings(kwargs, message, teacher_dir, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        run_bench(BenchConfig(model=str(teacher_dir), **{**FAST, "methods": METHODS, **kwargs}), tmp_path / "b")
+
+
+def test_chain_verdict_compares_with_the_best_single_at_its_budget():
+    entries = {"a@0.5": {"method": "a", "budget": 0.5, "fd": 3.0}, "b@0.5": {"method": "b", "budget": 0.5, "fd": 2.0},
+               "b@0.25": {"method": "b", "budget": 0.25, "fd": 1.0},
+               "a+b@0.5": {"method": "a+b", "budget": 0.5, "fd": 2.5}}
+    verdict = chain_verdicts(entries)["a+b@0.5"]
+    assert verdict["best_single"] == "b@0.5" and verdict["best_single_fd"] == 2.0
+    assert verdict["beats_every_single"] is False
+
+
+def test_cli_bench_json_reads_back_a_finished_run(teacher_dir, uninterrupted):
+    """Rerunning the CLI on a finished directory recomputes nothing and prints the table."""
+    results, out = uninterrupted
+    cli = CliRunner().invoke(app, ["bench", "--model", str(teacher_dir), "--budgets", "0.5", "--methods",
+                                   ",".join(METHODS), "--samples", "20", "--steps", "3", "--recover-steps", "2",
+                                   "--batch-size", "8", "--option", "opt_steps=2", "-o", str(out), "--json"])
+    assert cli.exit_code == 0, cli.output
+    rows = {r["entry"]: r for r in json.loads(cli.stdout.strip().splitlines()[-1])["rows"]}
+    assert rows["dipgo@0.5"]["fd"] == results["entries"]["dipgo@0.5"]["fd"]
