@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test teacher judge clean
+.PHONY: install demo test bench teacher judge clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,14 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/slimdiff sample --model digits-dit --classes 0,1,2,3,4,5,6,7,8,9 -n 40 -o runs/demo/grid.png
+	$(BIN)/slimdiff demo -o runs/demo
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# The full bench of the README (long: run it in the background; rerun to resume).
+bench: install
+	$(BIN)/slimdiff bench --model digits-dit --budgets 0.5,0.25 -o bench/digits
 
 # Reproduce the shipped default teacher and judge (long: run in the background).
 teacher: install

@@ -178,40 +178,17 @@ def speed(s: dict, quick: bool) -> dict:
 
 def plots(res: dict, out: Path) -> list[str]:
     """Kept channels per layer and L_t / L_max with the threshold (Diff-Pruning's own pictures)."""
-    import matplotlib
+    from slimdiff.eval.report import kept_channels, timestep_losses
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = res["quality"]["rows"]
+    rows, settings = res["quality"]["rows"], res["quality"]["settings"]
     name = next(k for k in rows if k.startswith("diff-pruning@") and k != "diff-pruning@0")
     files = []
-    widths = rows[name]["widths"] or {}
-    if widths:
-        fig, ax = plt.subplots(figsize=(max(6, len(widths) * 0.25), 3.5))
-        names = list(widths)
-        ax.bar(range(len(names)), [w[0] for w in widths.values()], color="#ddd", label="original")
-        ax.bar(range(len(names)), [w[1] for w in widths.values()], color="#36c", label="kept")
-        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-        ax.set_ylabel("output channels")
-        ax.set_title(f"{name}: kept channels per layer (budget {res['quality']['settings']['budget']})")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "kept_channels.png", dpi=120)
-        plt.close(fig)
+    if rows[name]["widths"]:
+        kept_channels(rows[name]["widths"], out / "kept_channels.png",
+                      f"{name}: kept channels per layer (budget {settings['budget']})")
         files.append("kept_channels.png")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    stride = res["quality"]["settings"]["stride"]
-    for key in (name, "diff-pruning@0"):
-        ls = rows[key]["timesteps"]["losses"]
-        ax.plot([i * stride for i in range(len(ls))], [v / max(ls) for v in ls], label=key)
-    ax.axhline(res["quality"]["settings"]["threshold"], color="k", ls="--", lw=0.8, label="threshold")
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("L_t / L_max")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "timestep_losses.png", dpi=120)
-    plt.close(fig)
+    timestep_losses({key: rows[key]["timesteps"] for key in (name, "diff-pruning@0")}, settings["threshold"],
+                    out / "timestep_losses.png", stride=settings["stride"])
     return files + ["timestep_losses.png"]
 
 

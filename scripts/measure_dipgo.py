@@ -25,6 +25,7 @@ import torch
 import slimdiff
 from slimdiff.eval.compute import latency_ratio, macs_sampling
 from slimdiff.eval.evaluate import evaluate, generate
+from slimdiff.eval.report import reuse_plan
 from slimdiff.methods.base import Context, compress
 from slimdiff.methods.dipgo import threshold_plan
 from slimdiff.models.dit import DiT_models
@@ -64,28 +65,10 @@ def quality(args, out: Path) -> dict:
             s = score(student, x, y, model, steps=args.steps, cfg=args.cfg, reference_samples=ref_x)
             row[method] = {**{k: s[k] for k in ("fd", "class_acc", "ssim", "psnr", "macs_ratio")},
                            "compress_cpu_s": cost, "settings": student.slimdiff_meta["method"]["chain"][-1]["settings"]}
-            plot_plan(get_block_reuse(student), out / f"plan_{method}_{budget}.png", f"{method} @ {budget}")
+            reuse_plan(get_block_reuse(student).to_dict(), out / f"plan_{method}_{budget}.png", f"{method} @ {budget}")
         res["budgets"][str(budget)] = row
         res["fd_floor"] = s["fd_floor"]
     return res
-
-
-def plot_plan(plan: ReusePlan, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c = plan.compute.clone()
-    c[torch.tensor([not v for v in plan.step_compute])] = False
-    fig, ax = plt.subplots(figsize=(max(4, plan.shape[0] / 6), 3))
-    ax.imshow(c.T.float(), aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xlabel("sampling step")
-    ax.set_ylabel("block")
-    ax.set_title(f"{title}: computed (green) / reused (white)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def speed(args) -> dict:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import slimdiff  # noqa: E402
 from slimdiff.errors import UsageError  # noqa: E402
 from slimdiff.eval.compute import count_macs, latency_ratio  # noqa: E402
+from slimdiff.eval.report import token_keep_maps, width_per_timestep  # noqa: E402
 from slimdiff.methods.base import Context, compress  # noqa: E402
 from slimdiff.methods.dydit import cost_model, shift_routers  # noqa: E402
 from slimdiff.models.backbone import as_backbone  # noqa: E402
@@ -97,68 +98,13 @@ def quality(args, out: Path) -> dict:
         res["dydit_fd_le_static"] = res["dydit"]["fd"] <= res["static"]["fd"]
     else:
         res["static"] = {"error": "no static width method ran (diff-pruning / magnitude-width)"}
-    pictures(dyn, out, args)
+    extras = dyn.slimdiff_meta["extras"]["dydit"]
+    width_per_timestep(extras["tables"]["entries"], max(extras["config"]["heads"]), max(extras["config"]["groups"]),
+                       out / "width_per_timestep.png")
+    token_keep_maps(dyn, out / "token_keep_maps.png", steps=args.sample_steps, cfg=args.cfg)
     return res
 
 
-def pictures(model, out: Path, args) -> None:
-    """Active heads / groups per timestep, and token-keep maps over generated samples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from slimdiff.diffusion.sampling import sample
-    from slimdiff.utils import to_uint8
-
-    routing = model.dydit
-    ts = sorted(routing.tables, reverse=True)
-    heads = np.array([[len(h) for h, _ in routing.tables[t]] for t in ts]).T
-    groups = np.array([[len(g) for _, g in routing.tables[t]] for t in ts]).T
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, data, title, top in ((axes[0], heads, "active heads", max(routing.config.heads)),
-                                 (axes[1], groups, "active MLP channel groups", max(routing.config.groups))):
-        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0, vmax=top)
-        ax.set_xlabel("sampling step (t from 999 down)")
-        ax.set_ylabel("block")
-        ax.set_xticks(range(0, len(ts), max(1, len(ts) // 6)), [int(ts[i]) for i in range(0, len(ts), max(1, len(ts) // 6))])
-        ax.set_title(title)
-        fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(out / "width_per_timestep.png", dpi=120)
-    plt.close(fig)
-
-    n = 8
-    maps: dict[int, np.ndarray] = {}
-    steps = args.sample_steps
-    pick = sorted({0, steps // 2, steps - 1})
-
-    def cb(i, t, x):
-        if i in pick:
-            keep = torch.stack([r.keep_maps.float() for r in routing._routes]).mean(0)  # (B, N) over blocks
-            maps[i] = keep.cpu().numpy()
-
-    x = sample(model, steps=steps, num_samples=n, cfg=args.cfg, callback=cb)
-    g = as_backbone(model).token_grid
-    fig, axes = plt.subplots(1 + len(pick), n, figsize=(1.4 * n, 1.5 * (1 + len(pick))))
-    imgs = to_uint8(x)
-    for j in range(n):
-        axes[0, j].imshow(imgs[j].squeeze(), cmap="gray")
-        for k, i in enumerate(pick):
-            axes[k + 1, j].imshow(maps[i][j].reshape(g), cmap="magma", vmin=0, vmax=1)
-            if j == 0:
-                axes[k + 1, j].set_ylabel(f"step {i}", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle("samples and the fraction of blocks whose MLP ran per token", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "token_keep_maps.png", dpi=120)
-    plt.close(fig)
-
-
-@torch.no_grad()
 def speed(args) -> dict:
     """Realised vs theoretical speedup of a routed forward at the budget (random-init DiT)."""
     name, size, batch = ("DiT-S/2", 16, 2) if args.quick else ("DiT-B/2", 32, 8)

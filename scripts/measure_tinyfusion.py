@@ -160,30 +160,6 @@ def other_shapes(args, work: Path) -> dict:
     return out
 
 
-def plot_probabilities(search: dict, path: Path) -> None:
-    """One line per group: probability of the option that keeps the group's first kept block."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = search["probability_history"]["steps"]
-    values = search["probability_history"]["values"]  # [record][group][option]
-    groups = search["groups"]
-    fig, axes = plt.subplots(1, len(groups), figsize=(2.6 * len(groups), 2.8), sharey=True, squeeze=False)
-    for j, (ax, g) in enumerate(zip(axes[0], groups)):
-        for o, blocks in enumerate(g["options"]):
-            ax.plot(steps, [v[j][o] for v in values], label="keep " + ",".join(map(str, blocks)))
-        ax.set_title(f"group {j} ({g['shape']})", fontsize=9)
-        ax.set_xlabel("search step")
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("option probability")
-    fig.suptitle("TinyFusion: option probabilities over the search (last point = EMA logits)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def speed(args) -> dict:
     """Realised vs theoretical speedup of a 2x depth cut on a random-init DiT."""
     from slimdiff.eval.compute import count_macs, latency_ratio
@@ -284,7 +260,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)  # never resume a stale search / recovery
         t0 = time.time()
         q, search = quality(args, work)
-        plot_probabilities(search, out / "probabilities.png")
+        from slimdiff.eval.report import option_probabilities
+
+        option_probabilities(search["groups"], search["probability_history"], out / "probabilities.png")
         q["wall_s"] = time.time() - t0
         q["environment"] = {**env, "load_average_end": os.getloadavg()}
         results["quality"] = q
