@@ -71,10 +71,6 @@ def sample(
 
     m = _model(model)
     labels = _parse_ints(classes, "--classes")
-    from slimdiff.models.backbone import as_backbone
-
-    if cfg != 1.0 and as_backbone(m).conditioning is None:
-        cfg = 1.0
     x = run(m, sampler=sampler, steps=steps, num_samples=num_samples, classes=labels, cfg=cfg, seed=seed, progress=True)
     save_grid(x, output)
     err.print(f"wrote {output} ({len(x)} samples, {sampler} x{steps}, cfg {cfg})")
@@ -168,9 +164,15 @@ def train(
 
 def _run_training(m, data: str, out: Path, resume: bool, *, diffusion=None, teacher=None, **config):
     from slimdiff.data.datasets import get_dataset
+    from slimdiff.io import check_output
     from slimdiff.models.backbone import as_backbone
+    from slimdiff.train.checkpoint import find_checkpoint
     from slimdiff.train.trainer import TrainConfig, train
 
+    check_output(out / "model")
+    if not resume and find_checkpoint(out) is not None:  # starting over would overwrite finished steps
+        raise UsageError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it, "
+                         "or choose another --out to start a new run")
     bb = as_backbone(m)
     dataset = get_dataset(data, size=bb.sample_size, channels=bb.in_channels)
     return train(m, dataset, TrainConfig(**config), out, teacher=teacher, resume=resume, diffusion=diffusion)
@@ -272,16 +274,23 @@ def compress(
     from slimdiff.methods.base import Context, check_budget, get_method
     from slimdiff.methods.base import compress as run
 
+    from slimdiff.io import check_output
+
     b = check_budget(budget)
     for name in method.split(","):
         get_method(name.strip())  # fail on a typo before loading anything
+    check_output(out)  # and on an output that cannot take the result
     m = _model(model)
+    work = out.parent / f".{out.name}.work"
     ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps, kd=kd,
-                  batch_size=batch_size, lr=lr, work_dir=out.parent / f".{out.name}.work", progress=not as_json)
+                  batch_size=batch_size, lr=lr, work_dir=work, progress=not as_json)
     settings = dict(threshold=threshold, keep=keep, search_steps=search_steps, train_steps=train_steps, tune=tune,
                     opt_steps=opt_steps, loss=loss)
     result = run(m, method, b, ctx, settings)
     path = save(result, out, overwrite=overwrite)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)  # resumable work is only needed until the result is saved
     measured = result.slimdiff_meta["measured"]
     _emit({"method": method, "model": model, "budget": b, "macs_ratio": measured["macs_ratio"],
            "macs_sampling": measured["macs_sampling"], "params": params(result),
@@ -306,11 +315,26 @@ def _is_main_process() -> bool:
 
 
 def main() -> None:
-    """Console-script entry point: one-line errors, exit code 2 for usage errors."""
+    """Console-script entry point: one-line errors, exit code 2 for usage errors (ours and
+    click's: a bad or missing option), exit code 1 for a run that diverged."""
+    from slimdiff.train.trainer import TrainingDiverged
+
     try:
-        app()
+        code = app(standalone_mode=False)
     except UsageError as e:
         _fail(str(e))
+    except typer.TyperException as e:  # typer's (vendored click) parse errors: exit code 2 = usage
+        if e.exit_code != 2 or type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # help for a bare `slimdiff`, click's own text for anything else
+            sys.exit(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        _fail(f"{e.format_message().rstrip('.')}; see `{ctx.command_path if ctx is not None else 'slimdiff'} --help`")
+    except typer.Abort:
+        sys.exit(1)
+    except TrainingDiverged as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True, markup=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

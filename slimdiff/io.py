@@ -90,8 +90,11 @@ def save(model: nn.Module, path, *, meta: dict | None = None, overwrite: bool = 
     config = _config_of(model, arch)
     structure = _structure_for_save(model, arch, config, merged)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise _not_writable(target.parent, e) from None
     try:
         wpath = tmp / WEIGHTS_NAME
         from safetensors.torch import save_file
@@ -130,6 +133,27 @@ def save(model: nn.Module, path, *, meta: dict | None = None, overwrite: bool = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def check_output(path) -> Path:
+    """Fail before any work when :func:`save` could not write ``path``: a file, a non-empty
+    directory that is not a slimdiff result, or a place that cannot be created or written.
+
+    Creates the missing parent directories (as ``save`` would) and returns the absolute path.
+    Whether an existing slimdiff result differs is only known at :func:`save` time.
+    """
+    target = Path(path).expanduser().absolute()
+    _check_target(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(prefix=f".{target.name}.probe-", dir=target.parent).cleanup()
+    except OSError as e:
+        raise _not_writable(target.parent, e) from None
+    return target
+
+
+def _not_writable(where: Path, e: OSError) -> UsageError:
+    return UsageError(f"cannot write to {where} ({e.strerror or type(e).__name__}); choose a writable output path")
 
 
 def load(path) -> nn.Module:

@@ -46,6 +46,9 @@ def digits(split: str = "train") -> TensorDataset:
 class ImageFolder(Dataset):
     """PNG/JPEG images under ``root`` (recursively), resized and centre-cropped to ``size``.
 
+    Images of mixed sizes and aspect ratios are fine (each is resized, then cropped); a file
+    PIL cannot identify is a :class:`UsageError` when the folder is opened.
+
     A sub-folder layout ``root/<class>/*.png`` gives class labels in sorted folder order;
     flat folders give label -1. Images are RGB (or grayscale with ``channels=1``) in [-1, 1].
     """
@@ -59,6 +62,10 @@ class ImageFolder(Dataset):
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise UsageError(f"no PNG/JPEG images found under {self.root}; add images or pick another --data")
+        bad = [p for p in self.files if not _readable_header(Image, p)]
+        if bad:  # found now, not at a random step of a long run
+            raise UsageError(f"{len(bad)} of {len(self.files)} files under {self.root} are not readable images "
+                             f"(e.g. {bad[0]}); remove or replace them")
         classes = sorted({p.parent.name for p in self.files if p.parent != self.root})
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.size, self.channels, self._image = size, channels, Image
@@ -78,6 +85,15 @@ class ImageFolder(Dataset):
         x = torch.from_numpy(arr).reshape(self.size, self.size, -1).permute(2, 0, 1).contiguous()
         label = self.class_to_idx.get(path.parent.name, -1)
         return x, torch.tensor(label, dtype=torch.int64)
+
+
+def _readable_header(image_module, path: Path) -> bool:
+    """True if PIL recognises ``path`` (reads the header only: cheap even for large folders)."""
+    try:
+        with image_module.open(path):
+            return True
+    except OSError:  # PIL's UnidentifiedImageError is an OSError
+        return False
 
 
 def _resize_center_crop(im, size: int):

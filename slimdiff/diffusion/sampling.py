@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -85,7 +86,8 @@ def sample(
 
     Class-conditional models get ``classes`` (default ``0..K-1`` cycled), text models
     get ``cond`` embeddings. ``cfg > 1`` applies classifier-free guidance with the
-    backbone's null condition. The model's own :class:`DiffusionConfig` is used unless
+    backbone's null condition; on an unconditional model any ``cfg != 1`` is a
+    :class:`UsageError` (never silently dropped). The model's own :class:`DiffusionConfig` is used unless
     ``diffusion`` overrides it.
     """
     from slimdiff.models.backbone import as_backbone
@@ -93,8 +95,10 @@ def sample(
     bb = as_backbone(model)
     if not isinstance(steps, int) or steps < 1:
         raise UsageError(f"steps must be a positive integer, got {steps!r}")
-    if cfg < 0:
-        raise UsageError(f"guidance scale must be >= 0, got {cfg}")
+    if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
+        raise UsageError(f"guidance scale must be a finite number >= 0 (1 = off), got {cfg!r}")
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+        raise UsageError(f"number of samples must be a positive integer, got {num_samples!r}")
     guided = cfg != 1.0
     if guided and bb.conditioning is None:
         raise UsageError("guidance (cfg != 1) needs a conditional model; this one is unconditional: use --cfg 1")

@@ -19,15 +19,16 @@ BATCH = 250
 @torch.no_grad()
 def generate(model: nn.Module, n: int, *, sampler: str = "ddim", steps: int = 50, cfg: float = 1.0,
              seed: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``n`` samples (and their class labels) with the protocol's labels and per-batch noise seeds."""
+    """``n`` samples (and their class labels) with the protocol's labels and per-batch noise seeds.
+
+    ``cfg != 1`` on an unconditional model is a :class:`UsageError`, as in ``sample``.
+    """
     from slimdiff.models.backbone import as_backbone
 
     if n < 1:
         raise UsageError(f"number of samples must be >= 1, got {n}")
     bb = as_backbone(model)
     k = bb.num_classes if bb.conditioning == "class" else None
-    if bb.conditioning is None:
-        cfg = 1.0
     out, labels = [], []
     starts = progress_bar(range(0, n, BATCH), f"sampling {n}", progress)
     for b, start in enumerate(starts):

@@ -14,7 +14,13 @@ tables) register a restorer with :func:`register_restorer`; ``slimdiff.load`` ca
 
 Chains (``tinyfusion,dipgo``) run static depth/width first, then dynamic routing, then
 step reuse, each at ``budget ** (1/k)`` of its input so that the end-to-end budget is met;
-MACs are always measured end to end against the original.
+MACs are always measured end to end against the original. Budget 1.0 returns the model
+unchanged (each method's own contract; an explicit structure such as TinyFusion's ``keep``
+overrides the budget).
+
+Resumable work (recovery fine-tuning, searches, DiP-GO's optimisation) lives under
+``ctx.work_dir`` in folders keyed by :func:`fingerprint` of the model it starts from, so a
+rerun after a crash continues where it stopped and never resumes another model's work.
 """
 from __future__ import annotations
 
@@ -135,6 +141,21 @@ def record(model: nn.Module, name: str, settings: dict, measured: dict, extras: 
     return model
 
 
+def fingerprint(model: nn.Module) -> str:
+    """sha256 (hex) of a model's tensor names, dtypes, shapes and values: a resume key."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def restore_runtime(model: nn.Module) -> nn.Module:
     """Re-apply every runtime (reuse plan, routing tables) recorded in the model's metadata."""
     meta = getattr(model, "slimdiff_meta", None) or {}
@@ -162,7 +183,7 @@ def recover(model: nn.Module, ctx: Context, tag: str, **train_kwargs) -> nn.Modu
     dataset = get_dataset(ctx.data, size=bb.sample_size, channels=bb.in_channels)
     cfg = TrainConfig(steps=ctx.recover_steps, batch_size=ctx.batch_size, lr=ctx.lr, lr_schedule="constant",
                       kd=ctx.kd, seed=ctx.seed, checkpoint_every=max(1, ctx.recover_steps // 4), **train_kwargs)
-    work = Path(ctx.work_dir or "runs/compress") / f"recover-{tag}"
+    work = Path(ctx.work_dir or "runs/compress") / f"recover-{tag}-{fingerprint(model)[:12]}"
     return train(model, dataset, cfg, work, teacher=ctx.teacher if ctx.kd != "none" else None, resume=True,
                  progress=ctx.progress)
 
@@ -186,6 +207,9 @@ def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Con
     unknown = set(settings) - {o for e in entries for o in e.options}
     if unknown:
         raise UsageError(f"option(s) {', '.join(sorted(unknown))} do not apply to {', '.join(names)}")
+    if ctx.recover_steps > 0 and all(e.kind == "reuse" for e in entries):
+        raise UsageError(f"--recover-steps does not apply to {', '.join(names)}: reuse methods keep the weights "
+                         "unchanged; drop --recover-steps or chain a depth/width/dynamic method first")
     result = copy.deepcopy(model)
     for i, entry in enumerate(entries):
         reached = sampling_macs(result, ctx) / original

@@ -28,6 +28,12 @@ saved in ``slimdiff_meta["extras"]["dipgo"]`` and re-applied by ``slimdiff.load`
    frees) below the budget. ``postprocess="sweep"`` is the reference code's greedy sweep
    (blocks in reverse order, falling threshold from 0.95 in steps of 0.05).
 
+Resume: with ``ctx.work_dir`` set (``slimdiff compress`` sets it), the optimisation
+checkpoints pruner, optimiser, lr schedule, RNG state and history atomically
+(:mod:`slimdiff.train.checkpoint`) into ``<work_dir>/dipgo-<model fingerprint>``; a rerun
+after a crash continues from there and ends bit-identical to an uninterrupted run, and a
+checkpoint written with other settings is refused.
+
 Deviations, for CPU budgets: Adam (lr 0.05, cosine with warm-up, grad-clip 1) instead of
 SGD lr 0.2 for 500 steps; a default of 30 optimisation steps of 8 trajectories each; a
 64-wide pruner instead of 512.
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,6 +64,7 @@ from slimdiff.runtime.reuse import (
     reuse_blocks,
     soft_reuse,
 )
+from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from slimdiff.utils import progress
 
 LOSSES = ("ssim", "l1", "l2")
@@ -275,9 +283,21 @@ def teacher_batch(model: nn.Module, n: int, seed: int, *, sampler: str, steps: i
 
 
 def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *, opt_steps: int, loss: str,
-             batch: int = 8, lr: float = 0.05, alpha: float = 1.0, dim: int = 64) -> tuple[DiPGOPruner, list[dict]]:
-    """Few-step gradient optimisation of a fresh pruner (the model must carry a reuse plan)."""
+             batch: int = 8, lr: float = 0.05, alpha: float = 1.0, dim: int = 64,
+             checkpoint_every: int | None = None) -> tuple[DiPGOPruner, list[dict]]:
+    """Few-step gradient optimisation of a fresh pruner (the model must carry a reuse plan).
+
+    With ``ctx.work_dir`` it checkpoints every ``checkpoint_every`` steps (default: about
+    20 checkpoints per run) and resumes from the last one (see the module docs).
+    """
     n_calls = len(get_block_reuse(model).timesteps)
+    run = None
+    if ctx.work_dir is not None:
+        from slimdiff.methods.base import fingerprint
+
+        run = Path(ctx.work_dir) / f"dipgo-{fingerprint(model)[:12]}"
+    key = {"budget": budget, "sampler": ctx.sampler, "steps": ctx.steps, "cfg": ctx.cfg, "seed": ctx.seed,
+           "opt_steps": opt_steps, "loss": loss, "batch": batch, "lr": lr, "alpha": alpha, "dim": dim}
     torch.manual_seed(ctx.seed)
     pruner = DiPGOPruner(n_calls, len(costs.blocks), dim=dim).train()
     opt = torch.optim.Adam(pruner.parameters(), lr=lr)
@@ -287,7 +307,9 @@ def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *
     for p in model.parameters():
         p.requires_grad_(False)
     history: list[dict] = []
-    it = progress(range(opt_steps), f"DiP-GO x{opt_steps}", ctx.progress)
+    start = _resume(run, key, pruner, opt, sched, history) if run is not None else 0
+    every = checkpoint_every or max(1, opt_steps // 20)
+    it = progress(range(start, opt_steps), f"DiP-GO x{opt_steps}", ctx.progress)
     for s in it:
         noise, labels, target = teacher_batch(model, batch, ctx.seed + 7919 * (s + 1), sampler=ctx.sampler,
                                               steps=ctx.steps, cfg=ctx.cfg)
@@ -299,7 +321,28 @@ def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *
         opt.step()
         sched.step()
         history.append({"step": s, "loss": float(total.detach()), **parts})
+        if run is not None and ((s + 1) % every == 0 or s + 1 == opt_steps):
+            save_checkpoint(run, step=s + 1, model=pruner.state_dict(), optimizer=opt.state_dict(),
+                            lr_scheduler=sched.state_dict(), rng={"torch": torch.get_rng_state()},
+                            info={"config": key, "history": history})
     return pruner, history
+
+
+def _resume(run: Path, key: dict, pruner: DiPGOPruner, opt: torch.optim.Optimizer, sched, history: list) -> int:
+    """Load the optimisation state from ``run``'s checkpoint, if any; return the step to start at."""
+    from slimdiff.train.trainer import _check_same_run
+
+    path = find_checkpoint(run)
+    if path is None:
+        return 0
+    state = load_checkpoint(path)
+    _check_same_run(state["info"].get("config"), key, path)
+    pruner.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["lr_scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    history[:] = state["info"]["history"]
+    return state["step"]
 
 
 def _check_options(opt_steps: Any, loss: Any) -> tuple[int, str]:

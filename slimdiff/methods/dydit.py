@@ -323,6 +323,9 @@ def dydit(model: nn.Module, budget: float, ctx: Context, train_steps: int | None
           tune: str | None = None, config: DyDiTConfig | None = None) -> nn.Module:
     """Compress ``model`` to ``budget`` of its sampling MACs with DyDiT (see the module docs)."""
     budget = check_budget(budget)
+    if budget >= 1.0:  # identity: routers would only add their own MACs (and training would move weights)
+        as_dit(model)  # still refuse backbones DyDiT cannot route
+        return model
     cfg = config or DyDiTConfig()
     cfg = DyDiTConfig(**{**asdict(cfg), **({"train_steps": int(train_steps)} if train_steps is not None else {}),
                          **({"tune": tune} if tune is not None else {})})

@@ -60,8 +60,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise UsageError(f"steps and batch size must be >= 1 (got {self.steps}, {self.batch_size})")
-        if self.lr <= 0:
-            raise UsageError(f"learning rate must be > 0, got {self.lr}")
+        if not 0 < self.lr < float("inf"):  # also refuses NaN
+            raise UsageError(f"learning rate must be a finite number > 0, got {self.lr}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise UsageError(f"unknown lr schedule {self.lr_schedule!r}; use 'cosine' or 'constant'")
         if self.kd not in KD_MODES:
