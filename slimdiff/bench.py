@@ -86,10 +86,12 @@ def demo_config(**overrides) -> BenchConfig:
 
 def entry_list(config: BenchConfig) -> list[tuple[str, str, float]]:
     """``(key, method-or-chain, budget)`` for every entry; keys look like ``tinyfusion+dipgo@0.25``."""
-    from slimdiff.methods.base import METHODS, _load_all, get_method
+    from slimdiff.methods.base import KIND_ORDER, METHODS, _load_all, get_method
 
     _load_all()
-    methods = config.methods if config.methods is not None else sorted(METHODS) + list(DEFAULT_CHAINS)
+    # the default order groups each paper method with its baselines (so a partial run is useful)
+    order = sorted(METHODS, key=lambda n: (KIND_ORDER.index(METHODS[n].kind), n not in DEMO_METHODS, n))
+    methods = config.methods if config.methods is not None else order + list(DEFAULT_CHAINS)
     if not methods:
         raise UsageError("no methods to bench; pass --methods (see `slimdiff methods`)")
     if not config.budgets:
