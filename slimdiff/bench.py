@@ -296,13 +296,17 @@ class Bench:
             self.console.print(f"    {key}: " + (f"skipped ({record['skipped']})" if record.get("skipped") else
                                                  f"MACs {record['macs_ratio']:.3f}, FD {record['fd']:.2f}, "
                                                  f"acc {record['class_acc']}, CPU {record['compress_cpu_s']:.0f}s"))
+            self.finish(teacher_scores, done)  # the report is current after every entry
         return self.finish(teacher_scores, done)
 
     def finish(self, teacher_scores: dict, done: dict[str, dict]) -> dict:
+        """Write results.json, report.md and the plots for the entries ``done`` so far."""
         from slimdiff.eval.report import markdown, pareto, sample_rows
 
         c = self.config
+        pending = [key for key, _, _ in self.entries if key not in done]
         results = {"config": asdict(c), "environment": environment(), "teacher": teacher_scores, "entries": done,
+                   "pending": pending,
                    "chains": chain_verdicts(done),
                    "pictures": {k: e["pictures"] for k, e in done.items() if e.get("pictures")}}
         points = {k: (e["macs_ratio"], e["fd"]) for k, e in done.items() if not e.get("skipped")}

@@ -39,7 +39,7 @@ def uninterrupted(teacher_dir, tmp_path_factory) -> tuple[dict, Path]:
 
 def test_bench_writes_every_entry_report_and_plots(uninterrupted):
     results, out = uninterrupted
-    assert set(results["entries"]) == {f"{m}@0.5" for m in METHODS}
+    assert set(results["entries"]) == {f"{m}@0.5" for m in METHODS} and results["pending"] == []
     for key, e in results["entries"].items():
         assert not e.get("skipped"), key
         assert 0 < e["macs_ratio"] <= 0.5 * 1.03, key  # the budget is met, measured end to end
@@ -126,3 +126,16 @@ def test_cli_bench_json_reads_back_a_finished_run(teacher_dir, uninterrupted):
     assert cli.exit_code == 0, cli.output
     rows = {r["entry"]: r for r in json.loads(cli.stdout.strip().splitlines()[-1])["rows"]}
     assert rows["dipgo@0.5"]["fd"] == results["entries"]["dipgo@0.5"]["fd"]
+
+
+def test_readme_bench_section_is_generated_from_the_committed_results():
+    """Every number in the README's bench table comes from bench/digits/results.json."""
+    from slimdiff.eval.report import README_END, README_START, readme_block
+
+    root = Path(__file__).resolve().parent.parent
+    committed = root / "bench" / "digits" / "results.json"
+    if not committed.exists():
+        pytest.skip("no committed bench yet (run `make bench`, then scripts/readme_bench.py)")
+    text = (root / "README.md").read_text()
+    block = text[text.index(README_START): text.index(README_END) + len(README_END)]
+    assert block == readme_block(json.loads(committed.read_text()), "bench/digits")

@@ -276,6 +276,25 @@ def _fmt(v, spec: str = ".3g") -> str:
     return format(v, spec) if isinstance(v, float) else str(v)
 
 
+def budget_tables(results: dict) -> list[str]:
+    """One markdown table per budget, rows sorted by FD (lower first); skipped entries say why."""
+    head = ("| entry | kind | MACs ratio | FD | class acc | SSIM | PSNR | params | wall ratio | compress CPU-s |",
+            "|---|---|---|---|---|---|---|---|---|---|")
+    lines = []
+    for budget in results["config"]["budgets"]:
+        rows = [(k, e) for k, e in results["entries"].items() if e["budget"] == budget]
+        lines += [f"### Budget {budget}", "", *head]
+        for key, e in sorted(rows, key=lambda kv: (kv[1].get("fd") is None, kv[1].get("fd") or 0)):
+            if e.get("skipped"):
+                lines.append(f"| {key} | {e['kind']} | - | skipped: {e['skipped']} | | | | | | |")
+                continue
+            lines.append(f"| {key} | {e['kind']} | {_fmt(e['macs_ratio'])} | {_fmt(e['fd'])} | {_fmt(e['class_acc'])} | "
+                         f"{_fmt(e['ssim'])} | {_fmt(e['psnr'])} | {e['params']:,} | {_fmt(e['wall_ratio'])} | "
+                         f"{_fmt(e['compress_cpu_s'], '.0f')} |")
+        lines.append("")
+    return lines
+
+
 def markdown(results: dict) -> str:
     """The bench report: settings, the teacher, one table per budget (sorted by FD), chains, files."""
     cfg, teacher = results["config"], results["teacher"]
@@ -286,19 +305,10 @@ def markdown(results: dict) -> str:
              "", f"Teacher: FD {_fmt(teacher['fd'])} (real-data floor {_fmt(teacher['fd_floor'])}; "
              f"subsample floor {_fmt(teacher['fd_floor_subsample_mean'])} +- {_fmt(teacher['fd_floor_subsample_std'])}), "
              f"class accuracy {_fmt(teacher['class_acc'])}, {teacher['params']:,} parameters.", ""]
-    head = ("| entry | kind | MACs ratio | FD | class acc | SSIM | PSNR | params | wall ratio | compress CPU-s |",
-            "|---|---|---|---|---|---|---|---|---|---|")
-    for budget in cfg["budgets"]:
-        rows = [(k, e) for k, e in results["entries"].items() if e["budget"] == budget]
-        lines += [f"## Budget {budget}", "", *head]
-        for key, e in sorted(rows, key=lambda kv: (kv[1].get("fd") is None, kv[1].get("fd") or 0)):
-            if e.get("skipped"):
-                lines.append(f"| {key} | {e['kind']} | - | skipped: {e['skipped']} | | | | | | |")
-                continue
-            lines.append(f"| {key} | {e['kind']} | {_fmt(e['macs_ratio'])} | {_fmt(e['fd'])} | {_fmt(e['class_acc'])} | "
-                         f"{_fmt(e['ssim'])} | {_fmt(e['psnr'])} | {e['params']:,} | {_fmt(e['wall_ratio'])} | "
-                         f"{_fmt(e['compress_cpu_s'], '.0f')} |")
-        lines.append("")
+    if results.get("pending"):
+        lines += [f"**Unfinished**: {len(results['pending'])} entries still to run ({', '.join(results['pending'])}); "
+                  "rerun the same command to resume.", ""]
+    lines += budget_tables(results)
     if results.get("chains"):
         lines += ["## Chains", ""]
         for key, c in results["chains"].items():
@@ -310,3 +320,38 @@ def markdown(results: dict) -> str:
     for key, files in results.get("pictures", {}).items():
         lines += [f"- {key}: " + ", ".join(f"[{Path(f).name}]({f})" for f in files)]
     return "\n".join(lines) + "\n"
+
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def readme_block(results: dict, directory: str) -> str:
+    """The README's bench section, generated from ``directory/results.json`` (never typed by hand)."""
+    cfg, teacher = results["config"], results["teacher"]
+    done = sum(1 for e in results["entries"].values() if not e.get("skipped"))
+    lines = [README_START, "",
+             f"`slimdiff bench --model {cfg['model']} --budgets {','.join(f'{b:g}' for b in cfg['budgets'])} "
+             f"-o {directory}` ({cfg['samples']} samples, {cfg['sampler']} x{cfg['steps']}, recovery "
+             f"{cfg['recover_steps']} steps; {done} entries in `{directory}/results.json`; full report: "
+             f"[`{directory}/report.md`]({directory}/report.md)). Teacher FD {_fmt(teacher['fd'])}, class accuracy "
+             f"{_fmt(teacher['class_acc'])}; real-data floor {_fmt(teacher['fd_floor'])}.", ""]
+    if results.get("pending"):
+        lines += [f"Unfinished: {len(results['pending'])} entries still to run (rerun the command to resume).", ""]
+    lines += budget_tables(results)
+    for key, c in (results.get("chains") or {}).items():
+        verdict = "beats" if c["beats_every_single"] else "does not beat"
+        lines.append(f"- `{key}` {verdict} every single method at its budget (best single `{c['best_single']}`).")
+    lines += ["", f"![MACs vs FD]({directory}/pareto.png)", "", README_END]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, results: dict, directory: str) -> bool:
+    """Replace the block between the bench markers of ``readme``; returns whether it changed."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block")
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    new = head + readme_block(results, directory) + tail
+    readme.write_text(new)
+    return new != text
