@@ -30,6 +30,28 @@ def current_sampler() -> tuple[str, int] | None:
     return _SAMPLER.get()
 
 
+_TIMESTEP: contextvars.ContextVar[float | None] = contextvars.ContextVar("slimdiff_timestep", default=None)
+
+
+def current_timestep() -> float | None:
+    """Host value of the timestep ``sample`` is calling the model at (None outside that call).
+
+    Per-step runtimes (DyDiT's width tables, block-reuse plans) look their step up with it
+    instead of reading the model's timestep tensor back from the device, which on a GPU
+    would be a host sync in every step.
+    """
+    return _TIMESTEP.get()
+
+
+@contextlib.contextmanager
+def _model_call_at(t: torch.Tensor) -> Iterator[None]:
+    token = _TIMESTEP.set(float(t))  # scheduler timesteps live on the host: no device sync
+    try:
+        yield
+    finally:
+        _TIMESTEP.reset(token)
+
+
 @contextlib.contextmanager
 def sampling_context(sampler: str, steps: int) -> Iterator[None]:
     """Declare the running sampler (``sample`` does this; external loops may too)."""
@@ -122,11 +144,12 @@ def sample(
             if on_step_begin is not None:
                 on_step_begin(i, t)
             inp = (scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x).to(x_dtype)
-            if guided:
-                c, u = bb(torch.cat([inp, inp]), t, cond_in).float().chunk(2)
-                pred = u + cfg * (c - u)
-            else:
-                pred = bb(inp, t, cond).float()
+            with _model_call_at(t):
+                if guided:
+                    c, u = bb(torch.cat([inp, inp]), t, cond_in).float().chunk(2)
+                    pred = u + cfg * (c - u)
+                else:
+                    pred = bb(inp, t, cond).float()
             x = scheduler.step(pred, t, x, generator=gen).prev_sample
             if callback is not None:
                 callback(i, t, x)

@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimdiff.errors import UsageError
-from slimdiff.models.dit import DiT, DiTBlock, modulate
+from slimdiff.models.dit import DiT, DiTBlock, gated_residual, modulate
 
 MODES = ("dynamic", "masked", "off")
 
@@ -189,7 +189,7 @@ def masked_forward(block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor, r
     h = modulate(block.norm1(x), shift_msa, scale_msa)
     qkv = attn.qkv(h).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]) * route.heads[:, :, None, None].to(x.dtype)
-    x = x + gate_msa.unsqueeze(1) * attn.proj(out.transpose(1, 2).reshape(B, N, -1))
+    x = gated_residual(x, gate_msa, attn.proj(out.transpose(1, 2).reshape(B, N, -1)))
     hidden = mlp.act(mlp.fc1(modulate(block.norm2(x), shift_mlp, scale_mlp)))
     G = route.groups.shape[1]
     hidden = (hidden.reshape(B, N, G, -1) * route.groups[:, None, :, None].to(x.dtype)).reshape(B, N, -1)
@@ -198,7 +198,7 @@ def masked_forward(block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor, r
         keep = hard_gate(route.token(x).squeeze(-1).float(), route.tau, route.noise)
         route.kept_tokens = keep.sum(1)
         m = m * keep.unsqueeze(-1).to(x.dtype)
-    return x + gate_mlp.unsqueeze(1) * m
+    return gated_residual(x, gate_mlp, m)
 
 
 def sliced_forward(block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor, plan: SlicePlan,
@@ -211,20 +211,25 @@ def sliced_forward(block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor, p
     qkv_w, qkv_b, proj_w, proj_b = plan.attn
     B, N, D = x.shape
     out = _attention(modulate(block.norm1(x), shift_msa, scale_msa), qkv_w, qkv_b, len(plan.heads))
-    x = x + gate_msa.unsqueeze(1) * F.linear(out.transpose(1, 2).reshape(B, N, -1), proj_w, proj_b)
-    keep = (token(x).squeeze(-1) > 0) if token is not None else torch.ones(B, N, dtype=torch.bool, device=x.device)
+    x = gated_residual(x, gate_msa, F.linear(out.transpose(1, 2).reshape(B, N, -1), proj_w, proj_b))
     fc1_w, fc1_b, fc2_w, fc2_b = plan.mlp
     act = block.mlp.act
-    if bool(keep.all()):
+    if token is None:
+        keep, rows = torch.ones(B, N, dtype=torch.bool, device=x.device), None
+    else:  # nonzero: the one host sync per block that a data-dependent token count needs
+        keep = token(x).squeeze(-1) > 0
+        rows = keep.reshape(-1).nonzero().squeeze(1)
+    if rows is None or rows.numel() == B * N:
         m = F.linear(act(F.linear(modulate(block.norm2(x), shift_mlp, scale_mlp), fc1_w, fc1_b)), fc2_w, fc2_b)
-        return x + gate_mlp.unsqueeze(1) * m, keep
+        return gated_residual(x, gate_mlp, m), keep
     flat = x.reshape(B * N, D)
-    rows = keep.reshape(-1).nonzero().squeeze(1)
     sample = torch.div(rows, N, rounding_mode="floor")
-    h = block.norm2(flat.index_select(0, rows)) * (1 + scale_mlp.index_select(0, sample)) + shift_mlp.index_select(0, sample)
+    h = torch.addcmul(shift_mlp.index_select(0, sample), block.norm2(flat.index_select(0, rows)),
+                      (1 + scale_mlp).index_select(0, sample))
     m = F.linear(act(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
-    flat = flat.index_add(0, rows, gate_mlp.index_select(0, sample) * m)
-    return flat.reshape(B, N, D), keep
+    # x is this block's own fresh tensor: scatter in place (no copy) unless autograd may need it
+    scatter = flat.index_add if torch.is_grad_enabled() else flat.index_add_
+    return scatter(0, rows, gate_mlp.index_select(0, sample) * m).reshape(B, N, D), keep
 
 
 class DynamicDiTBlock(DiTBlock):
@@ -316,13 +321,19 @@ class DyDiTRouting(nn.Module):
         return routes
 
     def _slice_routes(self, t: torch.Tensor, temb: torch.Tensor) -> list[SliceRoute]:
-        t = t.reshape(-1)
-        uniq, inverse = torch.unique(t, return_inverse=True)
-        parts = []
-        for k, tv in enumerate(uniq.tolist()):
-            idx = None if len(uniq) == 1 else (inverse == k).nonzero().squeeze(1)
-            first = int((inverse == k).nonzero()[0, 0]) if idx is not None else 0
-            parts.append((idx, self.decisions(tv, temb[first:first + 1])))
+        from slimdiff.diffusion.sampling import current_timestep
+
+        host_t = current_timestep()  # inside ``sample``: every row is at this step, known on the host
+        if host_t is not None:
+            parts = [(None, self.decisions(host_t, temb[:1]))]
+        else:  # reads t back from the device (a sync on a GPU): direct calls only
+            t = t.reshape(-1)
+            uniq, inverse = torch.unique(t, return_inverse=True)
+            parts = []
+            for k, tv in enumerate(uniq.tolist()):
+                idx = None if len(uniq) == 1 else (inverse == k).nonzero().squeeze(1)
+                first = int((inverse == k).nonzero()[0, 0]) if idx is not None else 0
+                parts.append((idx, self.decisions(tv, temb[first:first + 1])))
         routes = []
         for i, r in enumerate(self.routers):
             plans = [(idx, self._plan(i, dec[i])) for idx, dec in parts]

@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
-from slimdiff.diffusion.sampling import current_sampler
+from slimdiff.diffusion.sampling import current_sampler, current_timestep
 from slimdiff.errors import UsageError
 
 __all__ = [
@@ -335,10 +335,13 @@ class BlockReuseRootHook(ModelHook):
         return module
 
     def _timestep(self, args: tuple, kwargs: dict) -> tuple[float, int]:
+        x = args[0] if args else next(iter(kwargs.values()))
+        host_t = current_timestep()  # inside ``sample``: known on the host, no device read-back
+        if host_t is not None:
+            return host_t, int(x.shape[0])
         t = next((kwargs[n] for n in self.t_names if n in kwargs), None)
         if t is None and len(args) > self.t_index:
             t = args[self.t_index]
-        x = args[0] if args else next(iter(kwargs.values()))
         if t is None:
             raise UsageError("block reuse needs the timestep of every call; pass it to the model")
         return float(torch.as_tensor(t).flatten()[0]), int(x.shape[0])
