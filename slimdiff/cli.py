@@ -297,6 +297,40 @@ def compress(
            "original_params": params(m), "output": str(path)}, as_json, f"slimdiff compress {method}")
 
 
+@app.command("bench-speed")
+def bench_speed(
+    models: Optional[str] = typer.Option(None, help="comma-separated: DiT size names (DiT-S/2, DiT-B/2, ...), "
+                                                    "UNet-CIFAR10, UNet-tiny (default DiT-S/2,DiT-B/2,UNet-CIFAR10)"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated subset of diff-pruning,tinyfusion,dydit,dipgo"),
+    repeats: int = typer.Option(7, help="interleaved timing rounds (medians are reported)"),
+    warmup: int = typer.Option(2, help="untimed calls of each model first"),
+    device: str = typer.Option("cpu", help="cpu | cuda"),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    batch: int = typer.Option(8, help="batch size of the timed calls"),
+    budget: float = typer.Option(0.5, help="fraction of the teacher's MACs each method is compressed to"),
+    steps: int = typer.Option(5, help="DDIM steps of the timed sampling runs (DyDiT, DiP-GO)"),
+    latent_size: int = typer.Option(32, help="DiT latent size (4 x S x S)"),
+    output: Path = typer.Option(Path("bench/speed"), "-o", "--output", help="folder for results.json and report.md"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Realised vs theoretical speedup of every method (BENCHMARK.md section 2)."""
+    from slimdiff.eval.speed import DEFAULT_MODELS, METHODS, SpeedSettings, run_speed, write_outputs
+
+    split = lambda text, default: tuple(v.strip() for v in text.split(",") if v.strip()) if text else default  # noqa: E731
+    settings = SpeedSettings(models=split(models, DEFAULT_MODELS), methods=split(methods, METHODS), repeats=repeats,
+                             warmup=warmup, device=device, dtype=dtype, batch=batch, budget=budget, steps=steps,
+                             latent_size=latent_size)
+    res = run_speed(settings, log=lambda line: err.print(line, highlight=False, markup=False))
+    paths = write_outputs(res, output)
+    if as_json:
+        sys.stdout.write(json.dumps({"output": str(output), "summary": res["summary"], "entries": [
+            {k: e[k] for k in ("model", "method", "theoretical_speedup", "measured_speedup", "realisation", "target",
+                               "met")} for e in res["entries"]]}) + "\n")
+    else:
+        err.print(f"wrote {', '.join(map(str, paths))}: {res['summary']['met']} of {res['summary']['entries']} "
+                  "entries meet their realisation target")
+
+
 @app.command("methods")
 def methods_() -> None:
     """List the compression methods and baselines."""

@@ -1,0 +1,167 @@
+"""The speed bench (slimdiff.eval.speed, `slimdiff bench-speed`) on tiny models, and the
+runtime changes made for speed (aligned pruned widths, host-side timesteps)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import torch.nn as nn
+
+from slimdiff.errors import UsageError
+from slimdiff.eval import speed as sp
+
+TINY = dict(models=("DiT-M/2", "UNet-tiny"), latent_size=8, repeats=1, warmup=0, batch=2, steps=3)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One float32 run of every method on the tiny models, written to a folder."""
+    out = tmp_path_factory.mktemp("speed")
+    res = sp.run_speed(sp.SpeedSettings(**TINY), log=lambda line: None)
+    sp.write_outputs(res, out)
+    return res, out
+
+
+def test_every_applicable_method_is_measured(bench):
+    res, _ = bench
+    got = {(e["model"], e["method"]) for e in res["entries"]}
+    assert got == {("DiT-M/2", m) for m in sp.METHODS} | {("UNet-tiny", "diff-pruning"), ("UNet-tiny", "dipgo")}
+    units = {e["method"]: e["unit"] for e in res["entries"]}
+    assert units == {"diff-pruning": "forward", "tinyfusion": "forward", "dydit": "sampling", "dipgo": "sampling"}
+
+
+def test_realisation_is_computed_from_the_measured_numbers(bench):
+    res, _ = bench
+    for e in res["entries"]:
+        assert e["theoretical_speedup"] == pytest.approx(e["macs_teacher"] / e["macs_student"])
+        assert e["measured_speedup"] == pytest.approx(e["teacher_median_s"] / e["student_median_s"])
+        assert e["realisation"] == pytest.approx(e["measured_speedup"] / e["theoretical_speedup"])
+        assert e["met"] == (e["realisation"] >= sp.TARGETS[e["method"]])
+        assert len(e["teacher_times_s"]) == len(e["student_times_s"]) == TINY["repeats"]
+        assert 0.2 < e["macs_ratio"] < 0.6, e  # compressed to about the budget (0.5), and really cheaper
+    assert res["summary"]["met"] == sum(e["met"] for e in res["entries"])
+
+
+def test_results_json_and_report(bench):
+    res, out = bench
+    data = json.loads((out / "results.json").read_text())
+    assert data["settings"]["batch"] == 2 and data["settings"]["dtype"] == "float32"
+    env = data["environment"]
+    for key in ("torch", "diffusers", "platform", "cpu_count", "torch_threads", "git_commit"):
+        assert key in env
+    assert len(data["load_average_start"]) == 3 and len(data["load_average_end"]) == 3
+    report = (out / "report.md").read_text()
+    for e in res["entries"]:
+        assert f"| {e['model']} | {e['method']} |" in report
+        assert f"**{e['realisation']:.3f}**" in report
+    assert f"{res['summary']['met']} of {res['summary']['entries']} entries meet their target" in report
+
+
+def _linear_conv_attention_macs(model: nn.Module, x, t, y) -> int:
+    """MACs of one forward of our DiT from layer shapes (hooks) plus attention ``2 N^2 inner``
+    per block and sample -- independent of FlopCounterMode."""
+    total = 0
+
+    def hook(m, args, out):
+        nonlocal total
+        if isinstance(m, nn.Linear):
+            total += args[0].numel() // m.in_features * m.in_features * m.out_features
+        else:
+            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        model(x, t, y)
+    for h in handles:
+        h.remove()
+    n = model.x_embedder.num_patches
+    attention = sum(2 * n * n * (b.attn.qkv.out_features // 3) for b in model.blocks) * len(x)
+    return total + attention
+
+
+@pytest.mark.parametrize("method", ["diff-pruning", "tinyfusion"])
+def test_theoretical_speedup_matches_an_independent_count(bench, method):
+    res, _ = bench
+    s = sp.SpeedSettings(**TINY)
+    teacher = sp.build_model("DiT-M/2", s.latent_size, s.seed)
+    student, _ = sp.make_student(teacher, method, s)
+    from slimdiff.models.backbone import as_backbone
+
+    x, t, y = as_backbone(teacher).example_inputs(s.batch, torch.Generator().manual_seed(s.seed + 1))
+    want = _linear_conv_attention_macs(teacher, x, t, y) / _linear_conv_attention_macs(student, x, t, y)
+    entry = next(e for e in res["entries"] if e["model"] == "DiT-M/2" and e["method"] == method)
+    assert entry["theoretical_speedup"] == pytest.approx(want, rel=1e-9)
+
+
+def test_pruned_widths_are_aligned():
+    from slimdiff.methods.diff_pruning import ALIGN, ALIGN_MIN_WIDTH
+
+    s = sp.SpeedSettings(**TINY)
+    teacher = sp.build_model("DiT-M/2", s.latent_size, s.seed)
+    student, _ = sp.make_student(teacher, "diff-pruning", s)
+    for old, new in zip(teacher.blocks, student.blocks):
+        assert new.mlp.fc1.out_features < old.mlp.fc1.out_features  # pruned ...
+        if old.mlp.fc1.out_features >= ALIGN_MIN_WIDTH:
+            assert new.mlp.fc1.out_features % ALIGN == 0  # ... to a kernel-friendly width
+
+
+def test_aligned_ratios_round_kept_widths():
+    from slimdiff.methods.diff_pruning import GroupInfo, aligned_ratios
+
+    table = [GroupInfo("mlp", 1536, 1, False), GroupInfo("attn", 64, 6, True), GroupInfo("small", 32, 1, False)]
+    ratios = aligned_ratios(table, 0.505, heads="dims", align=8)
+    kept = {g.root: int(g.size * (1 - ratios[g.root])) for g in table if g.root in ratios}
+    assert kept["mlp"] % 8 == 0 and abs(kept["mlp"] - int(1536 * 0.495)) <= 4
+    assert (6 * kept["attn"]) % 8 == 0 and abs(kept["attn"] - int(64 * 0.495)) <= 2
+    assert "small" not in ratios  # narrow layers keep torch-pruning's own count
+    assert aligned_ratios(table, 0.505, heads="whole", align=8).keys() == {"mlp"}
+
+
+def test_bfloat16_through_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from slimdiff.cli import app
+
+    out = tmp_path / "bf16"
+    result = CliRunner().invoke(app, ["bench-speed", "--models", "DiT-M/2", "--latent-size", "8", "--repeats", "1",
+                                      "--warmup", "0", "--batch", "2", "--steps", "3", "--dtype", "bfloat16",
+                                      "--methods", "tinyfusion,dydit,dipgo", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {e["method"] for e in line["entries"]} == {"tinyfusion", "dydit", "dipgo"}
+    data = json.loads((out / "results.json").read_text())
+    assert data["settings"]["dtype"] == "bfloat16"
+    assert all(math.isfinite(e["realisation"]) and e["realisation"] > 0 for e in data["entries"])
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (dict(methods=("nope",)), "unknown method"),
+    (dict(models=("ResNet",)), "unknown bench model"),
+    (dict(dtype="float8"), "unknown --dtype"),
+    (dict(repeats=0), "--repeats"),
+])
+def test_bad_settings_are_usage_errors(bad, fragment):
+    with pytest.raises(UsageError, match=fragment):
+        sp.SpeedSettings(**bad).validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown without a GPU")
+def test_cuda_without_a_gpu_is_a_usage_error():
+    with pytest.raises(UsageError, match="no CUDA device"):
+        sp.SpeedSettings(device="cuda").validate()
+
+
+def test_sampling_passes_the_host_timestep_to_runtimes():
+    from slimdiff.diffusion.sampling import current_timestep, sample
+
+    model = sp.build_model("DiT-M/2", 8)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((current_timestep(), float(args[1][0]))))
+    sample(model, steps=3, num_samples=2)
+    assert len(seen) == 3 and all(h == t for h, t in seen)
+    assert current_timestep() is None
