@@ -10,10 +10,8 @@ Reproduce (from the repository root; the full run needs the shipped ``digits-dit
    each followed by the same recovery fine-tuning (``--recover-steps``), then scored with
    :func:`slimdiff.eval.evaluate.evaluate` (FD, class accuracy, SSIM/PSNR to the teacher on the
    same noise). Compression cost (gradient pass + search + recovery) in CPU-seconds.
-2. **Speed** (section 2): random-init DiT-B/2 (32x32x4) and the DDPM-CIFAR10-shaped
-   ``UNet2DModel`` pruned to budget 0.5; measured speedup = 1 / ``latency_ratio`` of one
-   forward at batch 8 (interleaved medians in one process), theoretical = 1 / MACs ratio,
-   realisation = measured / theoretical.
+2. **Speed** (section 2): :func:`slimdiff.eval.speed.method_speed` -- the one speed bench of
+   every method (``slimdiff bench-speed``), restricted to Diff-Pruning, for both head modes.
 
 Without the teacher (``--quick`` on a fresh checkout) section 1 runs on a random-init small
 DiT so the pipeline is exercised; its numbers are then marked ``"teacher": "random-init"``.
@@ -27,22 +25,19 @@ import os
 import platform
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from slimdiff.eval.compute import latency_ratio, macs_forward, params
 from slimdiff.eval.evaluate import generate, score
 from slimdiff.methods import diff_pruning as dp
 from slimdiff.methods.base import Context
-from slimdiff.models.backbone import as_backbone
 
 OUT = Path("bench/diff_pruning")
-FULL = dict(samples=1000, steps=50, cfg=1.5, recover_steps=300, batch_size=64, stride=1, speed_batch=8,
+FULL = dict(samples=1000, steps=50, cfg=1.5, recover_steps=300, batch_size=64, stride=1,
             repeats=9, budget=0.5, threshold=0.05)
-QUICK = dict(samples=60, steps=5, cfg=1.5, recover_steps=2, batch_size=16, stride=100, speed_batch=2,
+QUICK = dict(samples=60, steps=5, cfg=1.5, recover_steps=2, batch_size=16, stride=100,
              repeats=3, budget=0.5, threshold=0.05)
 
 
@@ -114,66 +109,12 @@ def quality(s: dict, quick: bool, work: Path, spec: str) -> dict:
     return {"teacher": source, "settings": s, "rows": rows}
 
 
-def ddpm_cifar10_unet() -> nn.Module:
-    """google/ddpm-cifar10-32's UNet2DModel shape (diff_pruning.md), random init."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                       block_out_channels=(128, 256, 256, 256),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=32, attention_head_dim=None).eval()  # heads=1, as google/ddpm-cifar10-32
-
-
-def speed_models(quick: bool) -> dict[str, nn.Module]:
-    """Random-init models of BENCHMARK.md section 2 (tiny stand-ins with ``--quick``)."""
-    from diffusers import UNet2DModel
-
-    from slimdiff.models.dit import DiT, DiT_models
-
-    torch.manual_seed(0)
-    if quick:
-        return {"DiT-tiny": DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
-                                num_classes=10).eval(),
-                "UNet-tiny": UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                                         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                         up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                                         norm_num_groups=8).eval()}
-    return {"DiT-B/2": DiT_models["DiT-B/2"](input_size=32, num_classes=1000).eval(),
-            "UNet2D-DDPM-CIFAR10": ddpm_cifar10_unet()}
-
-
 def speed(s: dict, quick: bool) -> dict:
-    """Section 2: realised vs theoretical speedup of one forward at batch ``speed_batch``."""
-    out = {}
-    runs = [(name, m, heads) for name, m in speed_models(quick).items()
-            for heads in (dp.HEAD_MODES if as_backbone(m).is_transformer else ("dims",))]
-    for name, model, heads in runs:
-        ctx = Context(steps=1, batch_size=4, progress=False)  # static pruning: MACs ratio is step-independent
-        start = time.process_time()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # random calibration for random-init models is intended here
-            pruned = dp.diff_pruning(copy.deepcopy(model), s["budget"], ctx, s["threshold"], stride=250, heads=heads)
-        name = f"{name} heads={heads}" if as_backbone(model).is_transformer else name
-        cpu = time.process_time() - start
-        bb0, bb1 = as_backbone(model), as_backbone(pruned)
-        x, t, c = bb0.example_inputs(s["speed_batch"], torch.Generator().manual_seed(0))
-        macs = macs_forward(pruned) / macs_forward(model)
+    """Section 2: the shared speed bench (:mod:`slimdiff.eval.speed`, as ``slimdiff bench-speed``)
+    on Diff-Pruning, once per head mode."""
+    from slimdiff.eval.speed import method_speed
 
-        def fwd(bb):
-            return lambda: bb(x, t, c)
-
-        with torch.no_grad():
-            lat = latency_ratio({"original": fwd(bb0), "pruned": fwd(bb1)}, "original", warmup=2, repeats=s["repeats"])
-        measured = 1 / lat["pruned"]["ratio"]
-        out[name] = {"macs_ratio": macs, "theoretical_speedup": 1 / macs, "measured_speedup": measured,
-                     "realisation": measured * macs, "params": params(model), "pruned_params": params(pruned),
-                     "batch": s["speed_batch"], "latency": lat, "compress_cpu_s": cpu,
-                     "measured_meta": pruned.slimdiff_meta["method"]["chain"][-1]["measured"]}
-        print(f"{name:22s} MACs {macs:.3f}  theoretical x{1 / macs:.2f}  measured x{measured:.2f}  "
-              f"realisation {measured * macs:.2f}", flush=True)
-    return out
+    return {f"heads={h}": method_speed("diff-pruning", quick, repeats=s["repeats"], heads=h) for h in dp.HEAD_MODES}
 
 
 def plots(res: dict, out: Path) -> list[str]:

@@ -3,12 +3,12 @@
 1. Quality at equal MACs (BENCHMARK.md section 1): on ``digits-dit`` (DDIM 50, CFG 1.5) at
    budgets 0.5 and 0.25, DiP-GO vs DeepCache-style reuse vs L2C-style router vs fewer steps:
    FD (digits judge), class accuracy, SSIM/PSNR to the teacher from the same noise, MACs ratio.
-2. Speed (section 2): realised speedup of a budget-0.5 plan on random-init DiT-B/2 (32x32x4,
-   batch 8, CPU) = measured speedup (``latency_ratio``, one process) / theoretical (1 / MACs ratio).
+2. Speed (section 2): :func:`slimdiff.eval.speed.method_speed`, the one speed bench of every
+   method (``slimdiff bench-speed``), restricted to DiP-GO.
 3. The plans drawn as steps x blocks heat maps.
 
 ``--quick``: a random-init DiT-M/2 on 8x8x1 stands in for the teacher (FD numbers then only
-prove the pipeline runs), 10 steps, few samples; DiT-S/2 with 4 steps for speed.
+prove the pipeline runs), 10 steps, few samples; the quick speed bench for speed.
 Run: ``OMP_NUM_THREADS=1 python scripts/measure_dipgo.py [--quick]``.
 """
 from __future__ import annotations
@@ -23,13 +23,11 @@ from pathlib import Path
 import torch
 
 import slimdiff
-from slimdiff.eval.compute import latency_ratio, macs_sampling
 from slimdiff.eval.evaluate import evaluate, generate
 from slimdiff.eval.report import reuse_plan
 from slimdiff.methods.base import Context, compress
-from slimdiff.methods.dipgo import threshold_plan
 from slimdiff.models.dit import DiT_models
-from slimdiff.runtime.reuse import ReusePlan, apply_block_reuse, block_costs, get_block_reuse
+from slimdiff.runtime.reuse import get_block_reuse
 
 METHODS = ("dipgo", "deepcache", "l2c", "fewer-steps")
 
@@ -72,27 +70,10 @@ def quality(args, out: Path) -> dict:
 
 
 def speed(args) -> dict:
-    size, steps, batch = ("DiT-S/2", 4, 2) if args.quick else ("DiT-B/2", 10, 8)
-    torch.manual_seed(0)
-    m = DiT_models[size](input_size=32, in_channels=4, num_classes=1000).eval()
-    costs = block_costs(m)
-    full = macs_sampling(m, "ddim", steps)
-    scores = torch.rand(steps, len(costs.blocks), generator=torch.Generator().manual_seed(0))
-    plan = ReusePlan.for_sampler(threshold_plan(scores, costs, 0.5), "ddim", steps, m)
-    reused = DiT_models[size](input_size=32, in_channels=4, num_classes=1000).eval()
-    reused.load_state_dict(m.state_dict())
-    apply_block_reuse(reused, plan)
-    ratio = macs_sampling(reused, "ddim", steps) / full
-    from slimdiff.diffusion.sampling import sample
+    """Section 2: the shared speed bench (:mod:`slimdiff.eval.speed`, as ``slimdiff bench-speed``) on DiP-GO."""
+    from slimdiff.eval.speed import method_speed
 
-    lat = latency_ratio({"original": lambda: sample(m, steps=steps, num_samples=batch),
-                         "plan@0.5": lambda: sample(reused, steps=steps, num_samples=batch)},
-                        "original", warmup=1, repeats=args.repeats)
-    measured = 1 / lat["plan@0.5"]["ratio"]
-    return {"model": size, "steps": steps, "batch": batch, "macs_ratio": ratio, "theoretical_speedup": 1 / ratio,
-            "measured_speedup": measured, "realisation": measured * ratio, "latency": lat,
-            "note": "plan = budget-0.5 post-processing of random scores (the runtime's speed does not depend on "
-                    "how the plan was learned)"}
+    return method_speed("dipgo", args.quick, repeats=args.repeats)
 
 
 def main() -> None:
@@ -121,8 +102,9 @@ def main() -> None:
     res["wall_s"] = time.time() - t0
     res["load_average_end"] = os.getloadavg()
     (args.out / "results.json").write_text(json.dumps(res, indent=2, default=float))
-    print(json.dumps({"budgets": res["quality"]["budgets"], "speed": {k: v for k, v in res["speed"].items()
-                                                                       if k != "latency"}}, indent=1, default=float))
+    print(json.dumps({"budgets": res["quality"]["budgets"], "speed": [
+        {k: e[k] for k in ("model", "theoretical_speedup", "measured_speedup", "realisation", "met")}
+        for e in res["speed"]["entries"]]}, indent=1, default=float))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,8 @@
 2. **Pictures**: active heads / MLP channel groups per timestep (per block) from the saved
    per-step tables; token-keep maps (fraction of blocks whose MLP ran, per token) over
    generated samples at early / middle / late steps.
-3. **Realised speedup** on a random-init DiT-B/2 (32x32x4 latents, batch 8, CPU): routers
-   given random weights, then one bias shift (bisection) sets a forward to the budget;
-   measured speedup (latency_ratio, one process, interleaved) vs theoretical (MACs ratio of
-   the very same calls, FlopCounterMode). Realisation = measured / theoretical.
+3. **Realised speedup**: :func:`slimdiff.eval.speed.method_speed`, the one speed bench of
+   every method (``slimdiff bench-speed``), restricted to DyDiT.
 
 ``--quick`` runs everything at toy sizes (random-init teacher if digits-dit is absent).
 Numbers come only from this script.
@@ -35,12 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import slimdiff  # noqa: E402
 from slimdiff.errors import UsageError  # noqa: E402
-from slimdiff.eval.compute import count_macs, latency_ratio  # noqa: E402
 from slimdiff.eval.report import token_keep_maps, width_per_timestep  # noqa: E402
 from slimdiff.methods.base import Context, compress  # noqa: E402
-from slimdiff.methods.dydit import cost_model, shift_routers  # noqa: E402
-from slimdiff.models.backbone import as_backbone  # noqa: E402
-from slimdiff.runtime.dynamic import default_config, install  # noqa: E402
 
 
 def teacher(quick: bool, spec: str = "digits-dit"):
@@ -106,59 +100,10 @@ def quality(args, out: Path) -> dict:
 
 
 def speed(args) -> dict:
-    """Realised vs theoretical speedup of a routed forward at the budget (random-init DiT)."""
-    name, size, batch = ("DiT-S/2", 16, 2) if args.quick else ("DiT-B/2", 32, 8)
-    torch.manual_seed(0)
-    model = slimdiff.load(name, input_size=size, in_channels=4)
-    routing = install(model, default_config(model))
-    g = torch.Generator().manual_seed(0)
-    for r in routing.routers:
-        for lin in (r.head, r.group, r.token):
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.in_features**0.5)
-            lin.bias.copy_(0.5 * torch.randn(lin.bias.shape, generator=g))
-    bb = as_backbone(model)
-    x, _, y = bb.example_inputs(batch, torch.Generator().manual_seed(1))
-    t = torch.full((batch,), 500)
-    cost = cost_model(model)
+    """Section 3: the shared speed bench (:mod:`slimdiff.eval.speed`, as ``slimdiff bench-speed``) on DyDiT."""
+    from slimdiff.eval.speed import method_speed
 
-    def ratio_at(delta: float) -> float:
-        shift_routers(routing, delta)
-        routing.build_tables(model, [500.0])
-        model(x, t, y)
-        shift_routers(routing, -delta)
-        return float(cost.ratio(routing.realised()).mean())
-
-    lo, hi = -20.0, 20.0
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ratio_at(mid) > args.budget else (lo, mid)
-    shift_routers(routing, hi)
-    routing.build_tables(model, [500.0])
-
-    def run(mode: str):
-        routing.set_mode(mode)
-        return count_macs(bb, x, t, y)
-
-    macs_full, macs_dyn = run("off"), run("dynamic")
-    realised = routing.realised()
-
-    def call(mode: str):
-        def f():
-            routing.set_mode(mode)
-            model(x, t, y)
-        return f
-
-    lat = latency_ratio({"full": call("off"), "dydit": call("dynamic")}, "full", warmup=2, repeats=args.repeats)
-    routing.set_mode("dynamic")
-    theoretical = macs_full / macs_dyn
-    measured = 1 / lat["dydit"]["ratio"]
-    return {"model": name, "input_size": size, "batch": batch, "budget": args.budget, "threads": torch.get_num_threads(),
-            "macs_full": macs_full, "macs_dydit": macs_dyn, "macs_ratio": macs_dyn / macs_full,
-            "mean_heads_kept_frac": float(realised["heads"].sum() / (sum(cost.heads) * batch)),
-            "mean_groups_kept_frac": float(realised["groups"].sum() / (sum(cost.groups) * batch)),
-            "mean_tokens_kept_frac": float(realised["tokens"].mean() / cost.tokens),
-            "theoretical_speedup": theoretical, "measured_speedup": measured,
-            "realisation": measured / theoretical, "latency": lat}
+    return method_speed("dydit", args.quick, repeats=args.repeats, budget=args.budget)
 
 
 def main() -> None:
@@ -201,7 +146,8 @@ def main() -> None:
         if skip:
             res["earlier_parts_from"] = {k: old.get("command") for k in skip if k in old}
     path.write_text(json.dumps(res, indent=2, default=float) + "\n")
-    summary = {k: res.get("speed", {}).get(k) for k in ("theoretical_speedup", "measured_speedup", "realisation")}
+    summary = {"speed": [{k: e[k] for k in ("model", "theoretical_speedup", "measured_speedup", "realisation")}
+                         for e in res.get("speed", {}).get("entries", [])]}
     if "quality" in res:
         summary.update(dydit_fd=res["quality"]["dydit"]["fd"], static_fd=res["quality"]["static"].get("fd"),
                        macs_ratio=res["quality"]["dydit"]["macs_ratio"])

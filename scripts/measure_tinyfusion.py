@@ -9,9 +9,8 @@ Writes ``bench/tinyfusion/results.json`` and ``bench/tinyfusion/probabilities.pn
 2. **Recovery losses** for TinyFusion's choice: fine-tune only vs output KD vs hidden KD
    (unmasked, "plain") vs masked KD, same steps.
 3. **Option probabilities over the search**, plotted per group.
-4. **Speed**: random-init DiT-B/2 (32x32x4 latents, batch 8, CPU), 12 -> 6 blocks;
-   measured speedup (``latency_ratio``, interleaved medians in this process) vs the
-   theoretical one (MACs ratio); realisation = measured / theoretical.
+4. **Speed**: :func:`slimdiff.eval.speed.method_speed`, the one speed bench of every method
+   (``slimdiff bench-speed``), restricted to TinyFusion.
 
 ``--quick`` runs everything with tiny settings (a random-init DiT-M/2 on digits instead of
 the teacher, a few steps, few samples, DiT-S/2 with 2 repeats) to check that the script works;
@@ -27,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -51,7 +49,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--cfg", type=float, default=1.5)
-    ap.add_argument("--speed-model", default="DiT-B/2")
+    ap.add_argument("--speed-model", default=None, help="one model for the speed part (default: the bench's)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "tinyfusion"))
@@ -161,41 +159,11 @@ def other_shapes(args, work: Path) -> dict:
 
 
 def speed(args) -> dict:
-    """Realised vs theoretical speedup of a 2x depth cut on a random-init DiT."""
-    from slimdiff.eval.compute import count_macs, latency_ratio
-    from slimdiff.methods.depth_baselines import select_blocks
-    from slimdiff.methods.tinyfusion import extract_blocks
-    from slimdiff.models.backbone import as_backbone
-    from slimdiff.models.registry import load_model
+    """Section 2: the shared speed bench (:mod:`slimdiff.eval.speed`, as ``slimdiff bench-speed``) on TinyFusion."""
+    from slimdiff.eval.speed import method_speed
 
-    torch.manual_seed(args.seed)
-    full = load_model(args.speed_model, input_size=32, in_channels=4).eval()
-    depth = len(full.blocks)
-    half = extract_blocks(copy.deepcopy(full), select_blocks("stride", depth, depth // 2))
-    x, t, y = as_backbone(full).example_inputs(8, torch.Generator().manual_seed(0))
-    macs = {n: count_macs(as_backbone(m), x, t, y) for n, m in (("full", full), ("half", half))}
-
-    def call(m):
-        bb = as_backbone(m)
-        return lambda: bb(x, t, y)
-
-    with torch.no_grad():
-        lat = latency_ratio({"full": call(full), "half": call(half)}, "full", warmup=2, repeats=args.repeats)
-    measured = 1 / lat["half"]["ratio"]
-    theoretical = macs["full"] / macs["half"]
-    full_t, half_t = lat["full"]["times_s"], lat["half"]["times_s"]
-    # Robustness checks on a shared machine: the median of per-round ratios (the two calls of a
-    # round run back to back, so slow drifts in the load cancel) and the ratio of minimum times.
-    paired = statistics.median(f / h for f, h in zip(full_t, half_t))
-    fastest = min(full_t) / min(half_t)
-    return {
-        "model": args.speed_model, "latent": [4, 32, 32], "batch": 8, "depth": [depth, len(half.blocks)],
-        "macs_forward": macs, "theoretical_speedup": theoretical, "measured_speedup": measured,
-        "realisation": measured / theoretical, "target": 0.95, "meets_target": measured / theoretical >= 0.95,
-        "measured_speedup_paired_median": paired, "realisation_paired_median": paired / theoretical,
-        "measured_speedup_min_times": fastest, "realisation_min_times": fastest / theoretical,
-        "latency": {k: v for k, v in lat.items()}, "threads": torch.get_num_threads(),
-    }
+    return method_speed("tinyfusion", args.quick, repeats=args.repeats,
+                        **({"models": (args.speed_model,)} if args.speed_model and not args.quick else {}))
 
 
 def _environment(args) -> dict:
@@ -236,15 +204,10 @@ def report(results: dict) -> str:
         lines += [f"| {kd} | {r['fd']:.2f} | {r['class_acc']:.3f} |" for kd, r in q["kd_ablation"].items()]
         lines += ["", f"Summary: {json.dumps(q['summary'])}", "", "![probabilities](probabilities.png)", ""]
     sp = results.get("speed")
-    if sp:
-        lines += [f"## Speed: {sp['model']}, {sp['depth'][0]} -> {sp['depth'][1]} blocks, batch {sp['batch']}, CPU, "
-                  f"{sp['threads']} thread(s), load average {sp['environment']['load_average_start'][0]:.1f}", "",
-                  "| statistic | measured speedup | theoretical | realisation |", "|---|---|---|---|"]
-        for label, key in (("ratio of medians", "measured_speedup"), ("median of per-round ratios",
-                                                                     "measured_speedup_paired_median"),
-                           ("ratio of minimum times", "measured_speedup_min_times")):
-            lines.append(f"| {label} | {sp[key]:.3f} | {sp['theoretical_speedup']:.3f} | "
-                         f"{sp[key] / sp['theoretical_speedup']:.3f} |")
+    if sp and "entries" in sp:  # written by slimdiff.eval.speed (files from before it had another layout)
+        from slimdiff.eval.speed import entries_table
+
+        lines += ["## Speed (`slimdiff bench-speed --methods tinyfusion`)", ""] + entries_table(sp["entries"])
     return "\n".join(lines) + "\n"
 
 
@@ -284,8 +247,9 @@ def main() -> None:
     brief = {}
     if "quality" in results:
         brief["quality"] = results["quality"]["summary"]
-    if "speed" in results:
-        brief["speed"] = {k: v for k, v in results["speed"].items() if "speedup" in k or "realisation" in k}
+    if "entries" in results.get("speed", {}):
+        brief["speed"] = [{k: e[k] for k in ("model", "theoretical_speedup", "measured_speedup", "realisation", "met")}
+                          for e in results["speed"]["entries"]]
     print(json.dumps(brief, indent=2))
 
 

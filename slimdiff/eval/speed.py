@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -76,6 +76,7 @@ class SpeedSettings:
     threshold: float = 0.05  # Diff-Pruning's loss threshold
     stride: int = 250  # Diff-Pruning's timestep stride (4 timesteps: a speed bench needs the shape only)
     calibration_batch: int = 4  # Diff-Pruning's calibration batch
+    heads: str = "dims"  # Diff-Pruning's head mode ("dims" narrows heads, "whole" removes heads)
 
     def validate(self) -> "SpeedSettings":
         """Clear errors for bad values (the CLI passes user input straight here)."""
@@ -179,7 +180,7 @@ def _diff_pruning(model: nn.Module, s: SpeedSettings) -> nn.Module:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random calibration latents are intended for a speed bench
-        return diff_pruning(model, s.budget, _ctx(s), s.threshold, stride=s.stride)
+        return diff_pruning(model, s.budget, _ctx(s), s.threshold, stride=s.stride, heads=s.heads)
 
 
 def _tinyfusion(model: nn.Module, s: SpeedSettings) -> nn.Module:
@@ -368,6 +369,18 @@ def run_speed(settings: SpeedSettings, log: Callable[[str], None] = print) -> di
     return res
 
 
+def entries_table(entries: list[dict]) -> list[str]:
+    """Markdown table rows of bench entries (also used by the per-method scripts' reports)."""
+    lines = ["| model | method | timed call | MACs ratio | theoretical | measured | paired | realisation | target | |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(f"| {e['model']} | {e['method']} | {e['call']} | {e['macs_ratio']:.3f} | "
+                     f"x{e['theoretical_speedup']:.3f} | x{e['measured_speedup']:.3f} | "
+                     f"x{e['measured_speedup_paired']:.3f} | **{e['realisation']:.3f}** | {e['target']:.2f} | "
+                     f"{'met' if e['met'] else 'NOT MET'} |")
+    return lines
+
+
 def report_markdown(res: dict) -> str:
     """``report.md``: the table of results.json (every number comes from there)."""
     s, env = res["settings"], res["environment"]
@@ -379,14 +392,8 @@ def report_markdown(res: dict) -> str:
              f"{s['repeats']} interleaved rounds, medians. Load average {res['load_average_start'][0]:.2f} at the "
              f"start, {res['load_average_end'][0]:.2f} at the end. torch {env['torch']}, diffusers {env['diffusers']}.",
              "", "Theoretical = teacher MACs / student MACs of the timed call; measured = teacher median / student "
-             "median; realisation = measured / theoretical.", "",
-             "| model | method | timed call | MACs ratio | theoretical | measured | paired | realisation | target | |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for e in res["entries"]:
-        lines.append(f"| {e['model']} | {e['method']} | {e['call']} | {e['macs_ratio']:.3f} | "
-                     f"x{e['theoretical_speedup']:.3f} | x{e['measured_speedup']:.3f} | "
-                     f"x{e['measured_speedup_paired']:.3f} | **{e['realisation']:.3f}** | {e['target']:.2f} | "
-                     f"{'met' if e['met'] else 'NOT MET'} |")
+             "median (paired: median of per-round ratios); realisation = measured / theoretical.", ""]
+    lines += entries_table(res["entries"])
     if env.get("gpu"):
         lines += ["", "Absolute medians on the GPU:", "", "| model | method | teacher s | student s |", "|---|---|---|---|"]
         lines += [f"| {e['model']} | {e['method']} | {e['teacher_median_s']:.4f} | {e['student_median_s']:.4f} |"
@@ -418,4 +425,4 @@ def method_speed(method: str, quick: bool = False, **overrides) -> dict:
 
 
 __all__ = ["SpeedSettings", "TARGETS", "METHODS", "run_speed", "bench_model", "make_student", "make_call",
-           "build_model", "report_markdown", "write_outputs", "method_speed", "environment", "synced"]
+           "build_model", "entries_table", "report_markdown", "write_outputs", "method_speed", "environment", "synced"]

@@ -302,10 +302,57 @@ def _copy_with_grads(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _make_pruner(m: nn.Module, ratio: float, importance: str, heads: str, overrides: dict[str, float] | None = None):
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the ``meta`` device: shapes only,
+    no memory, no arithmetic. The budget search prunes and counts MACs on such copies."""
+    import itertools
+
+    memo: dict[int, torch.Tensor] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+class RecordedImportance:
+    """Group importance computed once and replayed: torch-pruning asks for it per group, keyed
+    here by the group's root layer name and pruning function (identical across copies; the
+    number of dependencies is not: tracing on the meta device sees attention's inner ops).
+
+    With ``inner`` set, missing scores are computed on the model and recorded into ``table``;
+    without it (meta-device copies, which have no values) every score must be recorded.
+    """
+
+    def __init__(self, table: dict, names: dict[nn.Module, str], inner=None):
+        self.table, self.names, self.inner = table, names, inner
+
+    def __call__(self, group) -> torch.Tensor:
+        dep = group[0].dep
+        key = (self.names.get(dep.target.module), getattr(dep.handler, "__name__", str(dep.handler)))
+        if key not in self.table:
+            if self.inner is None:
+                raise RuntimeError(f"no recorded importance for group {key}")
+            self.table[key] = self.inner(group).detach().float().cpu()
+        return self.table[key]
+
+
+def record_importance(model: nn.Module, importance: str, heads: str = "dims", seed: int = 0) -> dict:
+    """Every group's importance on ``model`` (Taylor needs its gradients), nothing pruned."""
+    table: dict = {}
+    pruner = _make_pruner(model, 0.5, importance, heads, scores=table, record=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # RandomImportance draws from the global generator
+        for _ in pruner.step(interactive=True):  # computes every group's importance; we prune nothing
+            pass
+    return table
+
+
+def _make_pruner(m: nn.Module, ratio: float, importance: str, heads: str, overrides: dict[str, float] | None = None,
+                 scores: dict | None = None, record: bool = False):
     """torch-pruning's ``BasePruner`` over ``m`` with slimdiff's groups, heads and ignored layers.
 
     ``overrides`` maps group-root layer names (see :func:`group_roots`) to their own ratio.
+    ``scores`` replays importance from :func:`record_importance` (``record``: fill it instead).
     """
     import torch_pruning as tp
 
@@ -324,8 +371,11 @@ def _make_pruner(m: nn.Module, ratio: float, importance: str, heads: str, overri
         return min(r, (h - 1) / h - 1e-6)
 
     example = as_backbone(m).example_inputs(1, torch.Generator().manual_seed(0))
+    imp = _importance(importance)
+    if scores is not None:
+        imp = RecordedImportance(scores, {mod: n for n, mod in m.named_modules()}, imp if record else None)
     return tp.pruner.BasePruner(
-        m, example, importance=_importance(importance), pruning_ratio=ratio, pruning_ratio_dict=per_layer or None,
+        m, example, importance=imp, pruning_ratio=ratio, pruning_ratio_dict=per_layer or None,
         ignored_layers=_ignored_layers(m), num_heads=num_heads,
         in_channel_groups={}, out_channel_groups={},  # fresh dicts: torch-pruning mutates its defaults
         prune_num_heads=whole, prune_head_dims=not whole, head_pruning_ratio=ratio if whole else 0.0,
@@ -410,27 +460,30 @@ def aligned_ratios(table: list[GroupInfo], ratio: float, overrides: dict[str, fl
 
 def prune_with_ratio(model: nn.Module, ratio: float, importance: str = "taylor", *, heads: str = "dims",
                      seed: int = 0, overrides: dict[str, float] | None = None, inplace: bool = False,
-                     align: int = 1, table: list[GroupInfo] | None = None) -> tuple[nn.Module, list]:
+                     align: int = 1, table: list[GroupInfo] | None = None,
+                     scores: dict | None = None) -> tuple[nn.Module, list]:
     """Prune a copy of ``model`` (or ``model`` itself with ``inplace``) at torch-pruning ratio
     ``ratio`` (``overrides``: per-group ratios by root layer name) with local ranking; return it
     and torch-pruning's history ``[(layer name, is_output_channels, removed indices), ...]``.
 
     ``align > 1`` rounds kept widths to multiples of ``align`` (:func:`aligned_ratios`; pass
     ``table`` = :func:`group_table` to avoid rebuilding it). ``importance="taylor"`` needs
-    gradients on ``model`` (see :func:`accumulate_gradients`). Head counts and sampler
-    channels are synced afterwards (:func:`sync_attention_heads`).
+    gradients on ``model`` (see :func:`accumulate_gradients`) unless ``scores`` (from
+    :func:`record_importance`) are replayed; then the copy carries no gradients. Head counts
+    and sampler channels are synced afterwards (:func:`sync_attention_heads`).
     """
     from slimdiff.models.backbone import sync_attention_heads
 
+    copy_of = copy.deepcopy if scores is not None else _copy_with_grads
     if ratio <= 0 and not overrides:
-        return (model if inplace else _copy_with_grads(model)), []
+        return (model if inplace else copy_of(model)), []
     if align > 1:
         overrides = aligned_ratios(group_table(model, heads) if table is None else table, ratio, overrides,
                                    heads=heads, align=align)
-    m = model if inplace else _copy_with_grads(model)
-    if importance == "taylor" and any(p.grad is None for p in m.parameters() if p.requires_grad):
+    m = model if inplace else copy_of(model)
+    if scores is None and importance == "taylor" and any(p.grad is None for p in m.parameters() if p.requires_grad):
         raise UsageError("Taylor importance needs gradients: run accumulate_gradients(model, ...) first")
-    pruner = _make_pruner(m, ratio, importance, heads, overrides)
+    pruner = _make_pruner(m, ratio, importance, heads, overrides, scores)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # RandomImportance draws from the global generator
         pruner.step()
@@ -467,18 +520,29 @@ def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor",
        Taylor importance still get the same shapes at the same budget.
     3. Every trial keeps widths in multiples of ``align`` (:func:`aligned_ratios`; 1 = off).
 
+    Importance is computed once (:func:`record_importance`) and the trials prune meta-device
+    copies (:func:`meta_copy`): a trial costs no memory and no arithmetic, so the search does
+    not grow with the model's size (DiT-XL/2 included). Only the chosen trial is pruned for real.
+
     Raises :class:`UsageError` when nothing is prunable or the budget is out of reach.
     """
     from slimdiff.eval.compute import macs_forward
     from slimdiff.models.backbone import as_backbone
 
     budget = check_budget(budget)
-    base = macs_forward(model)
+    try:  # trials prune shape-only copies: no memory and no arithmetic, whatever the model size
+        shapes = meta_copy(model)
+        base, table = macs_forward(shapes), group_table(shapes, heads)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+        warnings.warn(f"budget search on real copies (a layer does not run on the meta device: {e})", stacklevel=2)
+        shapes, base, table = model, macs_forward(model), group_table(model, heads)
+    roots, top = group_roots(shapes, heads, table)
+    scores = record_importance(model, importance, heads, seed) if roots else {}
     tried: list[tuple[float, float, int]] = []
 
     def trial(r: float, overrides: dict[str, float] | None = None) -> Trial:
-        pruned, history = prune_with_ratio(model, r, importance, heads=heads, seed=seed, overrides=overrides,
-                                           align=align, table=table)
+        pruned, history = prune_with_ratio(shapes, r, importance, heads=heads, seed=seed, overrides=overrides,
+                                           align=align, table=table, scores=scores)
         t = Trial(r, macs_forward(pruned) / base, pruned, history, dict(overrides or {}))
         tried.append((r, t.macs_ratio, len(t.overrides)))
         return t
@@ -486,8 +550,6 @@ def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor",
     def err(t: Trial) -> float:
         return abs(t.macs_ratio / budget - 1)
 
-    table = group_table(model, heads)
-    roots, top = group_roots(model, heads, table)
     best = trial(top) if roots else None
     if best is None or best.macs_ratio >= 1 - 1e-9:
         raise UsageError(f"this {as_backbone(model).kind} model has nothing width pruning can remove (no prunable "
@@ -513,6 +575,13 @@ def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor",
         raise UsageError(f"width pruning cannot meet budget {budget:g} within {tolerance:.0%} on this model (closest: "
                          f"{best.macs_ratio:.3f} at ratio {best.ratio:.4f}; channel groups are too coarse); "
                          "try a nearby budget")
+    if shapes is not model:  # the chosen trial, now on real weights (same scores, so the same channels)
+        best.model, best.history = prune_with_ratio(model, best.ratio, importance, heads=heads, seed=seed,
+                                                    overrides=best.overrides or None, align=align, table=table,
+                                                    scores=scores)
+        reached = macs_forward(best.model) / macs_forward(model)
+        if abs(reached - best.macs_ratio) > 1e-9:
+            raise RuntimeError(f"pruned model reaches {reached:.6f} of the MACs, its shape-only trial {best.macs_ratio:.6f}")
     return best, tried
 
 
