@@ -165,3 +165,23 @@ def test_sampling_passes_the_host_timestep_to_runtimes():
     sample(model, steps=3, num_samples=2)
     assert len(seen) == 3 and all(h == t for h, t in seen)
     assert current_timestep() is None
+
+
+def test_flat_memory_checkpointing_gives_the_same_gradients():
+    """DiP-GO's nested (log-memory) checkpoints recompute the same trajectory: equal gradients."""
+    from slimdiff.methods import dipgo as D
+    from slimdiff.runtime.reuse import ReusePlan, apply_block_reuse
+
+    model = sp.build_model("DiT-M/2", 8).requires_grad_(False)
+    steps = 5
+    apply_block_reuse(model, ReusePlan.full("ddim", steps, model))
+    noise, labels, target = D.teacher_batch(model, 2, 0, sampler="ddim", steps=steps, cfg=1.0)
+    grads = []
+    for kw in (dict(memory="flat"), dict(memory="steps"), dict(use_checkpoint=False)):
+        keep = torch.full((steps, len(model.blocks)), 0.6, requires_grad=True)
+        x = D.supernet_sample(model, keep, noise, labels, sampler="ddim", steps=steps, **kw)
+        D.consistency_loss(x, target, "l2").backward()
+        grads.append(keep.grad)
+    assert grads[0][1:].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[2])
+    torch.testing.assert_close(grads[1], grads[2])

@@ -126,14 +126,31 @@ def _conditions(bb, labels: torch.Tensor | None, n: int, cfg: float, seed: int):
     return cond
 
 
+MEMORY_MODES = ("flat", "steps")
+FLAT_SAMPLERS = ("ddim",)  # stateless, deterministic steps: safe to recompute inside a checkpoint
+
+
 def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Tensor, labels: torch.Tensor | None,
-                    *, sampler: str, steps: int, cfg: float = 1.0, seed: int = 0, use_checkpoint: bool = True) -> torch.Tensor:
+                    *, sampler: str, steps: int, cfg: float = 1.0, seed: int = 0, use_checkpoint: bool = True,
+                    memory: str = "flat") -> torch.Tensor:
     """One sampling trajectory through the SuperNet (the same loop as ``slimdiff.sample``).
 
     ``keep`` (S, N) gates mix fresh and cached block contributions (None = all fresh);
     the model must carry a reuse plan for ``sampler`` x ``steps`` (any plan: in SuperNet
     mode every block computes). Differentiable w.r.t. ``keep``.
+
+    Memory (with gradients and ``use_checkpoint``): a step's inputs are ``x`` and one cache
+    per block, so checkpointing every step still keeps ``steps x (blocks + 1)`` activation
+    tensors alive until the backward pass -- memory grows linearly with the step count.
+    ``memory="flat"`` (default) checkpoints recursively instead: the trajectory is halved
+    into nested checkpoints down to single steps, so only ``O(log2 steps)`` step states and
+    one step's activations are alive at a time; the price is recomputing each step's forward
+    about ``log2 steps`` times. It needs steps that can be re-run exactly (DDIM; other
+    samplers keep state in the scheduler or draw noise, and use ``"steps"``, per-step
+    checkpoints).
     """
+    if memory not in MEMORY_MODES:
+        raise UsageError(f"unknown memory mode {memory!r}; use one of {', '.join(MEMORY_MODES)}")
     from slimdiff.diffusion.schedulers import diffusion_config_of, make_scheduler
     from slimdiff.models.backbone import as_backbone
 
@@ -154,7 +171,24 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
             out = u + cfg * (c - u)
         return (out, *frame.caches_out)
 
-    for i, t in enumerate(scheduler.timesteps):
+    timesteps = list(scheduler.timesteps)
+    if use_checkpoint and torch.is_grad_enabled() and memory == "flat" and sampler in FLAT_SAMPLERS:
+
+        def segment(lo: int, hi: int, x_in: torch.Tensor, *cs):
+            """Steps ``lo .. hi - 1`` from ``(x_in, caches)``; halves are nested checkpoints."""
+            if hi - lo == 1:
+                t = timesteps[lo]
+                inp = scheduler.scale_model_input(x_in, t) if hasattr(scheduler, "scale_model_input") else x_in
+                k = None if (keep is None or lo == 0) else keep[lo]
+                pred, *out = step_fn(inp, t, k, *cs)
+                return (scheduler.step(pred, t, x_in, generator=gen).prev_sample, *out)
+            mid = (lo + hi) // 2
+            state = checkpoint(segment, lo, mid, x_in, *cs, use_reentrant=False)
+            return checkpoint(segment, mid, hi, *state, use_reentrant=False)
+
+        return segment(0, len(timesteps), x, *caches)[0]
+
+    for i, t in enumerate(timesteps):
         inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         k = None if (keep is None or i == 0) else keep[i]
         if use_checkpoint and torch.is_grad_enabled():
