@@ -342,6 +342,91 @@ def methods_() -> None:
         Console().print(f"{name:20s} [{e.kind}] {e.help}")
 
 
+def _parse_options(items: list[str] | None) -> dict:
+    """``KEY=VALUE`` pairs (values as int, float or text) for method options."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--option must look like NAME=VALUE (e.g. train_steps=100), got {item!r}")
+        for cast in (int, float):
+            try:
+                out[key.strip()] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key.strip()] = value
+    return out
+
+
+def _bench_table(results: dict, as_json: bool, out: Path) -> None:
+    from slimdiff.bench import summary_rows
+
+    rows = summary_rows(results)
+    if as_json:
+        sys.stdout.write(json.dumps({"output": str(out), "rows": rows}) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"slimdiff bench ({results['config']['model']})")
+    for col in ("entry", "MACs ratio", "FD", "class acc", "SSIM", "wall ratio", "compress CPU-s"):
+        table.add_column(col)
+    for r in sorted(rows, key=lambda r: (r.get("fd") is None, r.get("fd") or 0)):
+        cells = [r.get(k) for k in ("macs_ratio", "fd", "class_acc", "ssim", "wall_ratio", "compress_cpu_s")]
+        table.add_row(r["entry"], *("-" if v is None else f"{v:.3g}" for v in cells))
+    Console().print(table)
+    err.print(f"report: {out / 'report.md'}  (results.json, pareto.png, samples.png, pictures/)")
+
+
+BENCH_OUT = typer.Option(Path("runs/bench"), "-o", "--out", help="bench directory (rerun to resume)")
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("digits-dit", help=MODEL_HELP),
+    budgets: str = typer.Option("0.5,0.25", help="comma-separated budgets (fractions of the teacher's sampling MACs)"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated methods; join a chain with '+', e.g. "
+                                                     "diff-pruning,tinyfusion+dipgo (default: all, and tinyfusion+dipgo)"),
+    samples: int = typer.Option(2000, help="samples per model (balanced over classes)"),
+    sampler: str = typer.Option("ddim"),
+    steps: int = typer.Option(50),
+    cfg: float = typer.Option(1.0, help="guidance scale (1 = off)"),
+    recover_steps: int = typer.Option(300, help="recovery steps, the same for every weight-changing method"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    lr: float = typer.Option(2e-4, help="recovery learning rate"),
+    kd: str = typer.Option("none", help="recovery loss: none | output | hidden | masked"),
+    option: Optional[list[str]] = typer.Option(None, help="method option NAME=VALUE, repeatable (e.g. opt_steps=30)"),
+    seed: int = typer.Option(0),
+    out: Path = BENCH_OUT,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Every method and baseline at every budget, same recovery, sampler, seeds and labels;
+    writes results.json, report.md and plots (an interrupted run resumes)."""
+    from slimdiff.bench import BenchConfig, run_bench
+
+    config = BenchConfig(model=model, budgets=[b for b in budgets.split(",") if b.strip()],
+                         methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+                         samples=samples, sampler=sampler, steps=steps, cfg=cfg, recover_steps=recover_steps,
+                         batch_size=batch_size, lr=lr, kd=kd, options=_parse_options(option), seed=seed,
+                         progress=not as_json)
+    _bench_table(run_bench(config, out), as_json, out)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "-o", "--out", help="demo directory (rerun to resume)"),
+    samples: int = typer.Option(500, help="samples per model"),
+    recover_steps: int = typer.Option(50, help="recovery steps per method"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """The four methods once at budget 0.5 on the shipped digits-dit (a reduced bench, ~15 min on 2 CPU cores)."""
+    from slimdiff.bench import demo_config, run_bench
+
+    _bench_table(run_bench(demo_config(samples=samples, recover_steps=recover_steps, progress=not as_json), out),
+                 as_json, out)
+
+
 def _is_main_process() -> bool:
     from accelerate import PartialState
 
