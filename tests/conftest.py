@@ -122,3 +122,53 @@ TINY_MODELS = {
 def tiny_model(request):
     """Each tiny model in turn (``request.param`` is its Backbone kind)."""
     return request.param, TINY_MODELS[request.param]()
+
+
+# --------------------------------------------------------------------------- processes and runs
+def checkpoint_step(root) -> int:
+    """Highest step a resume would start from, over every run directory under ``root``
+    (training, search and DiP-GO checkpoints); 0 if there is none yet."""
+    import json
+    from pathlib import Path
+
+    from slimdiff.train.checkpoint import find_checkpoint
+
+    # os.walk, not Path.glob: checkpoint folders appear and vanish while we look (glob raises)
+    runs = {Path(root)} | {Path(d).parent for d, _, files in os.walk(root) if "state.json" in files}
+    steps = [0]
+    for run in runs:
+        try:
+            ckpt = find_checkpoint(run)
+            steps.append(json.loads((ckpt / "state.json").read_text())["step"] if ckpt else 0)
+        except (OSError, ValueError, KeyError):  # swapped out between the two reads
+            pass
+    return max(steps)
+
+
+def kill_at_checkpoint(cmd: list[str], root, step: int, timeout: float = 120.0) -> int:
+    """Run ``cmd`` with this process's thread count (so float reductions match), SIGKILL it as
+    soon as a checkpoint of ``step`` or later appears under ``root``; return the step it left."""
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while checkpoint_step(root) < step and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return checkpoint_step(root)
+
+
+def cli_main(monkeypatch, *argv: str) -> int:
+    """Run ``slimdiff.cli.main`` (the console-script entry point) in this process; its exit code."""
+    import sys
+
+    from slimdiff import cli
+
+    monkeypatch.setattr(sys, "argv", ["slimdiff", *argv])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    return exited.value.code

@@ -14,20 +14,18 @@ import json
 import math
 import re
 import shutil
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-
-from conftest import tiny_dit, tiny_unet
+from conftest import cli_main, tiny_dit, tiny_unet
 
 import slimdiff
-from slimdiff import cli
 from slimdiff.data.datasets import digits, get_dataset
 from slimdiff.diffusion.sampling import sample
 from slimdiff.errors import UsageError
@@ -149,11 +147,11 @@ class Case:
     exit_code: int = 2
 
 
-def C(id, argv, needle, exit_code=2) -> Case:  # noqa: N802 - a table constructor
+def C(id, argv, needle, exit_code=2) -> Case:
     return Case(id, argv, needle, cli=True, exit_code=exit_code)
 
 
-def A(id, fn, needle, error=UsageError) -> Case:  # noqa: N802
+def A(id, fn, needle, error=UsageError) -> Case:
     return Case(id, fn, needle, error=error)
 
 
@@ -236,12 +234,10 @@ def test_bad_input_fails_with_one_clear_line(case: Case, env: Env, tmp_path, cap
     call = case.run(env, tmp_path)
     before = _snapshot(tmp_path)
     if case.cli:
-        monkeypatch.setattr(sys, "argv", ["slimdiff", *call])
-        with pytest.raises(SystemExit) as exited:
-            cli.main()
+        code = cli_main(monkeypatch, *call)
         err = capsys.readouterr().err
         lines = [ln for ln in err.splitlines() if ln.strip()]
-        assert exited.value.code == case.exit_code, err
+        assert code == case.exit_code, err
         assert len(lines) == 1 and re.search(case.needle, lines[0]), err
         assert lines[0].startswith("error: ")
     else:

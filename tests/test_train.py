@@ -1,17 +1,14 @@
 """Trainer: exact resume after a kill, 2-process DDP equals 1 process, distillation losses, NaN stop."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import checkpoint_step, kill_at_checkpoint
 from safetensors.torch import load_file
 
 from slimdiff.data.datasets import digits
@@ -42,25 +39,11 @@ def _fresh():
     return DiT_models["DiT-M/2"](**TINY)
 
 
-def _step_of(run: Path) -> int:
-    try:
-        return json.loads((run / "checkpoint" / "state.json").read_text())["step"]
-    except (OSError, ValueError):
-        return 0
-
-
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
     cfg = dict(steps=16, batch_size=16, lr=1e-3, warmup_steps=2, checkpoint_every=2, log_every=2, seed=0)
     reference = train(_fresh(), digits("train"), TrainConfig(**cfg), tmp_path / "a", progress=False)
     run = tmp_path / "b"
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float reduction order
-    proc = subprocess.Popen([sys.executable, "-c", RUN.format(cfg=cfg), str(run)], env=env)
-    deadline = time.time() + 120
-    while _step_of(run) < 6 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = _step_of(run)
+    killed_at = kill_at_checkpoint([sys.executable, "-c", RUN.format(cfg=cfg), str(run)], run, 6)
     assert 0 < killed_at < 16, f"the kill should land mid-run (checkpoint at step {killed_at})"
     resumed = train(_fresh(), digits("train"), TrainConfig(**cfg), run, resume=True, progress=False)
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
@@ -108,7 +91,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="NaN"):
         train(_fresh(), _GoesBad(good=1 + 4 * 16), _config(steps=12), run, progress=False)  # 1 probe read
-    assert _step_of(run) == 4
+    assert checkpoint_step(run) == 4
     kept = load_file(str(run / "checkpoint" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in kept.values())
 
