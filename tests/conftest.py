@@ -172,3 +172,20 @@ def cli_main(monkeypatch, *argv: str) -> int:
     with pytest.raises(SystemExit) as exited:
         cli.main()
     return exited.value.code
+
+
+class Evil:
+    """Unpickling this creates the file ``path`` (a stand-in for arbitrary code)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def evil_pickle(marker) -> bytes:
+    """Pickle bytes (a checkpoint-like dict) whose unpickling creates ``marker``."""
+    import pickle
+
+    return pickle.dumps({"state_dict": Evil(marker)}, protocol=2)

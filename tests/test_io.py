@@ -11,7 +11,7 @@ import torch.nn as nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from conftest import TINY_MODELS, randomize_, tiny_diffusers_dit, tiny_dit, tiny_unet  # noqa: E402
+from conftest import TINY_MODELS, evil_pickle, randomize_, tiny_diffusers_dit, tiny_dit, tiny_unet  # noqa: E402
 
 import slimdiff  # noqa: E402
 from slimdiff import io  # noqa: E402
@@ -63,24 +63,10 @@ def _same_state(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
 
 
-class _Evil:
-    """Unpickling this creates the file ``path`` (a stand-in for arbitrary code)."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def _evil_payload(marker) -> bytes:
-    return pickle.dumps({"state_dict": _Evil(marker)}, protocol=2)
-
-
 def test_evil_payload_is_live(tmp_path):
     """The pickle tests below mean something only if unpickling really runs code."""
     marker = tmp_path / "pwned"
-    f = pickle.loads(_evil_payload(marker))["state_dict"]
+    f = pickle.loads(evil_pickle(marker))["state_dict"]
     f.close()
     assert marker.exists()
 
@@ -266,7 +252,7 @@ def test_weights_of_another_architecture(tmp_path):
 
 def test_pickles_are_never_unpickled(saved, tmp_path):
     marker = tmp_path / "pwned"
-    payload = _evil_payload(marker)
+    payload = evil_pickle(marker)
     # 1. a pickle planted next to valid weights
     (saved / "model.pt").write_bytes(payload)
     _one_line_error(r"pickle file\(s\) model\.pt", io.load, saved)

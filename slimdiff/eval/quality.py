@@ -264,7 +264,7 @@ def clip_score(images: torch.Tensor, prompts: list[str], model: str = DEFAULT_CL
     local = _local_clip_dir(model)
     from transformers import CLIPModel, CLIPProcessor
 
-    clip = CLIPModel.from_pretrained(local, local_files_only=True).eval()
+    clip = CLIPModel.from_pretrained(local, local_files_only=True, use_safetensors=True).eval()  # never unpickle
     processor = CLIPProcessor.from_pretrained(local, local_files_only=True)
     scores = []
     for i in range(0, len(images), batch_size):

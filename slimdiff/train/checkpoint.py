@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slimdiff.errors import UsageError
@@ -100,6 +101,6 @@ def load_checkpoint(path: Path) -> dict:
             "rng": load_file(str(path / "rng.safetensors")),
             "ema": load_file(str(path / "ema.safetensors")) if (path / "ema.safetensors").exists() else None,
         }
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"checkpoint {path} is unreadable ({e}); delete it to start over") from None
+    except (OSError, ValueError, KeyError, SafetensorError) as e:  # damaged, or not safetensors at all
+        raise UsageError(f"checkpoint {path} is unreadable ({str(e).splitlines()[0]}); delete it to start over") from None
     return out
