@@ -287,10 +287,11 @@ def _sweep(p_reuse: torch.Tensor, costs: BlockCosts, target: float) -> torch.Ten
 # --------------------------------------------------------------------------- optimisation
 def dipgo_loss(model: nn.Module, pruner: DiPGOPruner, costs: BlockCosts, noise: torch.Tensor,
                labels: torch.Tensor | None, target: torch.Tensor, *, sampler: str, steps: int, cfg: float,
-               budget: float, loss: str = "ssim", alpha: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, dict]:
+               budget: float, loss: str = "ssim", alpha: float = 1.0, seed: int = 0,
+               memory: str = "flat") -> tuple[torch.Tensor, dict]:
     """Total DiP-GO loss for one batch, and its parts."""
     keep = ste_keep(pruner())
-    x = supernet_sample(model, keep, noise, labels, sampler=sampler, steps=steps, cfg=cfg, seed=seed)
+    x = supernet_sample(model, keep, noise, labels, sampler=sampler, steps=steps, cfg=cfg, seed=seed, memory=memory)
     cons = consistency_loss(x, target, loss)
     sparse = sparsity_loss(keep, costs)
     frac = _cost(costs, keep.detach() > 0.5) / costs.cost(torch.ones(keep.shape, dtype=torch.bool))
