@@ -148,7 +148,7 @@ def _unsafe_calls(tree: ast.AST) -> list[str]:
         attr = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
         owner = ast.unparse(func.value) if isinstance(func, ast.Attribute) else ""
 
-        def true(name: str) -> bool:
+        def true(name: str, kw=kw) -> bool:
             return isinstance(kw.get(name), ast.Constant) and kw[name].value is True
 
         if owner in ("pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve") and attr in ("load", "loads", "open"):
