@@ -42,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZES = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2")
 METHODS = ("diff-pruning", "tinyfusion", "dydit", "dipgo")
 SWEEP_STEPS = (10, 25, 50)
+SWEEP_LATENT, SWEEP_BATCH = 32, 2  # the sweep's setting: trajectory state large enough to see (2 x 256 tokens)
 TARGET = {"diff-pruning DiT-XL/2": {"wall_s": 600, "peak_rss_gb": 12}}
 BATCH = {"diff-pruning": 4, "tinyfusion": 4, "dydit": 4, "dipgo": 1}
 
@@ -132,7 +133,7 @@ def _dipgo(model, batch: int, steps: int, memory: str, **_) -> dict:
 STEPS = {"diff-pruning": _diff_pruning, "tinyfusion": _tinyfusion, "dydit": _dydit, "dipgo": _dipgo}
 
 
-def child(method: str, size: str, latent: int, steps: int, memory: str) -> dict:
+def child(method: str, size: str, latent: int, steps: int, memory: str, batch: int | None = None) -> dict:
     """Build the model, run one compression step, report time and memory (one JSON line)."""
     import torch
 
@@ -141,51 +142,52 @@ def child(method: str, size: str, latent: int, steps: int, memory: str) -> dict:
     t0 = time.perf_counter()
     model = build_model(size, latent)
     build_s = time.perf_counter() - t0
+    batch = batch or BATCH[method]
     rss0 = _rss_gb()
     with tempfile.TemporaryDirectory(prefix="scale-") as work:
         c0, t0 = time.process_time(), time.perf_counter()
-        detail = STEPS[method](model, batch=BATCH[method], steps=steps, memory=memory, work=Path(work))
+        detail = STEPS[method](model, batch=batch, steps=steps, memory=memory, work=Path(work))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
-    return {"method": method, "model": size, "latent": latent, "steps": steps, "memory": memory, "batch": BATCH[method],
+    return {"method": method, "model": size, "latent": latent, "steps": steps, "memory": memory, "batch": batch,
             "params": sum(p.numel() for p in model.parameters()), "build_s": build_s, "wall_s": wall, "cpu_s": cpu,
             "rss_before_step_gb": rss0, "peak_rss_gb": peak, "threads": torch.get_num_threads(), **detail}
 
 
 # --------------------------------------------------------------------------- parent side
 def key(m: dict) -> str:
-    return f"{m['method']} {m['model']} latent{m['latent']} steps{m['steps']} {m['memory']}"
+    return f"{m['method']} {m['model']} latent{m['latent']} steps{m['steps']} {m['memory']} batch{m['batch']}"
 
 
-def measure(method: str, size: str, latent: int = 32, steps: int = 50, memory: str = "flat",
+def measure(method: str, size: str, latent: int = 32, steps: int = 50, memory: str = "flat", batch: int = 1,
             timeout: float = 3600) -> dict:
     """One measurement in a fresh child process."""
     cmd = [sys.executable, __file__, "--child", method, size, "--latent", str(latent), "--steps", str(steps),
-           "--memory", memory]
+           "--memory", memory, "--batch", str(batch)]
+    what = {"method": method, "model": size, "latent": latent, "steps": steps, "memory": memory, "batch": batch}
     start = time.time()
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
-        return {"method": method, "model": size, "latent": latent, "steps": steps, "memory": memory,
-                "error": f"timed out after {timeout:.0f} s"}
+        return {**what, "error": f"timed out after {timeout:.0f} s"}
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
-        return {"method": method, "model": size, "latent": latent, "steps": steps, "memory": memory,
-                "error": (out.stderr.strip().splitlines() or ["no output"])[-1], "wall_total_s": time.time() - start}
+        return {**what, "error": (out.stderr.strip().splitlines() or ["no output"])[-1], "wall_total_s": time.time() - start}
     return json.loads(lines[-1])
 
 
 def plan(args) -> list[dict]:
-    """The measurements, cheapest first within each part; the DiP-GO sweep early (it decides a fix)."""
-    jobs = [dict(method="dipgo", size="DiT-S/2", latent=16, steps=n, memory=mem)
-            for mem in ("flat", "steps") for n in args.sweep]
-    for method in args.methods:
-        if method == "dipgo":
-            continue
-        jobs += [dict(method=method, size=size, latent=32, steps=1, memory="-") for size in args.sizes]
+    """The measurements: Diff-Pruning (the target) first, then the DiP-GO step sweep, then the rest."""
+    per_size = lambda method: [dict(method=method, size=size, latent=32, steps=1, memory="-",  # noqa: E731
+                                    batch=BATCH[method]) for size in args.sizes]
+    jobs = per_size("diff-pruning") if "diff-pruning" in args.methods else []
+    jobs += [dict(method="dipgo", size="DiT-S/2", latent=SWEEP_LATENT, steps=n, memory=mem, batch=SWEEP_BATCH)
+             for mem in ("flat", "steps") for n in args.sweep]
+    for method in ("tinyfusion", "dydit"):
+        jobs += per_size(method) if method in args.methods else []
     if "dipgo" in args.methods:
-        jobs += [dict(method="dipgo", size=size, latent=32, steps=50, memory="flat") for size in args.sizes
-                 if size in args.dipgo_sizes]
+        jobs += [dict(method="dipgo", size=size, latent=32, steps=50, memory="flat", batch=BATCH["dipgo"])
+                 for size in args.sizes if size in args.dipgo_sizes]
     return jobs
 
 
@@ -208,12 +210,18 @@ def report(res: dict) -> str:
         lines.append(f"| {m['method']} | {m['model']} | {m['params'] / 1e6:.0f}M | {what[m['method']]} | {m['batch']} | "
                      f"{m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['rss_before_step_gb']:.2f} | {m['peak_rss_gb']:.2f} | "
                      f"{json.dumps(detail)} |")
-    lines += ["", "## DiP-GO memory against the number of sampling steps (DiT-S/2, 16x16x4 latents, batch 1)", "",
-              "| checkpointing | steps | wall s | peak RSS GB | RSS before GB |", "|---|---|---|---|---|"]
-    for m in sorted((m for m in ms if m["method"] == "dipgo" and m["latent"] == 16), key=lambda m: (m["memory"], m["steps"])):
-        lines.append(f"| {m['memory']} | {m['steps']} | {m['wall_s']:.1f} | {m['peak_rss_gb']:.3f} | "
-                     f"{m['rss_before_step_gb']:.3f} |")
-    lines += ["", "`flat` = nested checkpoints (the default), `steps` = one checkpoint per step.", "",
+    lines += ["", "## DiP-GO memory against the number of sampling steps (DiT-S/2)", "",
+              "| latents | batch | checkpointing | steps | wall s | RSS before GB | peak RSS GB | peak - before GB |",
+              "|---|---|---|---|---|---|---|---|"]
+    sweep = [m for m in ms if m["method"] == "dipgo" and m["model"] == "DiT-S/2" and m.get("batch") is not None
+             and (m["latent"], m["batch"]) != (32, BATCH["dipgo"])]
+    for m in sorted(sweep, key=lambda m: (m["latent"], m["batch"], m["memory"], m["steps"])):
+        lines.append(f"| {m['latent']}x{m['latent']}x4 | {m['batch']} | {m['memory']} | {m['steps']} | {m['wall_s']:.1f} "
+                     f"| {m['rss_before_step_gb']:.3f} | {m['peak_rss_gb']:.3f} | "
+                     f"{m['peak_rss_gb'] - m['rss_before_step_gb']:.3f} |")
+    lines += ["", "`flat` = nested checkpoints (the default), `steps` = one checkpoint per step. The step's memory "
+              "also holds DiP-GO's pruner, whose self-attention over steps x blocks queries grows with the steps "
+              "(at 16x16 latents and batch 1 that dominates; at 32x32 and batch 2 the trajectory does).", "",
               "## Targets", ""]
     for name, target in TARGET.items():
         method, model = name.split(" ")
@@ -265,6 +273,7 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=50, help=argparse.SUPPRESS)
     ap.add_argument("--memory", default="flat", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--sizes", default=",".join(SIZES))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--dipgo-sizes", default="DiT-S/2,DiT-B/2", help="sizes for DiP-GO's 50-step step (slow on CPU)")
@@ -274,7 +283,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="measure again what results.json already has")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.latent, args.steps, args.memory)), flush=True)
+        print(json.dumps(child(*args.child, args.latent, args.steps, args.memory, args.batch)), flush=True)
         return
     from slimdiff.eval.speed import environment, git_commit
 
@@ -291,7 +300,7 @@ def main() -> None:
         if k in done:
             continue
         print(f"{time.strftime('%H:%M:%S')} {k} (load {os.getloadavg()[0]:.1f})", flush=True)
-        m = measure(job["method"], job["size"], job["latent"], job["steps"], job["memory"], args.timeout)
+        m = measure(job["method"], job["size"], job["latent"], job["steps"], job["memory"], job["batch"], args.timeout)
         m["load_average"] = list(os.getloadavg())
         print("   ", {k2: m[k2] for k2 in ("wall_s", "peak_rss_gb", "error") if k2 in m}, flush=True)
         res["measurements"] = [x for x in res["measurements"] if key(x) != k] + [m]
