@@ -491,8 +491,8 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
     Trains :class:`DepthGates` logits jointly with LoRA adapters through
     :func:`slimdiff.train.trainer.train` for ``config.steps`` steps on ``ctx.data`` (or
     ``dataset``) with batch ``ctx.batch_size``, then decides by the argmax of the EMA logits.
-    Checkpoints go to ``ctx.work_dir/search-tinyfusion-<shape>-n<steps>-s<seed>`` and an
-    interrupted search resumes there (its probability history then starts at the resumed step).
+    Checkpoints go to ``ctx.work_dir/search-tinyfusion-<shape>-n<steps>-s<seed>-<model fingerprint>``
+    and an interrupted search resumes there (its probability history then starts at the resumed step).
     """
     from slimdiff.train.trainer import TrainConfig, train
 
@@ -519,7 +519,9 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
                        ema_decay=config.ema_decay, grad_clip=config.grad_clip, seed=ctx.seed,
                        checkpoint_every=max(1, config.steps // 4), log_every=max(1, min(50, config.steps)))
     shapes = format_groups(groups).replace(":", "of").replace(",", "_")
-    out = _work_dir(ctx, f"search-tinyfusion-{shapes}-n{config.steps}-s{ctx.seed}")
+    from slimdiff.methods.base import fingerprint
+
+    out = _work_dir(ctx, f"search-tinyfusion-{shapes}-n{config.steps}-s{ctx.seed}-{fingerprint(model)[:12]}")
     train(work, dataset if dataset is not None else training_dataset(model, ctx), tcfg, out, resume=True,
           progress=ctx.progress, param_groups=groups_, on_step_begin=on_step_begin)
     steps_log.append(config.steps)
