@@ -67,3 +67,36 @@ def test_latents_npz_and_safetensors(tmp_path):
         latents(tmp_path / "bad.npz")
     with pytest.raises(UsageError, match="unknown --data"):
         get_dataset("imagenet")
+
+
+def test_latents_with_caption_embeddings_yield_text_conditions(tmp_path):
+    from slimdiff.data.datasets import CaptionedLatents, text_shape
+    from slimdiff.models.backbone import TextCondition
+
+    rng = np.random.default_rng(0)
+    lat = rng.standard_normal((3, 4, 8, 8)).astype(np.float32)
+    emb = rng.standard_normal((3, 5, 16)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    np.savez(tmp_path / "c.npz", latents=lat, encoder_hidden_states=emb, encoder_attention_mask=mask)
+    ds = get_dataset(str(tmp_path / "c.npz"))
+    assert isinstance(ds, CaptionedLatents) and len(ds) == 3 and text_shape(ds) == (5, 16)
+    x, c = ds[2]
+    assert isinstance(c, TextCondition) and torch.equal(c.embeds, torch.from_numpy(emb[2]))
+    assert c.mask.tolist() == [1, 0, 0, 0, 0] and torch.equal(x, torch.from_numpy(lat[2]))
+    save_file({"latents": torch.from_numpy(lat), "encoder_hidden_states": torch.from_numpy(emb)},
+              str(tmp_path / "c.safetensors"))
+    ds = latents(tmp_path / "c.safetensors")
+    assert ds[0][1].mask is None and text_shape(ds) == (5, 16)
+    assert text_shape(digits("test")) is None
+    bad = {
+        "width": dict(encoder_hidden_states=emb[:, :, 0]),  # (N, L): not (N, L, D)
+        "count": dict(encoder_hidden_states=emb[:2]),
+        "mask shape": dict(encoder_hidden_states=emb, encoder_attention_mask=mask[:, :3]),
+        "mask values": dict(encoder_hidden_states=emb, encoder_attention_mask=mask * 2),
+        "empty caption": dict(encoder_hidden_states=emb, encoder_attention_mask=mask * 0),
+        "mask alone": dict(encoder_attention_mask=mask),
+    }
+    for name, arrays in bad.items():
+        np.savez(tmp_path / "bad.npz", latents=lat, **arrays)
+        with pytest.raises(UsageError, match="encoder_"):
+            latents(tmp_path / "bad.npz")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_diffusers_dit, tiny_dit, tiny_pixart, tiny_unet
+from conftest import tiny_diffusers_dit, tiny_dit, tiny_pixart, tiny_unet, tiny_unet_cond
 
 import slimdiff
 from slimdiff.diffusion.sampling import sample
@@ -16,7 +16,14 @@ from slimdiff.methods.base import Context, compress
 from slimdiff.methods.dydit import DyDiTConfig, cost_model, dydit, routed_ratio, shift_routers
 from slimdiff.models.backbone import as_backbone
 from slimdiff.models.dit import DiT
-from slimdiff.runtime.dynamic import DyDiTRouting, default_config, install, masked_forward, sliced_forward
+from slimdiff.runtime.dynamic import (
+    DyDiTRouting,
+    RoutingConfig,
+    default_config,
+    install,
+    masked_forward,
+    sliced_forward,
+)
 
 
 def _inputs(model, batch=3, seed=1, t=None):
@@ -203,10 +210,12 @@ def test_bad_budget(budget, tmp_path):
         compress(tiny_dit(), "dydit", budget, _ctx(tmp_path))
 
 
-@pytest.mark.parametrize("factory,match", [(tiny_unet, "UNet"), (tiny_pixart, "PixArt")])
+@pytest.mark.parametrize("factory,match", [(tiny_unet, "UNet"), (tiny_unet_cond, "UNet")])
 def test_unsupported_backbones(factory, match, tmp_path):
     with pytest.raises(UsageError, match=match):
         dydit(factory(), 0.5, _ctx(tmp_path), train_steps=0)
+    with pytest.raises(UsageError, match="supports"):
+        install(factory(), RoutingConfig(heads=[2], groups=[2]))
 
 
 def test_bad_tune(tmp_path):
@@ -222,3 +231,167 @@ def test_training_decisions_pass_gradients_to_every_router():
     for r in routing.routers:
         for lin in (r.head, r.group, r.token):
             assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- PixArt
+def _pixart(seed: int = 0):
+    """tiny PixArt with 4 heads x 8 and 3 blocks (caption width 16, FF width 128 = 4 groups)."""
+    return tiny_pixart(seed, num_attention_heads=4, attention_head_dim=8, num_layers=3)
+
+
+def _captions(batch: int, seed: int = 2, masked: bool = True):
+    """Caption embeddings (L = 6, width 16), padded to different lengths per sample when ``masked``."""
+    from slimdiff.models.backbone import TextCondition
+
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(batch, 6, 16, generator=g)
+    if not masked:
+        return e
+    return TextCondition(e, (torch.arange(6)[None] < torch.randint(1, 7, (batch, 1), generator=g)).long())
+
+
+def _caption_data(tmp_path, n: int = 8) -> str:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "captions.npz", latents=rng.standard_normal((n, 4, 8, 8)).astype(np.float32),
+             encoder_hidden_states=rng.standard_normal((n, 6, 16)).astype(np.float32),
+             encoder_attention_mask=(np.arange(6)[None] < rng.integers(1, 7, (n, 1))).astype(np.int64))
+    return str(tmp_path / "captions.npz")
+
+
+@torch.no_grad()
+def test_pixart_all_on_routers_equal_the_original_exactly():
+    from slimdiff.runtime.dynamic_pixart import DynamicPixArtBlock
+
+    model = _pixart()
+    bb = as_backbone(model)
+    x, t, _ = _inputs(model)
+    cond = _captions(3)
+    t1 = torch.full((3,), 421)
+    ref, ref1 = bb(x, t, cond), bb(x, t1, cond)
+    routing = install(model, default_config(model))
+    assert isinstance(model.transformer_blocks[0], DynamicPixArtBlock) and routing.config.heads == [4, 4, 4]
+    assert torch.equal(bb(x, t1, cond), ref1)  # sliced eval path, one timestep (sampling)
+    assert torch.allclose(bb(x, t, cond), ref, atol=1e-6)  # batch split by timestep
+    routing.set_mode("masked")
+    assert torch.equal(bb(x, t, cond), ref)  # masked training path
+
+
+@torch.no_grad()
+def test_pixart_sliced_inference_equals_masked_forward_for_the_same_decisions():
+    model = _pixart()
+    routing = install(model, default_config(model))
+    _randomize_routers(routing)
+    bb = as_backbone(model)
+    for t in (None, 600):  # mixed timesteps (split, caption mask split with them) and one shared timestep
+        x, tt, _ = _inputs(model, batch=4, t=t)
+        cond = _captions(4)
+        sliced = bb(x, tt, cond)
+        kept = routing.realised()
+        routing.set_mode("masked")
+        masked = bb(x, tt, cond)
+        routing.set_mode("dynamic")
+        assert torch.allclose(sliced, masked, atol=1e-5)
+        assert (kept["heads"] < 4).any() and (kept["groups"] < 4).any()  # width really cut
+        assert len(set(kept["tokens"][0].tolist())) > 1  # samples keep different token counts
+
+
+@torch.no_grad()
+def test_pixart_token_gather_scatter_equals_masking_per_sample():
+    from slimdiff.runtime.dynamic_pixart import masked_forward as px_masked
+    from slimdiff.runtime.dynamic_pixart import sliced_forward as px_sliced
+
+    model = _pixart()
+    routing = install(model, default_config(model))
+    _randomize_routers(routing, seed=3)
+    block, r = model.transformer_blocks[1], routing.routers[1]
+    g = torch.Generator().manual_seed(4)
+    x, ehs, temb = torch.randn(3, 16, 32, generator=g), torch.randn(3, 6, 32, generator=g), torch.randn(3, 192, generator=g)
+    bias = torch.tensor([[0.0] * 6, [0.0] * 3 + [-10000.0] * 3, [0.0] + [-10000.0] * 5])[:, None]  # caption masks
+    route = routing._mask_routes(torch.randn(3, 32), noise=False)[1]
+    for heads, groups in (((0, 1, 2, 3), (0, 1, 2, 3)), ((0, 2), (1, 3))):
+        route.heads = torch.zeros(3, 4).index_fill_(1, torch.tensor(heads), 1.0)
+        route.groups = torch.zeros(3, 4).index_fill_(1, torch.tensor(groups), 1.0)
+        out, kept = px_sliced(block, routing._plan(1, (heads, groups)), r.token, x, ehs, bias, temb)
+        ref = px_masked(block, route, x, ehs, bias, temb)
+        assert torch.allclose(out, ref, atol=1e-5)
+        assert torch.equal(kept.sum(1).float(), route.kept_tokens)
+    assert not kept.all() and kept.any() and len({int(k) for k in kept.sum(1)}) > 1
+
+
+@torch.no_grad()
+def test_pixart_macs_accounting_matches_flop_counter_on_sliced_execution():
+    model = _pixart()
+    routing = install(model, default_config(model))
+    _randomize_routers(routing, seed=5)
+    cost = cost_model(model)
+    routing.build_tables(model, [300.0])
+    bb = as_backbone(model)
+    x, t, cond = _inputs(model, batch=3, t=300)  # the Backbone's example captions (8 tokens)
+    counted = count_macs(bb, x, t, cond)
+    assert counted == int(cost.macs(routing.realised()).sum())
+    assert counted < 3 * cost.full * 0.95  # really cheaper than the original
+    routing.set_mode("off")
+    assert count_macs(bb, x, t, cond) == 3 * cost.full == 3 * count_macs(as_backbone(_pixart()), x[:1], t[:1], cond[:1])
+
+
+def test_pixart_compress_meets_budget_save_load_and_sampling(tmp_path):
+    from diffusers import PixArtTransformer2DModel
+
+    model = tiny_pixart()
+    model.slimdiff_meta = {"name": "tiny-pixart"}
+    ctx = _ctx(tmp_path, data=_caption_data(tmp_path), recover_steps=1)
+    out = compress(model, "dydit", 0.5, ctx, {"train_steps": 2})
+    assert type(out) is PixArtTransformer2DModel and isinstance(out.dydit, DyDiTRouting)
+    assert out.dydit.config.heads == [2, 2] and len(out.dydit.tables) == 3
+    # end to end, counted by flop_counter on the calibration samples (8 images, seed 0)
+    ratio = macs_sampling(out, steps=3, batch=8) / macs_sampling(tiny_pixart(), steps=3, batch=8)
+    assert ratio <= 0.5 + 1e-9 and ratio > 0.3
+    assert out.slimdiff_meta["measured"]["macs_ratio"] < 0.6  # one image (the number `compress` records)
+    path = slimdiff.save(out, tmp_path / "pixart-dydit")
+    loaded = slimdiff.load(str(path))
+    assert type(loaded) is PixArtTransformer2DModel and loaded.dydit.tables == out.dydit.tables
+    cond = _captions(2, masked=False)
+    ref = sample(out, steps=3, cond=cond, cfg=2.0, seed=1)
+    assert torch.equal(sample(loaded, steps=3, cond=cond, cfg=2.0, seed=1), ref)
+    sliced = loaded.dydit.slice_count
+    assert torch.equal(sample(loaded, steps=3, cond=cond, cfg=2.0, seed=1), ref)
+    assert loaded.dydit.slice_count == sliced > 0  # weights sliced once per step, then cached
+
+
+def test_pixart_lora_mode_and_text_data_errors(tmp_path):
+    model = tiny_pixart()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = dydit(model, 0.6, _ctx(tmp_path, data=_caption_data(tmp_path)), tune="lora", config=FAST)
+    blk = out.transformer_blocks[0]
+    assert type(blk.attn1.to_q) is torch.nn.Linear and type(blk.ff.net[2]) is torch.nn.Linear
+    assert not any("lora" in k for k in out.state_dict())
+    state = out.state_dict()
+    assert not torch.equal(state["transformer_blocks.0.attn1.to_q.weight"], before["transformer_blocks.0.attn1.to_q.weight"])
+    assert not torch.equal(state["transformer_blocks.1.ff.net.2.weight"], before["transformer_blocks.1.ff.net.2.weight"])
+    assert torch.equal(state["transformer_blocks.0.attn2.to_k.weight"], before["transformer_blocks.0.attn2.to_k.weight"])
+    with pytest.raises(UsageError, match="no caption embeddings"):  # digits: no captions
+        dydit(tiny_pixart(), 0.5, _ctx(tmp_path), train_steps=2)
+
+
+def test_pixart_training_decisions_pass_gradients_to_every_router():
+    model = _pixart()
+    routing = install(model, default_config(model))
+    model.train()
+    x, t, _ = _inputs(model, batch=4)
+    as_backbone(model)(x, t, _captions(4)).pow(2).mean().backward()
+    for r in routing.routers:
+        for lin in (r.head, r.group, r.token):
+            assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def test_pixart_layouts_the_runtime_cannot_route_are_refused():
+    with pytest.raises(UsageError, match="GELU"):
+        install(tiny_pixart(activation_fn="geglu"), RoutingConfig(heads=[2, 2], groups=[2, 2]))
+    model = tiny_pixart()
+    install(model, default_config(model))
+    x, t, cond = _inputs(model, batch=2, t=10)
+    with torch.no_grad(), pytest.raises(UsageError, match="self-attention mask"):
+        model(x, encoder_hidden_states=cond, timestep=t, attention_mask=torch.ones(2, 16),
+              added_cond_kwargs={"resolution": None, "aspect_ratio": None})

@@ -128,3 +128,61 @@ def test_teacher_flags_are_left_alone(tmp_path):
     teacher = _fresh()
     train(_fresh(), digits("train"), _config(steps=1, kd="output"), tmp_path, teacher=teacher, progress=False)
     assert all(p.requires_grad for p in teacher.parameters())
+
+
+def _caption_file(path, width: int, mask: bool = True, n: int = 6, length: int = 5, channels: int = 4):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = dict(latents=rng.standard_normal((n, channels, 8, 8)).astype(np.float32),
+                  encoder_hidden_states=rng.standard_normal((n, length, width)).astype(np.float32))
+    if mask:
+        arrays["encoder_attention_mask"] = (np.arange(length)[None] < rng.integers(1, length + 1, (n, 1))).astype(np.int64)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["pixart", "unet2d-condition"])
+def test_text_models_train_on_caption_embeddings(tmp_path, kind):
+    from conftest import TINY_MODELS
+
+    from slimdiff.data.datasets import get_dataset
+    from slimdiff.diffusion.losses import diffusion_loss
+    from slimdiff.models.backbone import TextCondition, as_backbone
+
+    model = TINY_MODELS[kind]()
+    width = as_backbone(model)._text_dim()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def record(step, batch, cond, pred):  # the condition the model was trained with, and its loss
+        seen.append((cond, float(diffusion_loss(pred.detach(), batch))))
+        return pred.new_zeros(())
+
+    data = get_dataset(_caption_file(tmp_path / "c.npz", width))
+    out = train(model, data, _config(steps=2, batch_size=4, cfg_dropout=0.5, checkpoint_every=100), tmp_path / "run",
+                progress=False, extra_loss=record)
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in seen) and len(seen) == 2
+    cond = seen[0][0]
+    assert isinstance(cond, TextCondition) and cond.embeds.shape == (4, 5, width) and cond.mask.shape == (4, 5)
+    dropped = [bool((c.embeds == 0).all(dim=(1, 2)).any()) for c, _ in seen]
+    assert any(dropped)  # CFG dropout zeroed some captions (p = 0.5 over 8 draws)
+    changed = [k for k, v in out.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) > len(before) // 2
+    assert all(torch.isfinite(p).all() for p in out.parameters())
+
+
+def test_text_model_data_errors(tmp_path):
+    from conftest import tiny_pixart
+
+    from slimdiff.data.datasets import get_dataset
+    from slimdiff.errors import UsageError
+
+    wrong = get_dataset(_caption_file(tmp_path / "w.npz", width=7))
+    with pytest.raises(UsageError, match="width 7 .* takes 16"):
+        train(tiny_pixart(), wrong, _config(steps=1), tmp_path / "a", progress=False)
+    with pytest.raises(UsageError, match="no caption embeddings"):
+        train(tiny_pixart(), digits("train"), _config(steps=1), tmp_path / "b", progress=False)
+    with pytest.raises(UsageError, match="class-conditional"):
+        train(_fresh(), get_dataset(_caption_file(tmp_path / "c.npz", width=16, channels=1)), _config(steps=1),
+              tmp_path / "c", progress=False)

@@ -1,7 +1,10 @@
 """Datasets: the embedded default (scikit-learn digits), image folders, pre-computed latents.
 
 Every dataset yields ``(x, y)`` with ``x`` a float tensor in the model's input range
-(images in [-1, 1]) and ``y`` an int64 class label (``-1`` when there is none).
+(images in [-1, 1]) and ``y`` the condition: an int64 class label (``-1`` when there is none),
+or, for latents files with pre-computed caption embeddings (text-to-image models such as
+PixArt or Stable Diffusion), a :class:`~slimdiff.models.backbone.TextCondition` holding that
+sample's ``(L, D)`` embeddings and optional ``(L,)`` attention mask.
 """
 from __future__ import annotations
 
@@ -106,9 +109,40 @@ def _resize_center_crop(im, size: int):
     return im.crop((left, top, left + size, top + size))
 
 
-def latents(path: str | Path) -> TensorDataset:
+class CaptionedLatents(Dataset):
+    """Latents with pre-computed caption embeddings: item ``i`` is ``(latents[i],
+    TextCondition(embeds[i], mask[i] or None))``. ``labels`` are kept (``-1`` when absent)."""
+
+    def __init__(self, x: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor):
+        self.latents, self.embeds, self.mask, self.labels = x, embeds, mask, labels
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int):
+        from slimdiff.models.backbone import TextCondition
+
+        return self.latents[i], TextCondition(self.embeds[i], None if self.mask is None else self.mask[i])
+
+
+def text_shape(dataset: Dataset) -> tuple[int, int] | None:
+    """``(L, D)`` of the caption embeddings a dataset carries, or None when it has none."""
+    if isinstance(dataset, CaptionedLatents):
+        return tuple(dataset.embeds.shape[1:])
+    from slimdiff.models.backbone import TextCondition
+
+    y = dataset[0][1] if len(dataset) else None
+    return tuple(y.embeds.shape) if isinstance(y, TextCondition) else None
+
+
+def latents(path: str | Path) -> Dataset:
     """Pre-computed latents from ``.npz`` or ``.safetensors`` with keys ``latents`` (N, C, H, W)
-    and optionally ``labels`` (N,). Values are used as stored (already scaled)."""
+    and optionally ``labels`` (N,). Values are used as stored (already scaled).
+
+    Text-to-image data: ``encoder_hidden_states`` (N, L, D) holds each sample's caption
+    embeddings (the text encoder's output, e.g. T5 for PixArt, CLIP for Stable Diffusion) and
+    optionally ``encoder_attention_mask`` (N, L) (1 = real token, 0 = padding); the dataset then
+    yields them as the condition (:class:`CaptionedLatents`)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"latents file {path} does not exist")
@@ -130,7 +164,24 @@ def latents(path: str | Path) -> TensorDataset:
     y = arrays.get("labels", torch.full((len(x),), -1)).long()
     if len(y) != len(x):
         raise UsageError(f"{path}: {len(x)} latents but {len(y)} labels")
-    return TensorDataset(x, y)
+    if "encoder_attention_mask" in arrays and "encoder_hidden_states" not in arrays:
+        raise UsageError(f"{path} has 'encoder_attention_mask' but no 'encoder_hidden_states'; add the caption embeddings")
+    if "encoder_hidden_states" not in arrays:
+        return TensorDataset(x, y)
+    e = arrays["encoder_hidden_states"]
+    if e.ndim != 3 or len(e) != len(x):
+        raise UsageError(f"{path}: 'encoder_hidden_states' must be (N, L, D) with N = {len(x)} latents; "
+                         f"got shape {tuple(e.shape)}")
+    mask = arrays.get("encoder_attention_mask")
+    if mask is not None:
+        if tuple(mask.shape) != tuple(e.shape[:2]):
+            raise UsageError(f"{path}: 'encoder_attention_mask' must be (N, L) = {tuple(e.shape[:2])}; got {tuple(mask.shape)}")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise UsageError(f"{path}: 'encoder_attention_mask' must hold 0 (padding) and 1 (token) only")
+        if not bool((mask != 0).any(1).all()):
+            raise UsageError(f"{path}: a caption has no unmasked token in 'encoder_attention_mask'; every row needs one")
+        mask = mask.long()
+    return CaptionedLatents(x, e.float(), mask, y)
 
 
 def get_dataset(spec: str, size: int | None = None, channels: int = 3, split: str = "train") -> Dataset:

@@ -30,7 +30,7 @@ import torch.nn as nn
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, register_method
 from slimdiff.methods.tinyfusion import check_depth_prunable, depth_for_budget, finish_depth, parse_keep
-from slimdiff.models.backbone import as_backbone
+from slimdiff.models.backbone import TextCondition, as_backbone
 
 __all__ = ["block_influence", "select_blocks", "STRATEGIES", "CALIBRATION_SAMPLES"]
 
@@ -57,6 +57,13 @@ def _calibration_batches(model: nn.Module, ctx: Context, samples: int, batch: in
             raise UsageError(f"calibration data {ctx.data!r} has images of shape {tuple(x0.shape[1:])} but the model "
                              f"takes {want}; pass --data with images or latents of the model's input shape")
         noisy = process.draw(x0.to(bb.device, bb.dtype), gen)
+        if isinstance(items[0][1], TextCondition):  # latents with caption embeddings
+            captions = TextCondition.stack([it[1] for it in items]).to(bb.device, bb.dtype)
+            if bb.conditioning == "class":
+                raise UsageError(f"calibration data {ctx.data!r} holds caption embeddings but the model is "
+                                 "class-conditional: use labelled data")
+            yield noisy.x_t, noisy.t, captions if bb.conditioning == "text" else None
+            continue
         y = torch.stack([torch.as_tensor(it[1]) for it in items]).to(bb.device)
         if bb.conditioning == "class":
             cond = y if bool((y >= 0).all()) else bb.null_cond(None, len(y))

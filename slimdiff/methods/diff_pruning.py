@@ -156,7 +156,7 @@ def _cond_for(bb, labels: torch.Tensor | None, n: int, gen: torch.Generator) -> 
                              "has no valid labels: use labelled data (class sub-folders or a 'labels' array)")
         return labels.long()
     if bb.conditioning == "text":
-        return bb.example_cond(n, gen)  # slimdiff data carries no captions
+        return bb.example_cond(n, gen)  # data without caption embeddings: random ones
     return None
 
 
@@ -190,6 +190,14 @@ def calibration_batch(model: nn.Module, ctx: Context,
     items = [data[int(i)] for i in idx]
     x0 = torch.stack([it[0] for it in items]).float()
     _check_shape(x0, bb, repr(ctx.data))
+    from slimdiff.models.backbone import TextCondition
+
+    if isinstance(items[0][1], TextCondition):  # latents with caption embeddings
+        if bb.conditioning == "text":
+            cond = TextCondition.stack([it[1] for it in items])
+            bb.check_text_width(cond)
+            return x0, cond, str(ctx.data)
+        return x0, _cond_for(bb, None, len(x0), gen), str(ctx.data)
     labels = torch.stack([torch.as_tensor(it[1]) for it in items])
     return x0, _cond_for(bb, labels, len(x0), gen), str(ctx.data)
 

@@ -13,7 +13,9 @@
    under ``ctx.sampler``/``ctx.steps``/``ctx.cfg`` spends at most the budget (short trainings
    do not reach the target exactly; the reference trains 200K steps);
 4. per-step tables of the width decisions for that schedule; then the shared recovery
-   fine-tuning (``recover``) with the routers frozen and masked deterministic routing.
+   fine-tuning (``recover``) with the routers frozen and masked deterministic routing, after
+   which step 3 and the tables are redone (recovery changes the tokens the token routers
+   read, so the calibrated budget would otherwise drift).
 
 The ratio the FLOPs loss drives is end to end (:class:`CostModel`), so the budget is the
 same currency as every other method. The reference code's differences are listed in
@@ -21,8 +23,17 @@ same currency as every other method. The reference code's differences are listed
 bins (our shared trainer draws them uniformly) and trains far longer, so we add step 3.
 
 Backbones: our DiT; a diffusers ``DiTTransformer2DModel`` is converted to our DiT exactly
-(:func:`slimdiff.models.convert.diffusers_to_dit`) and the result is a DiT. PixArt and UNets
-raise :class:`UsageError`.
+(:func:`slimdiff.models.convert.diffusers_to_dit`) and the result is a DiT; a diffusers
+``PixArtTransformer2DModel`` is routed in place (:mod:`slimdiff.runtime.dynamic_pixart`: heads of
+the self-attention, channel groups of the feed-forward, tokens skipping the feed-forward;
+cross-attention always runs) and stays a PixArt. UNets raise :class:`UsageError` (no heads,
+MLP groups or tokens to route).
+
+PixArt is text-conditional: router training and recovery need caption embeddings in the
+``--data`` latents file (``encoder_hidden_states``, see :func:`slimdiff.data.datasets.latents`).
+Its cost model is measured with the Backbone's example caption length (8 tokens, what
+``sample``/``macs_sampling`` use when no caption is given); the FLOPs loss during training uses
+a cost model at the data's caption length, since cross-attention (fixed cost) grows with it.
 """
 from __future__ import annotations
 
@@ -38,6 +49,7 @@ from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, check_budget, record, recover, register_method, register_restorer
 from slimdiff.models.dit import DiT
 from slimdiff.runtime.dynamic import (
+    DiTArch,
     DyDiTRouting,
     RoutingConfig,
     default_config,
@@ -46,7 +58,7 @@ from slimdiff.runtime.dynamic import (
 )
 
 TUNE_MODES = ("full", "lora")
-LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+LORA_TARGETS = DiTArch.lora_targets  # our DiT's; each RoutedArch names its own
 
 
 @dataclass
@@ -111,21 +123,26 @@ class CostModel:
         return self.macs(realised) / self.full
 
 
-def cost_model(model: DiT) -> CostModel:
-    """The :class:`CostModel` of a DyDiT model (runs one counted complete-model forward)."""
+def cost_model(model: nn.Module, text_len: int | None = None) -> CostModel:
+    """The :class:`CostModel` of a DyDiT model (runs one counted complete-model forward).
+
+    Text-conditional models (PixArt) are counted with captions of ``text_len`` tokens (default:
+    the Backbone's example length, which ``sample`` uses when no caption is given).
+    """
     from slimdiff.eval.compute import count_macs
     from slimdiff.models.backbone import as_backbone
 
     routing = routing_of(model)
+    arch = routing.arch
     bb = as_backbone(model)
+    if text_len is not None:
+        bb.text_len = int(text_len)
     n = bb.token_grid[0] * bb.token_grid[1]
     head, gt, router = [], [], []
-    for block, g in zip(model.blocks, routing.config.groups):
-        d, H = block.attn.qkv.in_features, block.attn.num_heads
-        hd = block.attn.qkv.out_features // (3 * H)
-        head.append(n * hd * (3 * d + d) + 2 * n * n * hd)
-        gt.append(2 * d * block.mlp.fc1.out_features // g)
-        router.append(n * d if routing.config.tokens else 0)
+    for block, g in zip(routing._blocks, routing.config.groups):
+        head.append(arch.head_macs(block, n))
+        gt.append(arch.group_token_macs(block, g))
+        router.append(arch.router_macs(block, n) if routing.config.tokens else 0)
     mode = routing.mode
     routing.set_mode("off")
     try:
@@ -139,19 +156,18 @@ def cost_model(model: DiT) -> CostModel:
 
 
 # --------------------------------------------------------------------------- backbones
-def as_dit(model: nn.Module) -> DiT:
-    """Our DiT for ``model`` (diffusers DiT converted exactly), else a clear :class:`UsageError`."""
+def as_routable(model: nn.Module) -> nn.Module:
+    """A model DyDiT can route: our DiT as is, a diffusers DiT converted exactly to our DiT, a
+    PixArt as is; a UNet (or anything else) is a clear :class:`UsageError`."""
     from slimdiff.models.backbone import as_backbone
 
     bb = as_backbone(model)
-    if bb.kind == "dit":
+    if bb.kind in ("dit", "pixart"):
         return model
     if bb.kind == "diffusers-dit":
         from slimdiff.models.convert import diffusers_to_dit
 
         return diffusers_to_dit(model)
-    if bb.kind == "pixart":
-        raise UsageError("DyDiT does not support PixArt yet (cross-attention blocks); use a DiT model")
     raise UsageError(f"DyDiT routes attention heads, MLP channels and tokens of a transformer; a {bb.kind} UNet "
                      "has none: use diff-pruning or dipgo for UNets")
 
@@ -169,17 +185,19 @@ def target_schedule(budget: float, steps: int, cfg: DyDiTConfig) -> Callable[[in
     return target
 
 
-def _add_lora(model: DiT, rank: int) -> None:
-    """LoRA (peft) on every block's qkv/proj/fc1/fc2; freezes all else but the routers."""
+def _add_lora(model: nn.Module, rank: int) -> None:
+    """LoRA (peft) on every block's attention/MLP Linears (DiT: qkv/proj/fc1/fc2; PixArt: attn1
+    to_q/to_k/to_v/to_out.0 and ff); freezes all else but the routers."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    targets = routing_of(model).arch.lora_targets
     model.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS), model)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets), model)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("dydit."))
 
 
-def _merge_lora(model: DiT) -> None:
+def _merge_lora(model: nn.Module) -> None:
     """Merge LoRA deltas into the base weights and put the plain Linear layers back."""
     from peft.tuners.lora import LoraLayer
 
@@ -191,15 +209,20 @@ def _merge_lora(model: DiT) -> None:
     model.requires_grad_(True)
 
 
-def train_routers(model: DiT, budget: float, ctx: Context, cfg: DyDiTConfig, cost: CostModel) -> DiT:
+def train_routers(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfig, cost: CostModel) -> nn.Module:
     """Train the dynamic model toward ``budget`` with the shared trainer (see the module docs)."""
-    from slimdiff.data.datasets import get_dataset
+    from slimdiff.data.datasets import get_dataset, text_shape
     from slimdiff.diffusion.losses import diffusion_loss
     from slimdiff.models.backbone import as_backbone
-    from slimdiff.train.trainer import TrainConfig, train
+    from slimdiff.train.trainer import TrainConfig, check_conditioning, train
 
     routing = routing_of(model)
     bb = as_backbone(model)
+    dataset = get_dataset(ctx.data, size=bb.sample_size, channels=bb.in_channels)
+    check_conditioning(bb, dataset)  # before any work: text models need caption embeddings of the right width
+    shape = text_shape(dataset) if bb.conditioning == "text" else None
+    if shape is not None and shape[0] != bb.text_len:  # cross-attention cost follows the caption length
+        cost = cost_model(model, text_len=shape[0])
     if cfg.tune == "lora":
         _add_lora(model, cfg.lora_rank)
     routers = [p for p in routing.parameters() if p.requires_grad]
@@ -222,7 +245,6 @@ def train_routers(model: DiT, budget: float, ctx: Context, cfg: DyDiTConfig, cos
                 routing.set_mode("dynamic")
         return loss.float()
 
-    dataset = get_dataset(ctx.data, size=bb.sample_size, channels=bb.in_channels)
     tc = TrainConfig(steps=cfg.train_steps, batch_size=ctx.batch_size, lr=ctx.lr, lr_schedule="constant",
                      seed=ctx.seed, checkpoint_every=max(1, cfg.train_steps // 4), log_every=max(1, min(50, cfg.train_steps)))
     from slimdiff.methods.base import fingerprint
@@ -247,14 +269,14 @@ def schedule_timesteps(model: nn.Module, sampler: str, steps: int) -> list[float
     return [float(t) for t in sched.timesteps]
 
 
-def build_tables(model: DiT, sampler: str, steps: int) -> None:
+def build_tables(model: nn.Module, sampler: str, steps: int) -> None:
     """Per-step width tables for one sampler schedule (saved with the model)."""
     routing_of(model).build_tables(model, schedule_timesteps(model, sampler, steps),
                                    {"sampler": sampler, "steps": steps})
 
 
 @torch.no_grad()
-def routed_ratio(model: DiT, cost: CostModel, sampler: str, steps: int, cfg: float, samples: int, seed: int = 0) -> float:
+def routed_ratio(model: nn.Module, cost: CostModel, sampler: str, steps: int, cfg: float, samples: int, seed: int = 0) -> float:
     """Mean compute ratio of a real routed sampling run (``samples`` images, eval mode)."""
     from slimdiff.diffusion.sampling import sample
 
@@ -275,7 +297,7 @@ def shift_routers(routing: DyDiTRouting, delta: float) -> None:
                 lin.bias.sub_(delta)
 
 
-def calibrate(model: DiT, budget: float, cost: CostModel, ctx: Context, cfg: DyDiTConfig) -> dict:
+def calibrate(model: nn.Module, budget: float, cost: CostModel, ctx: Context, cfg: DyDiTConfig) -> dict:
     """Shift all router biases by one scalar (bisection) so the routed sampling run costs at
     most ``budget`` of the original, as close to it as the decisions allow."""
     routing = routing_of(model)
@@ -311,7 +333,7 @@ def routing_extras(routing: DyDiTRouting) -> dict:
 
 @register_restorer("dydit")
 def restore(model: nn.Module, extras: dict | None) -> None:
-    """Re-install routers and per-step tables on a freshly built DiT (before its weights load)."""
+    """Re-install routers and per-step tables on a freshly built DiT or PixArt (before its weights load)."""
     if not extras or "config" not in extras:
         raise UsageError("this saved DyDiT model lacks its routing config in slimdiff.json; re-save it")
     routing = install(model, RoutingConfig(**extras["config"]))
@@ -328,13 +350,13 @@ def dydit(model: nn.Module, budget: float, ctx: Context, train_steps: int | None
     """Compress ``model`` to ``budget`` of its sampling MACs with DyDiT (see the module docs)."""
     budget = check_budget(budget)
     if budget >= 1.0:  # identity: routers would only add their own MACs (and training would move weights)
-        as_dit(model)  # still refuse backbones DyDiT cannot route
+        as_routable(model)  # still refuse backbones DyDiT cannot route
         return model
     cfg = config or DyDiTConfig()
     cfg = DyDiTConfig(**{**asdict(cfg), **({"train_steps": int(train_steps)} if train_steps is not None else {}),
                          **({"tune": tune} if tune is not None else {})})
     start = time.process_time()
-    model = as_dit(model)
+    model = as_routable(model)
     routing = install(model, default_config(model))
     cost = cost_model(model)
     if cfg.train_steps > 0:
@@ -348,11 +370,16 @@ def dydit(model: nn.Module, budget: float, ctx: Context, train_steps: int | None
         model = recover(model, ctx, "dydit")
         routing.set_mode("dynamic")
         routing.requires_grad_(True)
+        if cfg.calibrate:  # recovery moved the tokens the token routers read: meet the budget again
+            calib = {**calibrate(model, budget, cost, ctx, cfg), "before_recovery": calib}
+            build_tables(model, ctx.sampler, ctx.steps)
     model.eval()
     measured = {"expected_ratio": calib.get("ratio_after"), "calibration": calib,
                 "cpu_seconds": time.process_time() - start, "full_macs_forward": cost.full}
     return record(model, "dydit", {**asdict(cfg), "budget": budget}, measured, routing_extras(routing))
 
 
-__all__ = ["DyDiTConfig", "CostModel", "cost_model", "as_dit", "dydit", "calibrate", "build_tables",
+as_dit = as_routable  # the earlier name (a PixArt is returned as is, not converted)
+
+__all__ = ["DyDiTConfig", "CostModel", "cost_model", "as_routable", "as_dit", "dydit", "calibrate", "build_tables",
            "routed_ratio", "shift_routers", "target_schedule", "routing_extras", "schedule_timesteps"]

@@ -31,7 +31,10 @@ Conventions worth knowing:
   ``num_classes`` (the extra row of the label table). A class-conditional ``UNet2DModel``
   has no such row of its own, so slimdiff reads ``num_class_embeds = num_classes + 1`` with
   the last row as the null class: ``num_classes = num_class_embeds - 1``.
-* **Text models** get ``cond`` = text-encoder hidden states ``(N, L, D)``; the null
+* **Text models** get ``cond`` = text-encoder hidden states ``(N, L, D)``, or a
+  :class:`TextCondition` (the same plus its ``(N, L)`` attention mask, 1 = attend: padded
+  captions, as pre-encoded caption files carry them); the width ``D`` must be the model's
+  (PixArt ``caption_channels``, UNet ``cross_attention_dim``), else ``UsageError``. The null
   condition is all zeros (slimdiff ships no text encoder; a pipeline with a real one should
   pass the encoding of the empty prompt instead). ``example_cond`` uses ``L = 8`` tokens.
 * **PixArt** with ``use_additional_conditions`` gets resolution ``8 x`` the latent size
@@ -61,7 +64,52 @@ from slimdiff.errors import UsageError
 from slimdiff.models.dit import DiT
 from slimdiff.models.dit import Attention as DiTAttention
 
-__all__ = ["Backbone", "BACKBONES", "as_backbone", "register_backbone", "sync_attention_heads"]
+__all__ = ["Backbone", "BACKBONES", "TextCondition", "as_backbone", "register_backbone", "sync_attention_heads"]
+
+
+class TextCondition:
+    """Caption embeddings ``embeds`` ``(N, L, D)`` with an optional attention ``mask`` ``(N, L)``
+    (1/True = attend, 0 = padding): the condition of a text model when padding must be masked.
+
+    Text adapters pass ``mask`` on as diffusers' ``encoder_attention_mask``. It quacks like the
+    embeddings tensor where slimdiff needs it (``len``, ``shape``, ``dtype``, ``device``, ``to``)
+    so code that only forwards a condition to the Backbone needs no change.
+    """
+
+    __slots__ = ("embeds", "mask")
+
+    def __init__(self, embeds: torch.Tensor, mask: torch.Tensor | None = None):
+        self.embeds, self.mask = embeds, mask
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def __repr__(self) -> str:
+        return f"TextCondition(embeds={tuple(self.embeds.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
+
+    shape = property(lambda self: self.embeds.shape)
+    dtype = property(lambda self: self.embeds.dtype)
+    device = property(lambda self: self.embeds.device)
+
+    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> "TextCondition":
+        """Embeddings to ``device``/``dtype``; the mask to ``device`` only."""
+        mask = None if self.mask is None else self.mask.to(device)
+        return TextCondition(self.embeds.to(device=device, dtype=dtype), mask)
+
+    @staticmethod
+    def stack(items: list["TextCondition"]) -> "TextCondition":
+        """One batch from per-sample conditions ``(L, D)`` / ``(L,)``."""
+        masks = [it.mask for it in items]
+        if any(m is None for m in masks) and not all(m is None for m in masks):
+            raise UsageError("caption embeddings mix samples with and without an attention mask")
+        return TextCondition(torch.stack([it.embeds for it in items]), None if masks[0] is None else torch.stack(masks))
+
+
+def text_inputs(cond: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(encoder_hidden_states, encoder_attention_mask or None)`` of a text condition."""
+    if isinstance(cond, TextCondition):
+        return cond.embeds, cond.mask
+    return cond, None
 
 BACKBONES: dict[type, type["Backbone"]] = {}
 """Model class -> Backbone adapter class (the registry :func:`as_backbone` consults)."""
@@ -217,6 +265,8 @@ class Backbone:
     def __call__(self, x: torch.Tensor, t: Any, cond: Any = None) -> torch.Tensor:
         """Prediction for noisy input ``x`` at timesteps ``t``, with ``in_channels`` channels."""
         self._check_cond(cond)
+        if self.conditioning == "text":
+            self.check_text_width(cond)
         out = self._forward(x, self._timesteps(t, x.shape[0]), cond)
         return out[:, : self.in_channels]
 
@@ -232,6 +282,8 @@ class Backbone:
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=self.device)
         if self.conditioning == "text":
             if cond is not None:
+                # zeros: also for a masked TextCondition (every attended caption token is then the
+                # same vector, so the mask cannot change the result and is dropped)
                 return torch.zeros((batch, *cond.shape[1:]), dtype=cond.dtype, device=cond.device)
             return torch.zeros((batch, self.text_len, self._text_dim()), dtype=self.dtype, device=self.device)
         raise UsageError(f"this {self.kind} model is unconditional: there is no null condition for guidance")
@@ -241,6 +293,19 @@ class Backbone:
 
     def _text_dim(self) -> int:
         raise NotImplementedError
+
+    def check_text_width(self, cond: Any) -> None:
+        """``UsageError`` unless ``cond`` holds ``(N, L, D)`` caption embeddings of the model's width ``D``."""
+        embeds, mask = text_inputs(cond)
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3:
+            raise UsageError(f"this {self.kind} model needs caption embeddings of shape (N, L, {self._text_dim()}) as cond, "
+                             f"got {type(embeds).__name__} {tuple(getattr(embeds, 'shape', ()))}")
+        if embeds.shape[-1] != self._text_dim():
+            raise UsageError(f"caption embeddings have width {embeds.shape[-1]} but this {self.kind} model takes "
+                             f"{self._text_dim()}: encode the captions with the model's own text encoder")
+        if mask is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
+            raise UsageError(f"caption attention mask of shape {tuple(mask.shape)} does not fit embeddings "
+                             f"{tuple(embeds.shape)}: it must be (N, L)")
 
     def example_cond(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
         """A valid random condition for ``batch`` samples (None for unconditional models)."""
@@ -368,8 +433,10 @@ class PixArtBackbone(Backbone):
         return {"resolution": res, "aspect_ratio": ar}
 
     def _forward(self, x, t, cond):
+        embeds, mask = text_inputs(cond)
         return self.module(
-            x, encoder_hidden_states=cond, timestep=t, added_cond_kwargs=self._added_cond_kwargs(x)
+            x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
+            added_cond_kwargs=self._added_cond_kwargs(x),
         ).sample
 
 
@@ -468,7 +535,8 @@ class UNet2DConditionBackbone(_UNetBackbone):
         return int(dim)
 
     def _forward(self, x, t, cond):
-        return self.module(x, t, encoder_hidden_states=cond).sample
+        embeds, mask = text_inputs(cond)
+        return self.module(x, t, encoder_hidden_states=embeds, encoder_attention_mask=mask).sample
 
 
 # --------------------------------------------------------------------------- pruning fix-up

@@ -1,5 +1,15 @@
 """DyDiT execution: timestep-wise dynamic width (TDW) and spatial-wise dynamic tokens (SDT).
 
+Architectures. Everything below (routers, gates, routes, sliced-weight cache, per-step
+tables) is shared; what differs per architecture lives in a small :class:`RoutedArch`
+adapter registered for the model class (:data:`ROUTED`, :func:`register_routed`, looked up
+like the Backbone adapters): which modules are the blocks, where the timestep embedding is
+hooked, how a block's heads and MLP channel groups are sliced and counted, and which block
+subclass runs the routes (its ``dydit_masked`` / ``dydit_sliced``). :class:`DiTArch` is our
+DiT (described below); PixArt's adapter is in :mod:`slimdiff.runtime.dynamic_pixart` (its
+self-attention heads and feed-forward are routed, cross-attention always runs). A diffusers
+DiT is converted to our DiT by the method rather than given an adapter of its own.
+
 What is installed on a :class:`~slimdiff.models.dit.DiT` by :func:`install`:
 
 * ``model.dydit`` (:class:`DyDiTRouting`): per block a **head router** and an **MLP
@@ -127,8 +137,8 @@ class MaskRoute:
     noise: bool
     kept_tokens: torch.Tensor | None = None  # (B,) differentiable count, set by the block
 
-    def run(self, block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return masked_forward(block, x, c, self)
+    def run(self, block: nn.Module, *args) -> torch.Tensor:
+        return block.dydit_masked(self, *args)
 
 
 @dataclass
@@ -150,16 +160,20 @@ class SliceRoute:
     kept_tokens: torch.Tensor | None = None  # (B,) realised kept-token counts
     keep_maps: torch.Tensor | None = None  # (B, N) bool, when recording
 
-    def run(self, block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def run(self, block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+        """``block.dydit_sliced(plan, token, x, *args)`` per timestep group; every tensor argument
+        with the batch as its first dimension (``c``, text states, masks) is split with ``x``."""
         if len(self.parts) == 1 and self.parts[0][0] is None:
-            out, keep = sliced_forward(block, x, c, self.parts[0][1], self.token)
+            out, keep = block.dydit_sliced(self.parts[0][1], self.token, x, *args)
             self._note(keep, x.shape[0], None)
             return out
-        out = torch.empty_like(x)
+        out, B = torch.empty_like(x), x.shape[0]
         for idx, plan in self.parts:
-            o, keep = sliced_forward(block, x.index_select(0, idx), c.index_select(0, idx), plan, self.token)
+            sub = [a.index_select(0, idx) if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == B else a
+                   for a in args]
+            o, keep = block.dydit_sliced(plan, self.token, x.index_select(0, idx), *sub)
             out.index_copy_(0, idx, o)
-            self._note(keep, x.shape[0], idx)
+            self._note(keep, B, idx)
         return out
 
     def _note(self, keep: torch.Tensor, batch: int, idx: torch.Tensor | None) -> None:
@@ -244,6 +258,13 @@ class DynamicDiTBlock(DiTBlock):
             return super().forward(x, c)
         return route.run(self, x, c)
 
+    def dydit_masked(self, route: MaskRoute, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return masked_forward(self, x, c, route)
+
+    def dydit_sliced(self, plan: SlicePlan, token: nn.Linear | None, x: torch.Tensor,
+                     c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sliced_forward(self, x, c, plan, token)
+
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         return {k: v for k, v in state.items() if k not in self._transient}
@@ -263,11 +284,13 @@ class DyDiTRouting(nn.Module):
     """
 
     slimdiff_runtime = True
-    _transient = ("_routes", "_cache", "_memo", "_recording")
+    _transient = ("_routes", "_cache", "_memo", "_recording", "_temb_capture")
 
-    def __init__(self, blocks: Iterable[DiTBlock], dim: int, config: RoutingConfig):
+    def __init__(self, blocks: Iterable[nn.Module], dim: int, config: RoutingConfig,
+                 arch: type["RoutedArch"] | None = None):
         super().__init__()
         self.config = config
+        self.arch = arch or DiTArch
         self.routers = nn.ModuleList(
             BlockRouters(dim, h, g, config.tokens, config.init_bias) for h, g in zip(config.heads, config.groups)
         )
@@ -299,8 +322,15 @@ class DyDiTRouting(nn.Module):
         self.mode = mode
 
     # ---- the hook: decide every block's route for this call
+    def capture_temb(self, module: nn.Module, inputs: tuple, temb: torch.Tensor) -> None:
+        """Forward hook that keeps a t-only embedding for the next :meth:`on_time_embedding`
+        (architectures whose hooked embedder also mixes in other conditions)."""
+        self.__dict__["_temb_capture"] = temb
+
     def on_time_embedding(self, module: nn.Module, inputs: tuple, temb: torch.Tensor) -> None:
         t = inputs[0]
+        captured = self.__dict__.pop("_temb_capture", None)
+        temb = temb if captured is None else captured
         if self.mode == "off":
             routes = [None] * len(self._blocks)
         elif self.training or self.mode == "masked":
@@ -365,12 +395,12 @@ class DyDiTRouting(nn.Module):
         return heads, groups
 
     @torch.no_grad()
-    def build_tables(self, model: DiT, timesteps: Iterable[float], info: dict | None = None) -> None:
+    def build_tables(self, model: nn.Module, timesteps: Iterable[float], info: dict | None = None) -> None:
         """Precompute the width decisions at every timestep of a sampling schedule."""
         self.tables = {}
         for tv in timesteps:
             t = torch.tensor([float(tv)], device=next(model.parameters()).device)
-            temb = model.t_embedder(t) if self.mode == "off" else _raw_temb(model, t)
+            temb = self.arch.raw_temb(model, t)
             self.tables[float(tv)] = [self._decide(r, temb.float()) for r in self.routers]
         self.table_info = dict(info or {})
         self._memo = {}
@@ -379,15 +409,12 @@ class DyDiTRouting(nn.Module):
     def _plan(self, i: int, decision: tuple[tuple[int, ...], tuple[int, ...]]) -> SlicePlan:
         heads, groups = decision
         block = self._blocks[i]
-        attn, mlp = block.attn, block.mlp
         return SlicePlan(heads, groups,
-                         self._cached((i, "attn", heads), (attn.qkv.weight, attn.qkv.bias, attn.proj.weight),
-                                      lambda: _slice_attention(attn, heads), attn.proj.bias),
-                         self._cached((i, "mlp", groups), (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight),
-                                      lambda: _slice_mlp(mlp, groups, self.config.groups[i]), mlp.fc2.bias))
+                         self._cached((i, "attn", heads), *self.arch.attn_slicer(block, heads)),
+                         self._cached((i, "mlp", groups), *self.arch.mlp_slicer(block, groups, self.config.groups[i])))
 
-    def _cached(self, key: tuple, sources: tuple, make, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        full_key = key + (_weights_key(*sources),)
+    def _cached(self, key: tuple, sources: tuple, make, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        full_key = key + (_weights_key(*(s for s in sources if s is not None)),)
         hit = self._cache.get(full_key)
         if hit is None:
             hit = make()
@@ -460,6 +487,162 @@ def _slice_mlp(mlp: nn.Module, groups: tuple[int, ...], G: int) -> tuple[torch.T
             mlp.fc2.weight.detach().index_select(1, idx))
 
 
+# --------------------------------------------------------------------------- architectures
+ROUTED: dict[type, type["RoutedArch"]] = {}
+"""Model class -> :class:`RoutedArch` adapter (what :func:`install` consults; like ``BACKBONES``)."""
+
+
+def register_routed(model_cls: type):
+    """Class decorator: register a :class:`RoutedArch` as DyDiT's adapter for ``model_cls``."""
+
+    def deco(arch: type[RoutedArch]) -> type[RoutedArch]:
+        ROUTED[model_cls] = arch
+        return arch
+
+    return deco
+
+
+class RoutedArch:
+    """Where DyDiT reaches into one architecture. The routers, gates, routes, weight cache,
+    per-step tables and cost model are shared; an adapter only says which modules are the
+    blocks, where the timestep embedding is, how to slice a block's attention heads and MLP
+    channel groups, and which block class runs the routes (``dydit_masked`` /
+    ``dydit_sliced``). Stateless: every method is a classmethod."""
+
+    name = ""
+    block_class: type = nn.Module
+    lora_targets = ""  # regex of the block Linear layers LoRA tuning adapts
+
+    @classmethod
+    def blocks(cls, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, model: nn.Module) -> None:
+        """Refuse (``UsageError``) a layout the routed forwards would not compute exactly."""
+
+    @classmethod
+    def temb_dim(cls, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def hook(cls, model: nn.Module, routing: "DyDiTRouting") -> None:
+        """Register the forward hook(s) that call ``routing.on_time_embedding(module, (t, ...), temb)``."""
+        raise NotImplementedError
+
+    @classmethod
+    def raw_temb(cls, model: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        """The routers' timestep embedding of ``t`` without triggering the hooks."""
+        raise NotImplementedError
+
+    @classmethod
+    def heads(cls, block: nn.Module) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def mlp_width(cls, block: nn.Module) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def attn_slicer(cls, block: nn.Module, heads: tuple[int, ...]) -> tuple:
+        """``(source weights, make(), last bias)`` of the kept heads' attention weights."""
+        raise NotImplementedError
+
+    @classmethod
+    def mlp_slicer(cls, block: nn.Module, groups: tuple[int, ...], G: int) -> tuple:
+        """``(source weights, make(), last bias)`` of the kept channel groups' MLP weights."""
+        raise NotImplementedError
+
+    @classmethod
+    def head_macs(cls, block: nn.Module, tokens: int) -> int:
+        """MACs of one self-attention head on ``tokens`` tokens (q/k/v rows, QK^T, AV, out columns)."""
+        raise NotImplementedError
+
+    @classmethod
+    def group_token_macs(cls, block: nn.Module, G: int) -> int:
+        """MACs of one MLP channel group on one token (fc1 rows + fc2 columns)."""
+        raise NotImplementedError
+
+    @classmethod
+    def router_macs(cls, block: nn.Module, tokens: int) -> int:
+        """MACs of the token router on ``tokens`` tokens."""
+        return tokens * cls.width(block)
+
+    @classmethod
+    def width(cls, block: nn.Module) -> int:
+        """Residual width ``D`` of a block (the token router's input)."""
+        raise NotImplementedError
+
+
+@register_routed(DiT)
+class DiTArch(RoutedArch):
+    """Our DiT: ``blocks[i].attn.qkv/proj``, ``blocks[i].mlp.fc1/fc2``, hook on ``t_embedder``."""
+
+    name = "dit"
+    block_class = DynamicDiTBlock
+    lora_targets = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+
+    @classmethod
+    def blocks(cls, model):
+        return list(model.blocks)
+
+    @classmethod
+    def temb_dim(cls, model):
+        return model.t_embedder.mlp[2].out_features
+
+    @classmethod
+    def hook(cls, model, routing):
+        model.t_embedder.register_forward_hook(routing.on_time_embedding)
+
+    @classmethod
+    def raw_temb(cls, model, t):
+        return _raw_temb(model, t)
+
+    @classmethod
+    def heads(cls, block):
+        return int(block.attn.num_heads)
+
+    @classmethod
+    def mlp_width(cls, block):
+        return block.mlp.fc1.out_features
+
+    @classmethod
+    def attn_slicer(cls, block, heads):
+        attn = block.attn
+        return (attn.qkv.weight, attn.qkv.bias, attn.proj.weight), lambda: _slice_attention(attn, heads), attn.proj.bias
+
+    @classmethod
+    def mlp_slicer(cls, block, groups, G):
+        mlp = block.mlp
+        return (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight), lambda: _slice_mlp(mlp, groups, G), mlp.fc2.bias
+
+    @classmethod
+    def head_macs(cls, block, tokens):
+        d, H = block.attn.qkv.in_features, block.attn.num_heads
+        hd = block.attn.qkv.out_features // (3 * H)
+        return tokens * hd * (3 * d + d) + 2 * tokens * tokens * hd
+
+    @classmethod
+    def group_token_macs(cls, block, G):
+        return 2 * block.mlp.fc1.in_features * block.mlp.fc1.out_features // G
+
+    @classmethod
+    def width(cls, block):
+        return block.mlp.fc1.in_features
+
+
+def routed_arch(model: nn.Module) -> type[RoutedArch]:
+    """The :class:`RoutedArch` of ``model`` (most specific registered class in its MRO), or
+    :class:`UsageError`."""
+    import slimdiff.runtime.dynamic_pixart  # noqa: F401  (registers PixArt)
+
+    for cls in type(model).__mro__:
+        if cls in ROUTED:
+            return ROUTED[cls]
+    names = ", ".join(c.__name__ for c in ROUTED)
+    raise UsageError(f"DyDiT execution supports {names}; got {type(model).__name__}")
+
+
 # --------------------------------------------------------------------------- install
 def routing_of(model: nn.Module) -> DyDiTRouting:
     """The :class:`DyDiTRouting` of a DyDiT model, or :class:`UsageError`."""
@@ -469,44 +652,49 @@ def routing_of(model: nn.Module) -> DyDiTRouting:
     return r
 
 
-def default_config(model: DiT, **overrides) -> RoutingConfig:
+def default_config(model: nn.Module, **overrides) -> RoutingConfig:
     """Routers for every block: one per head, ``num_heads`` MLP channel groups (as the reference)."""
-    heads = [int(b.attn.num_heads) for b in model.blocks]
+    arch = routed_arch(model)
+    blocks = arch.blocks(model)
+    heads = [arch.heads(b) for b in blocks]
     groups = []
-    for b, h in zip(model.blocks, heads):
-        width = b.mlp.fc1.out_features
+    for b, h in zip(blocks, heads):
+        width = arch.mlp_width(b)
         groups.append(h if width % h == 0 else math.gcd(width, h))
     return RoutingConfig(heads=heads, groups=groups, **overrides)
 
 
-def install(model: DiT, config: RoutingConfig) -> DyDiTRouting:
+def install(model: nn.Module, config: RoutingConfig) -> DyDiTRouting:
     """Add DyDiT routers and the dynamic execution to ``model`` in place; returns the routing.
 
-    Idempotent for the same config. The model stays a :class:`DiT` with the same weights;
-    with the routers all on it computes exactly what it computed before.
+    ``model`` is any architecture with a registered :class:`RoutedArch` (our DiT, diffusers
+    PixArt). Idempotent for the same config. The model keeps its class and weights (only
+    its blocks' classes become the dynamic subclasses); with the routers all on it computes
+    exactly what it computed before.
     """
-    if not isinstance(model, DiT):
-        raise UsageError(f"DyDiT execution needs slimdiff's DiT, got {type(model).__name__}")
-    if len(config.heads) != len(model.blocks) or len(config.groups) != len(model.blocks):
-        raise UsageError(f"routing config is for {len(config.heads)} blocks, the model has {len(model.blocks)}")
-    for b, g in zip(model.blocks, config.groups):
-        if b.mlp.fc1.out_features % g:
-            raise UsageError(f"MLP width {b.mlp.fc1.out_features} does not split into {g} channel groups")
+    arch = routed_arch(model)
+    arch.check(model)
+    blocks = arch.blocks(model)
+    if len(config.heads) != len(blocks) or len(config.groups) != len(blocks):
+        raise UsageError(f"routing config is for {len(config.heads)} blocks, the model has {len(blocks)}")
+    for b, g in zip(blocks, config.groups):
+        if arch.mlp_width(b) % g:
+            raise UsageError(f"MLP width {arch.mlp_width(b)} does not split into {g} channel groups")
     existing = getattr(model, "dydit", None)
     if isinstance(existing, DyDiTRouting):
         if asdict(existing.config) == asdict(config):
             return existing
         raise UsageError("the model already has DyDiT routers with another configuration")
-    dim = model.t_embedder.mlp[2].out_features
-    for block in model.blocks:
-        block.__class__ = DynamicDiTBlock
-    model.dydit = DyDiTRouting(model.blocks, dim, config)
+    for block in blocks:
+        block.__class__ = arch.block_class
+    model.dydit = DyDiTRouting(blocks, arch.temb_dim(model), config, arch)
     model.dydit.train(model.training)
-    model.t_embedder.register_forward_hook(model.dydit.on_time_embedding)
+    arch.hook(model, model.dydit)
     return model.dydit
 
 
 __all__ = [
     "RoutingConfig", "DyDiTRouting", "DynamicDiTBlock", "BlockRouters", "hard_gate", "install",
-    "routing_of", "default_config", "masked_forward", "sliced_forward",
+    "routing_of", "default_config", "masked_forward", "sliced_forward", "RoutedArch", "DiTArch",
+    "ROUTED", "register_routed", "routed_arch",
 ]

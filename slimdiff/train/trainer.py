@@ -9,6 +9,14 @@ Determinism across process counts: every rank draws the *global* batch indices, 
 timesteps and CFG label-drop mask from one shared seeded generator and keeps its slice,
 so a run on 2 processes sees exactly the data of a 1-process run with the same global
 batch (DDP averages the gradients). Batches are drawn with replacement.
+
+Conditions: class-conditional models train on labelled data; text-conditional models
+(PixArt, ``UNet2DConditionModel``) on latents with pre-computed caption embeddings
+(:func:`slimdiff.data.datasets.latents`), passed through the Backbone view with their
+attention mask. Classifier-free-guidance dropout (``cfg_dropout``) replaces a sample's label
+by the null class, or its caption embeddings by zeros -- the null condition slimdiff samples
+with (``Backbone.null_cond``); with zero embeddings every attended caption token is the same
+vector, so the caption mask does not change a dropped sample's prediction.
 """
 from __future__ import annotations
 
@@ -47,7 +55,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     mixed_precision: str = "no"
-    cfg_dropout: float = 0.1
+    cfg_dropout: float = 0.1  # CFG dropout: label -> null class, caption embeddings -> zeros
     checkpoint_every: int = 500
     log_every: int = 50
     seed: int = 0
@@ -135,12 +143,29 @@ def _check_same_run(saved: dict | None, current: dict, path: Path) -> None:
         )
 
 
-def _check_conditioning(bb, dataset: Dataset) -> None:
+def check_conditioning(bb, dataset: Dataset) -> None:
     """Fail up front when the data cannot condition the model."""
+    from slimdiff.data.datasets import text_shape
+    from slimdiff.models.backbone import TextCondition
+
     if bb.conditioning == "text":
-        raise UsageError("training text-conditional models needs caption embeddings, which slimdiff data does not provide yet")
+        shape = text_shape(dataset)
+        if shape is None:
+            raise UsageError(
+                f"the {bb.kind} model is text-conditional but the data has no caption embeddings: pass a latents "
+                "file (.npz/.safetensors) with 'encoder_hidden_states' (N, L, D) [and 'encoder_attention_mask' (N, L)]"
+            )
+        if shape[1] != bb._text_dim():
+            raise UsageError(
+                f"the data's caption embeddings have width {shape[1]} but the {bb.kind} model takes {bb._text_dim()}: "
+                "encode the captions with the model's own text encoder"
+            )
     if bb.conditioning == "class":
-        label = int(torch.as_tensor(dataset[0][1]))
+        y = dataset[0][1]  # one read (datasets may count them)
+        if isinstance(y, TextCondition):
+            raise UsageError(f"the data holds caption embeddings but the {bb.kind} model is class-conditional: "
+                             "use labelled data (class sub-folders or a 'labels' array)")
+        label = int(torch.as_tensor(y))
         if not 0 <= label < bb.num_classes:
             raise UsageError(
                 f"the model is class-conditional ({bb.num_classes} classes) but the data has label {label}: "
@@ -148,9 +173,17 @@ def _check_conditioning(bb, dataset: Dataset) -> None:
             )
 
 
-def _batch(dataset: Dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+_check_conditioning = check_conditioning  # the earlier private name
+
+
+def _batch(dataset: Dataset, idx: torch.Tensor):
+    from slimdiff.models.backbone import TextCondition
+
     items = [dataset[int(i)] for i in idx]
-    return torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[1]) for it in items])
+    x = torch.stack([it[0] for it in items])
+    if isinstance(items[0][1], TextCondition):
+        return x, TextCondition.stack([it[1] for it in items])
+    return x, torch.stack([torch.as_tensor(it[1]) for it in items])
 
 
 def train(
@@ -181,7 +214,7 @@ def train(
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    from slimdiff.models.backbone import as_backbone
+    from slimdiff.models.backbone import TextCondition, as_backbone
 
     out_dir = Path(out_dir)
     if config.kd != "none" and teacher is None:
@@ -232,8 +265,9 @@ def train(
     if ema is not None:
         ema.to(device)
     bb = as_backbone(model)
-    _check_conditioning(bb, dataset)
+    check_conditioning(bb, dataset)
     drop_labels = config.cfg_dropout > 0 and bb.conditioning == "class" and _has_null(bb)
+    drop_text = config.cfg_dropout > 0 and bb.conditioning == "text"
     sl = slice(rank * local, (rank + 1) * local)
     t_den = capture_s = capture_t = None
     if teacher is not None:
@@ -271,9 +305,12 @@ def train(
             drop = torch.rand(config.batch_size, generator=data_gen)[sl] < config.cfg_dropout
             x0 = x0.to(device)
             batch = process.noisy(x0, noise.to(device, x0.dtype), t_all[sl])
-            cond = y.to(device) if bb.conditioning == "class" else None
+            cond = y.to(device) if bb.conditioning in ("class", "text") else None
             if drop_labels:
                 cond = torch.where(drop.to(device), bb.null_cond(cond, len(cond)).to(device), cond)
+            if drop_text:  # CFG dropout for captions: zero embeddings (the null condition)
+                embeds = torch.where(drop.to(device)[:, None, None], torch.zeros_like(cond.embeds), cond.embeds)
+                cond = TextCondition(embeds, cond.mask)
             with accelerator.autocast():
                 pred = denoiser(batch.x_t, batch.t, cond)
                 loss = diffusion_loss(pred, batch)

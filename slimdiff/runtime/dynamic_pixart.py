@@ -1,0 +1,277 @@
+"""DyDiT execution on diffusers ``PixArtTransformer2DModel`` (PixArt-alpha / PixArt-sigma).
+
+Registered with :func:`slimdiff.runtime.dynamic.register_routed`, so :func:`~slimdiff.runtime.dynamic.install`,
+the routers, gates, routes, sliced-weight cache, per-step tables and the cost model are the
+ones of our DiT; this module only says where PixArt keeps things and runs its block.
+
+Where PixArt differs from DiT, and what we do about it:
+
+* **Block.** A ``BasicTransformerBlock`` with ``norm_type="ada_norm_single"``: self-attention
+  (``attn1``) -> **cross-attention to the caption** (``attn2``, no norm, ungated) -> feed-forward
+  (``ff``: ``GELU(proj)`` -> ``Linear``), each with a residual; the adaLN shift/scale/gate come
+  from the model's one shared ``adaln_single`` (``timestep`` argument, ``(B, 6D)``) plus the
+  block's ``scale_shift_table``. Every block's class becomes :class:`DynamicPixArtBlock` (a
+  subclass: same parameters, same state-dict keys; no route -> the diffusers forward).
+* **What is routed.** The head router gates ``attn1``'s heads (rows of ``to_q``/``to_k``/
+  ``to_v`` and columns of ``to_out[0]``), the channel-group router the ``ff`` hidden channels
+  (rows of ``ff.net[0].proj``, columns of ``ff.net[2]``), the token router (on the tokens
+  entering the feed-forward, i.e. after cross-attention) skips the feed-forward for a token.
+  **Cross-attention always runs** on every token with all heads: it is the only place the
+  caption enters, and DyDiT's routers see the timestep, not the text.
+* **Router input.** PixArt's timestep embedding ``adaln_single.emb`` (the "embedded
+  timestep"). With ``use_additional_conditions`` that embedding also holds resolution and
+  aspect-ratio terms; the routers then read its timestep part only
+  (``adaln_single.emb.timestep_embedder``), so width stays a function of ``t`` alone and the
+  per-step tables stay valid at every resolution.
+* **Inference really skips work**, exactly as for DiT: eval decisions are executed with the
+  kept heads'/groups' weights sliced once per (block, decision) and cached; the feed-forward
+  runs on the gathered kept tokens only (``index_select`` -> FF -> ``index_add``), per sample.
+  Training uses masks on the full-width computation (masks are for training only).
+* **Refused** (``UsageError``): at install, q/k norms, GEGLU feed-forwards, chunked
+  feed-forward, GLIGEN fusers; at call, a self-attention mask or ``cross_attention_kwargs``
+  -- none is used by PixArt, and the routed forwards would not compute them. The caption
+  mask (``encoder_attention_mask``) is supported: it only enters cross-attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import PixArtTransformer2DModel
+from diffusers.models.activations import GELU
+from diffusers.models.attention import BasicTransformerBlock
+
+from slimdiff.errors import UsageError
+from slimdiff.runtime.dynamic import (
+    MaskRoute,
+    RoutedArch,
+    SlicePlan,
+    hard_gate,
+    register_routed,
+)
+
+
+def _modulation(block: BasicTransformerBlock, timestep: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
+    """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each ``(B, 1, D)``: diffusers' arithmetic."""
+    return (block.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
+
+
+def _heads_view(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+
+def masked_forward(block: "DynamicPixArtBlock", route: MaskRoute, x: torch.Tensor, ehs: torch.Tensor | None,
+                   emask: torch.Tensor | None, timestep: torch.Tensor) -> torch.Tensor:
+    """The PixArt block with head, channel-group and token masks (full width computed: training only).
+
+    Calls the block's own Linear modules (so LoRA-wrapped layers train) and follows diffusers'
+    ``BasicTransformerBlock`` + ``AttnProcessor2_0`` op by op, so all-on masks are bit-exact.
+    """
+    B = x.shape[0]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(block, timestep, B)
+    attn = block.attn1
+    h = block.norm1(x) * (1 + scale_msa) + shift_msa
+    H = attn.heads
+    q, k, v = (_heads_view(lin(h), B, H) for lin in (attn.to_q, attn.to_k, attn.to_v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+    out = out * route.heads[:, :, None, None].to(out.dtype)
+    out = out.transpose(1, 2).reshape(B, -1, out.shape[1] * out.shape[-1]).to(q.dtype)
+    x = gate_msa * attn.to_out[1](attn.to_out[0](out)) + x
+    if block.attn2 is not None:
+        x = block.attn2(x, encoder_hidden_states=ehs, attention_mask=emask) + x
+    net = block.ff.net
+    hidden = net[0](block.norm2(x) * (1 + scale_mlp) + shift_mlp)
+    G = route.groups.shape[1]
+    N = x.shape[1]
+    hidden = (hidden.reshape(B, N, G, -1) * route.groups[:, None, :, None].to(hidden.dtype)).reshape(B, N, -1)
+    for layer in net[1:]:
+        hidden = layer(hidden)
+    if route.token is not None:
+        keep = hard_gate(route.token(x).squeeze(-1).float(), route.tau, route.noise)
+        route.kept_tokens = keep.sum(1)
+        hidden = hidden * keep.unsqueeze(-1).to(hidden.dtype)
+    return gate_mlp * hidden + x
+
+
+def sliced_forward(block: "DynamicPixArtBlock", plan: SlicePlan, token: nn.Linear | None, x: torch.Tensor,
+                   ehs: torch.Tensor | None, emask: torch.Tensor | None,
+                   timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PixArt block on the kept heads/groups only, the feed-forward on the kept tokens only.
+
+    Returns the output and the ``(B, N)`` bool map of tokens that ran the feed-forward.
+    """
+    B, N, D = x.shape
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(block, timestep, B)
+    qw, qb, kw, kb, vw, vb, ow, ob = plan.attn
+    attn, heads = block.attn1, len(plan.heads)
+    h = block.norm1(x) * (1 + scale_msa) + shift_msa
+    q, k, v = (_heads_view(F.linear(h, w, b), B, heads) for w, b in ((qw, qb), (kw, kb), (vw, vb)))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(B, -1, out.shape[1] * out.shape[-1]).to(q.dtype)
+    x = gate_msa * attn.to_out[1](F.linear(out, ow, ob)) + x
+    if block.attn2 is not None:
+        x = block.attn2(x, encoder_hidden_states=ehs, attention_mask=emask) + x
+    w1, b1, w2, b2 = plan.mlp
+    net = block.ff.net
+
+    def ff(inp: torch.Tensor) -> torch.Tensor:
+        out = F.linear(net[1](net[0].gelu(F.linear(inp, w1, b1))), w2, b2)
+        for layer in net[3:]:
+            out = layer(out)
+        return out
+
+    if token is None:
+        keep, rows = torch.ones(B, N, dtype=torch.bool, device=x.device), None
+    else:  # nonzero: the one host sync per block that a data-dependent token count needs
+        keep = token(x).squeeze(-1) > 0
+        rows = keep.reshape(-1).nonzero().squeeze(1)
+    if rows is None or rows.numel() == B * N:
+        return gate_mlp * ff(block.norm2(x) * (1 + scale_mlp) + shift_mlp) + x, keep
+    flat = x.reshape(B * N, D)
+    sample = torch.div(rows, N, rounding_mode="floor")
+    m = ff(block.norm2(flat.index_select(0, rows)) * (1 + scale_mlp[:, 0].index_select(0, sample))
+           + shift_mlp[:, 0].index_select(0, sample))
+    # x is this block's own fresh tensor: scatter in place (no copy) unless autograd may need it
+    scatter = flat.index_add if torch.is_grad_enabled() else flat.index_add_
+    return scatter(0, rows, gate_mlp[:, 0].index_select(0, sample) * m).reshape(B, N, D), keep
+
+
+class DynamicPixArtBlock(BasicTransformerBlock):
+    """A PixArt ``BasicTransformerBlock`` that runs the route DyDiT set for the current call
+    (diffusers' own forward when there is none, i.e. routing ``"off"``)."""
+
+    _transient = ("_dydit_route",)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+        route = self.__dict__.get("_dydit_route")
+        if route is None:
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+        if attention_mask is not None or cross_attention_kwargs:
+            raise UsageError("DyDiT routing on PixArt supports neither a self-attention mask nor cross_attention_kwargs; "
+                             "pass the caption mask as encoder_attention_mask")
+        return route.run(self, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep)
+
+    def dydit_masked(self, route, x, ehs, emask, timestep):
+        return masked_forward(self, route, x, ehs, emask, timestep)
+
+    def dydit_sliced(self, plan, token, x, ehs, emask, timestep):
+        return sliced_forward(self, plan, token, x, ehs, emask, timestep)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {k: v for k, v in state.items() if k not in self._transient}
+
+
+def _slice_attention(attn: nn.Module, heads: tuple[int, ...]) -> tuple[torch.Tensor | None, ...]:
+    """Rows of to_q/to_k/to_v and columns of to_out[0] of the kept heads (the originals when all are kept)."""
+    lins = (attn.to_q, attn.to_k, attn.to_v)
+    out = attn.to_out[0]
+    if len(heads) == attn.heads:
+        return (*(t for lin in lins for t in (lin.weight, lin.bias)), out.weight)
+    hd = attn.to_q.out_features // attn.heads
+    per = torch.arange(hd, device=out.weight.device)
+    cols = torch.cat([h * hd + per for h in heads])
+    sliced = []
+    for lin in lins:
+        sliced.append(lin.weight.detach().index_select(0, cols))
+        sliced.append(None if lin.bias is None else lin.bias.detach().index_select(0, cols))
+    return (*sliced, out.weight.detach().index_select(1, cols))
+
+
+def _slice_ff(ff: nn.Module, groups: tuple[int, ...], G: int) -> tuple[torch.Tensor | None, ...]:
+    """Rows of ``ff.net[0].proj`` and columns of ``ff.net[2]`` of the kept channel groups."""
+    fc1, fc2 = ff.net[0].proj, ff.net[2]
+    if len(groups) == G:
+        return fc1.weight, fc1.bias, fc2.weight
+    width = fc1.out_features // G
+    per = torch.arange(width, device=fc1.weight.device)
+    idx = torch.cat([g * width + per for g in groups])
+    return (fc1.weight.detach().index_select(0, idx), None if fc1.bias is None else fc1.bias.detach().index_select(0, idx),
+            fc2.weight.detach().index_select(1, idx))
+
+
+@register_routed(PixArtTransformer2DModel)
+class PixArtArch(RoutedArch):
+    """diffusers PixArt: ``transformer_blocks[i].attn1`` heads, ``ff`` groups, hook on ``adaln_single.emb``."""
+
+    name = "pixart"
+    block_class = DynamicPixArtBlock
+    lora_targets = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
+
+    @classmethod
+    def blocks(cls, model):
+        return list(model.transformer_blocks)
+
+    @classmethod
+    def check(cls, model):
+        for i, b in enumerate(model.transformer_blocks):
+            a = b.attn1
+            problems = [name for name, bad in (
+                ("norm_type != ada_norm_single", getattr(b, "norm_type", None) != "ada_norm_single"),
+                ("only_cross_attention", b.only_cross_attention), ("positional embeddings", b.pos_embed is not None),
+                ("chunked feed-forward", b._chunk_size is not None), ("GLIGEN fuser", hasattr(b, "fuser")),
+                ("feed-forward activation other than GELU", not isinstance(b.ff.net[0], GELU)),
+                ("q/k norms or group/spatial norm", any(getattr(a, n, None) is not None
+                                                        for n in ("norm_q", "norm_k", "group_norm", "spatial_norm"))),
+                ("residual connection / output rescale in attn1", a.residual_connection or a.rescale_output_factor != 1.0),
+                ("unequal q/k/v widths", len({a.to_q.out_features, a.to_k.out_features, a.to_v.out_features}) != 1),
+            ) if bad]
+            if problems:
+                raise UsageError(f"DyDiT cannot route PixArt block {i}: {', '.join(problems)}")
+
+    @classmethod
+    def temb_dim(cls, model):
+        return model.adaln_single.emb.timestep_embedder.linear_2.out_features
+
+    @classmethod
+    def hook(cls, model, routing):
+        emb = model.adaln_single.emb
+        if emb.use_additional_conditions:  # the routers read the timestep part only
+            emb.timestep_embedder.register_forward_hook(routing.capture_temb)
+        emb.register_forward_hook(routing.on_time_embedding)
+
+    @classmethod
+    def raw_temb(cls, model, t):
+        emb = model.adaln_single.emb
+        lin = emb.timestep_embedder.linear_1
+        return emb.timestep_embedder.forward(emb.time_proj(t).to(lin.weight.dtype))  # .forward: no hooks
+
+    @classmethod
+    def heads(cls, block):
+        return int(block.attn1.heads)
+
+    @classmethod
+    def mlp_width(cls, block):
+        return block.ff.net[0].proj.out_features
+
+    @classmethod
+    def attn_slicer(cls, block, heads):
+        a = block.attn1
+        src = (a.to_q.weight, a.to_q.bias, a.to_k.weight, a.to_k.bias, a.to_v.weight, a.to_v.bias, a.to_out[0].weight)
+        return src, lambda: _slice_attention(a, heads), a.to_out[0].bias
+
+    @classmethod
+    def mlp_slicer(cls, block, groups, G):
+        fc1, fc2 = block.ff.net[0].proj, block.ff.net[2]
+        return (fc1.weight, fc1.bias, fc2.weight), lambda: _slice_ff(block.ff, groups, G), fc2.bias
+
+    @classmethod
+    def head_macs(cls, block, tokens):
+        a = block.attn1
+        hd = a.to_q.out_features // a.heads
+        d_in, d_out = a.to_q.in_features, a.to_out[0].out_features
+        return tokens * hd * (3 * d_in + d_out) + 2 * tokens * tokens * hd
+
+    @classmethod
+    def group_token_macs(cls, block, G):
+        fc1, fc2 = block.ff.net[0].proj, block.ff.net[2]
+        return (fc1.in_features + fc2.out_features) * fc1.out_features // G
+
+    @classmethod
+    def width(cls, block):
+        return block.ff.net[0].proj.in_features
+
+
+__all__ = ["PixArtArch", "DynamicPixArtBlock", "masked_forward", "sliced_forward"]
