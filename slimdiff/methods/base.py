@@ -34,6 +34,9 @@ import torch.nn as nn
 from slimdiff.errors import UsageError
 
 KIND_ORDER = ("depth", "width", "dynamic", "reuse")
+# A budget is met when the reached MACs ratio is at most this far (relative) above it: the
+# granularity of whole blocks, heads and aligned channel widths rarely lands exactly on it.
+BUDGET_TOLERANCE = 0.03
 
 
 @dataclass

@@ -67,7 +67,8 @@ import torch
 import torch.nn as nn
 
 from slimdiff.errors import UsageError
-from slimdiff.methods.base import Context, check_budget, record, recover, register_method, sampling_macs
+from slimdiff.methods.base import (BUDGET_TOLERANCE, Context, check_budget, record, recover, register_method,
+                                   sampling_macs)
 
 __all__ = [
     "TimestepTrace", "Trial", "check_threshold", "taylor_timesteps", "calibration_batch", "accumulate_gradients",
@@ -76,7 +77,7 @@ __all__ = [
 ]
 
 HEAD_MODES = ("dims", "whole")
-TOLERANCE = 0.03  # relative distance of the reached MACs ratio to the budget
+TOLERANCE = BUDGET_TOLERANCE  # relative distance of the reached MACs ratio to the budget
 ALIGN = 8  # the budget search keeps widths in multiples of this (see aligned_ratios)
 ALIGN_MIN_WIDTH = 256  # narrower layers are not aligned (small models keep fine steps)
 MAX_RATIO = 0.9  # the largest torch-pruning ratio tried (keeps >= 10% of every group)
