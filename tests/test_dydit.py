@@ -395,3 +395,20 @@ def test_pixart_layouts_the_runtime_cannot_route_are_refused():
     with torch.no_grad(), pytest.raises(UsageError, match="self-attention mask"):
         model(x, encoder_hidden_states=cond, timestep=t, attention_mask=torch.ones(2, 16),
               added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+@torch.no_grad()
+def test_pixart_with_size_conditions_routes_on_the_timestep_part_only():
+    model = tiny_pixart(use_additional_conditions=True, attention_head_dim=24, cross_attention_dim=48)
+    bb = as_backbone(model)
+    x, t, cond = _inputs(model, batch=2, t=100)
+    ref = bb(x, t, cond)
+    routing = install(model, default_config(model))
+    assert torch.equal(bb(x, t, cond), ref)
+    _randomize_routers(routing, seed=1)
+    out = bb(x, t, cond)
+    live = routing.decisions(100.0)  # memoised in that forward, from the captured timestep embedding
+    routing.build_tables(model, [100.0])  # decided from the t-only embedding, no forward
+    assert routing.tables[100.0] == live and torch.equal(bb(x, t, cond), out)
+    routing.set_mode("masked")
+    assert torch.allclose(bb(x, t, cond), out, atol=1e-5)
