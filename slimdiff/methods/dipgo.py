@@ -146,8 +146,9 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
     into nested checkpoints down to single steps, so only ``O(log2 steps)`` step states and
     one step's activations are alive at a time; the price is recomputing each step's forward
     about ``log2 steps`` times. It needs steps that can be re-run exactly (DDIM; other
-    samplers keep state in the scheduler or draw noise, and use ``"steps"``, per-step
-    checkpoints).
+    samplers keep state in the scheduler or draw noise) and caches that are plain tensors
+    (transformers; UNet blocks cache tuples of skip features, which reentrant checkpoints
+    cannot differentiate through): otherwise ``"steps"``, per-step checkpoints, is used.
     """
     if memory not in MEMORY_MODES:
         raise UsageError(f"unknown memory mode {memory!r}; use one of {', '.join(MEMORY_MODES)}")
@@ -172,31 +173,47 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
         return (out, *frame.caches_out)
 
     timesteps = list(scheduler.timesteps)
-    if use_checkpoint and torch.is_grad_enabled() and memory == "flat" and sampler in FLAT_SAMPLERS:
 
-        def segment(lo: int, hi: int, x_in: torch.Tensor, *cs):
+    def segment_plain(x: torch.Tensor, caches: list, keep: torch.Tensor | None) -> torch.Tensor:
+        """The trajectory step by step (one non-reentrant checkpoint per step when differentiating)."""
+        for i, t in enumerate(timesteps):
+            inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            k = None if (keep is None or i == 0) else keep[i]
+            if use_checkpoint and torch.is_grad_enabled():
+                pred, *caches = checkpoint(step_fn, inp, t, k, *caches, use_reentrant=False)
+            else:
+                pred, *caches = step_fn(inp, t, k, *caches)
+            x = scheduler.step(pred, t, x, generator=gen).prev_sample
+        return x
+
+    flat = memory == "flat" and sampler in FLAT_SAMPLERS and reuse_blocks(model)[2] == "residual"
+    if use_checkpoint and torch.is_grad_enabled() and flat:
+
+        def segment(lo: int, hi: int, gates: torch.Tensor | None, x_in: torch.Tensor, *cs):
             """Steps ``lo .. hi - 1`` from ``(x_in, caches)``; halves are nested checkpoints."""
             if hi - lo == 1:
                 t = timesteps[lo]
                 inp = scheduler.scale_model_input(x_in, t) if hasattr(scheduler, "scale_model_input") else x_in
-                k = None if (keep is None or lo == 0) else keep[lo]
+                k = None if (gates is None or lo == 0) else gates[lo]
                 pred, *out = step_fn(inp, t, k, *cs)
-                return (scheduler.step(pred, t, x_in, generator=gen).prev_sample, *out)
+                x_out = scheduler.step(pred, t, x_in, generator=gen).prev_sample
+                if k is None:  # step 0 has no gate; a reentrant checkpoint needs an output with a
+                    x_out = x_out + 0 * gates[lo].sum()  # gradient path: tie it to the gates (gradient 0)
+                return (x_out, *out)
             mid = (lo + hi) // 2
-            state = checkpoint(segment, lo, mid, x_in, *cs, use_reentrant=False)
-            return checkpoint(segment, mid, hi, *state, use_reentrant=False)
+            # Reentrant checkpoints: the forward of a checkpointed half runs without autograd, so
+            # the checkpoints nested in it keep nothing until the backward pass recomputes them
+            # (non-reentrant ones would each hold their inputs: O(steps) again). The gates go in
+            # as an argument: reentrant checkpoints pass gradients to arguments only.
+            state = checkpoint(segment, lo, mid, gates, x_in, *cs, use_reentrant=True)
+            return checkpoint(segment, mid, hi, gates, *state, use_reentrant=True)
 
-        return segment(0, len(timesteps), x, *caches)[0]
+        gates = keep if keep is not None and keep.requires_grad else None
+        if gates is None:  # nothing to differentiate: no checkpoints needed
+            return segment_plain(x, caches, keep)
+        return segment(0, len(timesteps), gates, x, *caches)[0]
 
-    for i, t in enumerate(timesteps):
-        inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-        k = None if (keep is None or i == 0) else keep[i]
-        if use_checkpoint and torch.is_grad_enabled():
-            pred, *caches = checkpoint(step_fn, inp, t, k, *caches, use_reentrant=False)
-        else:
-            pred, *caches = step_fn(inp, t, k, *caches)
-        x = scheduler.step(pred, t, x, generator=gen).prev_sample
-    return x
+    return segment_plain(x, caches, keep)
 
 
 def consistency_loss(x: torch.Tensor, target: torch.Tensor, kind: str = "ssim") -> torch.Tensor:
