@@ -266,6 +266,9 @@ def compress(
     seed: int = typer.Option(0),
     out: Path = typer.Option(..., "-o", "--out", help="result directory"),
     overwrite: bool = typer.Option(False, help="replace an existing, different result in --out"),
+    export_diffusers: Optional[Path] = typer.Option(
+        None, help="also write a diffusers save_pretrained copy here (when the result fits a diffusers config: "
+                   "depth pruning, uniform widths)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Compress a model to a compute budget with one method or a chain, and save the result."""
@@ -291,10 +294,19 @@ def compress(
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)  # resumable work is only needed until the result is saved
+    if export_diffusers is not None:
+        from slimdiff.io import export_diffusers as export
+
+        try:
+            export(result, export_diffusers)
+        except UsageError as e:
+            raise UsageError(f"{e} (the slimdiff result is saved in {path})") from None
     measured = result.slimdiff_meta["measured"]
     _emit({"method": method, "model": model, "budget": b, "macs_ratio": measured["macs_ratio"],
            "macs_sampling": measured["macs_sampling"], "params": params(result),
-           "original_params": params(m), "output": str(path)}, as_json, f"slimdiff compress {method}")
+           "original_params": params(m), "output": str(path),
+           **({"diffusers": str(export_diffusers)} if export_diffusers is not None else {})}, as_json,
+          f"slimdiff compress {method}")
 
 
 @app.command("bench-speed")

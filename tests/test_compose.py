@@ -56,3 +56,33 @@ def test_cli_compress_chain(tmp_path):
     assert row["macs_ratio"] <= 0.25 * 1.03 and row["params"] < row["original_params"]
     loaded = slimdiff.load(row["output"])
     assert loaded.slimdiff_meta["method"]["name"] == "tinyfusion+dipgo"
+
+
+def test_cli_compress_exports_a_depth_pruned_dit_to_diffusers(tmp_path):
+    """Depth pruning fits a diffusers config: plain diffusers loads the export and gives the same output."""
+    from diffusers import DiTTransformer2DModel
+
+    from slimdiff.models.backbone import as_backbone
+
+    teacher = tmp_path / "teacher"
+    slimdiff.save(tiny_dit(input_size=8, in_channels=1, learn_sigma=False, depth=4, freq_shift=1), teacher)
+    out = CliRunner().invoke(app, ["compress", "--method", "first-depth", "--model", str(teacher), "--budget", "0.5",
+                                   "--steps", str(STEPS), "-o", str(tmp_path / "d"), "--export-diffusers",
+                                   str(tmp_path / "hf"), "--json"])
+    assert out.exit_code == 0, out.output
+    ours = slimdiff.load(str(tmp_path / "d"))
+    theirs = DiTTransformer2DModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert theirs.config.num_layers == len(as_backbone(ours).blocks) == 2
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([10, 500]), torch.tensor([3, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(as_backbone(theirs)(x, t, y), as_backbone(ours)(x, t, y), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_compress_refuses_an_export_that_does_not_fit(tmp_path):
+    teacher = tmp_path / "teacher"
+    slimdiff.save(_digits_dit(), teacher)
+    out = CliRunner().invoke(app, ["compress", "--method", "magnitude-width", "--model", str(teacher), "--budget", "0.5",
+                                   "--steps", str(STEPS), "-o", str(tmp_path / "w"), "--export-diffusers",
+                                   str(tmp_path / "hf")])
+    assert out.exit_code != 0 and "saved in" in str(out.exception or out.output)
+    assert slimdiff.load(str(tmp_path / "w")) is not None  # the slimdiff result is kept
