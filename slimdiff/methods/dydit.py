@@ -47,7 +47,6 @@ import torch.nn as nn
 
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, check_budget, record, recover, register_method, register_restorer
-from slimdiff.models.dit import DiT
 from slimdiff.runtime.dynamic import (
     DiTArch,
     DyDiTRouting,

@@ -102,7 +102,6 @@ def _trajectory(model: nn.Module, noise, labels, ctx: Context) -> list[tuple[tor
         sample(model, sampler=ctx.sampler, steps=ctx.steps, classes=labels.tolist() if labels is not None else None,
                num_samples=noise.shape[0], cfg=ctx.cfg, noise=noise, seed=ctx.seed, callback=grab)
     xs = [noise * getattr(sch, "init_noise_sigma", 1.0)] + states[:-1]
-    out = []
     return [((scale(x, t) if scale else x), t) for x, t in zip(xs, sch.timesteps)]
 
 
