@@ -9,9 +9,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 import torch.nn as nn
+from conftest import linear_conv_macs
 
 from slimdiff.errors import UsageError
-from slimdiff.eval.compute import count_flops_by_op, count_macs, latency_ratio, macs_forward, macs_sampling, params
+from slimdiff.eval.compute import (
+    count_flops_by_op,
+    count_macs,
+    latency_ratio,
+    macs_forward,
+    macs_sampling,
+    params,
+)
 from slimdiff.models.dit import DiT
 
 CFG = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10)
@@ -25,25 +33,6 @@ def tiny_dit(**overrides) -> DiT:
 def dit_inputs(batch: int):
     g = torch.Generator().manual_seed(0)
     return torch.randn(batch, 1, 8, 8, generator=g), torch.randint(0, 1000, (batch,), generator=g), torch.arange(batch) % 10
-
-
-def linear_conv_macs(model: nn.Module, *inputs) -> int:
-    """MACs of every nn.Linear / nn.Conv2d call, from the layer shapes (independent of FlopCounterMode)."""
-    total = 0
-
-    def hook(m, args, out):
-        nonlocal total
-        if isinstance(m, nn.Linear):
-            total += args[0].numel() // m.in_features * m.in_features * m.out_features
-        else:
-            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    with torch.no_grad():
-        model(*inputs)
-    for h in handles:
-        h.remove()
-    return total
 
 
 def test_count_macs_of_a_linear_layer_is_exact():

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 import torch.nn as nn
+from conftest import linear_conv_macs
 
 from slimdiff.errors import UsageError
 from slimdiff.eval import speed as sp
@@ -65,20 +66,7 @@ def test_results_json_and_report(bench):
 def _linear_conv_attention_macs(model: nn.Module, x, t, y) -> int:
     """MACs of one forward of our DiT from layer shapes (hooks) plus attention ``2 N^2 inner``
     per block and sample -- independent of FlopCounterMode."""
-    total = 0
-
-    def hook(m, args, out):
-        nonlocal total
-        if isinstance(m, nn.Linear):
-            total += args[0].numel() // m.in_features * m.in_features * m.out_features
-        else:
-            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    with torch.no_grad():
-        model(x, t, y)
-    for h in handles:
-        h.remove()
+    total = linear_conv_macs(model, x, t, y)
     n = model.x_embedder.num_patches
     attention = sum(2 * n * n * (b.attn.qkv.out_features // 3) for b in model.blocks) * len(x)
     return total + attention
