@@ -382,7 +382,8 @@ def _bench_table(results: dict, as_json: bool, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"slimdiff bench ({results['config']['model']})")
-    for col in ("entry", "MACs ratio", "FD", "class acc", "SSIM", "wall ratio", "compress CPU-s"):
+    table.add_column("entry", no_wrap=True)
+    for col in ("MACs ratio", "FD", "class acc", "SSIM", "wall ratio", "compress CPU-s"):
         table.add_column(col)
     for r in sorted(rows, key=lambda r: (r.get("fd") is None, r.get("fd") or 0)):
         cells = [r.get(k) for k in ("macs_ratio", "fd", "class_acc", "ssim", "wall_ratio", "compress_cpu_s")]
