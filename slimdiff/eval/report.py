@@ -244,7 +244,8 @@ def pareto(points: dict[str, tuple[float, float]], path: Path, *, reference_fd: 
     if floor is not None:
         ax.axhline(floor, color="g", lw=0.8, ls="--", label="real-data floor")
     ax.set_xlabel("sampling MACs / teacher's")
-    ax.set_ylabel("FD (judge features, lower is better)")
+    ax.set_yscale("log")  # FDs span orders of magnitude; the good region must stay readable
+    ax.set_ylabel("FD (judge features, log scale, lower is better)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     return _save(fig, path)
