@@ -28,7 +28,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -106,23 +106,24 @@ def _filename(key: str) -> str:
     return key.replace("/", "_")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (temporary file in the same directory, then rename)."""
+def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, sync it, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
+
+
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -320,7 +321,7 @@ class Bench:
                 rows[key] = _load_tensors(f)["x"]
         sample_rows(rows, self.out / "samples.png")
         _write_json(self.out / "results.json", results)
-        (self.out / "report.md").write_text(markdown(results))
+        _atomic(self.out / "report.md", lambda tmp: tmp.write_text(markdown(results)))
         return results
 
 

@@ -180,8 +180,7 @@ def _draw_depth(name, extras, model, out, ctx) -> list[Path]:
     if extras.get("probability_history"):
         return [option_probabilities(extras["groups"], extras["probability_history"], out / f"{name}-probabilities.png")]
     if "kept_blocks" in extras:
-        depth = max(int(k) for k in extras["layer_map"].values()) + 1 if extras.get("layer_map") else 0
-        depth = max(depth, ctx.get("depth", 0))
+        depth = ctx.get("depth") or max(extras["kept_blocks"]) + 1
         return [kept_blocks(extras["kept_blocks"], depth, out / f"{name}-kept_blocks.png", f"{name}: kept blocks")]
     return []
 
