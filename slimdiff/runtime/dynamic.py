@@ -469,22 +469,25 @@ def _slice_attention(attn: nn.Module, heads: tuple[int, ...]) -> tuple[torch.Ten
     if len(heads) == H:
         return attn.qkv.weight, attn.qkv.bias, attn.proj.weight
     hd = attn.qkv.out_features // (3 * H)
-    per_head = torch.arange(hd, device=attn.qkv.weight.device)
-    cols = torch.cat([h * hd + per_head for h in heads])
+    cols = unit_index(heads, hd, attn.qkv.weight.device)
     rows = torch.cat([p * H * hd + cols for p in range(3)])
     w, b = attn.qkv.weight.detach(), attn.qkv.bias.detach()
     return w.index_select(0, rows), b.index_select(0, rows), attn.proj.weight.detach().index_select(1, cols)
 
 
-def _slice_mlp(mlp: nn.Module, groups: tuple[int, ...], G: int) -> tuple[torch.Tensor, ...]:
-    """fc1 rows and fc2 columns of the kept channel groups."""
+def unit_index(units: tuple[int, ...], size: int, device) -> torch.Tensor:
+    """Channel indices of the kept ``units`` (heads or channel groups) of ``size`` channels each."""
+    per = torch.arange(size, device=device)
+    return torch.cat([u * size + per for u in units])
+
+
+def slice_groups(fc1: nn.Linear, fc2: nn.Linear, groups: tuple[int, ...], G: int) -> tuple[torch.Tensor | None, ...]:
+    """fc1 rows (and bias) and fc2 columns of the kept channel groups (the originals when all are kept)."""
     if len(groups) == G:
-        return mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight
-    width = mlp.fc1.out_features // G
-    per = torch.arange(width, device=mlp.fc1.weight.device)
-    idx = torch.cat([g * width + per for g in groups])
-    return (mlp.fc1.weight.detach().index_select(0, idx), mlp.fc1.bias.detach().index_select(0, idx),
-            mlp.fc2.weight.detach().index_select(1, idx))
+        return fc1.weight, fc1.bias, fc2.weight
+    idx = unit_index(groups, fc1.out_features // G, fc1.weight.device)
+    return (fc1.weight.detach().index_select(0, idx), None if fc1.bias is None else fc1.bias.detach().index_select(0, idx),
+            fc2.weight.detach().index_select(1, idx))
 
 
 # --------------------------------------------------------------------------- architectures
@@ -614,7 +617,7 @@ class DiTArch(RoutedArch):
     @classmethod
     def mlp_slicer(cls, block, groups, G):
         mlp = block.mlp
-        return (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight), lambda: _slice_mlp(mlp, groups, G), mlp.fc2.bias
+        return (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight), lambda: slice_groups(mlp.fc1, mlp.fc2, groups, G), mlp.fc2.bias
 
     @classmethod
     def head_macs(cls, block, tokens):

@@ -48,6 +48,8 @@ from slimdiff.runtime.dynamic import (
     SlicePlan,
     hard_gate,
     register_routed,
+    slice_groups,
+    unit_index,
 )
 
 
@@ -170,26 +172,12 @@ def _slice_attention(attn: nn.Module, heads: tuple[int, ...]) -> tuple[torch.Ten
     out = attn.to_out[0]
     if len(heads) == attn.heads:
         return (*(t for lin in lins for t in (lin.weight, lin.bias)), out.weight)
-    hd = attn.to_q.out_features // attn.heads
-    per = torch.arange(hd, device=out.weight.device)
-    cols = torch.cat([h * hd + per for h in heads])
+    cols = unit_index(heads, attn.to_q.out_features // attn.heads, out.weight.device)
     sliced = []
     for lin in lins:
         sliced.append(lin.weight.detach().index_select(0, cols))
         sliced.append(None if lin.bias is None else lin.bias.detach().index_select(0, cols))
     return (*sliced, out.weight.detach().index_select(1, cols))
-
-
-def _slice_ff(ff: nn.Module, groups: tuple[int, ...], G: int) -> tuple[torch.Tensor | None, ...]:
-    """Rows of ``ff.net[0].proj`` and columns of ``ff.net[2]`` of the kept channel groups."""
-    fc1, fc2 = ff.net[0].proj, ff.net[2]
-    if len(groups) == G:
-        return fc1.weight, fc1.bias, fc2.weight
-    width = fc1.out_features // G
-    per = torch.arange(width, device=fc1.weight.device)
-    idx = torch.cat([g * width + per for g in groups])
-    return (fc1.weight.detach().index_select(0, idx), None if fc1.bias is None else fc1.bias.detach().index_select(0, idx),
-            fc2.weight.detach().index_select(1, idx))
 
 
 @register_routed(PixArtTransformer2DModel)
@@ -255,7 +243,7 @@ class PixArtArch(RoutedArch):
     @classmethod
     def mlp_slicer(cls, block, groups, G):
         fc1, fc2 = block.ff.net[0].proj, block.ff.net[2]
-        return (fc1.weight, fc1.bias, fc2.weight), lambda: _slice_ff(block.ff, groups, G), fc2.bias
+        return (fc1.weight, fc1.bias, fc2.weight), lambda: slice_groups(fc1, fc2, groups, G), fc2.bias
 
     @classmethod
     def head_macs(cls, block, tokens):
