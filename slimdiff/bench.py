@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,8 +131,10 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def environment() -> dict:
-    """Library versions, machine and git commit, for results.json."""
+    """Machine, threads and git commit (:func:`slimdiff.eval.speed.environment`), library versions and load."""
     from importlib.metadata import PackageNotFoundError, version
+
+    from slimdiff.eval.speed import environment as machine
 
     libs = {}
     for lib in ("slimdiff", "torch", "diffusers", "torch-pruning", "peft", "accelerate", "torchmetrics", "pytorch-msssim"):
@@ -142,14 +142,7 @@ def environment() -> dict:
             libs[lib] = version(lib)
         except PackageNotFoundError:
             libs[lib] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"libraries": libs, "platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "git_commit": commit,
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    return {**machine(), "libraries": libs, "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 class Bench:
