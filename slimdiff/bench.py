@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from slimdiff.errors import UsageError
+from slimdiff.utils import resolve_device
 
 DEMO_METHODS = ("diff-pruning", "tinyfusion", "dydit", "dipgo")
 DEFAULT_CHAINS = ("tinyfusion+dipgo",)
@@ -61,6 +62,7 @@ class BenchConfig:
     latency_repeats: int = 3
     grid: int = 10
     progress: bool = True
+    device: str = "auto"  # where models run (not part of the protocol): auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
         from slimdiff.methods.base import check_budget
@@ -179,7 +181,7 @@ class Bench:
         from slimdiff.eval.evaluate import generate, score
 
         c = self.config
-        model = load(c.model)
+        model = load(c.model).to(resolve_device(c.device))
         model.eval()
         path, scores = self.out / "teacher_samples.safetensors", self.out / "entries" / "teacher.json"
         if path.exists() and scores.exists():

@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split
 err = Console(stderr=True)
 
 MODEL_HELP = "a slimdiff model directory, a shipped name (digits-dit) or a DiT size name (DiT-S/2)"
+DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: the GPU when torch sees one)")
 
 
 def _fail(message: str) -> None:
@@ -48,10 +49,13 @@ def _emit(obj: dict, as_json: bool, title: str) -> None:
     Console().print(table)
 
 
-def _model(name: str, **kwargs):
+def _model(name: str, device: str | None = None, **kwargs):
+    """Load ``name``; on ``device`` when one is given (``auto`` picks the GPU when there is one)."""
     from slimdiff import load
+    from slimdiff.utils import resolve_device
 
-    return load(name, **kwargs)
+    model = load(name, **kwargs)
+    return model if device is None else model.to(resolve_device(device))
 
 
 @app.command()
@@ -64,12 +68,13 @@ def sample(
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="number of samples"),
     seed: int = typer.Option(0),
     output: Path = typer.Option(Path("grid.png"), "-o", "--output", help="PNG grid to write"),
+    device: str = DEVICE,
 ) -> None:
     """Sample a grid of images from a model."""
     from slimdiff.diffusion.sampling import sample as run
     from slimdiff.utils import save_grid
 
-    m = _model(model)
+    m = _model(model, device)
     labels = _parse_ints(classes, "--classes")
     x = run(m, sampler=sampler, steps=steps, num_samples=num_samples, classes=labels, cfg=cfg, seed=seed, progress=True)
     save_grid(x, output)
@@ -130,6 +135,7 @@ def train(
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/train"), "-o", "--out", help="run directory (checkpoints, final model)"),
     resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
+    device: str = DEVICE,
 ) -> None:
     """Train a diffusion model from scratch (the default teacher: ``--data digits``)."""
     from slimdiff.data.datasets import get_dataset
@@ -149,11 +155,11 @@ def train(
     import torch
 
     torch.manual_seed(seed)  # the random init is part of the recipe
-    m = _model(model, **kwargs)
+    m = _model(model, device, **kwargs)
     m.slimdiff_meta = {**(getattr(m, "slimdiff_meta", None) or {}), "diffusion": diffusion.to_dict()}
     m = _run_training(m, data, out, resume, diffusion=diffusion, steps=steps, batch_size=batch_size, lr=lr,
                       warmup_steps=warmup, lr_schedule=schedule, ema_decay=ema, cfg_dropout=cfg_dropout,
-                      checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed)
+                      checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed, device=device)
     if not _is_main_process():
         return
     path = save(m, out / "model", meta={"training": {"data": data, "steps": steps, "batch_size": batch_size, "lr": lr,
@@ -194,12 +200,13 @@ def finetune(
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/finetune"), "-o", "--out"),
     resume: bool = typer.Option(False),
+    device: str = DEVICE,
 ) -> None:
     """Recovery fine-tuning (diffusion loss) or distillation of a compressed model."""
     from slimdiff.io import save
 
-    m = _model(model)
-    t = _model(teacher) if teacher else None
+    m = _model(model, device)
+    t = _model(teacher, device) if teacher else None
     pairs = None
     if layer_map:
         try:
@@ -208,7 +215,7 @@ def finetune(
             raise UsageError(f"--layer-map must look like 0:1,1:3, got {layer_map!r}") from None
     m = _run_training(m, data, out, resume, teacher=t, steps=steps, batch_size=batch_size, lr=lr,
                       lr_schedule="constant", ema_decay=ema, checkpoint_every=checkpoint_every,
-                      mixed_precision=mixed_precision, seed=seed, kd=kd, layer_map=pairs)
+                      mixed_precision=mixed_precision, seed=seed, kd=kd, layer_map=pairs, device=device)
     if not _is_main_process():
         return
     path = save(m, out / "model", meta={"finetune": {"data": data, "steps": steps, "kd": kd, "teacher": teacher}},
@@ -227,14 +234,15 @@ def eval_(
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     grid: Optional[Path] = typer.Option(None, help="also write the first 100 samples as a PNG grid"),
+    device: str = DEVICE,
 ) -> None:
     """Quality and compute of a model: FD (and its real-data floor), class accuracy,
     SSIM/PSNR to a reference from the same noise, MACs ratio, parameters."""
     from slimdiff.eval.evaluate import generate, score
     from slimdiff.utils import save_grid
 
-    m = _model(model)
-    ref = _model(reference) if reference else None
+    m = _model(model, device)
+    ref = _model(reference, device) if reference else None
     settings = dict(sampler=sampler, steps=steps, cfg=cfg, seed=seed)
     x, y = generate(m, samples, progress=not as_json, **settings)
     if grid is not None:
@@ -269,6 +277,7 @@ def compress(
     export_diffusers: Optional[Path] = typer.Option(
         None, help="also write a diffusers save_pretrained copy here (when the result fits a diffusers config: "
                    "depth pruning, uniform widths)"),
+    device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Compress a model to a compute budget with one method or a chain, and save the result."""
@@ -283,7 +292,7 @@ def compress(
     for name in method.split(","):
         get_method(name.strip())  # fail on a typo before loading anything
     check_output(out)  # and on an output that cannot take the result
-    m = _model(model)
+    m = _model(model, device)
     work = out.parent / f".{out.name}.work"
     ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps, kd=kd,
                   batch_size=batch_size, lr=lr, work_dir=work, progress=not as_json)
@@ -316,7 +325,7 @@ def bench_speed(
     methods: Optional[str] = typer.Option(None, help="comma-separated subset of diff-pruning,tinyfusion,dydit,dipgo"),
     repeats: int = typer.Option(7, help="interleaved timing rounds (medians are reported)"),
     warmup: int = typer.Option(2, help="untimed calls of each model first"),
-    device: str = typer.Option("cpu", help="cpu | cuda"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N (the protocol times CPU by default)"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
     batch: int = typer.Option(8, help="batch size of the timed calls"),
     budget: float = typer.Option(0.5, help="fraction of the teacher's MACs each method is compressed to"),
@@ -412,6 +421,7 @@ def bench(
     option: Optional[list[str]] = typer.Option(None, help="method option NAME=VALUE, repeatable (e.g. opt_steps=30)"),
     seed: int = typer.Option(0),
     out: Path = BENCH_OUT,
+    device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Every method and baseline at every budget, same recovery, sampler, seeds and labels;
@@ -422,7 +432,7 @@ def bench(
                          methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                          samples=samples, sampler=sampler, steps=steps, cfg=cfg, recover_steps=recover_steps,
                          batch_size=batch_size, lr=lr, kd=kd, options=_parse_options(option), seed=seed,
-                         progress=not as_json)
+                         progress=not as_json, device=device)
     _bench_table(run_bench(config, out), as_json, out)
 
 
@@ -431,12 +441,14 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "-o", "--out", help="demo directory (rerun to resume)"),
     samples: int = typer.Option(500, help="samples per model"),
     recover_steps: int = typer.Option(50, help="recovery steps per method"),
+    device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """The four methods once at budget 0.5 on the shipped digits-dit (a reduced bench, ~15 min on 2 CPU cores)."""
     from slimdiff.bench import demo_config, run_bench
 
-    _bench_table(run_bench(demo_config(samples=samples, recover_steps=recover_steps, progress=not as_json), out),
+    _bench_table(run_bench(demo_config(samples=samples, recover_steps=recover_steps, progress=not as_json,
+                                       device=device), out),
                  as_json, out)
 
 

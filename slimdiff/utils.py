@@ -1,10 +1,13 @@
 """Small shared helpers."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from slimdiff.errors import UsageError
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -42,3 +45,24 @@ def progress(iterable, description: str, enabled: bool = True, total: int | None
     from rich.progress import track
 
     return track(iterable, description=description, total=total, transient=True)
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (CUDA when torch sees a GPU, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` as a device.
+
+    ``auto`` and ``cuda`` pick this process's GPU under ``accelerate launch`` (``LOCAL_RANK``).
+    """
+    spec = "auto" if spec is None else str(spec)
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec != "cuda" and not (spec.startswith("cuda:") and spec[5:].isdigit()):
+        raise UsageError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"device {spec!r} was asked for but torch sees no CUDA device; use --device cpu "
+                         "(or install a CUDA build of torch)")
+    index = int(spec[5:]) if ":" in spec else int(os.environ.get("LOCAL_RANK", 0))
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"device {spec!r}: torch sees only {torch.cuda.device_count()} GPU(s)")
+    return torch.device("cuda", index)

@@ -204,6 +204,10 @@ CASES = [
       f"reuse plan was made for ddim x{STEPS} steps, not ddim x5"),
     A("api-plan-for-other-sampler", lambda e, t: partial(sample, slimdiff.load(e.plan), sampler="dpm", steps=STEPS),
       f"made for ddim x{STEPS} steps, not dpm x{STEPS}"),
+    # devices
+    C("unknown-device", lambda e, t: ["sample", "--model", str(e.dit), "--device", "gpu", "-o", str(t / "g.png")],
+      "unknown device 'gpu'; use auto, cpu, cuda or cuda:N"),
+    C("absent-gpu", lambda e, t: _compress(e.dit, "dipgo", t / "o", "--device", "cuda:99"), "device 'cuda:99'"),
     # outputs: nothing already there may be lost or half-written
     C("output-not-writable", lambda e, t: _compress(e.dit, "diff-pruning", _under_a_file(t)), "cannot write to .*a-file"),
     C("output-foreign-directory", lambda e, t: _compress(e.dit, "diff-pruning", _foreign_dir(t)), "never replaces it"),

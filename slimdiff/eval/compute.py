@@ -84,6 +84,12 @@ def macs_sampling(
     return round(total / batch)
 
 
+def _sync() -> None:
+    """Wait for queued GPU kernels, so that wall time covers them (CUDA calls return early)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def latency_ratio(
     fns: dict[str, Callable[[], Any]], reference: str, warmup: int = 2, repeats: int = 7
 ) -> dict:
@@ -91,7 +97,8 @@ def latency_ratio(
 
     Each callable is first called ``warmup`` times; then ``repeats`` rounds call every
     callable once, round-robin (the starting callable rotates each round so none is always
-    first), timing each call with ``time.perf_counter``. Returns ``{name: {"median_s",
+    first), timing each call with ``time.perf_counter`` (after a CUDA synchronisation when
+    CUDA is in use). Returns ``{name: {"median_s",
     "ratio", "times_s"}}`` for every name plus ``"settings": {"reference", "warmup",
     "repeats", "order"}``. ``ratio`` = median / reference median (< 1 is faster).
     """
@@ -107,12 +114,14 @@ def latency_ratio(
     for name in names:
         for _ in range(warmup):
             fns[name]()
+    _sync()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
             start = time.perf_counter()
             fns[name]()
+            _sync()
             times[name].append(time.perf_counter() - start)
     ref = statistics.median(times[reference])
     out: dict[str, Any] = {

@@ -24,7 +24,8 @@ One bench for every method, so each speedup is measured the same way:
   then interleaved rounds in one process; the teacher and every student of one model and
   call kind share the rounds). **Realisation** = measured / theoretical, checked against
   :data:`TARGETS`. The median of per-round ratios is recorded too (robust to slow drifts).
-* On CUDA every timed call ends with ``torch.cuda.synchronize()`` (kernels are asynchronous).
+* On CUDA every timed call ends with ``torch.cuda.synchronize()`` (kernels are asynchronous;
+  :func:`slimdiff.eval.compute.latency_ratio` does it).
 
 ``run_speed`` returns the results dict; ``write_outputs`` writes ``results.json`` and
 ``report.md``. The CLI is ``slimdiff bench-speed``.
@@ -47,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from slimdiff.errors import UsageError
+from slimdiff.utils import resolve_device
 
 TARGETS: dict[str, float] = {"diff-pruning": 0.90, "tinyfusion": 0.90, "dydit": 0.85, "dipgo": 0.90}
 """Least realisation (measured / theoretical speedup) each method must reach (issue 9)."""
@@ -87,10 +89,7 @@ class SpeedSettings:
             model_kind(m)
         if self.dtype not in DTYPES:
             raise UsageError(f"unknown --dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UsageError(f"unknown --device {self.device!r}; use cpu or cuda")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        self.device = str(resolve_device(self.device))
         if self.batch < 1 or self.repeats < 1 or self.warmup < 0 or self.steps < 2:
             raise UsageError(f"need --batch >= 1, --repeats >= 1, warmup >= 0 and steps >= 2 (got batch {self.batch}, "
                              f"repeats {self.repeats}, warmup {self.warmup}, steps {self.steps})")
@@ -238,19 +237,6 @@ def make_student(model: nn.Module, method: str, s: SpeedSettings) -> tuple[nn.Mo
 
 
 # --------------------------------------------------------------------------- calls
-def synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
-    """``fn`` followed by a device synchronisation on CUDA, so wall time covers the kernels."""
-    if device.type != "cuda":
-        return fn
-
-    def call() -> Any:
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out
-
-    return call
-
-
 def make_call(model: nn.Module, unit: str, s: SpeedSettings) -> Callable[[], Any]:
     """The zero-argument call that is timed and counted: one forward or one sampling run."""
     from slimdiff.diffusion.sampling import sample
@@ -300,7 +286,7 @@ def bench_model(name: str, s: SpeedSettings, log: Callable[[str], None] = print)
             calls[m] = make_call(_cast(students[m][0], dtype), unit, s)
         macs = {k: count_macs(fn) for k, fn in calls.items()}
         log(f"{name}: timing {unit} of teacher + {', '.join(group)} ({s.warmup} warm-up, {s.repeats} rounds)")
-        lat = latency_ratio({k: synced(fn, device) for k, fn in calls.items()}, "teacher", warmup=s.warmup,
+        lat = latency_ratio(calls, "teacher", warmup=s.warmup,
                             repeats=s.repeats)
         for m in group:
             student, build_s = students[m]
@@ -428,4 +414,4 @@ def method_speed(method: str, quick: bool = False, **overrides) -> dict:
 
 
 __all__ = ["SpeedSettings", "TARGETS", "METHODS", "run_speed", "bench_model", "make_student", "make_call",
-           "build_model", "entries_table", "report_markdown", "write_outputs", "method_speed", "environment", "synced"]
+           "build_model", "entries_table", "report_markdown", "write_outputs", "method_speed", "environment"]

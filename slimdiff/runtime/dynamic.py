@@ -690,7 +690,7 @@ def install(model: nn.Module, config: RoutingConfig) -> DyDiTRouting:
         raise UsageError("the model already has DyDiT routers with another configuration")
     for block in blocks:
         block.__class__ = arch.block_class
-    model.dydit = DyDiTRouting(blocks, arch.temb_dim(model), config, arch)
+    model.dydit = DyDiTRouting(blocks, arch.temb_dim(model), config, arch).to(next(model.parameters()).device)
     model.dydit.train(model.training)
     arch.hook(model, model.dydit)
     return model.dydit

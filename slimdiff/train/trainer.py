@@ -64,6 +64,7 @@ class TrainConfig:
     feat_beta: float = 1e-2
     layer_map: dict[int, int] | None = field(default=None)
     mask_k: float = 2.0
+    device: str | None = None  # None: where the model is; else auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -135,7 +136,7 @@ def _check_same_run(saved: dict | None, current: dict, path: Path) -> None:
     if saved is None:
         return
     current = {k: (v if not isinstance(v, dict) else {str(a): b for a, b in v.items()}) for k, v in current.items()}
-    diff = sorted(k for k in current if k in saved and saved[k] != current[k] and k != "checkpoint_every")
+    diff = sorted(k for k in current if k in saved and saved[k] != current[k] and k not in ("checkpoint_every", "device"))
     if diff:
         raise UsageError(
             f"the checkpoint in {path} was written with other settings ({', '.join(diff)}); "
@@ -205,6 +206,8 @@ def train(
     Checkpoints go to ``out_dir/checkpoint`` every ``config.checkpoint_every`` steps and at
     the end; ``resume=True`` continues from there with optimiser, EMA, lr schedule and RNG
     state restored, so a resumed run ends with the same weights as an uninterrupted one.
+    Training runs on the model's device unless ``config.device`` names one (under
+    ``accelerate launch`` each process then takes its own GPU).
 
     Hooks for methods that train more than weights (search, routers): ``param_groups``
     replaces the optimiser's groups (e.g. a higher lr for logits; every trainable parameter
@@ -222,7 +225,10 @@ def train(
     import importlib.util
 
     tensorboard = importlib.util.find_spec("tensorboard") is not None
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
+    from slimdiff.utils import resolve_device
+
+    where = resolve_device(config.device) if config.device is not None else next(model.parameters()).device
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=where.type == "cpu",
                               log_with="tensorboard" if tensorboard else None, project_dir=str(out_dir))
     if tensorboard:
         accelerator.init_trackers("logs", config={k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))})
