@@ -42,7 +42,9 @@ def profile(fn, device: str, top: int) -> dict:
     rows = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:top]
     return {
         "wall_s_profiled": wall,
-        "device_busy_s": sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6 if use_dev else None,
+        # kernels only: an aten op row repeats the time of the kernels it launched
+        "device_busy_s": sum(e.self_device_time_total for e in events
+                             if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6 if use_dev else None,
         "host_op_s": sum(e.self_cpu_time_total for e in events) / 1e6,
         "ops": sum(e.count for e in events),
         "top": [{"op": e.key, "count": e.count, "self_s": getattr(e, key, 0) / 1e6,
