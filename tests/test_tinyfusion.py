@@ -14,6 +14,7 @@ from slimdiff.io import export_diffusers, load, save
 from slimdiff.methods.base import BUDGET_TOLERANCE, Context, compress, sampling_macs
 from slimdiff.methods.depth_baselines import block_influence, select_blocks
 from slimdiff.methods.tinyfusion import (
+    MAX_OPTIONS,
     DepthGates,
     SearchConfig,
     depth_for_budget,
@@ -75,13 +76,15 @@ def test_unet_is_refused(tmp_path):
 
 
 def test_shape_for_depth():
-    assert shape_for_depth(12, 6) == "1:2"
-    assert shape_for_depth(12, 9) == "3:4"
-    assert shape_for_depth(12, 4) == "1:3"
+    assert shape_for_depth(12, 6) == "6:12"  # one group: 924 options, first-k is among them
+    assert shape_for_depth(12, 9) == "9:12"
+    assert shape_for_depth(12, 3) == "3:12"
     assert shape_for_depth(12, 12) == "1:1"
+    assert shape_for_depth(28, 14) == "2:4"  # 14:28 and 7:14 have too many options
+    assert shape_for_depth(28, 21) == "3:4"
     mixed = shape_for_depth(28, 13)  # 13:28 would have 37M options
     groups = parse_keep(mixed, 28)
-    assert sum(g.n for g in groups) == 13 and all(math.comb(g.m, g.n) <= 256 for g in groups)
+    assert sum(g.n for g in groups) == 13 and all(math.comb(g.m, g.n) <= MAX_OPTIONS for g in groups)
 
 
 @pytest.mark.parametrize("budget", [0.6, 0.5])
@@ -239,7 +242,7 @@ def test_budget_picks_the_shape(tmp_path):
     model.slimdiff_meta = {}
     result = compress(model, "tinyfusion", 0.6, _ctx(tmp_path), {"search_steps": 1})
     settings = result.slimdiff_meta["method"]["chain"][0]["settings"]
-    assert settings["keep"] == "1:2" and settings["keep_from"] == "budget 0.6"
+    assert settings["keep"] == "2:4" and settings["keep_from"] == "budget 0.6"  # one group of the 4 blocks
     assert len(result.blocks) == 2
 
 
