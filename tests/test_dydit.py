@@ -150,6 +150,18 @@ def test_flops_loss_pushes_routers_toward_the_budget(tmp_path):
     assert (biases < 4.0).all()  # moved from the all-on init toward fewer heads/tokens
 
 
+def test_other_settings_never_resume_a_finished_training(tmp_path):
+    """The resume key covers every DyDiT setting: the same work directory with another FLOPs
+    weight trains afresh (sharing it would return the first run's routers)."""
+    model = tiny_dit(depth=2, num_heads=2, in_channels=1)
+    ctx = _ctx(tmp_path)
+    runs = [dydit(copy.deepcopy(model), 0.5, ctx, config=DyDiTConfig(train_steps=2, calibrate=False, flops_weight=w))
+            for w in (2.0, 50.0)]
+    assert len([p for p in (tmp_path / "work").iterdir() if p.name.startswith("dydit-train")]) == 2
+    a, b = (torch.cat([r.token.bias for r in m.dydit.routers]) for m in runs)
+    assert not torch.equal(a, b)
+
+
 def test_lora_mode_trains_routers_and_merges_adapters(tmp_path):
     model = tiny_dit(depth=2, num_heads=2, in_channels=1)
     before = model.blocks[0].attn.qkv.weight.clone()

@@ -144,6 +144,17 @@ def record(model: nn.Module, name: str, settings: dict, measured: dict, extras: 
     return model
 
 
+def settings_key(settings: Any) -> str:
+    """12 hex digits of sha256 over a dataclass's (or dict's) values: part of a resume key, so
+    that a run with other settings never resumes this one's checkpoint."""
+    import dataclasses
+    import hashlib
+    import json
+
+    d = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else dict(settings)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def fingerprint(model: nn.Module) -> str:
     """sha256 (hex) of a model's tensor names, dtypes, shapes and values: a resume key."""
     import hashlib

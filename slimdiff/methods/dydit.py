@@ -246,11 +246,11 @@ def train_routers(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfi
 
     tc = TrainConfig(steps=cfg.train_steps, batch_size=ctx.batch_size, lr=ctx.lr, lr_schedule="constant",
                      seed=ctx.seed, checkpoint_every=max(1, cfg.train_steps // 4), log_every=max(1, min(50, cfg.train_steps)))
-    from slimdiff.methods.base import fingerprint
+    from slimdiff.methods.base import fingerprint, settings_key
 
     # a resume key: a rerun resumes only the same model, budget and settings
     work = (ctx.work_dir or Path("runs/compress")) / (f"dydit-train-{cfg.tune}-b{budget:g}-n{cfg.train_steps}"
-                                                       f"-s{ctx.seed}-{fingerprint(model)[:12]}")
+                                                       f"-s{ctx.seed}-{settings_key(cfg)}-{fingerprint(model)[:12]}")
     model = train(model, dataset, tc, work, resume=True, progress=ctx.progress, param_groups=groups,
                   extra_loss=extra_loss, on_step_begin=on_step_begin)
     if cfg.tune == "lora":

@@ -532,9 +532,10 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
                        ema_decay=config.ema_decay, grad_clip=config.grad_clip, seed=ctx.seed,
                        checkpoint_every=max(1, config.steps // 4), log_every=max(1, min(50, config.steps)))
     shapes = format_groups(groups).replace(":", "of").replace(",", "_")
-    from slimdiff.methods.base import fingerprint
+    from slimdiff.methods.base import fingerprint, settings_key
 
-    out = _work_dir(ctx, f"search-tinyfusion-{shapes}-n{config.steps}-s{ctx.seed}-{fingerprint(model)[:12]}")
+    out = _work_dir(ctx, f"search-tinyfusion-{shapes}-n{config.steps}-s{ctx.seed}-{settings_key(config)}-"
+                         f"{fingerprint(model)[:12]}")
     train(work, dataset if dataset is not None else training_dataset(model, ctx), tcfg, out, resume=True,
           progress=ctx.progress, param_groups=groups_, on_step_begin=on_step_begin)
     steps_log.append(config.steps)
