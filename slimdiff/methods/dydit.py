@@ -70,8 +70,8 @@ class DyDiTConfig:
     flops_weight: float = 2.0  # reference: 2.0
     complete_model_loss: bool = True  # reference train.py: on (its second stage drops it)
     hold_frac: float = 0.05  # target held at 1 (reference: first 100 steps)
-    # then linear 1 -> budget over this fraction of the steps (reference: 5000 of 150K steps). Measured on
-    # digits-dit at budget 0.5, 300 steps, 2000 samples: FD 15.4 with 0.5, 14.3 with 0.25, 14.1 with 0.1
+    # then linear 1 -> budget over this fraction of the steps (reference: 5000 of 150K steps). On digits-dit at
+    # budget 0.5 (bench settings) 0.25 and 0.1 beat 0.5: bench/dydit/warmup.jsonl, scripts/dydit_ablation.py
     warmup_frac: float = 0.25
     lora_rank: int = 8
     calibrate: bool = True
