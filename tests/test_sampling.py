@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_MODELS, tiny_dit, tiny_unet
+from conftest import TINY_MODELS, tiny_dit, tiny_pixart, tiny_unet
 
 from slimdiff.diffusion.losses import ForwardProcess, diffusion_loss
 from slimdiff.diffusion.sampling import sample
@@ -50,6 +50,20 @@ def test_guidance_changes_the_result_and_callbacks_see_every_step():
     u = sample(m, steps=5, classes=[0, 1], cfg=1.0)
     assert begun == ended == list(range(5))
     assert not torch.allclose(g, u)
+
+
+def test_padded_captions_with_guidance():
+    """A TextCondition's mask reaches the model under CFG too (null captions attend everything)."""
+    from slimdiff.models.backbone import TextCondition
+
+    model = tiny_pixart()
+    e = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(2))
+    padded = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    a = sample(model, steps=3, cond=TextCondition(e, padded), cfg=2.0, seed=1)
+    b = sample(model, steps=3, cond=TextCondition(e, torch.ones_like(padded)), cfg=2.0, seed=1)
+    c = sample(model, steps=3, cond=e, cfg=2.0, seed=1)
+    assert not torch.allclose(a[0], b[0], atol=1e-4)  # the padding is masked out
+    assert torch.allclose(a[1], b[1], atol=1e-6) and torch.allclose(b, c, atol=1e-6)
 
 
 @pytest.mark.parametrize(

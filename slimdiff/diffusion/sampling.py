@@ -107,12 +107,13 @@ def sample(
     """Run a full sampling trajectory and return the final samples ``(N, C, H, W)``.
 
     Class-conditional models get ``classes`` (default ``0..K-1`` cycled), text models
-    get ``cond`` embeddings. ``cfg > 1`` applies classifier-free guidance with the
+    get ``cond``: caption embeddings, or a :class:`~slimdiff.models.backbone.TextCondition`
+    with an attention mask for padded captions. ``cfg > 1`` applies classifier-free guidance with the
     backbone's null condition; on an unconditional model any ``cfg != 1`` is a
     :class:`UsageError` (never silently dropped). The model's own :class:`DiffusionConfig` is used unless
     ``diffusion`` overrides it.
     """
-    from slimdiff.models.backbone import as_backbone
+    from slimdiff.models.backbone import as_backbone, cat_conditions
 
     bb = as_backbone(model)
     if not isinstance(steps, int) or steps < 1:
@@ -138,7 +139,7 @@ def sample(
     gen = torch.Generator().manual_seed(seed + 1)
     timesteps = scheduler.timesteps
     it = progress_bar(enumerate(timesteps), f"{sampler} x{steps}", progress, total=len(timesteps))
-    cond_in = torch.cat([cond, bb.null_cond(cond, n).to(device)]) if guided else None
+    cond_in = cat_conditions([cond, bb.null_cond(cond, n).to(device)]) if guided else None
     with sampling_context(sampler, steps):
         for i, t in it:
             if on_step_begin is not None:

@@ -122,7 +122,9 @@ def _conditions(bb, labels: torch.Tensor | None, n: int, cfg: float, seed: int):
     else:
         cond = None
     if cfg != 1.0:
-        return torch.cat([cond, bb.null_cond(cond, n).to(bb.device)])
+        from slimdiff.models.backbone import cat_conditions
+
+        return cat_conditions([cond, bb.null_cond(cond, n).to(bb.device)])
     return cond
 
 

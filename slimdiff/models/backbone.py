@@ -105,6 +105,20 @@ class TextCondition:
         return TextCondition(torch.stack([it.embeds for it in items]), None if masks[0] is None else torch.stack(masks))
 
 
+def cat_conditions(conds: list[Any]) -> Any:
+    """One batch from batches of conditions (labels, embeddings or :class:`TextCondition`);
+    a part without a mask attends every token (e.g. the null captions of guidance)."""
+    if not any(isinstance(c, TextCondition) for c in conds):
+        return torch.cat(conds)
+    masks = [c.mask for c in conds if isinstance(c, TextCondition) and c.mask is not None]
+    embeds = torch.cat([c.embeds if isinstance(c, TextCondition) else c for c in conds])
+    if not masks:
+        return TextCondition(embeds)
+    full = [c.mask if isinstance(c, TextCondition) and c.mask is not None
+            else torch.ones(c.shape[:2], dtype=masks[0].dtype, device=masks[0].device) for c in conds]
+    return TextCondition(embeds, torch.cat(full))
+
+
 def text_inputs(cond: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(encoder_hidden_states, encoder_attention_mask or None)`` of a text condition."""
     if isinstance(cond, TextCondition):
