@@ -70,14 +70,16 @@ def option_probabilities(groups: list[dict], history: dict, path: Path) -> Path:
     """TinyFusion: one panel per group, one line per keep-option, over the search steps."""
     plt = _plt()
     steps, values = history["steps"], history["values"]  # values[record][group][option]
-    fig, axes = plt.subplots(1, len(groups), figsize=(2.6 * len(groups), 2.8), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(max(5.0, 2.6 * len(groups)), 2.8), sharey=True, squeeze=False)
     for j, (ax, g) in enumerate(zip(axes[0], groups)):
+        final = values[-1][j]
+        named = sorted(range(len(final)), key=lambda o: -final[o])[:6]  # the legend names the likeliest six
         for o, blocks in enumerate(g["options"]):
-            ax.plot(steps, [v[j][o] for v in values], label="keep " + ",".join(map(str, blocks)))
-        ax.set_title(f"group {j} ({g['shape']})", fontsize=9)
+            ax.plot(steps, [v[j][o] for v in values],
+                    label="keep " + ",".join(map(str, blocks)) if o in named else None)
+        ax.set_title(f"group {j} ({g['shape']}, {len(final)} options)", fontsize=9)
         ax.set_xlabel("search step")
-        if len(g["options"]) <= 6:
-            ax.legend(fontsize=6)
+        ax.legend(fontsize=6)
     axes[0][0].set_ylabel("option probability")
     fig.suptitle("TinyFusion: option probabilities over the search", fontsize=10)
     return _save(fig, path)
