@@ -15,7 +15,7 @@ peak is honest). The steps measured:
 * ``dipgo``: one pruner optimisation step over a DDIM trajectory (batch 1): the teacher's
   samples, the SuperNet trajectory and its backward. Also its memory against the number of
   steps (10 / 25 / 50) with nested checkpoints (``memory="flat"``, the default) and with
-  per-step checkpoints (``"steps"``), on DiT-S/2 with 16x16 latents (cheap enough to sweep).
+  per-step checkpoints (``"steps"``), on DiT-S/2 and the CIFAR10-shaped UNet (cheap enough to sweep).
 
 Writes ``bench/scale/results.json``, ``report.md`` and ``cost_vs_size.png`` after every
 measurement (so a long run can be read while it goes); measurements already in results.json
@@ -42,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SIZES = ("DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2")
 METHODS = ("diff-pruning", "tinyfusion", "dydit", "dipgo")
 SWEEP_STEPS = (10, 25, 50)
+SWEEP_MODELS = ("DiT-S/2", "UNet-CIFAR10")  # a transformer (residual caches) and a UNet (nested skip caches)
 SWEEP_LATENT, SWEEP_BATCH = 32, 2  # the sweep's setting: trajectory state large enough to see (2 x 256 tokens)
 TARGET = {"diff-pruning DiT-XL/2": {"wall_s": 600, "peak_rss_gb": 12}}
 BATCH = {"diff-pruning": 4, "tinyfusion": 4, "dydit": 4, "dipgo": 1}
@@ -181,8 +182,8 @@ def plan(args) -> list[dict]:
     per_size = lambda method: [dict(method=method, size=size, latent=32, steps=1, memory="-",  # noqa: E731
                                     batch=BATCH[method]) for size in args.sizes]
     jobs = per_size("diff-pruning") if "diff-pruning" in args.methods else []
-    jobs += [dict(method="dipgo", size="DiT-S/2", latent=SWEEP_LATENT, steps=n, memory=mem, batch=SWEEP_BATCH)
-             for mem in ("flat", "steps") for n in args.sweep]
+    jobs += [dict(method="dipgo", size=model, latent=SWEEP_LATENT, steps=n, memory=mem, batch=SWEEP_BATCH)
+             for model in SWEEP_MODELS for mem in ("flat", "steps") for n in args.sweep]
     for method in ("tinyfusion", "dydit"):
         jobs += per_size(method) if method in args.methods else []
     if "dipgo" in args.methods:
@@ -216,15 +217,17 @@ def report(res: dict) -> str:
         lines.append(f"| {m['method']} | {m['model']} | {m['params'] / 1e6:.0f}M | {what[m['method']]} | {m['batch']} | "
                      f"{m['wall_s']:.1f} | {m['cpu_s']:.1f} | {m['rss_before_step_gb']:.2f} | {m['peak_rss_gb']:.2f} | "
                      f"{json.dumps(detail)} |")
-    lines += ["", "## DiP-GO memory against the number of sampling steps (DiT-S/2)", "",
-              "| latents | batch | checkpointing | steps | wall s | RSS before GB | peak RSS GB | peak - before GB |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## DiP-GO memory against the number of sampling steps", "",
+              "| model | input | batch | checkpointing | steps | wall s | RSS before GB | peak RSS GB | peak - before GB |",
+              "|---|---|---|---|---|---|---|---|---|"]
     sweep = [m for m in ms if m["method"] == "dipgo" and m not in per_size(ms)]
-    for m in sorted(sweep, key=lambda m: (m["latent"], m["batch"], m["memory"], m["steps"])):
-        lines.append(f"| {m['latent']}x{m['latent']}x4 | {m['batch']} | {m['memory']} | {m['steps']} | {m['wall_s']:.1f} "
+    for m in sorted(sweep, key=lambda m: (m["model"], m["latent"], m["batch"], m["memory"], m["steps"])):
+        shape = "32x32x3" if m["model"].startswith("UNet") else f"{m['latent']}x{m['latent']}x4"
+        lines.append(f"| {m['model']} | {shape} | {m['batch']} | {m['memory']} | {m['steps']} | {m['wall_s']:.1f} "
                      f"| {m['rss_before_step_gb']:.3f} | {m['peak_rss_gb']:.3f} | "
                      f"{m['peak_rss_gb'] - m['rss_before_step_gb']:.3f} |")
-    lines += ["", "`flat` = nested reentrant checkpoints (the default for transformers with DDIM), `steps` = one "
+    lines += ["", "`flat` = nested reentrant checkpoints (the default with DDIM; UNet caches travel as flat tensor "
+              "lists), `steps` = one "
               "checkpoint per step. What still grows under `flat` is DiP-GO's pruner (one query per step and block, "
               "self-attention over all of them) and one saved state per halving of the trajectory.", "",
               "## Targets", ""]

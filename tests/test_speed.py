@@ -159,18 +159,20 @@ def test_sampling_passes_the_host_timestep_to_runtimes():
     assert current_timestep() is None
 
 
-def test_flat_memory_checkpointing_gives_the_same_gradients():
-    """DiP-GO's nested (log-memory) checkpoints recompute the same trajectory: equal gradients."""
+@pytest.mark.parametrize("name", ["DiT-M/2", "UNet-tiny"])
+def test_flat_memory_checkpointing_gives_the_same_gradients(name):
+    """DiP-GO's nested (log-memory) checkpoints recompute the same trajectory: equal gradients
+    (UNets too: their nested-tuple caches travel as flat tensor lists)."""
     from slimdiff.methods import dipgo as D
-    from slimdiff.runtime.reuse import ReusePlan, apply_block_reuse
+    from slimdiff.runtime.reuse import ReusePlan, apply_block_reuse, reuse_blocks
 
-    model = sp.build_model("DiT-M/2", 8).requires_grad_(False)
+    model = sp.build_model(name, 8).requires_grad_(False)
     steps = 5
     apply_block_reuse(model, ReusePlan.full("ddim", steps, model))
     noise, labels, target = D.teacher_batch(model, 2, 0, sampler="ddim", steps=steps, cfg=1.0)
     grads = []
     for kw in (dict(memory="flat"), dict(memory="steps"), dict(use_checkpoint=False)):
-        keep = torch.full((steps, len(model.blocks)), 0.6, requires_grad=True)
+        keep = torch.full((steps, len(reuse_blocks(model)[0])), 0.6, requires_grad=True)
         x = D.supernet_sample(model, keep, noise, labels, sampler="ddim", steps=steps, **kw)
         D.consistency_loss(x, target, "l2").backward()
         grads.append(keep.grad)

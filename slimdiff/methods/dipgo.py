@@ -151,10 +151,10 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
     ``memory="flat"`` (default) checkpoints recursively instead: the trajectory is halved
     into nested checkpoints down to single steps, so only ``O(log2 steps)`` step states and
     one step's activations are alive at a time; the price is recomputing each step's forward
-    about ``log2 steps`` times. It needs steps that can be re-run exactly (DDIM; other
-    samplers keep state in the scheduler or draw noise) and caches that are plain tensors
-    (transformers; UNet blocks cache tuples of skip features, which reentrant checkpoints
-    cannot differentiate through): otherwise ``"steps"``, per-step checkpoints, is used.
+    about ``log2 steps`` times. Step 0 (no gate) runs without autograd, and UNet caches (nested
+    tuples of skip features) travel through the checkpoints as flat tensor lists. It needs steps
+    that can be re-run exactly (DDIM; other samplers keep state in the scheduler or draw
+    noise): otherwise ``"steps"``, per-step checkpoints, is used.
     """
     if memory not in MEMORY_MODES:
         raise UsageError(f"unknown memory mode {memory!r}; use one of {', '.join(MEMORY_MODES)}")
@@ -192,34 +192,55 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
             x = scheduler.step(pred, t, x, generator=gen).prev_sample
         return x
 
-    flat = memory == "flat" and sampler in FLAT_SAMPLERS and reuse_blocks(model)[2] == "residual"
-    if use_checkpoint and torch.is_grad_enabled() and flat:
+    gates = keep if keep is not None and keep.requires_grad else None
+    if use_checkpoint and torch.is_grad_enabled() and memory == "flat" and sampler in FLAT_SAMPLERS and gates is not None:
+        with torch.no_grad():  # step 0 has no gate (every block computes): nothing to differentiate there
+            t = timesteps[0]
+            inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            pred, *caches = step_fn(inp, t, None, *caches)
+            x = scheduler.step(pred, t, x, generator=gen).prev_sample
+        if len(timesteps) == 1:
+            return x
+        leaves, spec = _flatten(caches)  # reentrant checkpoints take tensors: UNet caches are nested tuples
 
-        def segment(lo: int, hi: int, gates: torch.Tensor | None, x_in: torch.Tensor, *cs):
+        def segment(lo: int, hi: int, gates: torch.Tensor, x_in: torch.Tensor, *leaves_in: torch.Tensor):
             """Steps ``lo .. hi - 1`` from ``(x_in, caches)``; halves are nested checkpoints."""
             if hi - lo == 1:
                 t = timesteps[lo]
                 inp = scheduler.scale_model_input(x_in, t) if hasattr(scheduler, "scale_model_input") else x_in
-                k = None if (gates is None or lo == 0) else gates[lo]
-                pred, *out = step_fn(inp, t, k, *cs)
-                x_out = scheduler.step(pred, t, x_in, generator=gen).prev_sample
-                if k is None:  # step 0 has no gate; a reentrant checkpoint needs an output with a
-                    x_out = x_out + 0 * gates[lo].sum()  # gradient path: tie it to the gates (gradient 0)
-                return (x_out, *out)
+                pred, *out = step_fn(inp, t, gates[lo], *_unflatten(list(leaves_in), spec))
+                return (scheduler.step(pred, t, x_in, generator=gen).prev_sample, *_flatten(out)[0])
             mid = (lo + hi) // 2
             # Reentrant checkpoints: the forward of a checkpointed half runs without autograd, so
             # the checkpoints nested in it keep nothing until the backward pass recomputes them
             # (non-reentrant ones would each hold their inputs: O(steps) again). The gates go in
             # as an argument: reentrant checkpoints pass gradients to arguments only.
-            state = checkpoint(segment, lo, mid, gates, x_in, *cs, use_reentrant=True)
+            state = checkpoint(segment, lo, mid, gates, x_in, *leaves_in, use_reentrant=True)
             return checkpoint(segment, mid, hi, gates, *state, use_reentrant=True)
 
-        gates = keep if keep is not None and keep.requires_grad else None
-        if gates is None:  # nothing to differentiate: no checkpoints needed
-            return segment_plain(x, caches, keep)
-        return segment(0, len(timesteps), gates, x, *caches)[0]
+        return segment(1, len(timesteps), gates, x, *leaves)[0]
 
     return segment_plain(x, caches, keep)
+
+
+def _flatten(tree: Any) -> tuple[list[torch.Tensor], Any]:
+    """The tensors of nested lists / tuples / None, and the structure to rebuild them."""
+    if isinstance(tree, torch.Tensor):
+        return [tree], "T"
+    if tree is None:
+        return [], None
+    parts = [_flatten(t) for t in tree]
+    return [leaf for leaves, _ in parts for leaf in leaves], (type(tree), tuple(spec for _, spec in parts))
+
+
+def _unflatten(leaves: list[torch.Tensor], spec: Any) -> Any:
+    """Inverse of :func:`_flatten` (consumes ``leaves`` from the front)."""
+    if spec == "T":
+        return leaves.pop(0)
+    if spec is None:
+        return None
+    kind, children = spec
+    return kind(_unflatten(leaves, c) for c in children)
 
 
 def consistency_loss(x: torch.Tensor, target: torch.Tensor, kind: str = "ssim") -> torch.Tensor:
