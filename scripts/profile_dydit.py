@@ -26,15 +26,15 @@ def profile(fn, device: str, top: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile as prof
 
-    from slimdiff.eval.compute import _sync
+    from slimdiff.eval.compute import synchronize
 
     fn()
-    _sync()
+    synchronize()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     start = time.perf_counter()
     with prof(activities=activities) as p:
         fn()
-        _sync()
+        synchronize()
     wall = time.perf_counter() - start
     events = p.key_averages()
     use_dev = device.startswith("cuda")

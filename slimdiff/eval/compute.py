@@ -84,7 +84,7 @@ def macs_sampling(
     return round(total / batch)
 
 
-def _sync() -> None:
+def synchronize() -> None:
     """Wait for queued GPU kernels, so that wall time covers them (CUDA calls return early)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -114,14 +114,14 @@ def latency_ratio(
     for name in names:
         for _ in range(warmup):
             fns[name]()
-    _sync()
+    synchronize()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
             start = time.perf_counter()
             fns[name]()
-            _sync()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     ref = statistics.median(times[reference])
     out: dict[str, Any] = {
@@ -132,4 +132,4 @@ def latency_ratio(
     return out
 
 
-__all__ = ["count_macs", "count_flops_by_op", "params", "macs_forward", "macs_sampling", "latency_ratio"]
+__all__ = ["count_macs", "count_flops_by_op", "params", "macs_forward", "macs_sampling", "latency_ratio", "synchronize"]

@@ -286,8 +286,7 @@ def bench_model(name: str, s: SpeedSettings, log: Callable[[str], None] = print)
             calls[m] = make_call(_cast(students[m][0], dtype), unit, s)
         macs = {k: count_macs(fn) for k, fn in calls.items()}
         log(f"{name}: timing {unit} of teacher + {', '.join(group)} ({s.warmup} warm-up, {s.repeats} rounds)")
-        lat = latency_ratio(calls, "teacher", warmup=s.warmup,
-                            repeats=s.repeats)
+        lat = latency_ratio(calls, "teacher", warmup=s.warmup, repeats=s.repeats)
         for m in group:
             student, build_s = students[m]
             theoretical = macs["teacher"] / macs[m]

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,10 @@ from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_che
 from slimdiff.utils import progress
 
 LOSSES = ("ssim", "l1", "l2")
+OPT_STEPS = 150
+"""Default optimisation steps. On digits-dit at budget 0.5 (DDIM 50, 2000 samples) 30 steps left
+long stale reuse runs (FD 8.9, SSIM 0.985 to the teacher, bench/digits); 150 steps gave FD 5.8,
+SSIM 0.997 (bench/dipgo/opt_steps_150.json). The reference runs 500."""
 
 
 # --------------------------------------------------------------------------- pruner
@@ -128,10 +133,6 @@ def _conditions(bb, labels: torch.Tensor | None, n: int, cfg: float, seed: int):
     return cond
 
 
-OPT_STEPS = 150
-"""Default optimisation steps. On digits-dit at budget 0.5 (DDIM 50, 2000 samples) 30 steps left
-long stale reuse runs (FD 8.9, SSIM 0.985 to the teacher, bench/digits); 150 steps gave FD 5.8,
-SSIM 0.997 (bench/dipgo/opt_steps_150.json). The reference runs 500."""
 MEMORY_MODES = ("flat", "steps")
 FLAT_SAMPLERS = ("ddim",)  # stateless, deterministic steps: safe to recompute inside a checkpoint
 
@@ -180,25 +181,17 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
 
     timesteps = list(scheduler.timesteps)
 
-    def segment_plain(x: torch.Tensor, caches: list, keep: torch.Tensor | None) -> torch.Tensor:
-        """The trajectory step by step (one non-reentrant checkpoint per step when differentiating)."""
-        for i, t in enumerate(timesteps):
-            inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-            k = None if (keep is None or i == 0) else keep[i]
-            if use_checkpoint and torch.is_grad_enabled():
-                pred, *caches = checkpoint(step_fn, inp, t, k, *caches, use_reentrant=False)
-            else:
-                pred, *caches = step_fn(inp, t, k, *caches)
-            x = scheduler.step(pred, t, x, generator=gen).prev_sample
-        return x
+    def advance(x_in: torch.Tensor, i: int, k: torch.Tensor | None, cs: list, run=step_fn) -> tuple[torch.Tensor, list]:
+        """Sampling step ``i`` from ``(x_in, caches)`` with gates ``k``: the next ``x`` and caches."""
+        t = timesteps[i]
+        inp = scheduler.scale_model_input(x_in, t) if hasattr(scheduler, "scale_model_input") else x_in
+        pred, *out = run(inp, t, k, *cs)
+        return scheduler.step(pred, t, x_in, generator=gen).prev_sample, out
 
     gates = keep if keep is not None and keep.requires_grad else None
     if use_checkpoint and torch.is_grad_enabled() and memory == "flat" and sampler in FLAT_SAMPLERS and gates is not None:
         with torch.no_grad():  # step 0 has no gate (every block computes): nothing to differentiate there
-            t = timesteps[0]
-            inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-            pred, *caches = step_fn(inp, t, None, *caches)
-            x = scheduler.step(pred, t, x, generator=gen).prev_sample
+            x, caches = advance(x, 0, None, caches)
         if len(timesteps) == 1:
             return x
         leaves, spec = _flatten(caches)  # reentrant checkpoints take tensors: UNet caches are nested tuples
@@ -206,10 +199,8 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
         def segment(lo: int, hi: int, gates: torch.Tensor, x_in: torch.Tensor, *leaves_in: torch.Tensor):
             """Steps ``lo .. hi - 1`` from ``(x_in, caches)``; halves are nested checkpoints."""
             if hi - lo == 1:
-                t = timesteps[lo]
-                inp = scheduler.scale_model_input(x_in, t) if hasattr(scheduler, "scale_model_input") else x_in
-                pred, *out = step_fn(inp, t, gates[lo], *_unflatten(list(leaves_in), spec))
-                return (scheduler.step(pred, t, x_in, generator=gen).prev_sample, *_flatten(out)[0])
+                x_out, out = advance(x_in, lo, gates[lo], _unflatten(list(leaves_in), spec))
+                return (x_out, *_flatten(out)[0])
             mid = (lo + hi) // 2
             # Reentrant checkpoints: the forward of a checkpointed half runs without autograd, so
             # the checkpoints nested in it keep nothing until the backward pass recomputes them
@@ -220,7 +211,11 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
 
         return segment(1, len(timesteps), gates, x, *leaves)[0]
 
-    return segment_plain(x, caches, keep)
+    # step by step (one non-reentrant checkpoint per step when differentiating)
+    run = partial(checkpoint, step_fn, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else step_fn
+    for i in range(len(timesteps)):
+        x, caches = advance(x, i, None if (keep is None or i == 0) else keep[i], caches, run)
+    return x
 
 
 def _flatten(tree: Any) -> tuple[list[torch.Tensor], Any]:

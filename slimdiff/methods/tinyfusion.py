@@ -350,9 +350,10 @@ def finish_depth(model: nn.Module, kept: Sequence[int], ctx: Context, name: str,
     start = time.process_time()
     tag = f"{name}-{'-'.join(map(str, kept))}-{ctx.kd}-n{ctx.recover_steps}-s{ctx.seed}"  # a resume key
     model = recover(model, ctx, tag, layer_map=layer_map)
-    measured = {"depth": len(kept), "original_depth": depth, "kept_blocks": list(map(int, kept)), "compress_cpu_s": cost_s,
+    kept = list(map(int, kept))
+    measured = {"depth": len(kept), "original_depth": depth, "kept_blocks": kept, "compress_cpu_s": cost_s,
                 "recover_cpu_s": time.process_time() - start, "recover_steps": ctx.recover_steps, "kd": ctx.kd}
-    extras = {"kept_blocks": list(map(int, kept)), "layer_map": {str(k): v for k, v in layer_map.items()}, **extras}
+    extras = {"kept_blocks": kept, "layer_map": {str(k): v for k, v in layer_map.items()}, **extras}
     return record(model, name, settings, measured, extras)
 
 

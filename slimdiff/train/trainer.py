@@ -218,6 +218,7 @@ def train(
     from diffusers.training_utils import EMAModel
 
     from slimdiff.models.backbone import TextCondition, as_backbone
+    from slimdiff.utils import resolve_device
 
     out_dir = Path(out_dir)
     if config.kd != "none" and teacher is None:
@@ -225,8 +226,6 @@ def train(
     import importlib.util
 
     tensorboard = importlib.util.find_spec("tensorboard") is not None
-    from slimdiff.utils import resolve_device
-
     where = resolve_device(config.device) if config.device is not None else next(model.parameters()).device
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=where.type == "cpu",
                               log_with="tensorboard" if tensorboard else None, project_dir=str(out_dir))
