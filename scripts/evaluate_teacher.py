@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import slimdiff
 from slimdiff.eval.evaluate import evaluate
@@ -25,17 +22,11 @@ OUT = Path(__file__).resolve().parent.parent / "bench" / "teacher"
 
 
 def provenance() -> dict:
-    """Library versions, machine and git commit for results files."""
-    import diffusers
+    """Library versions, machine and git commit (:func:`slimdiff.eval.speed.environment`), load and time."""
+    from slimdiff.eval.speed import environment
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "slimdiff": slimdiff.__version__,
-            "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-            "git_commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {**environment(), "slimdiff": slimdiff.__version__, "load_average": os.getloadavg(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from slimdiff.eval.evaluate import generate, score
+from slimdiff.eval.speed import environment
 from slimdiff.methods import diff_pruning as dp
 from slimdiff.methods.base import Context
 
@@ -131,21 +131,6 @@ def plots(res: dict, out: Path) -> list[str]:
     timestep_losses({key: rows[key]["timesteps"] for key in (name, "diff-pruning@0")}, settings["threshold"],
                     out / "timestep_losses.png", stride=settings["stride"])
     return files + ["timestep_losses.png"]
-
-
-def environment() -> dict:
-    import diffusers
-    import torch_pruning
-
-    head = Path(".git/HEAD")
-    commit = None
-    if head.is_file():  # read the files; no git command is run
-        ref = head.read_text().strip()
-        path = Path(".git") / ref[5:] if ref.startswith("ref: ") else None
-        commit = path.read_text().strip() if path and path.is_file() else (None if path else ref)
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "torch_pruning": torch_pruning.__version__,
-            "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "git_commit": commit}
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import slimdiff
 from slimdiff.eval.evaluate import evaluate, generate
 from slimdiff.eval.report import reuse_plan
+from slimdiff.eval.speed import environment
 from slimdiff.methods.base import Context, compress
 from slimdiff.models.dit import DiT_models
 from slimdiff.runtime.reuse import get_block_reuse
@@ -94,11 +94,8 @@ def main() -> None:
         args.repeats = min(args.repeats, 2)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    res = {"quick": args.quick, "load_average": os.getloadavg(), "machine": platform.machine(),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "quality": quality(args, args.out),
-           "speed": speed(args)}
-    head = Path(".git/HEAD")
-    res["git_head"] = head.read_text().strip() if head.exists() else None
+    res = {"quick": args.quick, "load_average": os.getloadavg(), "environment": environment(),
+           "quality": quality(args, args.out), "speed": speed(args)}
     res["wall_s"] = time.time() - t0
     res["load_average_end"] = os.getloadavg()
     (args.out / "results.json").write_text(json.dumps(res, indent=2, default=float))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import slimdiff  # noqa: E402
 from slimdiff.errors import UsageError  # noqa: E402
 from slimdiff.eval.report import token_keep_maps, width_per_timestep  # noqa: E402
+from slimdiff.eval.speed import environment  # noqa: E402
 from slimdiff.methods.base import Context, compress  # noqa: E402
 
 
@@ -50,9 +50,9 @@ def teacher(quick: bool, spec: str = "digits-dit"):
 
 def quality(args, out: Path) -> dict:
     """DyDiT vs static width pruning at DyDiT's measured MACs, equal training steps."""
-    from slimdiff.eval.evaluate import evaluate, generate
-
     import shutil
+
+    from slimdiff.eval.evaluate import evaluate, generate
 
     model, name = teacher(args.quick, args.teacher)
     for old in out.glob("work-*"):  # the trainer resumes from a work dir: start fresh
@@ -131,14 +131,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     res = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg(),
-                       "torch": torch.__version__, "threads": torch.get_num_threads()},
+           "environment": environment(), "loadavg_start": os.getloadavg(),
            "command": " ".join(sys.argv)}
     if "quality" not in skip:
         res["quality"] = quality(args, args.out)
     if "speed" not in skip:
         res["speed"] = speed(args)
-    res["machine"]["loadavg_end"] = os.getloadavg()
+    res["loadavg_end"] = os.getloadavg()
     path = args.out / ("results_quick.json" if args.quick else "results.json")
     if path.is_file():  # keep the parts skipped this time from an earlier run
         old = json.loads(path.read_text())

@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -167,18 +166,11 @@ def speed(args) -> dict:
 
 
 def _environment(args) -> dict:
-    import diffusers
     import peft
 
-    head = ROOT / ".git" / "HEAD"
-    commit = None
-    if head.is_file():  # read, not `git`: the repository's current commit if it is a plain ref
-        ref = head.read_text().strip()
-        ref_file = ROOT / ".git" / ref.removeprefix("ref: ") if ref.startswith("ref: ") else None
-        commit = ref_file.read_text().strip() if ref_file and ref_file.is_file() else ref
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "load_average_start": os.getloadavg(), "commit": commit, "args": vars(args)}
+    from slimdiff.eval.speed import environment
+
+    return {**environment(), "peft": peft.__version__, "load_average_start": os.getloadavg(), "args": vars(args)}
 
 
 def report(results: dict) -> str:

@@ -52,37 +52,100 @@ def _ctx(tmp_path, **kw):
     return Context(**{**base, **kw})
 
 
+def _pixart(seed: int = 0):
+    """tiny PixArt with 4 heads x 8 and 3 blocks (caption width 16, FF width 128 = 4 groups)."""
+    return tiny_pixart(seed, num_attention_heads=4, attention_head_dim=8, num_layers=3)
+
+
+def _captions(batch: int, seed: int = 2, masked: bool = True):
+    """Caption embeddings (L = 6, width 16), padded to different lengths per sample when ``masked``."""
+    from slimdiff.models.backbone import TextCondition
+
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(batch, 6, 16, generator=g)
+    if not masked:
+        return e
+    return TextCondition(e, (torch.arange(6)[None] < torch.randint(1, 7, (batch, 1), generator=g)).long())
+
+
+def _arch(arch: str, seed: int = 0):
+    """The two routed architectures at test size: our DiT and PixArt (3 blocks, 4 heads, 4 MLP groups)."""
+    return tiny_dit(seed, depth=3, num_heads=4, hidden_size=32) if arch == "dit" else _pixart(seed)
+
+
+def _cond(arch: str, labels: torch.Tensor, batch: int):
+    """Class labels for the DiT, padded captions for PixArt."""
+    return labels if arch == "dit" else _captions(batch)
+
+
+ARCHS = ("dit", "pixart")
 FAST = DyDiTConfig(train_steps=2, calibrate_samples=2, calibrate_iters=4)
 
 
 # --------------------------------------------------------------------------- equivalences
 @torch.no_grad()
-def test_all_on_routers_equal_the_original_exactly():
-    model = tiny_dit(depth=3, num_heads=4)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_on_routers_equal_the_original_exactly(arch):
+    model = _arch(arch)
+    bb = as_backbone(model)
     x, t, y = _inputs(model)
-    x1, t1, _ = _inputs(model, t=421)
-    ref, ref1 = model(x, t, y), model(x1, t1, y)
+    cond, t1 = _cond(arch, y, 3), torch.full((3,), 421)
+    ref, ref1 = bb(x, t, cond), bb(x, t1, cond)
     routing = install(model, default_config(model))
-    assert torch.equal(model(x1, t1, y), ref1)  # sliced eval path, one timestep (sampling)
-    assert torch.allclose(model(x, t, y), ref, atol=1e-6)  # batch split by timestep
+    assert routing.config.heads == [4, 4, 4]
+    assert torch.equal(bb(x, t1, cond), ref1)  # sliced eval path, one timestep (sampling)
+    assert torch.allclose(bb(x, t, cond), ref, atol=1e-6)  # batch split by timestep
     routing.set_mode("masked")
-    assert torch.equal(model(x, t, y), ref)  # masked training path
+    assert torch.equal(bb(x, t, cond), ref)  # masked training path
 
 
 @torch.no_grad()
-def test_sliced_inference_equals_masked_forward_for_the_same_decisions():
-    model, routing = _dynamic()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sliced_inference_equals_masked_forward_for_the_same_decisions(arch):
+    model = _arch(arch)
+    routing = install(model, default_config(model))
     _randomize_routers(routing)
-    for t in (None, 600):  # mixed timesteps and one shared timestep
+    bb = as_backbone(model)
+    for t in (None, 600):  # mixed timesteps (split by timestep, conditions with them) and one shared timestep
         x, tt, y = _inputs(model, batch=4, t=t)
-        sliced = model(x, tt, y)
+        cond = _cond(arch, y, 4)
+        sliced = bb(x, tt, cond)
         kept = routing.realised()
         routing.set_mode("masked")
-        masked = model(x, tt, y)
+        masked = bb(x, tt, cond)
         routing.set_mode("dynamic")
         assert torch.allclose(sliced, masked, atol=1e-5)
         assert (kept["heads"] < 4).any() and (kept["groups"] < 4).any()  # width really cut
         assert len(set(kept["tokens"][0].tolist())) > 1  # samples keep different token counts
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_macs_accounting_matches_flop_counter_on_sliced_execution(arch):
+    model = _arch(arch)
+    routing = install(model, default_config(model))
+    _randomize_routers(routing, seed=5)
+    cost = cost_model(model)
+    routing.build_tables(model, [300.0])
+    bb = as_backbone(model)
+    x, t, cond = _inputs(model, batch=3, t=300)  # class labels / the Backbone's example captions
+    counted = count_macs(bb, x, t, cond)
+    assert counted == int(cost.macs(routing.realised()).sum())
+    assert counted < 3 * cost.full * 0.95  # really cheaper than the original
+    routing.set_mode("off")
+    assert count_macs(bb, x, t, cond) == 3 * cost.full == 3 * count_macs(as_backbone(_arch(arch)), x[:1], t[:1], cond[:1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_decisions_pass_gradients_to_every_router(arch):
+    model = _arch(arch)
+    routing = install(model, default_config(model))
+    model.train()
+    x, t, y = _inputs(model, batch=4)
+    as_backbone(model)(x, t, _cond(arch, y, 4)).pow(2).mean().backward()
+    for r in routing.routers:
+        for lin in (r.head, r.group, r.token):
+            assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
 
 
 @torch.no_grad()
@@ -100,20 +163,6 @@ def test_token_gather_scatter_equals_masking_per_sample():
     ref = masked_forward(block, x, c, route)
     assert torch.allclose(out, ref, atol=1e-5)
     assert not kept.all() and kept.any() and len({int(k) for k in kept.sum(1)}) > 1
-
-
-@torch.no_grad()
-def test_macs_accounting_matches_flop_counter_on_sliced_execution():
-    model, routing = _dynamic()
-    _randomize_routers(routing, seed=5)
-    cost = cost_model(model)
-    routing.build_tables(model, [300.0])
-    x, t, y = _inputs(model, batch=3, t=300)
-    counted = count_macs(as_backbone(model), x, t, y)
-    assert counted == int(cost.macs(routing.realised()).sum())
-    assert counted < 3 * cost.full * 0.95  # really cheaper than the original
-    routing.set_mode("off")
-    assert count_macs(as_backbone(model), x, t, y) == 3 * cost.full
 
 
 @torch.no_grad()
@@ -235,33 +284,7 @@ def test_bad_tune(tmp_path):
         dydit(tiny_dit(), 0.5, _ctx(tmp_path), tune="half")
 
 
-def test_training_decisions_pass_gradients_to_every_router():
-    model, routing = _dynamic()
-    model.train()
-    x, t, y = _inputs(model, batch=4)
-    model(x, t, y).pow(2).mean().backward()
-    for r in routing.routers:
-        for lin in (r.head, r.group, r.token):
-            assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
-
-
 # --------------------------------------------------------------------------- PixArt
-def _pixart(seed: int = 0):
-    """tiny PixArt with 4 heads x 8 and 3 blocks (caption width 16, FF width 128 = 4 groups)."""
-    return tiny_pixart(seed, num_attention_heads=4, attention_head_dim=8, num_layers=3)
-
-
-def _captions(batch: int, seed: int = 2, masked: bool = True):
-    """Caption embeddings (L = 6, width 16), padded to different lengths per sample when ``masked``."""
-    from slimdiff.models.backbone import TextCondition
-
-    g = torch.Generator().manual_seed(seed)
-    e = torch.randn(batch, 6, 16, generator=g)
-    if not masked:
-        return e
-    return TextCondition(e, (torch.arange(6)[None] < torch.randint(1, 7, (batch, 1), generator=g)).long())
-
-
 def _caption_data(tmp_path, n: int = 8) -> str:
     import numpy as np
 
@@ -270,43 +293,6 @@ def _caption_data(tmp_path, n: int = 8) -> str:
              encoder_hidden_states=rng.standard_normal((n, 6, 16)).astype(np.float32),
              encoder_attention_mask=(np.arange(6)[None] < rng.integers(1, 7, (n, 1))).astype(np.int64))
     return str(tmp_path / "captions.npz")
-
-
-@torch.no_grad()
-def test_pixart_all_on_routers_equal_the_original_exactly():
-    from slimdiff.runtime.dynamic_pixart import DynamicPixArtBlock
-
-    model = _pixart()
-    bb = as_backbone(model)
-    x, t, _ = _inputs(model)
-    cond = _captions(3)
-    t1 = torch.full((3,), 421)
-    ref, ref1 = bb(x, t, cond), bb(x, t1, cond)
-    routing = install(model, default_config(model))
-    assert isinstance(model.transformer_blocks[0], DynamicPixArtBlock) and routing.config.heads == [4, 4, 4]
-    assert torch.equal(bb(x, t1, cond), ref1)  # sliced eval path, one timestep (sampling)
-    assert torch.allclose(bb(x, t, cond), ref, atol=1e-6)  # batch split by timestep
-    routing.set_mode("masked")
-    assert torch.equal(bb(x, t, cond), ref)  # masked training path
-
-
-@torch.no_grad()
-def test_pixart_sliced_inference_equals_masked_forward_for_the_same_decisions():
-    model = _pixart()
-    routing = install(model, default_config(model))
-    _randomize_routers(routing)
-    bb = as_backbone(model)
-    for t in (None, 600):  # mixed timesteps (split, caption mask split with them) and one shared timestep
-        x, tt, _ = _inputs(model, batch=4, t=t)
-        cond = _captions(4)
-        sliced = bb(x, tt, cond)
-        kept = routing.realised()
-        routing.set_mode("masked")
-        masked = bb(x, tt, cond)
-        routing.set_mode("dynamic")
-        assert torch.allclose(sliced, masked, atol=1e-5)
-        assert (kept["heads"] < 4).any() and (kept["groups"] < 4).any()  # width really cut
-        assert len(set(kept["tokens"][0].tolist())) > 1  # samples keep different token counts
 
 
 @torch.no_grad()
@@ -330,22 +316,6 @@ def test_pixart_token_gather_scatter_equals_masking_per_sample():
         assert torch.allclose(out, ref, atol=1e-5)
         assert torch.equal(kept.sum(1).float(), route.kept_tokens)
     assert not kept.all() and kept.any() and len({int(k) for k in kept.sum(1)}) > 1
-
-
-@torch.no_grad()
-def test_pixart_macs_accounting_matches_flop_counter_on_sliced_execution():
-    model = _pixart()
-    routing = install(model, default_config(model))
-    _randomize_routers(routing, seed=5)
-    cost = cost_model(model)
-    routing.build_tables(model, [300.0])
-    bb = as_backbone(model)
-    x, t, cond = _inputs(model, batch=3, t=300)  # the Backbone's example captions (8 tokens)
-    counted = count_macs(bb, x, t, cond)
-    assert counted == int(cost.macs(routing.realised()).sum())
-    assert counted < 3 * cost.full * 0.95  # really cheaper than the original
-    routing.set_mode("off")
-    assert count_macs(bb, x, t, cond) == 3 * cost.full == 3 * count_macs(as_backbone(_pixart()), x[:1], t[:1], cond[:1])
 
 
 def test_pixart_compress_meets_budget_save_load_and_sampling(tmp_path):
@@ -390,17 +360,6 @@ def test_pixart_lora_mode_and_text_data_errors(tmp_path):
     assert torch.equal(state["transformer_blocks.0.attn2.to_k.weight"], before["transformer_blocks.0.attn2.to_k.weight"])
     with pytest.raises(UsageError, match="no caption embeddings"):  # digits: no captions
         dydit(tiny_pixart(), 0.5, _ctx(tmp_path), train_steps=2)
-
-
-def test_pixart_training_decisions_pass_gradients_to_every_router():
-    model = _pixart()
-    routing = install(model, default_config(model))
-    model.train()
-    x, t, _ = _inputs(model, batch=4)
-    as_backbone(model)(x, t, _captions(4)).pow(2).mean().backward()
-    for r in routing.routers:
-        for lin in (r.head, r.group, r.token):
-            assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
 
 
 def test_pixart_layouts_the_runtime_cannot_route_are_refused():

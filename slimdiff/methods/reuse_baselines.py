@@ -17,7 +17,9 @@ Each yields the unchanged model plus a :class:`ReusePlan` meeting the budget, re
   inputs are the teacher's own trajectory states (data-free, like DiP-GO, so the two
   differ only in local vs. whole-trajectory optimisation), block granularity instead of
   separate attention/MLP branches, and any step may reuse (the paper's Algorithm 2; the
-  released code alternates full and cache steps).
+  released code alternates full and cache steps). It trains for as many optimisation steps
+  as DiP-GO (:data:`slimdiff.methods.dipgo.OPT_STEPS`), so the two learned planners get
+  equal optimisation.
 * ``fewer-steps`` -- simply fewer sampler steps at the same MACs: ``k = floor(budget * S)``
   model calls. It is stored as a plan whose ``step_compute`` keeps the ``k`` steps of the
   ``S``-step schedule nearest to the ``k``-step schedule's timesteps (the skipped steps
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from slimdiff.errors import UsageError
 from slimdiff.utils import progress
 from slimdiff.methods.base import Context, register_method, register_restorer
-from slimdiff.methods.dipgo import finish, prepare, restore_plan, teacher_batch, threshold_plan
+from slimdiff.methods.dipgo import OPT_STEPS, _conditions, finish, prepare, restore_plan, teacher_batch, threshold_plan
 from slimdiff.runtime.reuse import (
     BlockCosts,
     ReusePlan,
@@ -114,7 +116,6 @@ def _soft_call(model, bb, x, t, cond, cfg, keep, caches):
 def l2c_train(model: nn.Module, costs: BlockCosts, ctx: Context, opt_steps: int, batch: int = 8,
               lam: float = 1e-3, lr: float = 0.05) -> tuple[torch.Tensor, list[float]]:
     """Train per-(step, block) router scores; returns p_reuse = 1 - sigmoid(score) and losses."""
-    from slimdiff.methods.dipgo import _conditions
     from slimdiff.models.backbone import as_backbone
 
     bb = as_backbone(model)
@@ -148,7 +149,7 @@ def l2c_train(model: nn.Module, costs: BlockCosts, ctx: Context, opt_steps: int,
                  options=("opt_steps",))
 def l2c(model: nn.Module, budget: float, ctx: Context, opt_steps: int | None = None, batch: int = 8,
         lam: float = 1e-3) -> nn.Module:
-    opt_steps = 20 if opt_steps is None else opt_steps
+    opt_steps = OPT_STEPS if opt_steps is None else opt_steps  # DiP-GO's: equal optimisation for both learned plans
     if not isinstance(opt_steps, int) or opt_steps < 0:
         raise UsageError(f"--opt-steps must be a non-negative integer, got {opt_steps!r}")
     costs = prepare(model, budget, ctx)

@@ -1,0 +1,150 @@
+"""Does TinyFusion's search objective rank sub-networks the way the benchmark does?
+
+TinyFusion picks the keep-option whose LoRA-adapted diffusion loss is lowest ("most
+recoverable"). The benchmark ranks depth methods by FD after the shared recovery. This
+script cuts ``digits-dit`` to several candidate block sets of the same depth (TinyFusion's
+choice, its next most probable options, first-k = BI's choice on this teacher, the stride
+set and seeded random sets), gives each the bench's recovery (fine-tuning, same steps,
+optimiser and seed), and records for each:
+
+- the held-out diffusion loss (digits test split, fixed timesteps and noise) before and
+  after recovery: the quantity the search optimises, measured after real recovery;
+- FD, class accuracy and SSIM to the teacher with the protocol's samples.
+
+If the option with the lowest recovered loss is not the one with the lowest FD, the search
+can be right about recoverability and still lose the benchmark; if first-k has both the lower
+loss and the lower FD, the search failed to find the most recoverable option.
+
+Writes ``bench/tinyfusion/recoverability_<k>of<depth>.json``.
+
+Usage: ``OMP_NUM_THREADS=1 python scripts/tinyfusion_recoverability.py --keep 3:12 [--random 6]``
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="digits-dit")
+    ap.add_argument("--keep", default="3:12", help="one N:M shape over the whole depth, e.g. 3:12 or 6:12")
+    ap.add_argument("--search-steps", type=int, default=500)
+    ap.add_argument("--recover-steps", type=int, default=300, help="the bench's recovery (default 300)")
+    ap.add_argument("--top", type=int, default=4, help="TinyFusion's most probable options to score")
+    ap.add_argument("--random", type=int, default=6, help="seeded random block sets to score")
+    ap.add_argument("--samples", type=int, default=2000)
+    ap.add_argument("--loss-draws", type=int, default=8, help="noise/timestep draws per test image for the loss")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default=str(ROOT / "runs" / "tf_recoverability"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "tinyfusion"))
+    return ap.parse_args()
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, draws: int, seed: int) -> float:
+    """Mean epsilon-MSE over the digits test split, ``draws`` fixed (t, noise) pairs per image."""
+    from slimdiff.data.datasets import digits
+    from slimdiff.diffusion.losses import ForwardProcess, diffusion_loss
+    from slimdiff.diffusion.schedulers import diffusion_config_of
+    from slimdiff.models.backbone import as_backbone
+
+    x0, y = digits("test").tensors
+    fp = ForwardProcess(diffusion_config_of(model))
+    gen = torch.Generator().manual_seed(seed)
+    bb = as_backbone(model)
+    losses = []
+    for _ in range(draws):
+        batch = fp.draw(x0, gen)
+        losses.append(float(diffusion_loss(bb(batch.x_t, batch.t, y), batch)))
+    return sum(losses) / len(losses)
+
+
+def main() -> None:
+    args = _args()
+    import slimdiff
+    from slimdiff.eval.evaluate import generate, score
+    from slimdiff.methods.base import Context, recover
+    from slimdiff.methods.depth_baselines import select_blocks
+    from slimdiff.methods.tinyfusion import (
+        SearchConfig,
+        extract_blocks,
+        group_options,
+        parse_keep,
+        search,
+    )
+    from slimdiff.models.backbone import as_backbone
+
+    teacher = slimdiff.load(args.model).eval()
+    depth = len(as_backbone(teacher).blocks)
+    groups = parse_keep(args.keep, depth)
+    if len(groups) != 1:
+        raise SystemExit(f"--keep must be one group over all {depth} blocks (e.g. {depth // 2}:{depth})")
+    k = groups[0].n
+    ctx = Context(recover_steps=args.recover_steps, kd="none", seed=args.seed, work_dir=Path(args.work), progress=False,
+                  teacher=teacher)
+
+    start = time.process_time()
+    found = search(teacher, groups, ctx, SearchConfig(steps=args.search_steps))
+    options = [[int(i) for i in torch.nonzero(r).flatten()] for r in group_options(k, depth)]
+    probs = found.probabilities[0]
+    ranked = sorted(range(len(options)), key=lambda j: -probs[j])
+    candidates: dict[str, list[int]] = {}
+    for r, j in enumerate(ranked[: args.top]):
+        candidates[f"tinyfusion #{r + 1} (p={probs[j]:.3f})"] = options[j]
+    candidates.setdefault("first-k", list(range(k)))
+    candidates.setdefault("stride", select_blocks("stride", depth, k))
+    rng = random.Random(args.seed)
+    for i in range(args.random):
+        candidates[f"random {i}"] = sorted(rng.sample(range(depth), k))
+    print(f"search: {time.process_time() - start:.0f} CPU s, picked {found.kept}", flush=True)
+
+    ref, _ = generate(teacher, args.samples)
+    rows = []
+    for name, kept in candidates.items():
+        t0 = time.process_time()
+        model = copy.deepcopy(teacher)
+        extract_blocks(model, kept)
+        before = heldout_loss(model, args.loss_draws, args.seed)
+        model.requires_grad_(True)
+        model = recover(model, ctx, f"rec-{'-'.join(map(str, kept))}").eval()
+        after = heldout_loss(model, args.loss_draws, args.seed)
+        x, y = generate(model, args.samples)
+        s = score(model, x, y, teacher, reference_samples=ref)
+        row = {"name": name, "kept": kept, "loss_before": before, "loss_after": after, "fd": s["fd"],
+               "class_acc": s["class_acc"], "ssim": s["ssim"], "cpu_s": time.process_time() - t0}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    by_loss = min(rows, key=lambda r: r["loss_after"])
+    by_fd = min(rows, key=lambda r: r["fd"])
+    out = {
+        "model": args.model, "keep": args.keep, "search_steps": args.search_steps,
+        "recover_steps": args.recover_steps, "samples": args.samples, "loss_draws": args.loss_draws,
+        "search_kept": found.kept, "rows": rows,
+        "lowest_recovered_loss": by_loss["name"], "lowest_fd": by_fd["name"],
+        "spearman_loss_fd": _spearman([r["loss_after"] for r in rows], [r["fd"] for r in rows]),
+    }
+    dest = Path(args.out) / f"recoverability_{k}of{depth}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2))
+    print(f"wrote {dest}: lowest recovered loss {by_loss['name']}, lowest FD {by_fd['name']}, "
+          f"Spearman {out['spearman_loss_fd']:.2f}")
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+if __name__ == "__main__":
+    main()
