@@ -15,7 +15,7 @@ If the option with the lowest recovered loss is not the one with the lowest FD, 
 can be right about recoverability and still lose the benchmark; if first-k has both the lower
 loss and the lower FD, the search failed to find the most recoverable option.
 
-Writes ``bench/tinyfusion/recoverability_<k>of<depth>.json``.
+Writes ``bench/tinyfusion/recoverability_<k>of<depth>_r<recover steps>.json``.
 
 Usage: ``OMP_NUM_THREADS=1 python scripts/tinyfusion_recoverability.py --keep 3:12 [--random 6]``
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--top", type=int, default=4, help="TinyFusion's most probable options to score")
     ap.add_argument("--random", type=int, default=6, help="seeded random block sets to score")
     ap.add_argument("--samples", type=int, default=2000)
-    ap.add_argument("--loss-draws", type=int, default=8, help="noise/timestep draws per test image for the loss")
+    ap.add_argument("--loss-draws", type=int, default=32, help="noise/timestep draws per test image for the loss")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=str(ROOT / "runs" / "tf_recoverability"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "tinyfusion"))
@@ -50,8 +51,9 @@ def _args() -> argparse.Namespace:
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, draws: int, seed: int) -> float:
-    """Mean epsilon-MSE over the digits test split, ``draws`` fixed (t, noise) pairs per image."""
+def heldout_loss(model: torch.nn.Module, draws: int, seed: int) -> tuple[float, float]:
+    """Mean epsilon-MSE over the digits test split with ``draws`` fixed (t, noise) pairs per
+    image, and its standard error over the draws."""
     from slimdiff.data.datasets import digits
     from slimdiff.diffusion.losses import ForwardProcess, diffusion_loss
     from slimdiff.diffusion.schedulers import diffusion_config_of
@@ -65,7 +67,8 @@ def heldout_loss(model: torch.nn.Module, draws: int, seed: int) -> float:
     for _ in range(draws):
         batch = fp.draw(x0, gen)
         losses.append(float(diffusion_loss(bb(batch.x_t, batch.t, y), batch)))
-    return sum(losses) / len(losses)
+    t = torch.tensor(losses)
+    return float(t.mean()), float(t.std() / len(losses) ** 0.5) if len(losses) > 1 else 0.0
 
 
 def main() -> None:
@@ -107,37 +110,49 @@ def main() -> None:
         candidates[f"random {i}"] = sorted(rng.sample(range(depth), k))
     print(f"search: {time.process_time() - start:.0f} CPU s, picked {found.kept}", flush=True)
 
+    dest = Path(args.out) / f"recoverability_{k}of{depth}_r{args.recover_steps}.json"
+    head = {"model": args.model, "keep": args.keep, "search_steps": args.search_steps,
+            "recover_steps": args.recover_steps, "samples": args.samples, "loss_draws": args.loss_draws,
+            "seed": args.seed, "search_kept": found.kept}
+    previous = json.loads(dest.read_text()) if dest.is_file() else {}
+    done = {(r["name"], tuple(r["kept"])): r for r in previous.get("rows", [])
+            if all(previous.get(key) == v for key, v in head.items())}  # resume: rows of the same settings
     ref, _ = generate(teacher, args.samples)
     rows = []
     for name, kept in candidates.items():
+        if (name, tuple(kept)) in done:
+            rows.append(done[(name, tuple(kept))])
+            continue
         t0 = time.process_time()
         model = copy.deepcopy(teacher)
         extract_blocks(model, kept)
-        before = heldout_loss(model, args.loss_draws, args.seed)
+        before, _ = heldout_loss(model, args.loss_draws, args.seed)
         model.requires_grad_(True)
-        model = recover(model, ctx, f"rec-{'-'.join(map(str, kept))}").eval()
-        after = heldout_loss(model, args.loss_draws, args.seed)
+        model = recover(model, ctx, f"rec-{'-'.join(map(str, kept))}-n{args.recover_steps}").eval()
+        after, after_se = heldout_loss(model, args.loss_draws, args.seed)
         x, y = generate(model, args.samples)
         s = score(model, x, y, teacher, reference_samples=ref)
-        row = {"name": name, "kept": kept, "loss_before": before, "loss_after": after, "fd": s["fd"],
+        row = {"name": name, "kept": kept, "loss_before": before, "loss_after": after, "loss_after_se": after_se, "fd": s["fd"],
                "class_acc": s["class_acc"], "ssim": s["ssim"], "cpu_s": time.process_time() - t0}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        _write(dest, {**head, "complete": False, "rows": rows})  # after every row: an interrupted run resumes
 
     by_loss = min(rows, key=lambda r: r["loss_after"])
     by_fd = min(rows, key=lambda r: r["fd"])
-    out = {
-        "model": args.model, "keep": args.keep, "search_steps": args.search_steps,
-        "recover_steps": args.recover_steps, "samples": args.samples, "loss_draws": args.loss_draws,
-        "search_kept": found.kept, "rows": rows,
-        "lowest_recovered_loss": by_loss["name"], "lowest_fd": by_fd["name"],
-        "spearman_loss_fd": _spearman([r["loss_after"] for r in rows], [r["fd"] for r in rows]),
-    }
-    dest = Path(args.out) / f"recoverability_{k}of{depth}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=2))
+    out = {**head, "complete": True, "rows": rows, "lowest_recovered_loss": by_loss["name"], "lowest_fd": by_fd["name"],
+           "spearman_loss_fd": _spearman([r["loss_after"] for r in rows], [r["fd"] for r in rows])}
+    _write(dest, out)
     print(f"wrote {dest}: lowest recovered loss {by_loss['name']}, lowest FD {by_fd['name']}, "
           f"Spearman {out['spearman_loss_fd']:.2f}")
+
+
+def _write(dest: Path, obj: dict) -> None:
+    """Write ``obj`` as JSON through a temporary file and a rename (never a half-written file)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, dest)
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
