@@ -11,9 +11,8 @@ repeated from the first block on and must cover the depth exactly. ``"1:2"`` on 
 is six 1:2 groups; ``"2:4,1:2"`` on 12 blocks is ``2:4, 1:2, 2:4, 1:2`` (the pattern covers
 6 blocks, twice); a pattern listing every group (``"2:4,1:2,1:2,2:4"``) is used as is.
 ``N = M`` keeps a group whole. Without ``keep`` the budget picks the depth
-(:func:`depth_for_budget`) and the shape (:func:`shape_for_depth`: the widest group whose
-option count the search's steps x batch can sample often enough, :func:`option_limit`); the
-shape chosen is recorded in the settings.
+(:func:`depth_for_budget`) and the shape (:func:`shape_for_depth`); the shape chosen is
+recorded in the settings.
 
 **Search** (paper Sec. 3; reference ``models_with_layer_pruning.py`` / ``prune_by_learning.py``):
 for every training example and every group, a hard straight-through Gumbel-softmax picks
@@ -69,7 +68,7 @@ from slimdiff.models.backbone import Backbone, as_backbone
 
 __all__ = [
     "Group", "parse_keep", "group_options", "check_depth_prunable", "extract_blocks", "masked_blocks",
-    "depth_for_budget", "shape_for_depth", "option_limit", "kept_layer_map", "finish_depth", "training_dataset", "resolve_depth",
+    "depth_for_budget", "shape_for_depth", "kept_layer_map", "finish_depth", "training_dataset", "resolve_depth",
     "format_groups", "SearchConfig", "DepthGates",
     "SearchResult", "search", "tinyfusion",
 ]
@@ -77,17 +76,6 @@ __all__ = [
 MAX_OPTIONS = 1024
 """Largest option count per group that :func:`shape_for_depth` picks (the reference's widest
 preset, 7:14, has 3432; 6 of 12 blocks in one group has 924)."""
-
-DRAWS_PER_OPTION = 32
-"""A shape picked from a budget gets at least this many Gumbel draws per option over the
-search (``steps * batch / options``, :func:`option_limit`). The default search (500 steps x
-64) allows 1000 options; a 50-step search of ``digits-dit`` at ``6:12`` (924 options, 3.5
-draws each) learned a set scoring FD 214 in the demo, so short searches get narrower groups."""
-
-
-def option_limit(steps: int, batch: int) -> int:
-    """Most options per group a search of ``steps`` x ``batch`` draws can learn (>= 2, <= :data:`MAX_OPTIONS`)."""
-    return max(2, min(MAX_OPTIONS, steps * batch // DRAWS_PER_OPTION))
 
 
 # --------------------------------------------------------------------------- group shapes
@@ -296,11 +284,10 @@ def depth_for_budget(model: nn.Module, budget: float, ctx: Context) -> tuple[int
     return k, {"macs_full": full, "macs_per_block": per_block, "macs_other": base}
 
 
-def shape_for_depth(depth: int, k: int, max_options: int = MAX_OPTIONS) -> str:
+def shape_for_depth(depth: int, k: int) -> str:
     """A ``keep`` pattern that keeps ``k`` of ``depth`` blocks: the uniform shape with the
-    fewest groups, i.e. the widest search space, whose group has at most ``max_options``
-    options (6 of 12 -> ``6:12``, 14 of 28 -> ``2:4``; with 100 options 6 of 12 -> ``3:6``,
-    see :func:`option_limit`); otherwise groups of the smallest size
+    fewest groups, i.e. the widest search space, whose group has at most :data:`MAX_OPTIONS`
+    options (6 of 12 -> ``6:12``, 14 of 28 -> ``2:4``); otherwise groups of the smallest size
     ``M`` dividing the depth with at least one kept block each, the ``k`` kept blocks spread
     as evenly as possible (13 of 28 -> ``2:4`` x 6 with one ``1:4``).
 
@@ -318,7 +305,7 @@ def shape_for_depth(depth: int, k: int, max_options: int = MAX_OPTIONS) -> str:
     g = math.gcd(depth, k)
     for groups in (d for d in range(1, g + 1) if g % d == 0):
         n, m = k // groups, depth // groups
-        if math.comb(m, n) <= max_options:
+        if math.comb(m, n) <= MAX_OPTIONS:
             return f"{n}:{m}"
     for m in range(2, depth + 1):
         groups = depth // m
@@ -326,10 +313,9 @@ def shape_for_depth(depth: int, k: int, max_options: int = MAX_OPTIONS) -> str:
             continue
         base, extra = divmod(k, groups)
         ns = [base + ((j + 1) * extra // groups - j * extra // groups) for j in range(groups)]
-        if max(ns) <= m and all(math.comb(m, x) <= max_options for x in ns):
+        if max(ns) <= m and all(math.comb(m, x) <= MAX_OPTIONS for x in ns):
             return ",".join(f"{x}:{m}" for x in ns)
-    raise UsageError(f"no N:M pattern with <= {max_options} options per group keeps {k} of {depth} blocks; pass keep "
-                     "or more search steps")
+    raise UsageError(f"no N:M pattern with <= {MAX_OPTIONS} options per group keeps {k} of {depth} blocks; pass keep")
 
 
 def training_dataset(model: nn.Module, ctx: Context):
@@ -371,16 +357,14 @@ def finish_depth(model: nn.Module, kept: Sequence[int], ctx: Context, name: str,
     return record(model, name, settings, measured, extras)
 
 
-def resolve_depth(model: nn.Module, budget: float, ctx: Context, keep: str | None,
-                  max_options: int = MAX_OPTIONS) -> tuple[list[Group], dict]:
+def resolve_depth(model: nn.Module, budget: float, ctx: Context, keep: str | None) -> tuple[list[Group], dict]:
     """Groups from ``keep``, or from the budget (then the chosen shape is reported)."""
     depth = len(check_depth_prunable(model).blocks)
     if keep is not None:
         return parse_keep(str(keep), depth), {"keep": str(keep), "keep_from": "keep"}
     k, facts = depth_for_budget(model, budget, ctx)
-    shape = shape_for_depth(depth, k, max_options)
-    return parse_keep(shape, depth), {"keep": shape, "keep_from": f"budget {budget:g}", "max_options": max_options,
-                                      **facts}
+    shape = shape_for_depth(depth, k)
+    return parse_keep(shape, depth), {"keep": shape, "keep_from": f"budget {budget:g}", **facts}
 
 
 # --------------------------------------------------------------------------- search
@@ -572,8 +556,8 @@ def tinyfusion(model: nn.Module, budget: float, ctx: Context, keep: str | None =
                search_steps: int | None = None) -> nn.Module:
     """Depth-prune ``model`` with TinyFusion; ``keep`` (an N:M pattern) overrides the budget."""
     check_depth_prunable(model, "tinyfusion")
+    groups, chosen = resolve_depth(model, budget, ctx, keep)
     config = SearchConfig(steps=int(search_steps) if search_steps is not None else SearchConfig.steps)
-    groups, chosen = resolve_depth(model, budget, ctx, keep, option_limit(config.steps, ctx.batch_size))
     settings = {**chosen, "search_steps": config.steps, "groups": [g.shape for g in groups]}
     if all(g.n == g.m for g in groups):  # one option per group: nothing to search
         kept = list(range(len(as_backbone(model).blocks)))
