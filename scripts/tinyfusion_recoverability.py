@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -74,6 +73,7 @@ def heldout_loss(model: torch.nn.Module, draws: int, seed: int) -> tuple[float, 
 def main() -> None:
     args = _args()
     import slimdiff
+    from slimdiff.bench import write_json
     from slimdiff.eval.evaluate import generate, score
     from slimdiff.methods.base import Context, recover
     from slimdiff.methods.depth_baselines import select_blocks
@@ -103,11 +103,12 @@ def main() -> None:
     candidates: dict[str, list[int]] = {}
     for r, j in enumerate(ranked[: args.top]):
         candidates[f"tinyfusion #{r + 1} (p={probs[j]:.3f})"] = options[j]
-    candidates.setdefault("first-k", list(range(k)))
-    candidates.setdefault("stride", select_blocks("stride", depth, k))
     rng = random.Random(args.seed)
-    for i in range(args.random):
-        candidates[f"random {i}"] = sorted(rng.sample(range(depth), k))
+    others = {"first-k": list(range(k)), "stride": select_blocks("stride", depth, k),
+              **{f"random {i}": sorted(rng.sample(range(depth), k)) for i in range(args.random)}}
+    for name, kept in others.items():  # a block set already listed (e.g. TinyFusion's = first-k) is scored once
+        if kept not in candidates.values():
+            candidates[name] = kept
     print(f"search: {time.process_time() - start:.0f} CPU s, picked {found.kept}", flush=True)
 
     dest = Path(args.out) / f"recoverability_{k}of{depth}_r{args.recover_steps}.json"
@@ -136,23 +137,15 @@ def main() -> None:
                "class_acc": s["class_acc"], "ssim": s["ssim"], "cpu_s": time.process_time() - t0}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        _write(dest, {**head, "complete": False, "rows": rows})  # after every row: an interrupted run resumes
+        write_json(dest, {**head, "complete": False, "rows": rows})  # after every row: an interrupted run resumes
 
     by_loss = min(rows, key=lambda r: r["loss_after"])
     by_fd = min(rows, key=lambda r: r["fd"])
     out = {**head, "complete": True, "rows": rows, "lowest_recovered_loss": by_loss["name"], "lowest_fd": by_fd["name"],
            "spearman_loss_fd": _spearman([r["loss_after"] for r in rows], [r["fd"] for r in rows])}
-    _write(dest, out)
+    write_json(dest, out)
     print(f"wrote {dest}: lowest recovered loss {by_loss['name']}, lowest FD {by_fd['name']}, "
           f"Spearman {out['spearman_loss_fd']:.2f}")
-
-
-def _write(dest: Path, obj: dict) -> None:
-    """Write ``obj`` as JSON through a temporary file and a rename (never a half-written file)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, dest)
 
 
 def _spearman(a: list[float], b: list[float]) -> float:

@@ -120,7 +120,8 @@ def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, atomically (:func:`_atomic`): never a half-written file."""
     _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
 
 
@@ -174,7 +175,7 @@ class Bench:
                                  f"rerun with the same settings to resume, or pass another -o")
         else:
             try:
-                _write_json(path, mine)
+                write_json(path, mine)
             except OSError as e:
                 raise UsageError(f"cannot write the bench directory {self.out} ({e.strerror}); pass a writable -o") from None
 
@@ -196,7 +197,7 @@ class Bench:
         result = score(model, x, y, None, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed)
         result["eval_wall_s"] = time.perf_counter() - start
         _save_tensors(path, {"x": x, **({"y": y} if y is not None else {})})
-        _write_json(scores, result)
+        write_json(scores, result)
         return model, result, x
 
     # -- one entry -------------------------------------------------------------------
@@ -290,7 +291,7 @@ class Bench:
                 continue
             self.console.print(f"[bold][{i}/{len(self.entries)}] {key}[/bold]")
             record = self.run_entry(key, method, budget, teacher, ref)
-            _write_json(path, record)
+            write_json(path, record)
             shutil.rmtree(self.out / "work" / _filename(key), ignore_errors=True)
             done[key] = record
             self.console.print(f"    {key}: " + (f"skipped ({record['skipped']})" if record.get("skipped") else
@@ -319,7 +320,7 @@ class Bench:
             if f.exists():
                 rows[key] = _load_tensors(f)["x"]
         sample_rows(rows, self.out / "samples.png")
-        _write_json(self.out / "results.json", results)
+        write_json(self.out / "results.json", results)
         _atomic(self.out / "report.md", lambda tmp: tmp.write_text(markdown(results)))
         return results
 
