@@ -34,6 +34,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import slimdiff
+    from slimdiff.bench import write_json
     from slimdiff.eval.evaluate import evaluate
     from slimdiff.eval.speed import environment
 
@@ -53,7 +54,7 @@ def main() -> None:
                                "fd_min": min(fds), "fd_max": max(fds)}
     out = {"model": args.model, "sampler": "ddim", "samples": args.samples, "cfg": 1.0, "rows": rows,
            "summary": summary, "environment": environment()}
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    write_json(Path(args.out), out)
     print(json.dumps(summary, indent=2))
 
 
