@@ -4,7 +4,9 @@ DyDiT student that ``slimdiff bench-speed`` builds (random-init DiT, routers set
 Prints wall time, the GPU's busy time (sum of kernel times) and the host's op time per model,
 then the top ops by device (or CPU) self time. A student whose kernel time is about half the
 teacher's but whose wall time is not is held back by the host (launches, syncs), not by its
-kernels. Writes ``OUT/profile_dydit.json``::
+kernels. The student is profiled twice: with its kept tokens found by ``nonzero`` (a host
+sync per block) and by the sync-free capacity path (``set_token_capacity``). Writes
+``OUT/profile_dydit.json``::
 
     python scripts/profile_dydit.py --model DiT-XL/2 --batch 32 --device cuda --dtype bfloat16
 """
@@ -70,13 +72,18 @@ def main() -> int:
     student, _ = sp.make_student(teacher, "dydit", s)
     dtype = sp.DTYPES[s.dtype]
     res = {"settings": vars(a) | {"out": str(a.out)}, "environment": sp.environment(s.device)}
-    for name, model in (("teacher", teacher.to(dtype=dtype)), ("dydit", student.to(dtype=dtype))):
+    student = student.to(dtype=dtype)
+    for name, model, capacity in (("teacher", teacher.to(dtype=dtype), None), ("dydit-nonzero", student, "off"),
+                                  ("dydit-capacity", student, "on")):
+        if capacity is not None:
+            model.dydit.set_token_capacity(capacity)
         res[name] = profile(sp.make_call(model, "sampling", s), s.device, a.top)
         r = res[name]
         print(f"{name}: wall {r['wall_s_profiled']:.4f} s, device busy {r['device_busy_s']}, host ops "
               f"{r['host_op_s']:.4f} s, {r['ops']} ops", flush=True)
         for row in r["top"]:
             print(f"   {row['self_s'] * 1e3:9.3f} ms  host {row['host_self_s'] * 1e3:8.3f} ms  x{row['count']:<5d} {row['op']}")
+    res["dydit-capacity"]["recomputed_calls"] = student.dydit.recomputed
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "profile_dydit.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     return 0

@@ -19,6 +19,7 @@ from slimdiff.models.dit import DiT
 from slimdiff.runtime.dynamic import (
     DyDiTRouting,
     RoutingConfig,
+    TokenSelect,
     default_config,
     install,
     masked_forward,
@@ -159,10 +160,84 @@ def test_token_gather_scatter_equals_masking_per_sample():
     route.heads = torch.ones(3, 4)
     route.groups = torch.ones(3, 4)
     plan = routing._plan(1, ((0, 1, 2, 3), (0, 1, 2, 3)))
-    out, kept = sliced_forward(block, x, c, plan, r.token)
+    out, kept = sliced_forward(block, x, c, plan, TokenSelect(r.token))
     ref = masked_forward(block, x, c, route)
     assert torch.allclose(out, ref, atol=1e-5)
     assert not kept.all() and kept.any() and len({int(k) for k in kept.sum(1)}) > 1
+    frac = float(kept.float().mean())
+    for f, overflows in ((frac, False), (1.0, False), (frac / 2, True)):  # capacity path: fits, all rows, too few
+        flag = torch.zeros((), dtype=torch.bool)
+        out_c, kept_c = sliced_forward(block, x, c, plan, TokenSelect(r.token, f, flag))
+        assert torch.equal(kept_c, kept) and bool(flag) is overflows
+        if not overflows:
+            assert torch.allclose(out_c, ref, atol=1e-5)
+
+
+class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make a GPU report to the host: ``nonzero`` (data-dependent size) and
+    reading a bool flag back (``_local_scalar_dense`` of a bool tensor; the scheduler also reads
+    some of its host-side timestep comparisons this way, the same number on every path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nonzero = self.flag_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.nonzero += func is torch.ops.aten.nonzero.default
+        self.flag_reads += func is torch.ops.aten._local_scalar_dense.default and args[0].dtype == torch.bool
+        return func(*args, **(kwargs or {}))
+
+
+def _run_sampling(model, arch, **kw):
+    """Sample with CFG (DiT: 3 labels; PixArt: 3 captions); returns samples, sync counts, model calls."""
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with _SyncCounter() as counter:
+            out = sample(model, steps=3, seed=1, cfg=2.0, **({"num_samples": 3} if arch == "dit" else
+                                                             {"cond": _captions(3, masked=False)}), **kw)
+    finally:
+        handle.remove()
+    return out, counter, len(calls)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_token_capacity_is_exact_and_syncs_once_per_model_call(arch):
+    model = _arch(arch)
+    routing = install(model, default_config(model))
+    _randomize_routers(routing, seed=3)
+    routing.set_token_capacity("off")
+    _run_sampling(model, arch)  # decides (and memoises) the widths of these timesteps
+    ref, exact, calls = _run_sampling(model, arch)
+    assert exact.nonzero == len(routing.routers) * calls  # the exact path: one sync per block
+    routing.set_token_capacity("on")
+    first, _, _ = _run_sampling(model, arch)  # learns the kept fraction per (timestep, block)
+    assert torch.equal(first, ref)
+    assert len(routing._token_frac) == 3 * len(routing.routers)
+    out, capped, calls_c = _run_sampling(model, arch)
+    assert calls_c == calls and routing.recomputed == 0
+    # no nonzero, and one overflow check per model call over what the sampler reads anyway
+    assert capped.nonzero == 0 and capped.flag_reads == exact.flag_reads + calls
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_token_capacity_overflow_recomputes_the_call_exactly(arch):
+    model = _arch(arch)
+    routing = install(model, default_config(model))
+    _randomize_routers(routing, seed=3)
+    routing.set_token_capacity("on")
+    ref, _, calls = _run_sampling(model, arch)
+    learned = dict(routing._token_frac)
+    routing._token_frac = {k: 0.0 for k in learned}  # a capacity of 8 rows: every call overflows
+    out, _, _ = _run_sampling(model, arch)
+    assert routing.recomputed == calls
+    assert torch.equal(out, ref)  # every call was recomputed on the exact path
+    assert routing._token_frac == learned  # ... which learned the fractions again
+    with pytest.raises(UsageError, match="token capacity mode"):
+        routing.set_token_capacity("always")
 
 
 @torch.no_grad()
@@ -311,7 +386,7 @@ def test_pixart_token_gather_scatter_equals_masking_per_sample():
     for heads, groups in (((0, 1, 2, 3), (0, 1, 2, 3)), ((0, 2), (1, 3))):
         route.heads = torch.zeros(3, 4).index_fill_(1, torch.tensor(heads), 1.0)
         route.groups = torch.zeros(3, 4).index_fill_(1, torch.tensor(groups), 1.0)
-        out, kept = px_sliced(block, routing._plan(1, (heads, groups)), r.token, x, ehs, bias, temb)
+        out, kept = px_sliced(block, routing._plan(1, (heads, groups)), TokenSelect(r.token), x, ehs, bias, temb)
         ref = px_masked(block, route, x, ehs, bias, temb)
         assert torch.allclose(out, ref, atol=1e-5)
         assert torch.equal(kept.sum(1).float(), route.kept_tokens)

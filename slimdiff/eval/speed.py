@@ -264,6 +264,15 @@ def _paired_speedup(teacher: list[float], student: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(teacher, student))
 
 
+def _runtime_note(student: nn.Module, device: torch.device) -> dict | None:
+    """How a DyDiT student found its kept tokens in the timed calls (capacity path or nonzero)."""
+    routing = getattr(student, "dydit", None)
+    if routing is None:
+        return None
+    return {"token_capacity": routing.token_capacity, "capacity_path": routing._capacity_on(device),
+            "recomputed_calls": routing.recomputed}
+
+
 def bench_model(name: str, s: SpeedSettings, log: Callable[[str], None] = print) -> list[dict]:
     """Every applicable method on model ``name``: one entry per method."""
     from slimdiff.eval.compute import count_macs, latency_ratio, params
@@ -306,6 +315,7 @@ def bench_model(name: str, s: SpeedSettings, log: Callable[[str], None] = print)
                 "teacher_times_s": lat["teacher"]["times_s"], "student_times_s": lat[m]["times_s"],
                 "params_teacher": params(teacher), "params_student": params(student), "build_s": build_s,
                 "method_measured": chain[-1].get("measured") if chain else None,
+                "runtime": _runtime_note(student, device),
             })
             log(f"  {m:13s} theoretical x{theoretical:.3f}  measured x{measured:.3f}  realisation {realisation:.3f}  "
                 f"target {TARGETS[m]:.2f} {'met' if realisation >= TARGETS[m] else 'NOT MET'}")

@@ -36,7 +36,12 @@ Modes (``model.dydit.mode``):
   the weights change), so a sampling step reuses them for every call; the MLP runs on the
   gathered kept tokens only (``index_select`` -> MLP -> ``index_add``), per sample, so a batch
   whose samples keep different tokens is exact. A batch with several distinct timesteps is
-  split by timestep (attention is per sample, so this is exact).
+  split by timestep (attention is per sample, so this is exact). How the kept rows are found
+  is :class:`TokenSelect`'s job: by ``nonzero`` (exact size, one host sync per block), or
+  sync-free by a per-(timestep, block) **capacity** learned from earlier calls, with one
+  overflow check per model call that recomputes the call on the exact path when the kept
+  tokens did not fit (:meth:`DyDiTRouting.set_token_capacity`; on by default on CUDA, where
+  a host sync per block leaves the GPU waiting for the host's kernel launches).
 * ``"masked"`` -- deterministic decisions, masked full-width execution (recovery training
   and the sliced == masked tests).
 * ``"off"`` -- the complete model (every route on, routers not evaluated): the full-model
@@ -151,12 +156,57 @@ class SlicePlan:
     mlp: tuple[torch.Tensor, ...]  # fc1 weight, fc1 bias, fc2 weight, fc2 bias
 
 
+CAPACITY_SLACK = 0.1  # capacity rows = largest kept fraction seen x (1 + slack), rounded up to 8
+CAPACITY_MODES = ("auto", "on", "off")
+
+
+@dataclass
+class TokenSelect:
+    """Which tokens of one block call run the MLP (router score > 0), and how they are found.
+
+    Exact path (``frac`` None): the kept rows by ``nonzero``, whose size depends on the data,
+    so a GPU must report it to the host: a sync per block. Capacity path: a fixed number of
+    rows, those with the highest router scores, sized from ``frac``, the largest kept fraction
+    seen at this timestep and block. A gathered row that is not kept gets a 0 factor, so the
+    block is exact whenever the kept rows fit; when they do not, ``overflow`` (a device flag,
+    no sync) is set and the routing recomputes the model call on the exact path.
+    """
+
+    router: nn.Linear
+    frac: float | None = None
+    overflow: torch.Tensor | None = None  # 0-d bool, shared by the blocks of one model call
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(keep, rows, factor)``: the ``(B, N)`` decision, the flat rows to gather (None: all)
+        and the 0/1 factor of the gathered rows' MLP output (None: every gathered row is kept)."""
+        scores = self.router(x).squeeze(-1)
+        keep = scores > 0
+        B, N = keep.shape
+        if self.frac is None:
+            rows = keep.reshape(-1).nonzero().squeeze(1)
+            return keep, (None if rows.numel() == B * N else rows), None
+        capacity = min(B * N, 8 * max(1, math.ceil(self.frac * (1 + CAPACITY_SLACK) * B * N / 8)))
+        self.overflow.logical_or_(keep.sum() > capacity)
+        if capacity == B * N:
+            return keep, None, keep.unsqueeze(-1)
+        top = scores.reshape(-1).topk(capacity, sorted=False)
+        return keep, top.indices, (top.values > 0).unsqueeze(-1)
+
+
+def select_tokens(token: TokenSelect | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       torch.Tensor | None]:
+    """:meth:`TokenSelect.__call__`, or every token when the block has no token router."""
+    if token is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), None, None
+    return token(x)
+
+
 @dataclass
 class SliceRoute:
     """Eval-path route of one block: sample groups (by timestep) and their plans."""
 
     parts: list[tuple[torch.Tensor | None, SlicePlan]]  # (sample indices or None = all, plan)
-    token: nn.Linear | None
+    token: TokenSelect | None
     kept_tokens: torch.Tensor | None = None  # (B,) realised kept-token counts
     keep_maps: torch.Tensor | None = None  # (B, N) bool, when recording
 
@@ -216,7 +266,7 @@ def masked_forward(block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor, r
 
 
 def sliced_forward(block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor, plan: SlicePlan,
-                   token: nn.Linear | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   token: TokenSelect | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The DiT block on the kept heads/groups only, the MLP on the kept tokens only.
 
     Returns the output and the ``(B, N)`` bool map of tokens that ran the MLP.
@@ -228,19 +278,16 @@ def sliced_forward(block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor, p
     x = gated_residual(x, gate_msa, F.linear(out.transpose(1, 2).reshape(B, N, -1), proj_w, proj_b))
     fc1_w, fc1_b, fc2_w, fc2_b = plan.mlp
     act = block.mlp.act
-    if token is None:
-        keep, rows = torch.ones(B, N, dtype=torch.bool, device=x.device), None
-    else:  # nonzero: the one host sync per block that a data-dependent token count needs
-        keep = token(x).squeeze(-1) > 0
-        rows = keep.reshape(-1).nonzero().squeeze(1)
-    if rows is None or rows.numel() == B * N:
+    keep, rows, factor = select_tokens(token, x)
+    if rows is None:
         m = F.linear(act(F.linear(modulate(block.norm2(x), shift_mlp, scale_mlp), fc1_w, fc1_b)), fc2_w, fc2_b)
-        return gated_residual(x, gate_mlp, m), keep
+        return gated_residual(x, gate_mlp, m if factor is None else m * factor.to(m.dtype)), keep
     flat = x.reshape(B * N, D)
     sample = torch.div(rows, N, rounding_mode="floor")
     h = torch.addcmul(shift_mlp.index_select(0, sample), block.norm2(flat.index_select(0, rows)),
                       (1 + scale_mlp).index_select(0, sample))
     m = F.linear(act(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+    m = m if factor is None else m * factor.to(m.dtype)
     # x is this block's own fresh tensor: scatter in place (no copy) unless autograd may need it
     scatter = flat.index_add if torch.is_grad_enabled() else flat.index_add_
     return scatter(0, rows, gate_mlp.index_select(0, sample) * m).reshape(B, N, D), keep
@@ -261,7 +308,7 @@ class DynamicDiTBlock(DiTBlock):
     def dydit_masked(self, route: MaskRoute, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return masked_forward(self, x, c, route)
 
-    def dydit_sliced(self, plan: SlicePlan, token: nn.Linear | None, x: torch.Tensor,
+    def dydit_sliced(self, plan: SlicePlan, token: TokenSelect | None, x: torch.Tensor,
                      c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return sliced_forward(self, x, c, plan, token)
 
@@ -284,7 +331,7 @@ class DyDiTRouting(nn.Module):
     """
 
     slimdiff_runtime = True
-    _transient = ("_routes", "_cache", "_memo", "_recording", "_temb_capture")
+    _transient = ("_routes", "_cache", "_memo", "_temb_capture", "_token_frac", "_pending", "_exact")
 
     def __init__(self, blocks: Iterable[nn.Module], dim: int, config: RoutingConfig,
                  arch: type["RoutedArch"] | None = None):
@@ -299,13 +346,17 @@ class DyDiTRouting(nn.Module):
         self.tables: dict[float, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         self.table_info: dict = {}
         self.slice_count = 0
+        self.token_capacity = "auto"
+        self.recomputed = 0  # model calls recomputed on the exact path (kept tokens over capacity)
         self._init_transient()
 
     def _init_transient(self) -> None:
         self._routes: list = []
         self._cache: OrderedDict = OrderedDict()
         self._memo: dict = {}
-        self._recording: list | None = None
+        self._token_frac: dict[tuple[float, int], float] = {}  # (timestep, block) -> largest kept fraction
+        self._pending: tuple[float, torch.Tensor | None] | None = None
+        self._exact = False
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
@@ -321,6 +372,22 @@ class DyDiTRouting(nn.Module):
             raise UsageError(f"unknown DyDiT mode {mode!r}; use one of {', '.join(MODES)}")
         self.mode = mode
 
+    def set_token_capacity(self, mode: str) -> None:
+        """How eval calls inside ``sample`` find the tokens that run the MLP (:class:`TokenSelect`).
+
+        ``"on"``: by a capacity learned per (timestep, block) from earlier calls: no host sync
+        per block, one overflow check per model call (a call whose kept tokens did not fit is
+        recomputed exactly, counted in ``recomputed``). ``"off"``: by ``nonzero`` (a sync per
+        block; nothing is padded). ``"auto"`` (default): ``"on"`` on CUDA, ``"off"`` elsewhere,
+        where a sync costs nothing and padding would only add work.
+        """
+        if mode not in CAPACITY_MODES:
+            raise UsageError(f"unknown token capacity mode {mode!r}; use one of {', '.join(CAPACITY_MODES)}")
+        self.token_capacity = mode
+
+    def _capacity_on(self, device: torch.device) -> bool:
+        return self.token_capacity == "on" or (self.token_capacity == "auto" and device.type == "cuda")
+
     # ---- the hook: decide every block's route for this call
     def capture_temb(self, module: nn.Module, inputs: tuple, temb: torch.Tensor) -> None:
         """Forward hook that keeps a t-only embedding for the next :meth:`on_time_embedding`
@@ -329,6 +396,7 @@ class DyDiTRouting(nn.Module):
 
     def on_time_embedding(self, module: nn.Module, inputs: tuple, temb: torch.Tensor) -> None:
         t = inputs[0]
+        self._pending = None  # a call that raised never reached after_call
         captured = self.__dict__.pop("_temb_capture", None)
         temb = temb if captured is None else captured
         if self.mode == "off":
@@ -364,11 +432,39 @@ class DyDiTRouting(nn.Module):
                 idx = None if len(uniq) == 1 else (inverse == k).nonzero().squeeze(1)
                 first = int((inverse == k).nonzero()[0, 0]) if idx is not None else 0
                 parts.append((idx, self.decisions(tv, temb[first:first + 1])))
+        fracs, overflow = [None] * len(self.routers), None
+        if host_t is not None and self.config.tokens and self._capacity_on(temb.device):
+            known = [self._token_frac.get((host_t, i)) for i in range(len(self.routers))]
+            if not self._exact and None not in known:
+                fracs, overflow = known, torch.zeros((), dtype=torch.bool, device=temb.device)
+            self._pending = (host_t, overflow)
         routes = []
         for i, r in enumerate(self.routers):
             plans = [(idx, self._plan(i, dec[i])) for idx, dec in parts]
-            routes.append(SliceRoute(plans, r.token))
+            token = TokenSelect(r.token, fracs[i], overflow) if r.token is not None else None
+            routes.append(SliceRoute(plans, token))
         return routes
+
+    def after_call(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        """Forward hook on the model: learn kept fractions after an exact call; after a capacity
+        call, the one host sync (did any block overflow?) and, if so, the exact recomputation."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        host_t, overflow = pending
+        if overflow is None:  # exact path (it synced per block already): remember what was kept
+            fracs = torch.stack([r.keep_maps.float().mean() for r in self._routes]).tolist()
+            for i, f in enumerate(fracs):
+                self._token_frac[(host_t, i)] = max(f, self._token_frac.get((host_t, i), 0.0))
+            return None
+        if not bool(overflow):
+            return None
+        self.recomputed += 1
+        self._exact = True
+        try:
+            return module(*args, **kwargs)
+        finally:
+            self._exact = False
 
     # ---- width decisions (depend on t only)
     @torch.no_grad()
@@ -430,6 +526,8 @@ class DyDiTRouting(nn.Module):
     def train(self, mode: bool = True):
         self._cache.clear()
         self._memo.clear()
+        if mode:
+            self._token_frac.clear()  # training may change the token routers
         return super().train(mode)
 
     # ---- after a call
@@ -693,11 +791,12 @@ def install(model: nn.Module, config: RoutingConfig) -> DyDiTRouting:
     model.dydit = DyDiTRouting(blocks, arch.temb_dim(model), config, arch).to(next(model.parameters()).device)
     model.dydit.train(model.training)
     arch.hook(model, model.dydit)
+    model.register_forward_hook(model.dydit.after_call, with_kwargs=True)
     return model.dydit
 
 
 __all__ = [
-    "RoutingConfig", "DyDiTRouting", "DynamicDiTBlock", "BlockRouters", "hard_gate", "install",
+    "RoutingConfig", "DyDiTRouting", "DynamicDiTBlock", "BlockRouters", "TokenSelect", "hard_gate", "install",
     "routing_of", "default_config", "masked_forward", "sliced_forward", "RoutedArch", "DiTArch",
     "ROUTED", "register_routed", "routed_arch",
 ]

@@ -25,8 +25,8 @@ Where PixArt differs from DiT, and what we do about it:
   per-step tables stay valid at every resolution.
 * **Inference really skips work**, exactly as for DiT: eval decisions are executed with the
   kept heads'/groups' weights sliced once per (block, decision) and cached; the feed-forward
-  runs on the gathered kept tokens only (``index_select`` -> FF -> ``index_add``), per sample.
-  Training uses masks on the full-width computation (masks are for training only).
+  runs on the gathered kept tokens only (``index_select`` -> FF -> ``index_add``), per sample,
+  found by DiT's :class:`~slimdiff.runtime.dynamic.TokenSelect` (sync-free on CUDA). Training uses masks on the full-width computation (masks are for training only).
 * **Refused** (``UsageError``): at install, q/k norms, GEGLU feed-forwards, chunked
   feed-forward, GLIGEN fusers; at call, a self-attention mask or ``cross_attention_kwargs``
   -- none is used by PixArt, and the routed forwards would not compute them. The caption
@@ -46,8 +46,10 @@ from slimdiff.runtime.dynamic import (
     MaskRoute,
     RoutedArch,
     SlicePlan,
+    TokenSelect,
     hard_gate,
     register_routed,
+    select_tokens,
     slice_groups,
     unit_index,
 )
@@ -95,7 +97,7 @@ def masked_forward(block: "DynamicPixArtBlock", route: MaskRoute, x: torch.Tenso
     return gate_mlp * hidden + x
 
 
-def sliced_forward(block: "DynamicPixArtBlock", plan: SlicePlan, token: nn.Linear | None, x: torch.Tensor,
+def sliced_forward(block: "DynamicPixArtBlock", plan: SlicePlan, token: TokenSelect | None, x: torch.Tensor,
                    ehs: torch.Tensor | None, emask: torch.Tensor | None,
                    timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The PixArt block on the kept heads/groups only, the feed-forward on the kept tokens only.
@@ -122,17 +124,15 @@ def sliced_forward(block: "DynamicPixArtBlock", plan: SlicePlan, token: nn.Linea
             out = layer(out)
         return out
 
-    if token is None:
-        keep, rows = torch.ones(B, N, dtype=torch.bool, device=x.device), None
-    else:  # nonzero: the one host sync per block that a data-dependent token count needs
-        keep = token(x).squeeze(-1) > 0
-        rows = keep.reshape(-1).nonzero().squeeze(1)
-    if rows is None or rows.numel() == B * N:
-        return gate_mlp * ff(block.norm2(x) * (1 + scale_mlp) + shift_mlp) + x, keep
+    keep, rows, factor = select_tokens(token, x)
+    if rows is None:
+        m = ff(block.norm2(x) * (1 + scale_mlp) + shift_mlp)
+        return gate_mlp * (m if factor is None else m * factor.to(m.dtype)) + x, keep
     flat = x.reshape(B * N, D)
     sample = torch.div(rows, N, rounding_mode="floor")
     m = ff(block.norm2(flat.index_select(0, rows)) * (1 + scale_mlp[:, 0].index_select(0, sample))
            + shift_mlp[:, 0].index_select(0, sample))
+    m = m if factor is None else m * factor.to(m.dtype)
     # x is this block's own fresh tensor: scatter in place (no copy) unless autograd may need it
     scatter = flat.index_add if torch.is_grad_enabled() else flat.index_add_
     return scatter(0, rows, gate_mlp[:, 0].index_select(0, sample) * m).reshape(B, N, D), keep
