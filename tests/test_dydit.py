@@ -241,6 +241,36 @@ def test_token_capacity_overflow_recomputes_the_call_exactly(arch):
 
 
 @torch.no_grad()
+def test_token_capacity_modes_edited_routers_and_block_reuse():
+    from slimdiff.runtime.reuse import ReusePlan, apply_block_reuse
+
+    model = _arch("dit")
+    routing = install(model, default_config(model))
+    _randomize_routers(routing, seed=3)
+    assert routing.token_capacity == "auto"  # the default: the capacity path on CUDA only
+    assert not routing.capacity_on(torch.device("cpu")) and routing.capacity_on(torch.device("cuda"))
+    routing.set_token_capacity("on")
+    ref, _, _ = _run_sampling(model, "dit")
+    learned = dict(routing._token_frac)
+    routing.routers[0].token.bias.sub_(2.0)  # an in-place edit (calibration, an optimizer step)
+    edited, counter, calls = _run_sampling(model, "dit")
+    assert counter.nonzero >= len(routing.routers) * calls  # stale fractions are not used: exact path
+    assert routing._token_frac[(next(iter(learned))[0], 0)] < learned[next(iter(learned))]  # learned afresh
+    assert not torch.equal(edited, ref)
+    # a block-reuse plan (chain with DiP-GO): a recomputation would replay the plan's step, so exact path
+    routing.routers[0].token.bias.add_(2.0)
+    full = ReusePlan.full("ddim", 3, model)
+    compute = full.compute.clone()
+    compute[1:, 1] = False
+    apply_block_reuse(model, ReusePlan.for_sampler(compute, "ddim", 3, model))
+    routing._token_frac = {k: 0.0 for k in learned}  # would overflow every call if the capacity path ran
+    reused, counter, calls = _run_sampling(model, "dit")
+    assert routing.recomputed == 0 and counter.nonzero > 0
+    routing.set_token_capacity("off")
+    assert torch.equal(_run_sampling(model, "dit")[0], reused)
+
+
+@torch.no_grad()
 def test_weights_are_sliced_once_per_step_not_per_call():
     model, routing = _dynamic()
     _randomize_routers(routing)

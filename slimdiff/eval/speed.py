@@ -265,11 +265,12 @@ def _paired_speedup(teacher: list[float], student: list[float]) -> float:
 
 
 def _runtime_note(student: nn.Module, device: torch.device) -> dict | None:
-    """How a DyDiT student found its kept tokens in the timed calls (capacity path or nonzero)."""
+    """How a DyDiT student found its kept tokens (capacity path or nonzero), and how many of its
+    calls since it was built (calibration and warm-up included) overflowed and were recomputed."""
     routing = getattr(student, "dydit", None)
     if routing is None:
         return None
-    return {"token_capacity": routing.token_capacity, "capacity_path": routing._capacity_on(device),
+    return {"token_capacity": routing.token_capacity, "capacity_path": routing.capacity_on(device),
             "recomputed_calls": routing.recomputed}
 
 

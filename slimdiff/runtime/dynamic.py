@@ -76,6 +76,7 @@ import torch.nn.functional as F
 
 from slimdiff.errors import UsageError
 from slimdiff.models.dit import DiT, DiTBlock, gated_residual, modulate
+from slimdiff.runtime.reuse import get_block_reuse
 
 MODES = ("dynamic", "masked", "off")
 
@@ -192,6 +193,12 @@ class TokenSelect:
         top = scores.reshape(-1).topk(capacity, sorted=False)
         return keep, top.indices, (top.values > 0).unsqueeze(-1)
 
+    @staticmethod
+    def zero_unkept(m: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+        """The MLP output ``m`` with the rows ``factor`` marks as not kept set to 0 (a ``where``,
+        not a product: a not-kept row the exact path never computes may overflow in fp16)."""
+        return m if factor is None else torch.where(factor, m, m.new_zeros(()))
+
 
 def select_tokens(token: TokenSelect | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                        torch.Tensor | None]:
@@ -208,7 +215,7 @@ class SliceRoute:
     parts: list[tuple[torch.Tensor | None, SlicePlan]]  # (sample indices or None = all, plan)
     token: TokenSelect | None
     kept_tokens: torch.Tensor | None = None  # (B,) realised kept-token counts
-    keep_maps: torch.Tensor | None = None  # (B, N) bool, when recording
+    keep_maps: torch.Tensor | None = None  # (B, N) bool: which tokens ran the MLP
 
     def run(self, block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
         """``block.dydit_sliced(plan, token, x, *args)`` per timestep group; every tensor argument
@@ -281,13 +288,12 @@ def sliced_forward(block: "DynamicDiTBlock", x: torch.Tensor, c: torch.Tensor, p
     keep, rows, factor = select_tokens(token, x)
     if rows is None:
         m = F.linear(act(F.linear(modulate(block.norm2(x), shift_mlp, scale_mlp), fc1_w, fc1_b)), fc2_w, fc2_b)
-        return gated_residual(x, gate_mlp, m if factor is None else m * factor.to(m.dtype)), keep
+        return gated_residual(x, gate_mlp, TokenSelect.zero_unkept(m, factor)), keep
     flat = x.reshape(B * N, D)
     sample = torch.div(rows, N, rounding_mode="floor")
     h = torch.addcmul(shift_mlp.index_select(0, sample), block.norm2(flat.index_select(0, rows)),
                       (1 + scale_mlp).index_select(0, sample))
-    m = F.linear(act(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
-    m = m if factor is None else m * factor.to(m.dtype)
+    m = TokenSelect.zero_unkept(F.linear(act(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b), factor)
     # x is this block's own fresh tensor: scatter in place (no copy) unless autograd may need it
     scatter = flat.index_add if torch.is_grad_enabled() else flat.index_add_
     return scatter(0, rows, gate_mlp.index_select(0, sample) * m).reshape(B, N, D), keep
@@ -331,7 +337,8 @@ class DyDiTRouting(nn.Module):
     """
 
     slimdiff_runtime = True
-    _transient = ("_routes", "_cache", "_memo", "_temb_capture", "_token_frac", "_pending", "_exact")
+    _transient = ("_routes", "_cache", "_memo", "_temb_capture", "_token_frac", "_frac_key", "_pending", "_exact",
+                  "_capacity_ok")
 
     def __init__(self, blocks: Iterable[nn.Module], dim: int, config: RoutingConfig,
                  arch: type["RoutedArch"] | None = None):
@@ -355,8 +362,10 @@ class DyDiTRouting(nn.Module):
         self._cache: OrderedDict = OrderedDict()
         self._memo: dict = {}
         self._token_frac: dict[tuple[float, int], float] = {}  # (timestep, block) -> largest kept fraction
+        self._frac_key: tuple = ()  # the token routers' weights the fractions were seen with
         self._pending: tuple[float, torch.Tensor | None] | None = None
         self._exact = False
+        self._capacity_ok = True
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
@@ -385,7 +394,8 @@ class DyDiTRouting(nn.Module):
             raise UsageError(f"unknown token capacity mode {mode!r}; use one of {', '.join(CAPACITY_MODES)}")
         self.token_capacity = mode
 
-    def _capacity_on(self, device: torch.device) -> bool:
+    def capacity_on(self, device: torch.device) -> bool:
+        """Whether the token-capacity mode selects the capacity path on ``device``."""
         return self.token_capacity == "on" or (self.token_capacity == "auto" and device.type == "cuda")
 
     # ---- the hook: decide every block's route for this call
@@ -394,9 +404,15 @@ class DyDiTRouting(nn.Module):
         (architectures whose hooked embedder also mixes in other conditions)."""
         self.__dict__["_temb_capture"] = temb
 
+    def before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the model. A fresh call has no pending check (a call that raised
+        never reached :meth:`after_call`). Under a block-reuse plan the capacity path is off:
+        recomputing a call would advance the plan's per-step state twice."""
+        self._pending = None
+        self._capacity_ok = get_block_reuse(module) is None
+
     def on_time_embedding(self, module: nn.Module, inputs: tuple, temb: torch.Tensor) -> None:
         t = inputs[0]
-        self._pending = None  # a call that raised never reached after_call
         captured = self.__dict__.pop("_temb_capture", None)
         temb = temb if captured is None else captured
         if self.mode == "off":
@@ -433,7 +449,10 @@ class DyDiTRouting(nn.Module):
                 first = int((inverse == k).nonzero()[0, 0]) if idx is not None else 0
                 parts.append((idx, self.decisions(tv, temb[first:first + 1])))
         fracs, overflow = [None] * len(self.routers), None
-        if host_t is not None and self.config.tokens and self._capacity_on(temb.device):
+        if host_t is not None and self.config.tokens and self._capacity_ok and self.capacity_on(temb.device):
+            key = _weights_key(*(p for r in self.routers for p in r.token.parameters()))
+            if key != self._frac_key:  # new or edited token routers (training, calibration): learn afresh
+                self._token_frac, self._frac_key = {}, key
             known = [self._token_frac.get((host_t, i)) for i in range(len(self.routers))]
             if not self._exact and None not in known:
                 fracs, overflow = known, torch.zeros((), dtype=torch.bool, device=temb.device)
@@ -526,8 +545,6 @@ class DyDiTRouting(nn.Module):
     def train(self, mode: bool = True):
         self._cache.clear()
         self._memo.clear()
-        if mode:
-            self._token_frac.clear()  # training may change the token routers
         return super().train(mode)
 
     # ---- after a call
@@ -791,6 +808,7 @@ def install(model: nn.Module, config: RoutingConfig) -> DyDiTRouting:
     model.dydit = DyDiTRouting(blocks, arch.temb_dim(model), config, arch).to(next(model.parameters()).device)
     model.dydit.train(model.training)
     arch.hook(model, model.dydit)
+    model.register_forward_pre_hook(model.dydit.before_call, with_kwargs=True)
     model.register_forward_hook(model.dydit.after_call, with_kwargs=True)
     return model.dydit
 

@@ -26,7 +26,8 @@ Where PixArt differs from DiT, and what we do about it:
 * **Inference really skips work**, exactly as for DiT: eval decisions are executed with the
   kept heads'/groups' weights sliced once per (block, decision) and cached; the feed-forward
   runs on the gathered kept tokens only (``index_select`` -> FF -> ``index_add``), per sample,
-  found by DiT's :class:`~slimdiff.runtime.dynamic.TokenSelect` (sync-free on CUDA). Training uses masks on the full-width computation (masks are for training only).
+  found by :class:`~slimdiff.runtime.dynamic.TokenSelect` (sync-free on CUDA). Training uses
+  masks on the full-width computation (masks are for training only).
 * **Refused** (``UsageError``): at install, q/k norms, GEGLU feed-forwards, chunked
   feed-forward, GLIGEN fusers; at call, a self-attention mask or ``cross_attention_kwargs``
   -- none is used by PixArt, and the routed forwards would not compute them. The caption
@@ -127,12 +128,12 @@ def sliced_forward(block: "DynamicPixArtBlock", plan: SlicePlan, token: TokenSel
     keep, rows, factor = select_tokens(token, x)
     if rows is None:
         m = ff(block.norm2(x) * (1 + scale_mlp) + shift_mlp)
-        return gate_mlp * (m if factor is None else m * factor.to(m.dtype)) + x, keep
+        return gate_mlp * TokenSelect.zero_unkept(m, factor) + x, keep
     flat = x.reshape(B * N, D)
     sample = torch.div(rows, N, rounding_mode="floor")
-    m = ff(block.norm2(flat.index_select(0, rows)) * (1 + scale_mlp[:, 0].index_select(0, sample))
-           + shift_mlp[:, 0].index_select(0, sample))
-    m = m if factor is None else m * factor.to(m.dtype)
+    h = block.norm2(flat.index_select(0, rows)) * (1 + scale_mlp[:, 0].index_select(0, sample)) \
+        + shift_mlp[:, 0].index_select(0, sample)
+    m = TokenSelect.zero_unkept(ff(h), factor)
     # x is this block's own fresh tensor: scatter in place (no copy) unless autograd may need it
     scatter = flat.index_add if torch.is_grad_enabled() else flat.index_add_
     return scatter(0, rows, gate_mlp[:, 0].index_select(0, sample) * m).reshape(B, N, D), keep
