@@ -143,7 +143,7 @@ def train(
     from slimdiff.io import save
 
     probe = get_dataset(data, size=input_size or 8)
-    x0, y0 = probe[0]
+    x0, _ = probe[0]
     labels = [int(probe[i][1]) for i in range(min(len(probe), 2000))]
     kwargs = dict(
         input_size=input_size or x0.shape[-1],

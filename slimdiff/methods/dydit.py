@@ -48,7 +48,6 @@ import torch.nn as nn
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, check_budget, record, recover, register_method, register_restorer
 from slimdiff.runtime.dynamic import (
-    DiTArch,
     DyDiTRouting,
     RoutingConfig,
     default_config,
@@ -57,7 +56,6 @@ from slimdiff.runtime.dynamic import (
 )
 
 TUNE_MODES = ("full", "lora")
-LORA_TARGETS = DiTArch.lora_targets  # our DiT's; each RoutedArch names its own
 
 
 @dataclass

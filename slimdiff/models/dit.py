@@ -20,7 +20,7 @@ Differences from the official code, all opt-in or structural only:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -330,11 +330,6 @@ DiT_models: dict[str, Callable[..., DiT]] = {
     f"DiT-{size}/{p}": _constructor(size, p) for size, patches in _PATCHES.items() for p in patches
 }
 """Name -> constructor taking ``input_size``, ``in_channels``, ``num_classes``, ``learn_sigma``."""
-
-
-def config_dict(model: DiT) -> dict:
-    """The JSON-ready config of ``model``."""
-    return asdict(model.config)
 
 
 def load_official(path: str, **kwargs) -> DiT:

@@ -530,9 +530,3 @@ def soft_reuse(model: nn.Module, frame: SoftFrame) -> Iterator[SoftFrame]:
         yield frame
     finally:
         st.frame = None
-
-
-def keep_fraction(plan: ReusePlan) -> float:
-    """Fraction of (step, block) entries computed."""
-    return 1.0 - plan.reuse_fraction()
-
