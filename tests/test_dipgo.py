@@ -92,6 +92,24 @@ def test_postprocess_meets_budget_within_one_block(factory, method):
         D.threshold_plan(p, costs, 0.05, method)
 
 
+@pytest.mark.parametrize("method", ["search", "sweep"])
+def test_steps_that_reuse_every_block_are_skipped_and_cost_nothing(method):
+    m = tiny_dit(depth=4)
+    costs = block_costs(m)
+    p = torch.rand(8, len(costs.blocks), generator=torch.Generator().manual_seed(0)) * 0.5
+    p[1:3] = 0.99  # steps 1 and 2 reuse every block first
+    full = costs.cost(torch.ones(p.shape, dtype=torch.bool))
+    plain = D.threshold_plan(p, costs, 0.4, method)
+    c = D.threshold_plan(p, costs, 0.4, method, skip_reused_steps=True)
+    steps = D.called_steps(c)
+    assert steps[:3] == [True, False, False] and not c[1:3].any()
+    got = costs.cost(c, steps)
+    assert got <= 0.4 * full and got < costs.cost(c)  # the skipped steps' non-block MACs are saved too
+    assert c.sum() >= plain.sum()  # ... so no more entries need to be reused
+    if method == "search":  # within one block's MACs plus one step's non-block MACs
+        assert got > 0.4 * full - max(costs.blocks) - costs.fixed
+
+
 def test_dipgo_end_to_end_save_load_info(tmp_path):
     from typer.testing import CliRunner
 
@@ -102,6 +120,8 @@ def test_dipgo_end_to_end_save_load_info(tmp_path):
     meas = r.slimdiff_meta["measured"]
     assert meas["macs_ratio"] <= 0.6 and meas["macs_sampling"] == macs_sampling(r, "ddim", STEPS)
     assert get_block_reuse(m) is None  # the input model is untouched
+    plan = get_block_reuse(r)
+    assert plan.step_compute == D.called_steps(plan.compute)  # steps reusing every block skip the call
     out = tmp_path / "dipgo"
     slimdiff.save(r, out)
     loaded = slimdiff.load(out)
