@@ -15,6 +15,7 @@ Usage: ``OMP_NUM_THREADS=1 python scripts/dipgo_skip_steps.py [--budget 0.25] [-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def main() -> None:
     from slimdiff.eval.speed import environment
     from slimdiff.methods.base import Context
     from slimdiff.methods.dipgo import called_steps, dipgo
-    from slimdiff.runtime.reuse import ReusePlan, apply_block_reuse, get_block_reuse, remove_block_reuse
+    from slimdiff.runtime.reuse import apply_block_reuse, get_block_reuse, remove_block_reuse
 
     teacher = slimdiff.load("digits-dit").eval()
     if not (args.model_dir / "slimdiff.json").exists():
@@ -52,8 +53,7 @@ def main() -> None:
     for name, step_compute in (("blocks reused, model called", plan.step_compute),
                                ("steps reusing every block skipped", called_steps(plan.compute))):
         remove_block_reuse(model)
-        apply_block_reuse(model, ReusePlan(plan.compute, plan.sampler, plan.steps, plan.timesteps, plan.blocks,
-                                           step_compute=step_compute))
+        apply_block_reuse(model, dataclasses.replace(plan, step_compute=step_compute))
         x, y = generate(model, args.samples, steps=args.steps)
         r = score(model, x, y, teacher, steps=args.steps, reference_samples=ref)
         rows[name] = {k: r[k] for k in ("fd", "class_acc", "ssim", "psnr", "macs_ratio")}

@@ -188,6 +188,14 @@ class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _randomly_routed(arch: str):
+    """A routed model of ``arch`` whose routers cut heads, groups and (different) tokens per sample."""
+    model = _arch(arch)
+    routing = install(model, default_config(model))
+    _randomize_routers(routing, seed=3)
+    return model, routing
+
+
 def _run_sampling(model, arch, **kw):
     """Sample with CFG (DiT: 3 labels; PixArt: 3 captions); returns samples, sync counts, model calls."""
     calls = []
@@ -204,9 +212,7 @@ def _run_sampling(model, arch, **kw):
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ARCHS)
 def test_token_capacity_is_exact_and_syncs_once_per_model_call(arch):
-    model = _arch(arch)
-    routing = install(model, default_config(model))
-    _randomize_routers(routing, seed=3)
+    model, routing = _randomly_routed(arch)
     routing.set_token_capacity("off")
     _run_sampling(model, arch)  # decides (and memoises) the widths of these timesteps
     ref, exact, calls = _run_sampling(model, arch)
@@ -225,9 +231,7 @@ def test_token_capacity_is_exact_and_syncs_once_per_model_call(arch):
 @torch.no_grad()
 @pytest.mark.parametrize("arch", ARCHS)
 def test_token_capacity_overflow_recomputes_the_call_exactly(arch):
-    model = _arch(arch)
-    routing = install(model, default_config(model))
-    _randomize_routers(routing, seed=3)
+    model, routing = _randomly_routed(arch)
     routing.set_token_capacity("on")
     ref, _, calls = _run_sampling(model, arch)
     learned = dict(routing._token_frac)
@@ -244,9 +248,7 @@ def test_token_capacity_overflow_recomputes_the_call_exactly(arch):
 def test_token_capacity_modes_edited_routers_and_block_reuse():
     from slimdiff.runtime.reuse import ReusePlan, apply_block_reuse
 
-    model = _arch("dit")
-    routing = install(model, default_config(model))
-    _randomize_routers(routing, seed=3)
+    model, routing = _randomly_routed("dit")
     assert routing.token_capacity == "auto"  # the default: the capacity path on CUDA only
     assert not routing.capacity_on(torch.device("cpu")) and routing.capacity_on(torch.device("cuda"))
     routing.set_token_capacity("on")
@@ -255,7 +257,8 @@ def test_token_capacity_modes_edited_routers_and_block_reuse():
     routing.routers[0].token.bias.sub_(2.0)  # an in-place edit (calibration, an optimizer step)
     edited, counter, calls = _run_sampling(model, "dit")
     assert counter.nonzero >= len(routing.routers) * calls  # stale fractions are not used: exact path
-    assert routing._token_frac[(next(iter(learned))[0], 0)] < learned[next(iter(learned))]  # learned afresh
+    first = (next(iter(learned))[0], 0)  # block 0 at the first timestep
+    assert routing._token_frac[first] < learned[first]  # learned afresh
     assert not torch.equal(edited, ref)
     # a block-reuse plan (chain with DiP-GO): a recomputation would replay the plan's step, so exact path
     routing.routers[0].token.bias.add_(2.0)
