@@ -271,6 +271,8 @@ def compress(
     tune: Optional[str] = typer.Option(None, help="[dydit] full | lora"),
     opt_steps: Optional[int] = typer.Option(None, help="[dipgo] pruner optimisation steps"),
     loss: Optional[str] = typer.Option(None, help="[dipgo] consistency loss: ssim | l1 | l2"),
+    step_gates: Optional[bool] = typer.Option(None, "--step-gates/--no-step-gates",
+                                              help="[dipgo] also learn whole-step reuse (beyond the paper)"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(..., "-o", "--out", help="result directory"),
     overwrite: bool = typer.Option(False, help="replace an existing, different result in --out"),
@@ -297,7 +299,7 @@ def compress(
     ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps, kd=kd,
                   batch_size=batch_size, lr=lr, work_dir=work, progress=not as_json)
     settings = dict(threshold=threshold, keep=keep, search_steps=search_steps, train_steps=train_steps, tune=tune,
-                    opt_steps=opt_steps, loss=loss)
+                    opt_steps=opt_steps, loss=loss, step_gates=step_gates)
     result = run(m, method, b, ctx, settings)
     path = save(result, out, overwrite=overwrite)
     import shutil

@@ -38,6 +38,14 @@ saved in ``slimdiff_meta["extras"]["dipgo"]`` and re-applied by ``slimdiff.load`
    as 0 when it meets the budget. The SuperNet does not model the conversion: it applies to
    the final plan only. Measured on digits-dit at DDIM 25, budget 0.25, on one learned plan:
    FD 13.1 without, 10.0 with (``bench/dipgo/skip_reused_steps.json``).
+6. **Step gates** (``step_gates=True``, off by default; *beyond the paper*). One more gate
+   per step (a column after the blocks: the pruner has ``steps x (blocks + 1)`` queries)
+   mixes the step's fresh prediction with the previous step's, and the block caches with
+   the ones going in (``g = 0`` is exactly the runtime's skipped step). The sparsity term
+   then weighs a step by ``g * (fixed + kept blocks' MACs)``, and the post-processing ranks
+   whole steps with the blocks. This puts every fewer-steps plan (with DDIM, a skipped step
+   is an exact step skip) inside the search space, which block gates alone cannot reach:
+   their cheapest plan still runs the non-block layers at every step.
 
 Resume: with ``ctx.work_dir`` set (``slimdiff compress`` sets it), the optimisation
 checkpoints pruner, optimiser, lr schedule, RNG state and history atomically
@@ -180,7 +188,12 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
     scheduler.set_timesteps(steps)
     x = noise.to(bb.device) * getattr(scheduler, "init_noise_sigma", 1.0)
     gen = torch.Generator().manual_seed(seed + 1)
-    caches: list[Any] = [None] * len(reuse_blocks(model)[0])
+    n_blocks = len(reuse_blocks(model)[0])
+    caches: list[Any] = [None] * n_blocks
+    step_gated = keep is not None and keep.shape[-1] == n_blocks + 1
+    if keep is not None and keep.shape[-1] not in (n_blocks, n_blocks + 1):
+        raise UsageError(f"keep gates have {keep.shape[-1]} columns; the model has {n_blocks} blocks "
+                         f"(give {n_blocks}, or {n_blocks + 1} with a step gate)")
 
     def step_fn(inp, t, k, *cs):
         with soft_reuse(model, SoftFrame(k, list(cs))) as frame:
@@ -192,41 +205,57 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
 
     timesteps = list(scheduler.timesteps)
 
-    def advance(x_in: torch.Tensor, i: int, k: torch.Tensor | None, cs: list, run=step_fn) -> tuple[torch.Tensor, list]:
-        """Sampling step ``i`` from ``(x_in, caches)`` with gates ``k``: the next ``x`` and caches."""
+    def advance(x_in: torch.Tensor, i: int, k: torch.Tensor | None, cs: list, prev: torch.Tensor | None,
+                run=step_fn) -> tuple[torch.Tensor, list, torch.Tensor]:
+        """Sampling step ``i`` from ``(x_in, caches, previous prediction)`` with gates ``k``:
+        the next ``x``, caches and prediction."""
         t = timesteps[i]
         inp = scheduler.scale_model_input(x_in, t) if hasattr(scheduler, "scale_model_input") else x_in
-        pred, *out = run(inp, t, k, *cs)
-        return scheduler.step(pred, t, x_in, generator=gen).prev_sample, out
+        pred, *out = run(inp, t, None if k is None else k[:n_blocks], *cs)
+        if step_gated and k is not None:
+            pred, out = _gate_step(k[n_blocks], pred, prev, out, cs)
+        return scheduler.step(pred, t, x_in, generator=gen).prev_sample, out, pred
 
     gates = keep if keep is not None and keep.requires_grad else None
     if use_checkpoint and torch.is_grad_enabled() and memory == "flat" and sampler in FLAT_SAMPLERS and gates is not None:
         with torch.no_grad():  # step 0 has no gate (every block computes): nothing to differentiate there
-            x, caches = advance(x, 0, None, caches)
+            x, caches, prev = advance(x, 0, None, caches, None)
         if len(timesteps) == 1:
             return x
         leaves, spec = _flatten(caches)  # reentrant checkpoints take tensors: UNet caches are nested tuples
 
-        def segment(lo: int, hi: int, gates: torch.Tensor, x_in: torch.Tensor, *leaves_in: torch.Tensor):
-            """Steps ``lo .. hi - 1`` from ``(x_in, caches)``; halves are nested checkpoints."""
+        def segment(lo: int, hi: int, gates: torch.Tensor, x_in: torch.Tensor, prev_in: torch.Tensor,
+                    *leaves_in: torch.Tensor):
+            """Steps ``lo .. hi - 1`` from ``(x_in, prediction, caches)``; halves are nested checkpoints."""
             if hi - lo == 1:
-                x_out, out = advance(x_in, lo, gates[lo], _unflatten(list(leaves_in), spec))
-                return (x_out, *_flatten(out)[0])
+                x_out, out, pred = advance(x_in, lo, gates[lo], _unflatten(list(leaves_in), spec), prev_in)
+                return (x_out, pred, *_flatten(out)[0])
             mid = (lo + hi) // 2
             # Reentrant checkpoints: the forward of a checkpointed half runs without autograd, so
             # the checkpoints nested in it keep nothing until the backward pass recomputes them
             # (non-reentrant ones would each hold their inputs: O(steps) again). The gates go in
             # as an argument: reentrant checkpoints pass gradients to arguments only.
-            state = checkpoint(segment, lo, mid, gates, x_in, *leaves_in, use_reentrant=True)
+            state = checkpoint(segment, lo, mid, gates, x_in, prev_in, *leaves_in, use_reentrant=True)
             return checkpoint(segment, mid, hi, gates, *state, use_reentrant=True)
 
-        return segment(1, len(timesteps), gates, x, *leaves)[0]
+        return segment(1, len(timesteps), gates, x, prev, *leaves)[0]
 
     # step by step (one non-reentrant checkpoint per step when differentiating)
     run = partial(checkpoint, step_fn, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else step_fn
+    prev = None
     for i in range(len(timesteps)):
-        x, caches = advance(x, i, None if (keep is None or i == 0) else keep[i], caches, run)
+        x, caches, prev = advance(x, i, None if (keep is None or i == 0) else keep[i], caches, prev, run)
     return x
+
+
+def _gate_step(g: torch.Tensor, pred: torch.Tensor, prev: torch.Tensor, caches: list, caches_in: list):
+    """Step gate ``g``: mix the fresh prediction and block caches with the previous step's
+    (``g = 0`` is the runtime's skipped step: the last output again, caches untouched)."""
+    def mix(fresh, old):
+        return g * fresh + (1 - g) * old
+
+    leaves, spec = _flatten(caches)
+    return mix(pred, prev), _unflatten([mix(a, b) for a, b in zip(leaves, _flatten(caches_in)[0])], spec)
 
 
 def _flatten(tree: Any) -> tuple[list[torch.Tensor], Any]:
@@ -264,14 +293,33 @@ def consistency_loss(x: torch.Tensor, target: torch.Tensor, kind: str = "ssim") 
 
 
 def sparsity_loss(keep: torch.Tensor, costs: BlockCosts) -> torch.Tensor:
-    """mean over steps > 0 of sum_b keep(t, b) * macs_b / macs_forward."""
+    """Mean over steps > 0 of the step's MACs share ``sum_b keep(t, b) * macs_b / macs_forward``;
+    with a step-gate column, ``g(t) * (macs_fixed / macs_forward + that sum)``."""
+    n = len(costs.blocks)
     w = torch.tensor(costs.blocks, dtype=keep.dtype) / costs.forward
-    return (keep[1:] * w).sum(-1).mean()
+    per = (keep[1:, :n] * w).sum(-1)
+    if keep.shape[-1] == n + 1:
+        per = keep[1:, n] * (per + costs.fixed / costs.forward)
+    return per.mean()
 
 
 # --------------------------------------------------------------------------- post-processing
-def _cost(costs: BlockCosts, compute: torch.Tensor, skip_reused_steps: bool = False) -> float:
-    return costs.cost(compute, called_steps(compute) if skip_reused_steps else None)
+def split_plan(table: torch.Tensor, n_blocks: int, skip_reused_steps: bool = False) -> tuple[torch.Tensor, list[bool]]:
+    """``(compute, step_compute)`` of a table (S, N) or, with a step-gate column, (S, N + 1).
+
+    A step whose gate is off, or (``skip_reused_steps``) that reuses every block, skips the
+    model call; its compute row is cleared (nothing runs there).
+    """
+    compute = table[:, :n_blocks].clone()
+    steps = table[:, n_blocks].tolist() if table.shape[1] > n_blocks else [True] * table.shape[0]
+    if skip_reused_steps:
+        steps = [s and c for s, c in zip(steps, called_steps(compute))]
+    compute[~torch.tensor(steps, dtype=torch.bool)] = False
+    return compute, steps
+
+
+def _cost(costs: BlockCosts, table: torch.Tensor, skip_reused_steps: bool = False) -> float:
+    return costs.cost(*split_plan(table, len(costs.blocks), skip_reused_steps))
 
 
 def called_steps(compute: torch.Tensor) -> list[bool]:
@@ -279,51 +327,75 @@ def called_steps(compute: torch.Tensor) -> list[bool]:
     return [True] + [bool(row.any()) for row in compute[1:]]
 
 
-def minimum_fraction(costs: BlockCosts, steps: int) -> float:
-    """Cheapest reachable fraction: everything reused after step 0."""
-    c = torch.zeros(steps, len(costs.blocks), dtype=torch.bool)
+def minimum_fraction(costs: BlockCosts, steps: int, step_gates: bool = False) -> float:
+    """Cheapest reachable fraction: everything reused after step 0 (with step gates: every
+    step after 0 skipped)."""
+    c = torch.zeros(steps, len(costs.blocks) + step_gates, dtype=torch.bool)
     c[0] = True
     return _cost(costs, c) / _cost(costs, torch.ones_like(c))
 
 
-def check_reachable(costs: BlockCosts, steps: int, budget: float) -> None:
-    low = minimum_fraction(costs, steps)
+def check_reachable(costs: BlockCosts, steps: int, budget: float, step_gates: bool = False) -> None:
+    low = minimum_fraction(costs, steps, step_gates)
     if budget < low - 1e-12:
+        what = "step 0 always runs" if step_gates else "step 0 and the non-block layers always run"
         raise UsageError(
-            f"budget {budget:g} is below what block reuse can reach ({low:.4f} of the sampling MACs: step 0 and the "
-            "non-block layers always run): use a budget >= that, fewer steps, or chain a depth/width method first"
+            f"budget {budget:g} is below what block reuse can reach ({low:.4f} of the sampling MACs: {what}): "
+            "use a budget >= that, fewer steps, or chain a depth/width method first"
         )
 
 
 def threshold_plan(p_reuse: torch.Tensor, costs: BlockCosts, budget: float, method: str = "search",
                    skip_reused_steps: bool = False) -> torch.Tensor:
-    """Compute table (S, N) meeting ``budget`` (fraction of the all-compute MACs) from scores;
-    ``skip_reused_steps``: steps that reuse every block cost nothing (:func:`called_steps`)."""
-    steps = p_reuse.shape[0]
-    check_reachable(costs, steps, budget)
+    """Table meeting ``budget`` (fraction of the all-compute MACs) from scores ``p_reuse``
+    (S, N), or (S, N + 1) whose last column scores skipping the whole step (see
+    :func:`split_plan`); ``skip_reused_steps``: steps that reuse every block cost nothing.
+
+    With step scores, when the bisection's last reused entry is a whole step, the plan
+    instead keeps that step and reuses the next-ranked *block* entries as far as the
+    budget needs, if that lands closer to it: within one block's MACs, not one step's.
+    """
+    steps, n = p_reuse.shape[0], len(costs.blocks)
+    gated = p_reuse.shape[1] == n + 1
+    check_reachable(costs, steps, budget, gated)
     target = budget * _cost(costs, torch.ones(p_reuse.shape, dtype=torch.bool))
     cost = partial(_cost, costs, skip_reused_steps=skip_reused_steps)
     if method == "sweep":
+        if gated:
+            raise UsageError("step gates need postprocess='search' (the reference's sweep ranks blocks only)")
         return _sweep(p_reuse, cost, target)
     if method != "search":
         raise UsageError(f"unknown post-processing {method!r}; use 'search' (paper) or 'sweep' (reference code)")
     order = torch.argsort(p_reuse[1:].flatten(), descending=True, stable=True)
 
-    def table(k: int) -> torch.Tensor:
+    def table(reused: torch.Tensor) -> torch.Tensor:
         c = torch.ones(p_reuse.shape, dtype=torch.bool)
         flat = c[1:].flatten()
-        flat[order[:k]] = False
+        flat[reused] = False
         c[1:] = flat.view(steps - 1, -1)
         return c
 
-    lo, hi = 0, order.numel()  # cost(table(hi)) <= target is guaranteed by check_reachable
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost(table(mid)) <= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    return table(lo)
+    def cheapest(prefix: torch.Tensor, entries: torch.Tensor) -> int:
+        """Fewest leading ``entries`` that, reused besides ``prefix``, meet the target."""
+        lo, hi = 0, entries.numel()
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if cost(table(torch.cat([prefix, entries[:mid]]))) <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    none = order[:0]
+    k = cheapest(none, order)  # cost(table(order)) <= target is guaranteed by check_reachable
+    best = table(order[:k])
+    if gated and k > 0 and int(order[k - 1]) % (n + 1) == n:
+        blocks = order[k:][order[k:] % (n + 1) != n]
+        j = cheapest(order[:k - 1], blocks)
+        if j < blocks.numel() or cost(table(torch.cat([order[:k - 1], blocks]))) <= target:
+            alt = table(torch.cat([order[:k - 1], blocks[:j]]))
+            best = alt if cost(alt) > cost(best) else best
+    return best
 
 
 def _sweep(p_reuse: torch.Tensor, cost, target: float) -> torch.Tensor:
@@ -352,7 +424,7 @@ def dipgo_loss(model: nn.Module, pruner: DiPGOPruner, costs: BlockCosts, noise: 
     x = supernet_sample(model, keep, noise, labels, sampler=sampler, steps=steps, cfg=cfg, seed=seed, memory=memory)
     cons = consistency_loss(x, target, loss)
     sparse = sparsity_loss(keep, costs)
-    frac = _cost(costs, keep.detach() > 0.5) / costs.cost(torch.ones(keep.shape, dtype=torch.bool))
+    frac = _cost(costs, keep.detach() > 0.5) / _cost(costs, torch.ones(keep.shape, dtype=torch.bool))
     total = cons + alpha * sparse if frac > budget else cons
     return total, {"consistency": float(cons.detach()), "sparsity": float(sparse.detach()), "macs_fraction": frac}
 
@@ -376,9 +448,10 @@ def teacher_batch(model: nn.Module, n: int, seed: int, *, sampler: str, steps: i
 
 
 def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *, opt_steps: int, loss: str,
-             batch: int = 8, lr: float = 0.05, alpha: float = 1.0, dim: int = 64,
+             batch: int = 8, lr: float = 0.05, alpha: float = 1.0, dim: int = 64, step_gates: bool = False,
              checkpoint_every: int | None = None) -> tuple[DiPGOPruner, list[dict]]:
-    """Few-step gradient optimisation of a fresh pruner (the model must carry a reuse plan).
+    """Few-step gradient optimisation of a fresh pruner (the model must carry a reuse plan);
+    ``step_gates`` adds one gate column per step (see the module docs).
 
     With ``ctx.work_dir`` it checkpoints every ``checkpoint_every`` steps (default: about
     20 checkpoints per run) and resumes from the last one (see the module docs).
@@ -390,9 +463,10 @@ def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *
 
         run = Path(ctx.work_dir) / f"dipgo-{fingerprint(model)[:12]}"
     key = {"budget": budget, "sampler": ctx.sampler, "steps": ctx.steps, "cfg": ctx.cfg, "seed": ctx.seed,
-           "opt_steps": opt_steps, "loss": loss, "batch": batch, "lr": lr, "alpha": alpha, "dim": dim}
+           "opt_steps": opt_steps, "loss": loss, "batch": batch, "lr": lr, "alpha": alpha, "dim": dim,
+           **({"step_gates": True} if step_gates else {})}
     torch.manual_seed(ctx.seed)
-    pruner = DiPGOPruner(n_calls, len(costs.blocks), dim=dim).train()
+    pruner = DiPGOPruner(n_calls, len(costs.blocks) + step_gates, dim=dim).train()
     opt = torch.optim.Adam(pruner.parameters(), lr=lr)
     warm = max(1, min(10, opt_steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -460,37 +534,43 @@ def finish(model: nn.Module, name: str, compute: torch.Tensor, ctx: Context, cos
     return record(model, name, {"sampler": ctx.sampler, "steps": ctx.steps, **settings}, measured, plan.to_dict())
 
 
-def prepare(model: nn.Module, budget: float, ctx: Context) -> BlockCosts:
+def prepare(model: nn.Module, budget: float, ctx: Context, step_gates: bool = False) -> BlockCosts:
     """Refuse a model that already has a plan; measure block MACs; check the budget is reachable."""
     if get_block_reuse(model) is not None:
         raise UsageError("the model already carries a reuse plan: chain at most one reuse method")
     costs = block_costs(model)
-    check_reachable(costs, len(ReusePlan.full(ctx.sampler, ctx.steps, model).timesteps), budget)
+    check_reachable(costs, len(ReusePlan.full(ctx.sampler, ctx.steps, model).timesteps), budget, step_gates)
     return costs
 
 
 @register_method("dipgo", kind="reuse", help="DiP-GO: few-step gradient-optimised (step x block) reuse plan",
-                 options=("opt_steps", "loss"))
+                 options=("opt_steps", "loss", "step_gates"))
 def dipgo(model: nn.Module, budget: float, ctx: Context, opt_steps: int | None = None, loss: str | None = None,
           postprocess: str = "search", batch: int = 8, alpha: float = 1.0,
-          skip_reused_steps: bool = True) -> nn.Module:
+          skip_reused_steps: bool = True, step_gates: bool | int = False) -> nn.Module:
     """Learn a reuse plan for ``ctx.sampler`` x ``ctx.steps`` meeting ``budget``; returns the
-    unchanged model with the plan applied and recorded."""
+    unchanged model with the plan applied and recorded. ``step_gates``: also learn which
+    whole steps reuse the model output (beyond the paper; see the module docs)."""
     opt_steps, loss = _check_options(opt_steps, loss)
-    costs = prepare(model, budget, ctx)
+    if step_gates not in (True, False):  # 1 / 0 from ``--option step_gates=1``
+        raise UsageError(f"step_gates must be true or false (1 or 0), got {step_gates!r}")
+    step_gates = bool(step_gates)
+    costs = prepare(model, budget, ctx, step_gates)
     start = time.process_time()
     apply_block_reuse(model, ReusePlan.full(ctx.sampler, ctx.steps, model))
     try:
-        pruner, history = optimise(model, costs, budget, ctx, opt_steps=opt_steps, loss=loss, batch=batch, alpha=alpha)
+        pruner, history = optimise(model, costs, budget, ctx, opt_steps=opt_steps, loss=loss, batch=batch, alpha=alpha,
+                                   step_gates=step_gates)
     finally:
         remove_block_reuse(model)
-    compute = threshold_plan(reuse_probability(pruner), costs, budget, postprocess, skip_reused_steps)
+    table = threshold_plan(reuse_probability(pruner), costs, budget, postprocess, skip_reused_steps)
+    compute, step_compute = split_plan(table, len(costs.blocks), skip_reused_steps)
     measured = {"search_cpu_s": time.process_time() - start, "history": history[-5:],
                 "final_loss": history[-1]["loss"] if history else None}
     return finish(model, "dipgo", compute, ctx, costs,
                   {"opt_steps": opt_steps, "loss": loss, "postprocess": postprocess, "batch": batch, "alpha": alpha,
-                   "skip_reused_steps": skip_reused_steps},
-                  measured, **({"step_compute": called_steps(compute)} if skip_reused_steps else {}))
+                   "skip_reused_steps": skip_reused_steps, "step_gates": step_gates},
+                  measured, step_compute=step_compute)
 
 
 def restore_plan(model: nn.Module, extras: dict | None) -> None:
