@@ -32,8 +32,9 @@ def test_pruner_starts_all_keep_and_supernet_matches_sampling():
     assert torch.equal(x, target)
 
 
+@pytest.mark.parametrize("step_gates", [False, True])
 @pytest.mark.parametrize("factory", [tiny_dit, tiny_unet])
-def test_checkpointed_gradients_equal_plain(factory):
+def test_checkpointed_gradients_equal_plain(factory, step_gates):
     m = factory()
     apply_block_reuse(m, ReusePlan.full("ddim", STEPS, m))
     for p in m.parameters():
@@ -42,12 +43,47 @@ def test_checkpointed_gradients_equal_plain(factory):
     noise, labels, target = D.teacher_batch(m, 2, 0, sampler="ddim", steps=STEPS, cfg=1.0)
     grads = []
     for ckpt in (True, False):
-        keep = torch.full((STEPS, n), 0.7, requires_grad=True)
+        keep = torch.full((STEPS, n + step_gates), 0.7, requires_grad=True)
         x = D.supernet_sample(m, keep, noise, labels, sampler="ddim", steps=STEPS, use_checkpoint=ckpt)
         D.consistency_loss(x, target, "l2").backward()
         grads.append(keep.grad)
     torch.testing.assert_close(grads[0], grads[1])
-    assert grads[0][1:].abs().sum() > 0
+    assert (grads[0][1:].abs().sum(0) > 0).all()  # every gate column (the step gates too) gets a gradient
+
+
+@pytest.mark.parametrize("memory", ["flat", "steps"])
+@pytest.mark.parametrize("factory", [tiny_dit, tiny_unet])
+def test_supernet_with_hard_gates_samples_the_plan_they_decode_to(factory, memory):
+    """Binary gates (blocks + a step column) in the SuperNet == the runtime sampling that plan."""
+    steps = 6
+    m = factory()
+    apply_block_reuse(m, ReusePlan.full("ddim", steps, m))
+    n = len(get_block_reuse(m).blocks)
+    table = torch.rand(steps, n + 1, generator=torch.Generator().manual_seed(1)) > 0.4
+    table[0] = True
+    table[1, n], table[3, n], table[4, n] = True, False, True  # a skipped step between computed ones
+    noise, labels, _ = D.teacher_batch(m, 2, 0, sampler="ddim", steps=steps, cfg=1.0, with_target=False)
+    keep = table.float().requires_grad_(True)  # gradients on: the checkpointed path
+    x = D.supernet_sample(m, keep, noise, labels, sampler="ddim", steps=steps, memory=memory)
+    full = D.supernet_sample(m, None, noise, labels, sampler="ddim", steps=steps)
+    remove_block_reuse(m)
+    compute, called = D.split_plan(table, n)
+    assert called[3] is False and not compute[3].any()
+    apply_block_reuse(m, ReusePlan.for_sampler(compute, "ddim", steps, m, step_compute=called))
+    y = sample(m, sampler="ddim", steps=steps, num_samples=2, classes=labels.tolist() if labels is not None else None,
+               noise=noise, seed=0)
+    torch.testing.assert_close(x.detach(), y, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y, full, atol=1e-3)  # the plan does change the samples
+
+
+def test_sparsity_weighs_a_gated_step_by_its_whole_cost():
+    costs = block_costs(tiny_dit(depth=3))
+    keep = torch.ones(4, 4)
+    assert float(D.sparsity_loss(keep, costs)) == pytest.approx(1.0)
+    assert float(D.sparsity_loss(keep[:, :3], costs)) == pytest.approx(sum(costs.blocks) / costs.forward)
+    keep[2, 3] = 0  # step 2 skipped: nothing of it counts
+    keep[3, :3] = 0  # step 3 reuses every block: its non-block layers still count
+    assert float(D.sparsity_loss(keep, costs)) == pytest.approx((1 + 0 + costs.fixed / costs.forward) / 3)
 
 
 @pytest.mark.parametrize("loss", ["ssim", "l1", "l2"])
@@ -110,6 +146,37 @@ def test_steps_that_reuse_every_block_are_skipped_and_cost_nothing(method):
         assert got > 0.4 * full - max(costs.blocks) - costs.fixed
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_postprocess_with_step_scores_meets_budget_within_one_block(skip):
+    m = tiny_dit(depth=4)
+    costs = block_costs(m)
+    n = len(costs.blocks)
+    p = torch.rand(8, n + 1, generator=torch.Generator().manual_seed(0)) * 0.5
+    p[2::2, n] = 0.99  # every other step is the most reusable entry: a fewer-steps plan comes first
+    full = costs.cost(torch.ones(8, n, dtype=torch.bool))
+    for budget in (0.6, 0.45, 0.3, 0.2):
+        compute, called = D.split_plan(D.threshold_plan(p, costs, budget, skip_reused_steps=skip), n, skip)
+        got = costs.cost(compute, called)
+        assert compute[0].all() and called[0]
+        assert budget * full - max(costs.blocks) - skip * costs.fixed < got <= budget * full
+        assert called[2::2] == [False] * 3  # the best-scored entries, whole steps, go first
+    # whole steps ranked above every block: the last step the bisection skips overshoots by most
+    # of a step; it is kept and blocks are reused instead, within one block of the budget
+    ranked = torch.full((8, n + 1), 0.05)
+    ranked[1:, n] = torch.linspace(0.9, 0.3, 7)
+    compute, called = D.split_plan(D.threshold_plan(ranked, costs, 0.55), n)
+    assert called == [True, False, False, False, True, True, True, True]
+    assert 0.55 * full - max(costs.blocks) < costs.cost(compute, called) <= 0.55 * full
+    # below what block reuse alone reaches (non-block layers at every step), but not below step 0 alone
+    low = D.minimum_fraction(costs, 8)
+    compute, called = D.split_plan(D.threshold_plan(p, costs, low * 0.8), n)
+    assert costs.cost(compute, called) <= low * 0.8 * full and not all(called)
+    with pytest.raises(UsageError, match="step 0 always runs"):
+        D.threshold_plan(p, costs, 0.1)
+    with pytest.raises(UsageError, match="postprocess='search'"):
+        D.threshold_plan(p, costs, 0.5, "sweep")
+
+
 def test_dipgo_end_to_end_save_load_info(tmp_path):
     from typer.testing import CliRunner
 
@@ -133,6 +200,21 @@ def test_dipgo_end_to_end_save_load_info(tmp_path):
     assert info["macs_sampling"] == meas["macs_sampling"]
 
 
+def test_step_gates_reach_budgets_block_reuse_cannot(tmp_path):
+    m = tiny_dit(depth=3)
+    low = D.minimum_fraction(block_costs(m), STEPS)  # block reuse alone: non-block layers at every step
+    budget = (low + 1 / STEPS) / 2  # above "step 0 only", below that
+    with pytest.raises(UsageError, match="below what block reuse can reach"):
+        compress(m, "dipgo", budget, _ctx(), {"opt_steps": 0})
+    r = compress(m, "dipgo", budget, _ctx(), {"opt_steps": 2, "step_gates": 1})
+    plan = get_block_reuse(r)
+    assert r.slimdiff_meta["measured"]["macs_ratio"] <= budget and not all(plan.step_compute)
+    assert r.slimdiff_meta["method"]["chain"][0]["settings"]["step_gates"] is True
+    slimdiff.save(r, tmp_path / "sg")
+    loaded = slimdiff.load(tmp_path / "sg")
+    assert torch.equal(sample(loaded, steps=STEPS, num_samples=2), sample(r, steps=STEPS, num_samples=2))
+
+
 def test_baselines_meet_budget_and_fewer_steps_is_fewer_ddim_steps():
     m = tiny_dit(depth=4)
     for name, opts in (("deepcache", {}), ("l2c", {"opt_steps": 1}), ("fewer-steps", {})):
@@ -151,6 +233,8 @@ def test_bad_options():
         compress(m, "dipgo", 0.5, _ctx(), {"loss": "lpips"})
     with pytest.raises(UsageError, match="opt-steps"):
         compress(m, "dipgo", 0.5, _ctx(), {"opt_steps": -1})
+    with pytest.raises(UsageError, match="step_gates must be true or false"):
+        compress(m, "dipgo", 0.5, _ctx(), {"step_gates": 2})
     with pytest.raises(UsageError, match="below what block reuse can reach"):
         compress(m, "dipgo", 0.1, _ctx(), {"opt_steps": 0})
     r = compress(m, "deepcache", 0.8, _ctx())
