@@ -15,9 +15,15 @@ If the option with the lowest recovered loss is not the one with the lowest FD, 
 can be right about recoverability and still lose the benchmark; if first-k has both the lower
 loss and the lower FD, the search failed to find the most recoverable option.
 
-Writes ``bench/tinyfusion/recoverability_<k>of<depth>_r<recover steps>.json``.
+With a multi-group shape (``--keep 1:2``: six groups of two) only the search's choice is
+ranked by TinyFusion; first-k may then lie outside the shape's search space, which tells
+whether the shape or the objective loses. ``--sets`` adds explicit block sets.
+
+Writes ``bench/tinyfusion/recoverability_<k>of<depth>_r<recover steps>.json`` (one group) or
+``recoverability_<N>of<M>_r<recover steps>.json`` (``--keep N:M`` over several groups).
 
 Usage: ``OMP_NUM_THREADS=1 python scripts/tinyfusion_recoverability.py --keep 3:12 [--random 6]``
+or ``... --keep 1:2 --top 1 --random 0 --sets 0,2,4,6,8,10 --recover-steps 3000``
 """
 from __future__ import annotations
 
@@ -36,11 +42,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="digits-dit")
-    ap.add_argument("--keep", default="3:12", help="one N:M shape over the whole depth, e.g. 3:12 or 6:12")
+    ap.add_argument("--keep", default="3:12", help="an N:M shape, e.g. 3:12 (one group) or 1:2 (groups of 2)")
     ap.add_argument("--search-steps", type=int, default=500)
     ap.add_argument("--recover-steps", type=int, default=300, help="the bench's recovery (default 300)")
     ap.add_argument("--top", type=int, default=4, help="TinyFusion's most probable options to score")
     ap.add_argument("--random", type=int, default=6, help="seeded random block sets to score")
+    ap.add_argument("--sets", nargs="*", default=[], help="more block sets to score, e.g. 0,2,4,6,8,10")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--loss-draws", type=int, default=32, help="noise/timestep draws per test image for the loss")
     ap.add_argument("--seed", type=int, default=0)
@@ -89,29 +96,32 @@ def main() -> None:
     teacher = slimdiff.load(args.model).eval()
     depth = len(as_backbone(teacher).blocks)
     groups = parse_keep(args.keep, depth)
-    if len(groups) != 1:
-        raise SystemExit(f"--keep must be one group over all {depth} blocks (e.g. {depth // 2}:{depth})")
-    k = groups[0].n
+    k = sum(g.n for g in groups)
     ctx = Context(recover_steps=args.recover_steps, kd="none", seed=args.seed, work_dir=Path(args.work), progress=False,
                   teacher=teacher)
 
     start = time.process_time()
     found = search(teacher, groups, ctx, SearchConfig(steps=args.search_steps))
-    options = [[int(i) for i in torch.nonzero(r).flatten()] for r in group_options(k, depth)]
-    probs = found.probabilities[0]
-    ranked = sorted(range(len(options)), key=lambda j: -probs[j])
     candidates: dict[str, list[int]] = {}
-    for r, j in enumerate(ranked[: args.top]):
-        candidates[f"tinyfusion #{r + 1} (p={probs[j]:.3f})"] = options[j]
+    if len(groups) == 1:  # rank the single group's options by their learned probability
+        options = [[int(i) for i in torch.nonzero(r).flatten()] for r in group_options(k, depth)]
+        probs = found.probabilities[0]
+        ranked = sorted(range(len(options)), key=lambda j: -probs[j])
+        for r, j in enumerate(ranked[: args.top]):
+            candidates[f"tinyfusion #{r + 1} (p={probs[j]:.3f})"] = options[j]
+    else:
+        candidates["tinyfusion"] = list(found.kept)
     rng = random.Random(args.seed)
     others = {"first-k": list(range(k)), "stride": select_blocks("stride", depth, k),
-              **{f"random {i}": sorted(rng.sample(range(depth), k)) for i in range(args.random)}}
+              **{f"random {i}": sorted(rng.sample(range(depth), k)) for i in range(args.random)},
+              **{f"set {s}": sorted(int(b) for b in s.split(",")) for s in args.sets}}
     for name, kept in others.items():  # a block set already listed (e.g. TinyFusion's = first-k) is scored once
         if kept not in candidates.values():
             candidates[name] = kept
     print(f"search: {time.process_time() - start:.0f} CPU s, picked {found.kept}", flush=True)
 
-    dest = Path(args.out) / f"recoverability_{k}of{depth}_r{args.recover_steps}.json"
+    shape = f"{k}of{depth}" if len(groups) == 1 else args.keep.replace(":", "of")
+    dest = Path(args.out) / f"recoverability_{shape}_r{args.recover_steps}.json"
     head = {"model": args.model, "keep": args.keep, "search_steps": args.search_steps,
             "recover_steps": args.recover_steps, "samples": args.samples, "loss_draws": args.loss_draws,
             "seed": args.seed, "search_kept": found.kept}

@@ -96,7 +96,8 @@ SSIM 0.997 (bench/dipgo/opt_steps_150.json). The reference runs 500."""
 
 # --------------------------------------------------------------------------- pruner
 class DiPGOPruner(nn.Module):
-    """Queries -> SA+FFN encoder -> per-query MLP heads -> [reuse, keep] logits (S, N, 2)."""
+    """Queries -> SA+FFN encoder -> per-query MLP heads -> [reuse, keep] logits (S, N, 2);
+    ``blocks`` counts gate columns (the model's blocks, plus one with step gates)."""
 
     def __init__(self, steps: int, blocks: int, dim: int = 64, heads: int = 4, hidden: int = 32):
         super().__init__()
