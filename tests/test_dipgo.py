@@ -235,6 +235,8 @@ def test_bad_options():
         compress(m, "dipgo", 0.5, _ctx(), {"opt_steps": -1})
     with pytest.raises(UsageError, match="step_gates must be true or false"):
         compress(m, "dipgo", 0.5, _ctx(), {"step_gates": 2})
+    with pytest.raises(UsageError, match="alpha"):
+        compress(m, "dipgo", 0.5, _ctx(), {"alpha": -1.0})
     with pytest.raises(UsageError, match="below what block reuse can reach"):
         compress(m, "dipgo", 0.1, _ctx(), {"opt_steps": 0})
     r = compress(m, "deepcache", 0.8, _ctx())

@@ -545,7 +545,7 @@ def prepare(model: nn.Module, budget: float, ctx: Context, step_gates: bool = Fa
 
 
 @register_method("dipgo", kind="reuse", help="DiP-GO: few-step gradient-optimised (step x block) reuse plan",
-                 options=("opt_steps", "loss", "step_gates"))
+                 options=("opt_steps", "loss", "step_gates", "alpha"))
 def dipgo(model: nn.Module, budget: float, ctx: Context, opt_steps: int | None = None, loss: str | None = None,
           postprocess: str = "search", batch: int = 8, alpha: float = 1.0,
           skip_reused_steps: bool = True, step_gates: bool | int = False) -> nn.Module:
@@ -556,6 +556,8 @@ def dipgo(model: nn.Module, budget: float, ctx: Context, opt_steps: int | None =
     if step_gates not in (True, False):  # 1 / 0 from ``--option step_gates=1``
         raise UsageError(f"step_gates must be true or false (1 or 0), got {step_gates!r}")
     step_gates = bool(step_gates)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+        raise UsageError(f"alpha (the sparsity loss weight) must be a number >= 0, got {alpha!r}")
     costs = prepare(model, budget, ctx, step_gates)
     start = time.process_time()
     apply_block_reuse(model, ReusePlan.full(ctx.sampler, ctx.steps, model))
