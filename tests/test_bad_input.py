@@ -171,6 +171,8 @@ CASES = [
     C("unet-to-dydit", lambda e, t: _compress(e.unet, "dydit", t / "o"), "DyDiT routes.*UNet"),
     A("api-unet-to-tinyfusion",
       lambda e, t: partial(compress, tiny_unet(), "tinyfusion", 0.5, Context(steps=2, progress=False)), "tinyfusion removes"),
+    C("step-gates-on-diff-pruning", lambda e, t: _compress(e.dit, "diff-pruning", t / "o", "--step-gates"),
+      "step_gates do not apply to diff-pruning"),
     C("group-not-dividing-depth", lambda e, t: _compress(e.dit, "tinyfusion", t / "o", "--keep", "1:3"),
       "does not divide the depth 2"),
     C("group-n-above-m", lambda e, t: _compress(e.dit, "tinyfusion", t / "o", "--keep", "3:2"), "N > M"),

@@ -206,13 +206,22 @@ def test_step_gates_reach_budgets_block_reuse_cannot(tmp_path):
     budget = (low + 1 / STEPS) / 2  # above "step 0 only", below that
     with pytest.raises(UsageError, match="below what block reuse can reach"):
         compress(m, "dipgo", budget, _ctx(), {"opt_steps": 0})
-    r = compress(m, "dipgo", budget, _ctx(), {"opt_steps": 2, "step_gates": 1})
+    from typer.testing import CliRunner
+
+    from slimdiff.cli import app
+
+    slimdiff.save(m, tmp_path / "teacher")
+    res = CliRunner().invoke(app, ["compress", "--method", "dipgo", "--model", str(tmp_path / "teacher"), "--budget",
+                                   f"{budget:.6f}", "--steps", str(STEPS), "--opt-steps", "2", "--step-gates",
+                                   "-o", str(tmp_path / "sg"), "--json"])
+    assert res.exit_code == 0, res.output
+    r = slimdiff.load(tmp_path / "sg")
     plan = get_block_reuse(r)
     assert r.slimdiff_meta["measured"]["macs_ratio"] <= budget and not all(plan.step_compute)
     assert r.slimdiff_meta["method"]["chain"][0]["settings"]["step_gates"] is True
-    slimdiff.save(r, tmp_path / "sg")
-    loaded = slimdiff.load(tmp_path / "sg")
-    assert torch.equal(sample(loaded, steps=STEPS, num_samples=2), sample(r, steps=STEPS, num_samples=2))
+    assert torch.equal(sample(r, steps=STEPS, num_samples=2),
+                       sample(compress(m, "dipgo", budget, _ctx(), {"opt_steps": 2, "step_gates": True}), steps=STEPS,
+                              num_samples=2))  # the CLI and the API give the same plan
 
 
 def test_baselines_meet_budget_and_fewer_steps_is_fewer_ddim_steps():
