@@ -115,6 +115,10 @@ def main() -> None:
     others = {"first-k": list(range(k)), "stride": select_blocks("stride", depth, k),
               **{f"random {i}": sorted(rng.sample(range(depth), k)) for i in range(args.random)},
               **{f"set {s}": sorted(int(b) for b in s.split(",")) for s in args.sets}}
+    for s in args.sets:
+        kept = others[f"set {s}"]
+        if len(set(kept)) != k or not all(0 <= b < depth for b in kept):
+            raise SystemExit(f"--sets {s}: give {k} distinct block indices in 0..{depth - 1} (the depth --keep leaves)")
     for name, kept in others.items():  # a block set already listed (e.g. TinyFusion's = first-k) is scored once
         if kept not in candidates.values():
             candidates[name] = kept

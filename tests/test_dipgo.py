@@ -54,21 +54,26 @@ def test_checkpointed_gradients_equal_plain(factory, step_gates):
 @pytest.mark.parametrize("memory", ["flat", "steps"])
 @pytest.mark.parametrize("factory", [tiny_dit, tiny_unet])
 def test_supernet_with_hard_gates_samples_the_plan_they_decode_to(factory, memory):
-    """Binary gates (blocks + a step column) in the SuperNet == the runtime sampling that plan."""
-    steps = 6
+    """Binary gates (blocks + a step column) in the SuperNet == the runtime sampling that plan,
+    including a UNet block computed while all its readers are reused (the runtime skips it:
+    its cache stays older) and a skipped step."""
+    steps = 7
     m = factory()
     apply_block_reuse(m, ReusePlan.full("ddim", steps, m))
     n = len(get_block_reuse(m).blocks)
     table = torch.rand(steps, n + 1, generator=torch.Generator().manual_seed(1)) > 0.4
     table[0] = True
-    table[1, n], table[3, n], table[4, n] = True, False, True  # a skipped step between computed ones
+    table[2], table[3] = False, False
+    table[2, 0] = table[2, n] = True  # only the first block planned: on a UNet nothing reads it
+    table[3, n - 1] = table[3, n] = True  # only the last block: it reads step 2's caches
+    table[4, n], table[5, n] = False, True  # a skipped step between computed ones
     noise, labels, _ = D.teacher_batch(m, 2, 0, sampler="ddim", steps=steps, cfg=1.0, with_target=False)
     keep = table.float().requires_grad_(True)  # gradients on: the checkpointed path
     x = D.supernet_sample(m, keep, noise, labels, sampler="ddim", steps=steps, memory=memory)
     full = D.supernet_sample(m, None, noise, labels, sampler="ddim", steps=steps)
     remove_block_reuse(m)
     compute, called = D.split_plan(table, n)
-    assert called[3] is False and not compute[3].any()
+    assert called[4] is False and not compute[4].any()
     apply_block_reuse(m, ReusePlan.for_sampler(compute, "ddim", steps, m, step_compute=called))
     y = sample(m, sampler="ddim", steps=steps, num_samples=2, classes=labels.tolist() if labels is not None else None,
                noise=noise, seed=0)
@@ -200,12 +205,14 @@ def test_dipgo_end_to_end_save_load_info(tmp_path):
     assert info["macs_sampling"] == meas["macs_sampling"]
 
 
-def test_step_gates_reach_budgets_block_reuse_cannot(tmp_path):
+def test_budgets_below_block_reuse_need_whole_step_skips(tmp_path):
     m = tiny_dit(depth=3)
     low = D.minimum_fraction(block_costs(m), STEPS)  # block reuse alone: non-block layers at every step
     budget = (low + 1 / STEPS) / 2  # above "step 0 only", below that
     with pytest.raises(UsageError, match="below what block reuse can reach"):
-        compress(m, "dipgo", budget, _ctx(), {"opt_steps": 0})
+        D.dipgo(tiny_dit(depth=3), budget, _ctx(), opt_steps=0, skip_reused_steps=False)
+    skipped = get_block_reuse(D.dipgo(tiny_dit(depth=3), budget, _ctx(), opt_steps=0))  # default: reused steps skip
+    assert not all(skipped.step_compute)
     from typer.testing import CliRunner
 
     from slimdiff.cli import app
@@ -244,8 +251,11 @@ def test_bad_options():
         compress(m, "dipgo", 0.5, _ctx(), {"opt_steps": -1})
     with pytest.raises(UsageError, match="step_gates must be true or false"):
         compress(m, "dipgo", 0.5, _ctx(), {"step_gates": 2})
-    with pytest.raises(UsageError, match="alpha"):
-        compress(m, "dipgo", 0.5, _ctx(), {"alpha": -1.0})
+    for alpha in (-1.0, float("inf")):
+        with pytest.raises(UsageError, match="alpha"):
+            compress(m, "dipgo", 0.5, _ctx(), {"alpha": alpha})
+    with pytest.raises(UsageError, match="with step gates"):  # refused before the optimisation runs
+        D.dipgo(m, 0.5, _ctx(), opt_steps=10**6, step_gates=True, postprocess="sweep")
     with pytest.raises(UsageError, match="below what block reuse can reach"):
         compress(m, "dipgo", 0.1, _ctx(), {"opt_steps": 0})
     r = compress(m, "deepcache", 0.8, _ctx())

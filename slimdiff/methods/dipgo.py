@@ -8,7 +8,9 @@ saved in ``slimdiff_meta["extras"]["dipgo"]`` and re-applied by ``slimdiff.load`
    (``g * fresh + (1 - g) * cache``, the cache holding the mixed value, not detached, so
    gradients flow through the whole trajectory). Each step runs under
    ``torch.utils.checkpoint``: block activations are recomputed in backward, only the
-   step's inputs (x and the block caches) are kept.
+   step's inputs (x, the previous prediction and the block caches) are kept. On UNets the
+   gates are made *effective* first, as the runtime's cascade does: a block whose readers
+   are all reused is not computed, ``eff_b = g_b * (1 - prod_readers (1 - eff_r))``.
 2. **Pruner.** One learnable query per (step, block); one self-attention + FFN encoder
    layer over all queries (``nn.TransformerEncoderLayer``; its output *is* used -- the
    reference code discards it, the paper does not); a separate 3-layer MLP head per
@@ -44,8 +46,10 @@ saved in ``slimdiff_meta["extras"]["dipgo"]`` and re-applied by ``slimdiff.load`
    the ones going in (``g = 0`` is exactly the runtime's skipped step). The sparsity term
    then weighs a step by ``g * (fixed + kept blocks' MACs)``, and the post-processing ranks
    whole steps with the blocks. This puts every fewer-steps plan (with DDIM, a skipped step
-   is an exact step skip) inside the search space, which block gates alone cannot reach:
-   their cheapest plan still runs the non-block layers at every step.
+   is an exact step skip) inside the SuperNet's search space: block gates mix block
+   contributions only, so they cannot express a step's output reuse (``skip_reused_steps``
+   converts such steps after the search). Measured on digits-dit it did not beat the
+   default (see the README's diagnostics), so it is off by default.
 
 Resume: with ``ctx.work_dir`` set (``slimdiff compress`` sets it), the optimisation
 checkpoints pruner, optimiser, lr schedule, RNG state and history atomically
@@ -84,6 +88,7 @@ from slimdiff.runtime.reuse import (
     remove_block_reuse,
     reuse_blocks,
     soft_reuse,
+    unet_consumers,
 )
 from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from slimdiff.utils import progress
@@ -173,8 +178,8 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
     the model must carry a reuse plan for ``sampler`` x ``steps`` (any plan: in SuperNet
     mode every block computes). Differentiable w.r.t. ``keep``.
 
-    Memory (with gradients and ``use_checkpoint``): a step's inputs are ``x`` and one cache
-    per block, so checkpointing every step still keeps ``steps x (blocks + 1)`` activation
+    Memory (with gradients and ``use_checkpoint``): a step's inputs are ``x``, the previous
+    prediction and one cache per block, so checkpointing every step still keeps ``steps x (blocks + 2)`` activation
     tensors alive until the backward pass -- memory grows linearly with the step count.
     ``memory="flat"`` (default) checkpoints recursively instead: the trajectory is halved
     into nested checkpoints down to single steps, so only ``O(log2 steps)`` step states and
@@ -196,7 +201,9 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
     scheduler.set_timesteps(steps)
     x = noise.to(bb.device) * getattr(scheduler, "init_noise_sigma", 1.0)
     gen = torch.Generator().manual_seed(seed + 1)
-    n_blocks = len(reuse_blocks(model)[0])
+    names, _, mode = reuse_blocks(model)
+    n_blocks = len(names)
+    consumers = unet_consumers(model) if mode == "output" else None
     caches: list[Any] = [None] * n_blocks
     step_gated = keep is not None and keep.shape[-1] == n_blocks + 1
     if keep is not None and keep.shape[-1] not in (n_blocks, n_blocks + 1):
@@ -219,7 +226,7 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
         the next ``x``, caches and prediction."""
         t = timesteps[i]
         inp = scheduler.scale_model_input(x_in, t) if hasattr(scheduler, "scale_model_input") else x_in
-        pred, *out = run(inp, t, None if k is None else k[:n_blocks], *cs)
+        pred, *out = run(inp, t, None if k is None else effective_gates(k[:n_blocks], names, consumers), *cs)
         if step_gated and k is not None:
             pred, out = _gate_step(k[n_blocks], pred, prev, out, cs)
         return scheduler.step(pred, t, x_in, generator=gen).prev_sample, out, pred
@@ -254,6 +261,26 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
     for i in range(len(timesteps)):
         x, caches, prev = advance(x, i, None if (keep is None or i == 0) else keep[i], caches, prev, run)
     return x
+
+
+def effective_gates(keep: torch.Tensor, names: list[str], consumers: dict[str, list[str]] | None) -> torch.Tensor:
+    """Differentiable :func:`~slimdiff.runtime.reuse.effective_compute`: a UNet block all of
+    whose readers are reused does not run, so its cache keeps the older value; binary gates
+    give exactly the runtime's table. Without a consumer graph (transformers): ``keep``."""
+    if consumers is None:
+        return keep
+    idx = {n: i for i, n in enumerate(names)}
+    eff: list[torch.Tensor] = [keep[0]] * len(names)
+    for b in reversed(range(len(names))):  # readers come later in execution order
+        readers = consumers[names[b]]
+        if "output" in readers:
+            eff[b] = keep[b]
+            continue
+        unread = torch.ones_like(keep[b])
+        for r in readers:
+            unread = unread * (1 - eff[idx[r]])
+        eff[b] = keep[b] * (1 - unread)
+    return torch.stack(eff)
 
 
 def _gate_step(g: torch.Tensor, pred: torch.Tensor, prev: torch.Tensor, caches: list, caches_in: list):
@@ -335,18 +362,18 @@ def called_steps(compute: torch.Tensor) -> list[bool]:
     return [True] + [bool(row.any()) for row in compute[1:]]
 
 
-def minimum_fraction(costs: BlockCosts, steps: int, step_gates: bool = False) -> float:
-    """Cheapest reachable fraction: everything reused after step 0 (with step gates: every
-    step after 0 skipped)."""
-    c = torch.zeros(steps, len(costs.blocks) + step_gates, dtype=torch.bool)
+def minimum_fraction(costs: BlockCosts, steps: int, step_skips: bool = False) -> float:
+    """Cheapest reachable fraction: everything reused after step 0; ``step_skips`` (step
+    gates, or steps reusing every block skip the call): only step 0 runs."""
+    c = torch.zeros(steps, len(costs.blocks), dtype=torch.bool)
     c[0] = True
-    return _cost(costs, c) / _cost(costs, torch.ones_like(c))
+    return _cost(costs, c, step_skips) / _cost(costs, torch.ones_like(c))
 
 
-def check_reachable(costs: BlockCosts, steps: int, budget: float, step_gates: bool = False) -> None:
-    low = minimum_fraction(costs, steps, step_gates)
+def check_reachable(costs: BlockCosts, steps: int, budget: float, step_skips: bool = False) -> None:
+    low = minimum_fraction(costs, steps, step_skips)
     if budget < low - 1e-12:
-        what = "step 0 always runs" if step_gates else "step 0 and the non-block layers always run"
+        what = "step 0 always runs" if step_skips else "step 0 and the non-block layers always run"
         raise UsageError(
             f"budget {budget:g} is below what block reuse can reach ({low:.4f} of the sampling MACs: {what}): "
             "use a budget >= that, fewer steps, or chain a depth/width method first"
@@ -359,13 +386,16 @@ def threshold_plan(p_reuse: torch.Tensor, costs: BlockCosts, budget: float, meth
     (S, N), or (S, N + 1) whose last column scores skipping the whole step (see
     :func:`split_plan`); ``skip_reused_steps``: steps that reuse every block cost nothing.
 
-    With step scores, when the bisection's last reused entry is a whole step, the plan
-    instead keeps that step and reuses the next-ranked *block* entries as far as the
-    budget needs, if that lands closer to it: within one block's MACs, not one step's.
+    The plan's MACs are within one block's MACs below the budget, plus one step's non-block
+    MACs when a last reused block empties a step (``skip_reused_steps``); UNets: plus the
+    producers a block frees. With step scores, when the bisection's last reused entry is a
+    whole step, the plan instead keeps that step and reuses the next-ranked *block* entries
+    as far as the budget needs, if that lands closer to it; if no block entries can, the
+    shortfall may reach one step's non-block MACs.
     """
     steps, n = p_reuse.shape[0], len(costs.blocks)
     gated = p_reuse.shape[1] == n + 1
-    check_reachable(costs, steps, budget, gated)
+    check_reachable(costs, steps, budget, gated or skip_reused_steps)
     target = budget * _cost(costs, torch.ones(p_reuse.shape, dtype=torch.bool))
     cost = partial(_cost, costs, skip_reused_steps=skip_reused_steps)
     if method == "sweep":
@@ -472,7 +502,7 @@ def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *
         run = Path(ctx.work_dir) / f"dipgo-{fingerprint(model)[:12]}"
     key = {"budget": budget, "sampler": ctx.sampler, "steps": ctx.steps, "cfg": ctx.cfg, "seed": ctx.seed,
            "opt_steps": opt_steps, "loss": loss, "batch": batch, "lr": lr, "alpha": alpha, "dim": dim,
-           **({"step_gates": True} if step_gates else {})}
+           "step_gates": step_gates}
     torch.manual_seed(ctx.seed)
     pruner = DiPGOPruner(n_calls, len(costs.blocks) + step_gates, dim=dim).train()
     opt = torch.optim.Adam(pruner.parameters(), lr=lr)
@@ -542,12 +572,12 @@ def finish(model: nn.Module, name: str, compute: torch.Tensor, ctx: Context, cos
     return record(model, name, {"sampler": ctx.sampler, "steps": ctx.steps, **settings}, measured, plan.to_dict())
 
 
-def prepare(model: nn.Module, budget: float, ctx: Context, step_gates: bool = False) -> BlockCosts:
+def prepare(model: nn.Module, budget: float, ctx: Context, step_skips: bool = False) -> BlockCosts:
     """Refuse a model that already has a plan; measure block MACs; check the budget is reachable."""
     if get_block_reuse(model) is not None:
         raise UsageError("the model already carries a reuse plan: chain at most one reuse method")
     costs = block_costs(model)
-    check_reachable(costs, len(ReusePlan.full(ctx.sampler, ctx.steps, model).timesteps), budget, step_gates)
+    check_reachable(costs, len(ReusePlan.full(ctx.sampler, ctx.steps, model).timesteps), budget, step_skips)
     return costs
 
 
@@ -563,9 +593,13 @@ def dipgo(model: nn.Module, budget: float, ctx: Context, opt_steps: int | None =
     if step_gates not in (True, False):  # 1 / 0 from ``--option step_gates=1``
         raise UsageError(f"step_gates must be true or false (1 or 0), got {step_gates!r}")
     step_gates = bool(step_gates)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-        raise UsageError(f"alpha (the sparsity loss weight) must be a number >= 0, got {alpha!r}")
-    costs = prepare(model, budget, ctx, step_gates)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
+        raise UsageError(f"alpha (the sparsity loss weight) must be a finite number >= 0, got {alpha!r}")
+    if postprocess not in ("search", "sweep") or (step_gates and postprocess == "sweep"):
+        raise UsageError(f"postprocess {postprocess!r} is not available"
+                         f"{' with step gates' if step_gates else ''}: use 'search' (paper)"
+                         f"{'' if step_gates else ' or sweep (reference code)'}")
+    costs = prepare(model, budget, ctx, step_gates or skip_reused_steps)
     start = time.process_time()
     apply_block_reuse(model, ReusePlan.full(ctx.sampler, ctx.steps, model))
     try:
