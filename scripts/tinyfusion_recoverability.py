@@ -111,14 +111,13 @@ def main() -> None:
             candidates[f"tinyfusion #{r + 1} (p={probs[j]:.3f})"] = options[j]
     else:
         candidates["tinyfusion"] = list(found.kept)
+    sets = {f"set {s}": sorted(int(b) for b in s.split(",")) for s in args.sets}
+    for name, kept in sets.items():
+        if len(set(kept)) != k or not all(0 <= b < depth for b in kept):
+            raise SystemExit(f"--sets {name[4:]}: give {k} distinct block indices in 0..{depth - 1} (the depth --keep leaves)")
     rng = random.Random(args.seed)
     others = {"first-k": list(range(k)), "stride": select_blocks("stride", depth, k),
-              **{f"random {i}": sorted(rng.sample(range(depth), k)) for i in range(args.random)},
-              **{f"set {s}": sorted(int(b) for b in s.split(",")) for s in args.sets}}
-    for s in args.sets:
-        kept = others[f"set {s}"]
-        if len(set(kept)) != k or not all(0 <= b < depth for b in kept):
-            raise SystemExit(f"--sets {s}: give {k} distinct block indices in 0..{depth - 1} (the depth --keep leaves)")
+              **{f"random {i}": sorted(rng.sample(range(depth), k)) for i in range(args.random)}, **sets}
     for name, kept in others.items():  # a block set already listed (e.g. TinyFusion's = first-k) is scored once
         if kept not in candidates.values():
             candidates[name] = kept

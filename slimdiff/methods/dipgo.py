@@ -84,6 +84,7 @@ from slimdiff.runtime.reuse import (
     apply_block_reuse,
     block_costs,
     block_reuse_disabled,
+    effective_compute,
     get_block_reuse,
     remove_block_reuse,
     reuse_blocks,
@@ -228,7 +229,7 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
         the next ``x``, caches and prediction."""
         t = timesteps[i]
         inp = scheduler.scale_model_input(x_in, t) if hasattr(scheduler, "scale_model_input") else x_in
-        pred, *out = run(inp, t, None if k is None else effective_gates(k[:n_blocks], names, consumers), *cs)
+        pred, *out = run(inp, t, None if k is None else effective_compute(k[:n_blocks], names, consumers), *cs)
         if step_gated and k is not None:
             pred, out = _gate_step(k[n_blocks], pred, prev, out, cs)
         return scheduler.step(pred, t, x_in, generator=gen).prev_sample, out, pred
@@ -263,26 +264,6 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
     for i in range(len(timesteps)):
         x, caches, prev = advance(x, i, None if (keep is None or i == 0) else keep[i], caches, prev, run)
     return x
-
-
-def effective_gates(keep: torch.Tensor, names: list[str], consumers: dict[str, list[str]] | None) -> torch.Tensor:
-    """Differentiable :func:`~slimdiff.runtime.reuse.effective_compute`: a UNet block all of
-    whose readers are reused does not run, so its cache keeps the older value; binary gates
-    give exactly the runtime's table. Without a consumer graph (transformers): ``keep``."""
-    if consumers is None:
-        return keep
-    idx = {n: i for i, n in enumerate(names)}
-    eff: list[torch.Tensor] = [keep[0]] * len(names)
-    for b in reversed(range(len(names))):  # readers come later in execution order
-        readers = consumers[names[b]]
-        if "output" in readers:
-            eff[b] = keep[b]
-            continue
-        unread = torch.ones_like(keep[b])
-        for r in readers:
-            unread = unread * (1 - eff[idx[r]])
-        eff[b] = keep[b] * (1 - unread)
-    return torch.stack(eff)
 
 
 def _gate_step(g: torch.Tensor, pred: torch.Tensor, prev: torch.Tensor, caches: list, caches_in: list):
@@ -400,12 +381,9 @@ def threshold_plan(p_reuse: torch.Tensor, costs: BlockCosts, budget: float, meth
     check_reachable(costs, steps, budget, gated or skip_reused_steps)
     target = budget * _cost(costs, torch.ones(p_reuse.shape, dtype=torch.bool))
     cost = partial(_cost, costs, skip_reused_steps=skip_reused_steps)
+    check_postprocess(method, gated)
     if method == "sweep":
-        if gated:
-            raise UsageError("step gates need postprocess='search' (the reference's sweep ranks blocks only)")
         return _sweep(p_reuse, cost, target)
-    if method != "search":
-        raise UsageError(f"unknown post-processing {method!r}; use 'search' (paper) or 'sweep' (reference code)")
     order = torch.argsort(p_reuse[1:].flatten(), descending=True, stable=True)
 
     def table(reused: torch.Tensor) -> torch.Tensor:
@@ -426,16 +404,23 @@ def threshold_plan(p_reuse: torch.Tensor, costs: BlockCosts, budget: float, meth
                 lo = mid + 1
         return lo
 
-    none = order[:0]
-    k = cheapest(none, order)  # cost(table(order)) <= target is guaranteed by check_reachable
+    k = cheapest(order[:0], order)  # cost(table(order)) <= target is guaranteed by check_reachable
     best = table(order[:k])
     if gated and k > 0 and int(order[k - 1]) % (n + 1) == n:
         blocks = order[k:][order[k:] % (n + 1) != n]
-        j = cheapest(order[:k - 1], blocks)
-        if j < blocks.numel() or cost(table(torch.cat([order[:k - 1], blocks]))) <= target:
-            alt = table(torch.cat([order[:k - 1], blocks[:j]]))
-            best = alt if cost(alt) > cost(best) else best
+        alt = table(torch.cat([order[:k - 1], blocks[:cheapest(order[:k - 1], blocks)]]))
+        if cost(best) < cost(alt) <= target:
+            best = alt
     return best
+
+
+def check_postprocess(method: str, step_gates: bool) -> None:
+    """UsageError unless ``method`` is a post-processing :func:`threshold_plan` can run."""
+    if method not in ("search", "sweep"):
+        raise UsageError(f"unknown post-processing {method!r}; use 'search' (paper) or 'sweep' (reference code)")
+    if method == "sweep" and step_gates:
+        raise UsageError("postprocess 'sweep' is not available with step gates: they need postprocess='search' "
+                         "(the reference's sweep ranks blocks only)")
 
 
 def _sweep(p_reuse: torch.Tensor, cost, target: float) -> torch.Tensor:
@@ -597,10 +582,7 @@ def dipgo(model: nn.Module, budget: float, ctx: Context, opt_steps: int | None =
     step_gates = bool(step_gates)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
         raise UsageError(f"alpha (the sparsity loss weight) must be a finite number >= 0, got {alpha!r}")
-    if postprocess not in ("search", "sweep") or (step_gates and postprocess == "sweep"):
-        raise UsageError(f"postprocess {postprocess!r} is not available"
-                         f"{' with step gates' if step_gates else ''}: use 'search' (paper)"
-                         f"{'' if step_gates else ' or sweep (reference code)'}")
+    check_postprocess(postprocess, step_gates)
     costs = prepare(model, budget, ctx, step_gates or skip_reused_steps)
     start = time.process_time()
     apply_block_reuse(model, ReusePlan.full(ctx.sampler, ctx.steps, model))

@@ -113,18 +113,24 @@ def unet_consumers(model: nn.Module) -> dict[str, list[str]]:
 
 def effective_compute(compute: torch.Tensor, names: Sequence[str], consumers: dict[str, list[str]] | None) -> torch.Tensor:
     """Which blocks really run: planned ones whose output some running block (or the model's
-    output) reads. Without a consumer graph (transformers) this is ``compute`` itself."""
+    output) reads. Without a consumer graph (transformers) this is ``compute`` itself.
+
+    ``compute`` is a boolean table (..., blocks), or gates in [0, 1] (DiP-GO's SuperNet): a
+    block then runs as much as ``gate * (1 - prod_readers (1 - reader's effective gate))``,
+    differentiably, and binary gates give exactly the boolean result.
+    """
     if consumers is None:
         return compute.clone()
-    eff = compute.clone()
+    gates = compute.float() if compute.dtype == torch.bool else compute
     idx = {n: i for i, n in enumerate(names)}
+    eff: list[torch.Tensor] = [gates[..., 0]] * len(names)
     for b in reversed(range(len(names))):  # consumers come later in execution order
-        readers = consumers[names[b]]
-        needed = torch.zeros(compute.shape[0], dtype=torch.bool, device=compute.device)
-        for r in readers:
-            needed |= torch.ones_like(needed) if r == "output" else eff[:, idx[r]]
-        eff[:, b] &= needed
-    return eff
+        unread = torch.ones_like(gates[..., b])
+        for r in consumers[names[b]]:
+            unread = torch.zeros_like(unread) if r == "output" else unread * (1 - eff[idx[r]])
+        eff[b] = gates[..., b] * (1 - unread)
+    out = torch.stack(eff, -1)
+    return out.bool() if compute.dtype == torch.bool else out
 
 
 # --------------------------------------------------------------------------- plans
