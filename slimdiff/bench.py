@@ -253,10 +253,13 @@ class Bench:
         _save_tensors(self.out / "samples" / f"{_filename(key)}.safetensors", {"x": x[: c.grid]})
         pictures = method_pictures(student, self.out / "pictures" / _filename(key), steps=c.steps, cfg=c.cfg,
                                    depth=len(as_backbone(teacher).blocks))
+        meta = student.slimdiff_meta
         return {**base, **scores, "options": options, "recover_steps": ctx.recover_steps,
                 "wall_ratio": self.wall_ratio(teacher, student),
                 "compress_cpu_s": compress_cpu, "compress_wall_s": compress_wall, "eval_wall_s": eval_wall,
-                "chain": student.slimdiff_meta["method"]["chain"],
+                "chain": meta["method"]["chain"],
+                # a reuse entry's student is the teacher plus this plan: entry_model() rebuilds it
+                **({"extras": meta.get("extras") or {}} if kind == "reuse" else {}),
                 "pictures": [str(p.relative_to(self.out)) for p in pictures]}
 
     def wall_ratio(self, teacher: nn.Module, student: nn.Module) -> float:
@@ -337,6 +340,27 @@ def chain_verdicts(entries: dict[str, dict]) -> dict[str, dict]:
         out[key] = {"budget": e["budget"], "fd": e["fd"], "best_single": best,
                     "best_single_fd": singles.get(best), "beats_every_single": bool(singles) and e["fd"] < min(singles.values())}
     return out
+
+
+def entry_model(entry: dict, teacher: nn.Module) -> nn.Module:
+    """The student of a finished reuse entry: a copy of ``teacher`` with the entry's recorded plan.
+
+    Only reuse methods keep the teacher's weights, so only their entries can be rebuilt;
+    the others need ``slimdiff compress`` again.
+    """
+    import copy
+
+    from slimdiff.methods.base import restore_runtime
+
+    if entry.get("kind") != "reuse" or "extras" not in entry:
+        raise UsageError(f"bench entry {entry.get('method')}@{entry.get('budget')} cannot be rebuilt from its record: "
+                         "only reuse entries written by this version hold their plan; "
+                         "run `slimdiff compress` for this method to get the model")
+    student = copy.deepcopy(teacher)
+    student.slimdiff_meta = {**getattr(teacher, "slimdiff_meta", {}),
+                             "method": {"name": entry["method"], "chain": entry["chain"]},
+                             "extras": entry["extras"]}
+    return restore_runtime(student)
 
 
 def run_bench(config: BenchConfig, out: str | Path) -> dict:

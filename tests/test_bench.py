@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_dit
 from typer.testing import CliRunner
 
@@ -79,6 +80,27 @@ def test_bench_resumes_after_kill_and_matches_uninterrupted(teacher_dir, uninter
     for key, e in results["entries"].items():
         for field in NUMBERS:
             assert resumed["entries"][key][field] == e[field], (key, field)
+
+
+def test_a_reuse_entry_rebuilds_its_student_from_the_record(teacher_dir, uninterrupted):
+    """The teacher plus the entry's recorded plan samples what the bench scored; a weight-changing
+    entry cannot be rebuilt from its record and says so."""
+    from safetensors.torch import load_file
+
+    from slimdiff.bench import entry_model
+    from slimdiff.eval.compute import macs_sampling
+    from slimdiff.eval.evaluate import generate
+
+    results, out = uninterrupted
+    teacher = slimdiff.load(teacher_dir).eval()
+    entry = results["entries"]["dipgo@0.5"]
+    student = entry_model(entry, teacher)
+    assert macs_sampling(student, sampler="ddim", steps=3) == entry["macs_sampling"] < macs_sampling(teacher, steps=3)
+    x, _ = generate(student, FAST["samples"], sampler="ddim", steps=3, seed=0)
+    saved = load_file(out / "samples" / "dipgo@0.5.safetensors")["x"]
+    torch.testing.assert_close(x[: len(saved)], saved, rtol=0, atol=0)
+    with pytest.raises(UsageError, match="only reuse entries"):
+        entry_model(results["entries"]["magnitude-width@0.5"], teacher)
 
 
 def test_bench_refuses_a_directory_of_other_settings(teacher_dir, uninterrupted):
