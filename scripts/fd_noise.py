@@ -74,21 +74,17 @@ class Samples:
 
     def get(self, steps: int, seed: int):
         """``(x, y)`` at ``steps`` DDIM steps from the protocol's noise of ``seed``."""
-        from safetensors.torch import load_file, save_file
-
+        from slimdiff.bench import load_tensors, save_tensors
         from slimdiff.eval.evaluate import generate
 
         slug = re.sub(r"[^A-Za-z0-9.@-]+", "_", self.spec).strip("_")
         path = self.cache / f"{slug}-steps{steps}-seed{seed}-n{self.n}.safetensors" if self.cache else None
         if path is not None and path.exists():
-            t = load_file(path)
+            t = load_tensors(path)
             return t["x"], t["y"]
         x, y = generate(self.model(), self.n, steps=steps, seed=seed)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({"x": x.contiguous(), "y": y}, str(tmp))
-            tmp.replace(path)
+            save_tensors(path, {"x": x, "y": y})
         return x, y
 
 

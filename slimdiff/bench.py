@@ -125,13 +125,14 @@ def write_json(path: Path, obj: Any) -> None:
     _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` as safetensors at ``path``, atomically (:func:`_atomic`)."""
     from safetensors.torch import save_file
 
     _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
@@ -190,13 +191,13 @@ class Bench:
         model.eval()
         path, scores = self.out / "teacher_samples.safetensors", self.out / "entries" / "teacher.json"
         if path.exists() and scores.exists():
-            return model, json.loads(scores.read_text()), _load_tensors(path)["x"]
+            return model, json.loads(scores.read_text()), load_tensors(path)["x"]
         self.console.print(f"[bold]teacher[/bold] {c.model}: {c.samples} samples")
         start = time.perf_counter()
         x, y = generate(model, c.samples, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed, progress=c.progress)
         result = score(model, x, y, None, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed)
         result["eval_wall_s"] = time.perf_counter() - start
-        _save_tensors(path, {"x": x, **({"y": y} if y is not None else {})})
+        save_tensors(path, {"x": x, **({"y": y} if y is not None else {})})
         write_json(scores, result)
         return model, result, x
 
@@ -250,7 +251,7 @@ class Bench:
         scores = score(student, x, y, teacher, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed,
                        reference_samples=ref)
         eval_wall = time.perf_counter() - start
-        _save_tensors(self.out / "samples" / f"{_filename(key)}.safetensors", {"x": x[: c.grid]})
+        save_tensors(self.out / "samples" / f"{_filename(key)}.safetensors", {"x": x[: c.grid]})
         pictures = method_pictures(student, self.out / "pictures" / _filename(key), steps=c.steps, cfg=c.cfg,
                                    depth=len(as_backbone(teacher).blocks))
         meta = student.slimdiff_meta
@@ -317,11 +318,11 @@ class Bench:
         points["teacher"] = (1.0, teacher_scores["fd"])
         pareto(points, self.out / "pareto.png", reference_fd=teacher_scores["fd"], floor=teacher_scores["fd_floor"],
                title=f"{c.model}: {c.sampler} x{c.steps}, {c.samples} samples, recovery {c.recover_steps} steps")
-        rows = {"teacher": _load_tensors(self.out / "teacher_samples.safetensors")["x"][: c.grid]}
+        rows = {"teacher": load_tensors(self.out / "teacher_samples.safetensors")["x"][: c.grid]}
         for key in done:
             f = self.out / "samples" / f"{_filename(key)}.safetensors"
             if f.exists():
-                rows[key] = _load_tensors(f)["x"]
+                rows[key] = load_tensors(f)["x"]
         sample_rows(rows, self.out / "samples.png")
         write_json(self.out / "results.json", results)
         _atomic(self.out / "report.md", lambda tmp: tmp.write_text(markdown(results)))
