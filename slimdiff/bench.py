@@ -90,11 +90,11 @@ def demo_config(**overrides) -> BenchConfig:
 
 def entry_list(config: BenchConfig) -> list[tuple[str, str, float]]:
     """``(key, method-or-chain, budget)`` for every entry; keys look like ``tinyfusion+dipgo@0.25``."""
-    from slimdiff.methods.base import KIND_ORDER, METHODS, _load_all, get_method
+    from slimdiff.methods import KIND_ORDER, get_method, registry
 
-    _load_all()
+    specs = registry()
     # the default order groups each paper method with its baselines (so a partial run is useful)
-    order = sorted(METHODS, key=lambda n: (KIND_ORDER.index(METHODS[n].kind), n not in DEMO_METHODS, n))
+    order = sorted(specs, key=lambda n: (KIND_ORDER.index(specs[n].kind), n not in DEMO_METHODS, n))
     methods = config.methods if config.methods is not None else order + list(DEFAULT_CHAINS)
     if not methods:
         raise UsageError("no methods to bench; pass --methods (see `slimdiff methods`)")
@@ -214,7 +214,7 @@ class Bench:
         """The options each method declares, and the recovery steps: ``recover_steps`` when a
         static (depth/width) method changes weights; dynamic methods train that many steps
         instead; reuse methods keep the weights."""
-        from slimdiff.methods.base import get_method
+        from slimdiff.methods import get_method
 
         entries = [get_method(p) for p in parts]
         declared = {o for e in entries for o in e.options}
@@ -229,7 +229,8 @@ class Bench:
         """Compress, score against the teacher, time, draw; returns the entry's record."""
         from slimdiff.eval.evaluate import generate, score
         from slimdiff.eval.report import method_pictures
-        from slimdiff.methods.base import compress, get_method
+        from slimdiff.methods import get_method
+        from slimdiff.methods.base import compress
         from slimdiff.models.backbone import as_backbone
 
         c = self.config

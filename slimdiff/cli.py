@@ -285,14 +285,15 @@ def compress(
     """Compress a model to a compute budget with one method or a chain, and save the result."""
     from slimdiff.eval.compute import params
     from slimdiff.io import save
-    from slimdiff.methods.base import Context, check_budget, get_method
+    from slimdiff.methods import get_method, split_chain
+    from slimdiff.methods.base import Context, check_budget
     from slimdiff.methods.base import compress as run
 
     from slimdiff.io import check_output
 
     b = check_budget(budget)
-    for name in method.split(","):
-        get_method(name.strip())  # fail on a typo before loading anything
+    for name in split_chain(method):
+        get_method(name)  # fail on a typo before loading anything
     check_output(out)  # and on an output that cannot take the result
     m = _model(model, device)
     work = out.parent / f".{out.name}.work"
@@ -357,12 +358,13 @@ def bench_speed(
 @app.command("methods")
 def methods_() -> None:
     """List the compression methods and baselines."""
-    from slimdiff.methods.base import METHODS, _load_all
+    from slimdiff.methods import registry
 
-    _load_all()
-    for name in sorted(METHODS):
-        e = METHODS[name]
-        Console().print(f"{name:20s} [{e.kind}] {e.help}")
+    for name, spec in sorted(registry().items()):
+        Console().print(f"{name:20s} [{spec.kind}] {spec.help}", highlight=False, markup=False)
+        for o in spec.option_info():
+            Console().print(f"{'':22s}--option {o.name}={o.default!s}  ({o.type}) {o.help}".rstrip(),
+                            highlight=False, markup=False)
 
 
 def _parse_options(items: list[str] | None) -> dict:

@@ -212,7 +212,7 @@ def method_pictures(model: nn.Module, out: Path, *, steps: int = 50, cfg: float 
 
     ``depth`` is the original block count (for the depth baselines' kept-blocks row).
     """
-    from slimdiff.methods.base import get_method
+    from slimdiff.methods import get_method
 
     meta = getattr(model, "slimdiff_meta", None) or {}
     extras = meta.get("extras") or {}

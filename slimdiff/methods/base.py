@@ -25,15 +25,16 @@ rerun after a crash continues where it stopped and never resumes another model's
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
 
 from slimdiff.errors import UsageError
+from slimdiff.methods import get_method, split_chain
+from slimdiff.methods.spec import KIND_ORDER, MethodSpec
 
-KIND_ORDER = ("depth", "width", "dynamic", "reuse")
 # A budget is met when the reached MACs ratio is at most this far (relative) above it: the
 # granularity of whole blocks, heads and aligned channel widths rarely lands exactly on it.
 BUDGET_TOLERANCE = 0.03
@@ -57,61 +58,34 @@ class Context:
     teacher: nn.Module | None = field(default=None, repr=False)
 
 
-@dataclass
-class MethodEntry:
-    name: str
-    kind: str
-    help: str
-    fn: Callable[..., nn.Module]
-    options: tuple[str, ...] = ()
-
-
-METHODS: dict[str, MethodEntry] = {}
 RESTORERS: dict[str, Callable[[nn.Module, dict], None]] = {}
 
 
 def register_method(name: str, *, kind: str, help: str, options: tuple[str, ...] = ()):
-    """Decorator registering ``fn(model, budget, ctx, **options) -> nn.Module`` as ``name``."""
-    if kind not in KIND_ORDER:
-        raise ValueError(f"kind must be one of {KIND_ORDER}")
+    """Transitional: register ``fn(model, budget, ctx, **options)`` as a :class:`MethodSpec`
+    whose config has one untyped field per option (``None`` = the function's default)."""
+    from slimdiff.methods import register
+
+    config = make_dataclass(f"{name}-options", [(o, Any, field(default=None)) for o in options], frozen=True)
 
     def deco(fn):
-        METHODS[name] = MethodEntry(name, kind, help, fn, tuple(options))
+        def run(model, budget, ctx, cfg):
+            return fn(model, budget, ctx, **{k: v for k, v in asdict(cfg).items() if v is not None})
+
+        register(MethodSpec(name, kind, help, run, config, restore=RESTORERS.get(name)), replace=True)
         return fn
 
     return deco
 
 
 def register_restorer(name: str):
-    """Decorator registering ``fn(model, extras)`` that re-applies method ``name``'s runtime on load."""
+    """Transitional: register ``fn(model, extras)`` that re-applies method ``name``'s runtime on load."""
 
     def deco(fn):
         RESTORERS[name] = fn
         return fn
 
     return deco
-
-
-def _load_all() -> None:
-    import importlib
-    import pkgutil
-
-    import slimdiff.methods as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name != "base":
-            importlib.import_module(f"slimdiff.methods.{info.name}")
-
-
-def get_method(name: str) -> MethodEntry:
-    _load_all()
-    if name not in METHODS:
-        import difflib
-
-        close = difflib.get_close_matches(name, METHODS, n=2)
-        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise UsageError(f"unknown method {name!r}{hint}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
 
 
 def check_budget(budget: Any) -> float:
@@ -174,12 +148,18 @@ def restore_runtime(model: nn.Module) -> nn.Module:
     """Re-apply every runtime (reuse plan, routing tables) recorded in the model's metadata."""
     meta = getattr(model, "slimdiff_meta", None) or {}
     chain = (meta.get("method") or {}).get("chain") or []
-    if chain:
-        _load_all()
     for entry in chain:
-        if entry["name"] in RESTORERS:
-            RESTORERS[entry["name"]](model, (meta.get("extras") or {}).get(entry["name"]))
+        spec = get_method(entry["name"]) if entry["name"] in _known() else None
+        restore = (spec.restore if spec is not None else None) or RESTORERS.get(entry["name"])
+        if restore is not None:
+            restore(model, (meta.get("extras") or {}).get(entry["name"]))
     return model
+
+
+def _known() -> set[str]:
+    from slimdiff.methods import registry
+
+    return set(registry())
 
 
 def recover(model: nn.Module, ctx: Context, tag: str, **train_kwargs) -> nn.Module:
@@ -211,25 +191,26 @@ def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Con
     """
     ctx = ctx or Context()
     budget = check_budget(budget)
-    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    names = split_chain(methods)
     if not names:
         raise UsageError("no method given; pass --method NAME (see `slimdiff compress --help`)")
-    entries = sorted((get_method(n) for n in names), key=lambda e: KIND_ORDER.index(e.kind))
+    specs = sorted((get_method(n) for n in names), key=lambda e: KIND_ORDER.index(e.kind))
     ctx.teacher = ctx.teacher or model
-    original = sampling_macs(model, ctx)
     settings = {k: v for k, v in (settings or {}).items() if v is not None}
-    unknown = set(settings) - {o for e in entries for o in e.options}
+    unknown = set(settings) - {o for e in specs for o in e.options}
     if unknown:
         raise UsageError(f"option(s) {', '.join(sorted(unknown))} do not apply to {', '.join(names)}")
-    if ctx.recover_steps > 0 and all(e.kind == "reuse" for e in entries):
+    configs = [e.make_config({k: v for k, v in settings.items() if k in e.options}) for e in specs]
+    if ctx.recover_steps > 0 and all(e.kind == "reuse" for e in specs):
         raise UsageError(f"--recover-steps does not apply to {', '.join(names)}: reuse methods keep the weights "
                          "unchanged; drop --recover-steps or chain a depth/width/dynamic method first")
+    original = sampling_macs(model, ctx)
     result = copy.deepcopy(model)
-    for i, entry in enumerate(entries):
+    for i, (spec, config) in enumerate(zip(specs, configs)):
         reached = sampling_macs(result, ctx) / original
-        remaining = len(entries) - i
+        remaining = len(specs) - i
         step_budget = min(1.0, (budget / reached) ** (1 / remaining)) if reached > 0 else 1.0
-        result = entry.fn(result, step_budget, ctx, **{k: v for k, v in settings.items() if k in entry.options})
+        result = spec.compress(result, step_budget, ctx, config)
     macs = sampling_macs(result, ctx)
     meta = dict(result.slimdiff_meta)
     meta["measured"] = {**(meta.get("measured") or {}), "budget": budget, "macs_sampling": macs,

@@ -1,0 +1,153 @@
+"""``MethodSpec``: everything slimdiff knows about one compression method, in one object.
+
+A method is a :class:`MethodSpec` registered in :mod:`slimdiff.methods` (one line per
+method in ``_builtin``; your own with :func:`slimdiff.methods.register`). Its ``config`` is a
+dataclass whose fields are the method's options and whose defaults are the method's recipe
+(the paper's, scaled only in length where the docstring says so). The CLI (``compress
+--option k=v`` and the per-method flags), the bench and the speed bench read the options,
+their types, defaults and help from those fields; nothing else lists them.
+
+``compress(model, budget, ctx, config) -> nn.Module`` does the work (it receives a copy it may
+change in place and records what it did with :func:`slimdiff.methods.base.record`);
+``restore(model, extras)`` re-applies runtime state on load (a reuse plan, routing tables);
+``draw(name, extras, model, out, ctx) -> [files]`` draws the method's own picture for reports;
+``speed_student(model, settings) -> nn.Module`` builds the untrained student the speed bench
+times (``None``: the method is not in the speed bench).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from slimdiff.errors import UsageError
+
+KIND_ORDER = ("depth", "width", "dynamic", "reuse")
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The config of a method without options."""
+
+
+def option(default: Any, help: str, **kwargs) -> Any:
+    """A config field with its CLI help: ``threshold: float = option(0.05, "relative-loss threshold")``."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One option as the CLI shows it."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One compression method (or baseline): see the module docstring."""
+
+    name: str
+    kind: str
+    help: str
+    compress: Callable[..., nn.Module]
+    config: type = NoOptions
+    restore: Callable[[nn.Module, Any], None] | None = None
+    draw: Callable[..., list[Path]] | None = None
+    speed_student: Callable[..., nn.Module] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KIND_ORDER:
+            raise ValueError(f"{self.name}: kind must be one of {KIND_ORDER}, got {self.kind!r}")
+        if not dataclasses.is_dataclass(self.config):
+            raise TypeError(f"{self.name}: config must be a dataclass type, got {self.config!r}")
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The option names (the config's fields)."""
+        return tuple(f.name for f in dataclasses.fields(self.config))
+
+    def option_info(self) -> list[OptionInfo]:
+        hints = typing.get_type_hints(self.config)
+        out = []
+        for f in dataclasses.fields(self.config):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            out.append(OptionInfo(f.name, _type_name(hints.get(f.name, Any)), default, f.metadata.get("help", "")))
+        return out
+
+    def make_config(self, settings: dict | None = None) -> Any:
+        """The config with ``settings`` (option name -> value; ``None`` = the default) applied.
+
+        Values from the command line arrive as int / float / text and are converted to the
+        field's type (``1``/``0``/``true``/``false`` for booleans); a value that does not
+        convert is a :class:`UsageError` naming the option.
+        """
+        settings = {k: v for k, v in (settings or {}).items() if v is not None}
+        unknown = set(settings) - set(self.options)
+        if unknown:
+            raise UsageError(f"option(s) {', '.join(sorted(unknown))} do not apply to {self.name}; "
+                             f"its options: {', '.join(self.options) or 'none'}")
+        hints = typing.get_type_hints(self.config)
+        values = {k: _convert(v, hints.get(k, Any), f"{self.name} option {k}") for k, v in settings.items()}
+        return self.config(**values)
+
+    def __call__(self, model: nn.Module, budget: float, ctx: Any = None, config: Any = None, **options) -> nn.Module:
+        """Run the method on ``model`` (in place) at ``budget``: ``config`` or its defaults, with
+        ``options`` applied on top (``spec(model, 0.5, ctx, threshold=0.1)``)."""
+        from slimdiff.methods.base import Context
+
+        if config is None:
+            config = self.make_config(options)
+        elif options:
+            config = dataclasses.replace(config, **{k: v for k, v in options.items() if v is not None})
+        return self.compress(model, budget, ctx or Context(), config)
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if _is_union(tp) and len(args) == 1:
+        return _type_name(args[0])
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _convert(value: Any, tp: Any, what: str) -> Any:
+    """``value`` as type ``tp`` (bool / int / float / str, optionally ``| None``); anything else
+    (unions of several types, tuples, ``Any``) is passed through for the method to check."""
+    if _is_union(tp):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != 1:
+            return value
+        tp = args[0]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.strip().lower() in ("true", "1", "yes", "on")
+        raise UsageError(f"{what} must be true or false (1 or 0), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{what} must be an integer, got {value!r}")
+        return value
+    if tp is float:  # an int stays an int (it is recorded as given)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{what} must be a number, got {value!r}")
+        return value
+    if tp is str:
+        return str(value)
+    return value
