@@ -33,10 +33,11 @@ def main() -> None:
 
     import slimdiff
     from slimdiff.bench import write_json
+    from slimdiff.compression.reuse_plans import called_steps
     from slimdiff.eval.evaluate import generate, score
     from slimdiff.eval.speed import environment
     from slimdiff.methods.base import Context
-    from slimdiff.methods.dipgo import called_steps, dipgo
+    from slimdiff.methods.dipgo import dipgo
     from slimdiff.runtime.reuse import apply_block_reuse, get_block_reuse, remove_block_reuse
 
     teacher = slimdiff.load("digits-dit").eval()

@@ -29,9 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from slimdiff.compression.width import HEAD_MODES
 from slimdiff.eval.evaluate import generate, score
 from slimdiff.eval.speed import environment
 from slimdiff.methods import diff_pruning as dp
+from slimdiff.methods import width_baselines as wb
 from slimdiff.methods.base import Context
 
 OUT = Path("bench/diff_pruning")
@@ -77,7 +79,7 @@ def run_method(model: nn.Module, name: str, s: dict, work: Path, **kw) -> tuple[
     """Compress a copy at the budget with equal recovery; return it and the CPU-seconds spent."""
     ctx = Context(steps=s["steps"], cfg=1.0, recover_steps=s["recover_steps"], batch_size=s["batch_size"],
                   work_dir=work / name, progress=False, seed=0, teacher=model)
-    fn = {"random-width": dp.random_width, "magnitude-width": dp.magnitude_width}.get(name.split("@")[0])
+    fn = {"random-width": wb.random_width, "magnitude-width": wb.magnitude_width}.get(name.split("@")[0])
     start = time.process_time()
     if fn is None:
         out = dp.diff_pruning(copy.deepcopy(model), s["budget"], ctx, kw.pop("threshold"), stride=s["stride"], **kw)
@@ -114,7 +116,7 @@ def speed(s: dict, quick: bool) -> dict:
     on Diff-Pruning, once per head mode."""
     from slimdiff.eval.speed import method_speed
 
-    return {f"heads={h}": method_speed("diff-pruning", quick, repeats=s["repeats"], heads=h) for h in dp.HEAD_MODES}
+    return {f"heads={h}": method_speed("diff-pruning", quick, repeats=s["repeats"], heads=h) for h in HEAD_MODES}
 
 
 def plots(res: dict, out: Path) -> list[str]:

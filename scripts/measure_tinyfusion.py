@@ -106,7 +106,7 @@ def quality(args, work: Path) -> tuple[dict, dict]:
     """Method vs baselines at equal recovery, TinyFusion's KD ablation, and the search log."""
     from slimdiff.eval.evaluate import generate
     from slimdiff.methods.base import compress
-    from slimdiff.methods.tinyfusion import finish_depth
+    from slimdiff.compression.depth import finish_depth
 
     teacher = _teacher(args)
     depth = len(teacher.blocks) if hasattr(teacher, "blocks") else None

@@ -83,14 +83,9 @@ def main() -> None:
     from slimdiff.bench import write_json
     from slimdiff.eval.evaluate import generate, score
     from slimdiff.methods.base import Context, recover
+    from slimdiff.compression.depth import extract_blocks, group_options, parse_keep
     from slimdiff.methods.depth_baselines import select_blocks
-    from slimdiff.methods.tinyfusion import (
-        SearchConfig,
-        extract_blocks,
-        group_options,
-        parse_keep,
-        search,
-    )
+    from slimdiff.methods.tinyfusion import SearchConfig, search
     from slimdiff.models.backbone import as_backbone
 
     teacher = slimdiff.load(args.model).eval()

@@ -352,7 +352,7 @@ def entry_model(entry: dict, teacher: nn.Module) -> nn.Module:
     """
     import copy
 
-    from slimdiff.methods.base import restore_runtime
+    from slimdiff.io import restore_runtime
 
     if entry.get("kind") != "reuse" or "extras" not in entry:
         raise UsageError(f"bench entry {entry.get('method')}@{entry.get('budget')} cannot be rebuilt from its record: "

@@ -92,6 +92,7 @@ def info(
     """Parameters, MACs per forward and per full sampling run, and per-layer structure."""
     from slimdiff.eval.compute import macs_forward, macs_sampling, params
     from slimdiff.models.backbone import as_backbone
+    from slimdiff.result import record_of
 
     m = _model(model)
     bb = as_backbone(m)
@@ -107,7 +108,7 @@ def info(
     }
     if bb.is_transformer:
         out["structure"] = [{"block": i, "heads": bb.heads(i), "mlp": bb.mlp_width(i)} for i in range(len(bb.blocks))]
-    out["method"] = (getattr(m, "slimdiff_meta", None) or {}).get("method")
+    out["method"] = record_of(m).result.method_dict()
     _emit(out, as_json, f"slimdiff info {model}")
     if not as_json and "structure" in out:
         err.print("blocks (heads/mlp): " + " ".join(f"{s['heads']}/{s['mlp']}" for s in out["structure"]))
@@ -141,6 +142,7 @@ def train(
     from slimdiff.data.datasets import get_dataset
     from slimdiff.diffusion.schedulers import DiffusionConfig
     from slimdiff.io import save
+    from slimdiff.result import record_of, set_record
 
     probe = get_dataset(data, size=input_size or 8)
     x0, _ = probe[0]
@@ -156,7 +158,9 @@ def train(
 
     torch.manual_seed(seed)  # the random init is part of the recipe
     m = _model(model, device, **kwargs)
-    m.slimdiff_meta = {**(getattr(m, "slimdiff_meta", None) or {}), "diffusion": diffusion.to_dict()}
+    record = record_of(m)
+    record.diffusion = diffusion.to_dict()
+    set_record(m, record)
     m = _run_training(m, data, out, resume, diffusion=diffusion, steps=steps, batch_size=batch_size, lr=lr,
                       warmup_steps=warmup, lr_schedule=schedule, ema_decay=ema, cfg_dropout=cfg_dropout,
                       checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed, device=device)
@@ -273,6 +277,9 @@ def compress(
     loss: Optional[str] = typer.Option(None, help="[dipgo] consistency loss: ssim | l1 | l2"),
     step_gates: Optional[bool] = typer.Option(None, "--step-gates/--no-step-gates",
                                               help="[dipgo] also learn whole-step reuse (beyond the paper)"),
+    option: Optional[list[str]] = typer.Option(None, help="method option NAME=VALUE, repeatable (every option of "
+                                                          "every method: `slimdiff methods`); the [method] flags "
+                                                          "above are aliases"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(..., "-o", "--out", help="result directory"),
     overwrite: bool = typer.Option(False, help="replace an existing, different result in --out"),
@@ -284,23 +291,21 @@ def compress(
 ) -> None:
     """Compress a model to a compute budget with one method or a chain, and save the result."""
     from slimdiff.eval.compute import params
-    from slimdiff.io import save
-    from slimdiff.methods import get_method, split_chain
-    from slimdiff.methods.base import Context, check_budget
+    from slimdiff.io import check_output, save
+    from slimdiff.result import record_of
+    from slimdiff.methods.base import Context, check_budget, plan_chain
     from slimdiff.methods.base import compress as run
 
-    from slimdiff.io import check_output
-
     b = check_budget(budget)
-    for name in split_chain(method):
-        get_method(name)  # fail on a typo before loading anything
+    flags = dict(threshold=threshold, keep=keep, search_steps=search_steps, train_steps=train_steps, tune=tune,
+                 opt_steps=opt_steps, loss=loss, step_gates=step_gates)
+    settings = _merge_options({k: v for k, v in flags.items() if v is not None}, _parse_options(option))
+    plan_chain(method, settings, recover_steps)  # fail on a typo or a bad option before loading anything
     check_output(out)  # and on an output that cannot take the result
     m = _model(model, device)
     work = out.parent / f".{out.name}.work"
     ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps, kd=kd,
                   batch_size=batch_size, lr=lr, work_dir=work, progress=not as_json)
-    settings = dict(threshold=threshold, keep=keep, search_steps=search_steps, train_steps=train_steps, tune=tune,
-                    opt_steps=opt_steps, loss=loss, step_gates=step_gates)
     result = run(m, method, b, ctx, settings)
     path = save(result, out, overwrite=overwrite)
     import shutil
@@ -313,7 +318,7 @@ def compress(
             export(result, export_diffusers)
         except UsageError as e:
             raise UsageError(f"{e} (the slimdiff result is saved in {path})") from None
-    measured = result.slimdiff_meta["measured"]
+    measured = record_of(result).result.measured
     _emit({"method": method, "model": model, "budget": b, "macs_ratio": measured["macs_ratio"],
            "macs_sampling": measured["macs_sampling"], "params": params(result),
            "original_params": params(m), "output": str(path),
@@ -383,6 +388,15 @@ def _parse_options(items: list[str] | None) -> dict:
         else:
             out[key.strip()] = value
     return out
+
+
+def _merge_options(flags: dict, options: dict) -> dict:
+    """The per-method flags (aliases) and ``--option`` pairs as one settings dict; one name set
+    two ways is an error, not a silent choice."""
+    twice = sorted(set(flags) & set(options))
+    if twice:
+        raise UsageError(f"{', '.join(twice)} given both as a flag and as --option; pass it once")
+    return {**flags, **options}
 
 
 def _bench_table(results: dict, as_json: bool, out: Path) -> None:

@@ -1,5 +1,8 @@
 """Save and load models as a slimdiff directory: ``slimdiff.json`` + ``model.safetensors``.
 
+(Over 500 lines on purpose: the writer and the reader of one format, each structure rule
+next to its inverse, so that a change to one side cannot miss the other.)
+
 Format (``format_version`` 1)::
 
     {
@@ -29,6 +32,11 @@ device, so no random initialisation), applies the structure, and loads the weigh
 ``strict=True``. :func:`save` checks that exactly this rebuild reproduces the model's
 keys and shapes, so a directory that saves also loads.
 
+The metadata keys are a :class:`slimdiff.result.ModelRecord` (``to_doc`` / ``from_doc``). A
+method whose result needs runtime state (a reuse plan, routers) has a restorer registered
+here by the layer above (:func:`register_restorer`); :func:`load` applies it, so this module
+never imports the methods.
+
 Nothing on the load path unpickles: weights are read with safetensors only, and a
 directory holding pickle files (``*.pt``, ``*.bin``, ...) is refused outright.
 """
@@ -36,18 +44,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import tempfile
-import uuid
 import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
+from slimdiff import atomic
 from slimdiff.errors import UsageError
+from slimdiff.result import ModelRecord, record_of, set_record
 
 FORMAT_VERSION = 1
 JSON_NAME = "slimdiff.json"
@@ -59,7 +67,6 @@ DIFFUSERS_CLASSES = (
     "UNet2DConditionModel",
 )
 ARCHITECTURES = ("DiT",) + DIFFUSERS_CLASSES
-META_KEYS = ("name", "diffusion", "method", "measured", "extras")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 _LAYERS: dict[str, type[nn.Module]] = {
@@ -86,24 +93,22 @@ def save(model: nn.Module, path, *, meta: dict | None = None, overwrite: bool = 
     arch = architecture_name(model)
     target = Path(path).expanduser().absolute()
     existing = _check_target(target)
-    merged = {**(getattr(model, "slimdiff_meta", None) or {}), **(meta or {})}
+    record = record_of(model).with_meta(meta)
     config = _config_of(model, arch)
-    structure = _structure_for_save(model, arch, config, merged)
-
+    structure = _structure_for_save(model, arch, config, record)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp = atomic.temp_dir(target)
     except OSError as e:
         raise _not_writable(target.parent, e) from None
-    try:
-        wpath = tmp / WEIGHTS_NAME
+
+    def write(tmp: Path) -> None:
         from safetensors.torch import save_file
 
+        wpath = tmp / WEIGHTS_NAME
         tensors = _tensors_for_save(model)
         count = len(tensors)
         save_file(tensors, str(wpath), metadata={"format": "pt"})
         del tensors
-        _fsync(wpath)
         doc = {
             "format_version": FORMAT_VERSION,
             "slimdiff_version": _slimdiff_version(),
@@ -115,12 +120,10 @@ def save(model: nn.Module, path, *, meta: dict | None = None, overwrite: bool = 
                 "tensors": count,
                 "bytes": wpath.stat().st_size,
             },
-            **_meta_for_save(merged),
+            **record.to_doc(),
         }
         text = _dumps(doc, what="slimdiff metadata (model.slimdiff_meta / meta)")
         (tmp / JSON_NAME).write_text(text, encoding="utf-8")
-        _fsync(tmp / JSON_NAME)
-        _fsync(tmp)
         if existing == "slimdiff" and not overwrite:
             old = (target / JSON_NAME).read_text(encoding="utf-8", errors="replace")
             if old != text:
@@ -128,11 +131,8 @@ def save(model: nn.Module, path, *, meta: dict | None = None, overwrite: bool = 
                     f"{target} already holds a different slimdiff model; pass overwrite=True "
                     "(CLI: --overwrite) to replace it, or choose another path"
                 )
-        _move_into_place(tmp, target, replace=existing is not None)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return atomic.write_dir(target, write, tmp=tmp, replace=existing is not None)
 
 
 def check_output(path) -> Path:
@@ -184,13 +184,13 @@ def load(path) -> nn.Module:
     arch, config, structure = _read_architecture(doc, d / JSON_NAME)
     tensors = _read_weights(d / WEIGHTS_NAME, doc)
 
-    meta = _meta_from_doc(doc)
-    model = _build(arch, config, structure, where=d / JSON_NAME, meta=meta)
+    record = ModelRecord.from_doc(doc)
+    model = _build(arch, config, structure, where=d / JSON_NAME, record=record)
     _check_fit(model, tensors, arch, d / WEIGHTS_NAME)
-    model = _materialize(model, arch, config, structure, d / JSON_NAME, meta)
+    model = _materialize(model, arch, config, structure, d / JSON_NAME, record)
     _match_dtypes(model, tensors)
     model.load_state_dict(tensors, strict=True)
-    model.slimdiff_meta = meta
+    set_record(model, record)
     return model.eval()
 
 
@@ -236,6 +236,45 @@ def architecture_name(model: nn.Module) -> str:
         f"cannot save a {cls.__module__}.{cls.__name__}: slimdiff directories hold exactly one of "
         f"{', '.join(ARCHITECTURES)}"
     )
+
+
+# --------------------------------------------------------------------------- method runtimes
+Restorer = Callable[[nn.Module, Any], None]
+_RESTORERS: dict[str, Restorer] = {}
+
+
+def register_restorer(method: str, restore: Restorer | None) -> None:
+    """Make :func:`load` call ``restore(model, extras)`` for a model whose chain names ``method``
+    (``extras``: what the method recorded in ``extras[method]``); ``None`` removes it.
+
+    The layers above fill this registry (the methods layer, for each spec it registers), so
+    that loading a model never imports them.
+    """
+    if restore is None:
+        _RESTORERS.pop(method, None)
+    else:
+        _RESTORERS[method] = restore
+
+
+def restore_runtime(model: nn.Module, record: ModelRecord | None = None) -> nn.Module:
+    """Re-apply every runtime (reuse plan, routing tables) recorded in ``record`` (default: the
+    model's own) to ``model``, in chain order; returns the model."""
+    record = record_of(model) if record is None else record
+    for entry in record.result.chain:
+        restore = _restorer(entry.method)
+        if restore is not None:
+            restore(model, record.result.extras.get(entry.method))
+    return model
+
+
+def _restorer(method: str) -> Restorer | None:
+    """The restorer of ``method``; on a miss the package facade first registers the built-in
+    methods (their modules load only when a saved chain names one)."""
+    if method not in _RESTORERS:
+        from slimdiff import register_builtin_restorers
+
+        register_builtin_restorers()
+    return _RESTORERS.get(method)
 
 
 # --------------------------------------------------------------------------- structure
@@ -417,10 +456,10 @@ def _apply_structure(model: nn.Module, structure: dict, where: Path) -> None:
         ) from e
 
 
-def _structure_for_save(model: nn.Module, arch: str, config: dict, meta: dict) -> dict:
+def _structure_for_save(model: nn.Module, arch: str, config: dict, record: ModelRecord) -> dict:
     """Record the structure and prove that load's rebuild reproduces every key and shape."""
     structure = _structure(model, _construct(arch, config, "meta"))
-    fresh = _build(arch, config, structure, Path("<structure>"), meta=meta)
+    fresh = _build(arch, config, structure, Path("<structure>"), record=record)
     want, got = _shapes(model), _shapes(fresh)
     if want != got:
         extra = sorted(set(want) - set(got))[:3]
@@ -488,21 +527,6 @@ def _check_target(target: Path) -> str | None:
     return "slimdiff"
 
 
-def _move_into_place(tmp: Path, target: Path, replace: bool) -> None:
-    if not replace:
-        os.rename(tmp, target)
-    else:
-        backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, backup)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            os.rename(backup, target)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    _fsync(target.parent)
-
-
 def _tensors_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
     """CPU, contiguous tensors; a tensor sharing storage with an earlier one is cloned."""
     out, seen = {}, set()
@@ -514,25 +538,6 @@ def _tensors_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
         if ptr is not None:
             seen.add(ptr)
         out[k] = t
-    return out
-
-
-def _meta_for_save(meta: dict) -> dict:
-    from slimdiff.diffusion.schedulers import DiffusionConfig
-
-    diffusion = meta.get("diffusion")
-    if isinstance(diffusion, DiffusionConfig):
-        diffusion = diffusion.to_dict()
-    out = {
-        "name": meta.get("name"),
-        "diffusion": DiffusionConfig.from_dict(diffusion).to_dict(),
-        "method": meta.get("method"),
-        "measured": meta.get("measured") or {},
-        "extras": meta.get("extras") or {},
-    }
-    other = {k: v for k, v in meta.items() if k not in META_KEYS}
-    if other:
-        out["other_meta"] = other
     return out
 
 
@@ -569,19 +574,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # directories cannot be fsynced on some platforms
-        pass
-    finally:
-        os.close(fd)
 
 
 def _slimdiff_version() -> str:
@@ -662,20 +654,18 @@ def _read_weights(path: Path, doc: dict) -> dict[str, torch.Tensor]:
 
 
 def _build(arch: str, config: dict, structure: dict, where: Path, device: str = "meta",
-           meta: dict | None = None) -> nn.Module:
-    """Construct from config, apply the recorded structure, then let the methods recorded in
-    ``meta`` add what they need (routers, reuse hooks) before any weight is loaded."""
-    from slimdiff.methods.base import restore_runtime
-
+           record: ModelRecord | None = None) -> nn.Module:
+    """Construct from config, apply the recorded structure, then let the methods in ``record``'s
+    chain add what they need (routers, reuse hooks) before any weight is loaded."""
     try:
         model = _construct(arch, config, device)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise UsageError(f"{where}: cannot build {arch} from the stored config ({e}); the file is damaged or from another slimdiff version") from e
     with torch.device(device):
         _apply_structure(model, structure, where)
-        if meta:
-            model.slimdiff_meta = meta
-            restore_runtime(model)
+        if record is not None:
+            set_record(model, record)
+            restore_runtime(model, record)
     return model
 
 
@@ -714,9 +704,10 @@ def _meta_unsafe(model: nn.Module) -> bool:
     )  # fmt: skip
 
 
-def _materialize(model: nn.Module, arch: str, config: dict, structure: dict, where: Path, meta: dict) -> nn.Module:
+def _materialize(model: nn.Module, arch: str, config: dict, structure: dict, where: Path,
+                 record: ModelRecord) -> nn.Module:
     if _meta_unsafe(model):
-        return _build(arch, config, structure, where, device="cpu", meta=meta)
+        return _build(arch, config, structure, where, device="cpu", record=record)
     return model.to_empty(device="cpu")
 
 
@@ -730,10 +721,3 @@ def _match_dtypes(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         if t is not None and t.dtype != b.dtype:
             owner, _, attr = name.rpartition(".")
             model.get_submodule(owner)._buffers[attr] = b.to(t.dtype)
-
-
-def _meta_from_doc(doc: dict) -> dict:
-    meta = {k: doc[k] for k in META_KEYS if doc.get(k) is not None}
-    meta.update(doc.get("other_meta") or {})
-    return meta
-

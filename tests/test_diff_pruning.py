@@ -1,4 +1,5 @@
-"""Diff-Pruning and its width baselines (slimdiff.methods.diff_pruning) on tiny real models."""
+"""Diff-Pruning (slimdiff.methods.diff_pruning), its width baselines (slimdiff.methods.width_baselines) and the
+shared width pruner (slimdiff.compression.width) on tiny real models."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +14,10 @@ from conftest import TINY_MODELS, tiny_diffusers_dit, tiny_dit
 
 from slimdiff.errors import UsageError
 from slimdiff.eval.compute import macs_sampling
+from slimdiff.compression import width
+from slimdiff.compression.calibration import calibration_batch
 from slimdiff.methods import diff_pruning as dp
+from slimdiff.methods import width_baselines as wb
 from slimdiff.methods.base import Context, compress
 from slimdiff.models.backbone import as_backbone
 
@@ -113,7 +117,7 @@ def test_prune_every_backbone(kind, tmp_path):
     assert entry["name"] == "diff-pruning"
     ratio = macs_sampling(pruned, steps=2) / macs_sampling(model, steps=2)
     assert ratio == pytest.approx(entry["measured"]["macs_ratio"])
-    assert abs(ratio / 0.5 - 1) <= dp.TOLERANCE
+    assert abs(ratio / 0.5 - 1) <= width.TOLERANCE
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     extras = pruned.slimdiff_meta["extras"]["diff-pruning"]
     assert extras["widths"] and all(kept < orig for orig, kept in extras["widths"].values())
@@ -137,19 +141,19 @@ def test_budget_one_is_identity():
 
 @pytest.mark.parametrize("budget", [0.0, -0.5, 1.5, "half"])
 def test_budget_outside_unit_interval(budget):
-    for fn in (dp.diff_pruning, dp.random_width):
+    for fn in (dp.diff_pruning, wb.random_width):
         with pytest.raises(UsageError, match="budget"):
             fn(tiny_dit(), budget, ctx())
 
 
 def test_nothing_prunable():
     with pytest.raises(UsageError, match="nothing width pruning can remove"):
-        dp.magnitude_width(tiny_dit(depth=0), 0.5, ctx())
+        wb.magnitude_width(tiny_dit(depth=0), 0.5, ctx())
 
 
 def test_budget_out_of_reach():
     with pytest.raises(UsageError, match="below what width pruning reaches"):
-        dp.magnitude_width(tiny_dit(), 0.02, ctx())
+        wb.magnitude_width(tiny_dit(), 0.02, ctx())
 
 
 def test_calibration_of_wrong_shape(tmp_path):
@@ -164,11 +168,11 @@ def test_calibration_of_wrong_shape(tmp_path):
 
 def test_calibration_from_digits_uses_real_labelled_data():
     model = tiny_dit(in_channels=1)
-    x0, y, source = dp.calibration_batch(model, ctx(batch_size=6))
+    x0, y, source = calibration_batch(model, ctx(batch_size=6))
     assert source == "digits" and x0.shape == (6, 1, 8, 8) and y.dtype == torch.long
     assert x0.min() >= -1 and x0.max() <= 1 and len(set(x0.flatten().tolist())) > 2
     with pytest.warns(UserWarning, match="random inputs"):
-        _, _, source = dp.calibration_batch(tiny_dit(), ctx())
+        _, _, source = calibration_batch(tiny_dit(), ctx())
     assert source == "random"
 
 
@@ -194,8 +198,8 @@ def test_whole_heads_and_mlp_channels_equal_the_masked_model(factory):
     """Removing whole heads and MLP hidden channels == zeroing them (exact identities);
     with the head count left stale the forward silently differs."""
     model = factory(num_heads=4) if factory is tiny_dit else factory(num_attention_heads=4, attention_head_dim=8)
-    pruned, history = dp.prune_with_ratio(model, 0.5, "magnitude", heads="whole")
-    attn = dp._attention_heads(pruned)
+    pruned, history = width.prune_with_ratio(model, 0.5, "magnitude", heads="whole")
+    attn = width._attention_heads(pruned)
     assert {h for _, h in attn.values()} == {2}  # 4 -> 2 heads, head width unchanged
     assert any("mlp" in n or "ff" in n for n, _, _ in history)
     args = inputs(model)
@@ -204,7 +208,7 @@ def test_whole_heads_and_mlp_channels_equal_the_masked_model(factory):
     torch.testing.assert_close(run(pruned, *args), want, rtol=1e-4, atol=1e-5)
 
     stale = copy.deepcopy(pruned)
-    for a in dp._attention_heads(stale):
+    for a in width._attention_heads(stale):
         if hasattr(a, "num_heads"):
             a.num_heads = 4
         else:
@@ -215,8 +219,8 @@ def test_whole_heads_and_mlp_channels_equal_the_masked_model(factory):
 def test_head_dim_pruning_keeps_q_k_v_aligned():
     """Fused qkv: the same (head, dim) positions are kept in q, k and v of every head."""
     model = tiny_dit(num_heads=2)
-    pruned, _ = dp.prune_with_ratio(model, 0.5, "magnitude", heads="dims")
-    for a0, a1 in zip(dp._attention_heads(model), dp._attention_heads(pruned)):
+    pruned, _ = width.prune_with_ratio(model, 0.5, "magnitude", heads="dims")
+    for a0, a1 in zip(width._attention_heads(model), width._attention_heads(pruned)):
         assert a1.num_heads == 2 and a1.qkv.out_features == 48
         w0, w1 = a0.qkv.weight, a1.qkv.weight
         rows = [int((w0 == r).all(1).nonzero()) for r in w1]  # each kept row is an original row
@@ -235,7 +239,7 @@ def test_baselines_share_the_pruner_shapes():
         if name == "diff-pruning":
             out = prune(model, 0.6)
         else:
-            out = getattr(dp, name.replace("-", "_"))(model, 0.6, ctx())
+            out = getattr(wb, name.replace("-", "_"))(model, 0.6, ctx())
         assert out.slimdiff_meta["method"]["name"] == name
         shapes.append({k: v.shape for k, v in out.state_dict().items()})
     assert shapes[0] == shapes[1] == shapes[2]
@@ -246,7 +250,7 @@ def test_importances_differ():
     model = tiny_dit()
     x, _, y = inputs(model, 4)
     dp.accumulate_gradients(model, x, y, threshold=0.0, stride=STRIDE)
-    picks = [dp.prune_with_ratio(model, 0.5, kind)[1] for kind in ("taylor", "magnitude", "random")]
+    picks = [width.prune_with_ratio(model, 0.5, kind)[1] for kind in ("taylor", "magnitude", "random")]
     idx = [sorted(map(tuple, (sorted(i) for _, _, i in h))) for h in picks]
     assert idx[0] != idx[1] and idx[0] != idx[2] and idx[1] != idx[2]
 
@@ -255,8 +259,8 @@ def test_importances_differ():
 def test_recovery_runs_through_the_shared_trainer(tmp_path):
     model = tiny_dit(in_channels=1)  # digits-shaped: real calibration and recovery data
     kw = dict(steps=2, batch_size=4, progress=False, work_dir=tmp_path)
-    a = dp.random_width(copy.deepcopy(model), 0.6, Context(**kw))
-    b = dp.random_width(copy.deepcopy(model), 0.6, Context(recover_steps=2, **kw))
+    a = wb.random_width(copy.deepcopy(model), 0.6, Context(**kw))
+    b = wb.random_width(copy.deepcopy(model), 0.6, Context(recover_steps=2, **kw))
     assert [d.is_dir() for d in tmp_path.glob("recover-random-width-*")] == [True]  # keyed by the model fingerprint
     assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
     assert any(not torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
@@ -273,7 +277,7 @@ def test_cli_compress_json(tmp_path):
                                    "--steps", "2", "-o", str(tmp_path / "out"), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert abs(out["macs_ratio"] / 0.5 - 1) <= dp.TOLERANCE and out["params"] < out["original_params"]
+    assert abs(out["macs_ratio"] / 0.5 - 1) <= width.TOLERANCE and out["params"] < out["original_params"]
     bad = CliRunner().invoke(app, ["compress", "--method", "random-width", "--model", str(src), "--budget", "0.5",
                                    "--threshold", "0.1", "-o", str(tmp_path / "x")])
     assert isinstance(bad.exception, UsageError) and "threshold" in str(bad.exception)  # main() exits 2
@@ -281,4 +285,48 @@ def test_cli_compress_json(tmp_path):
 
 def test_registered_through_compress():
     out = compress(tiny_dit(), "magnitude-width", 0.5, ctx())
-    assert abs(out.slimdiff_meta["measured"]["macs_ratio"] / 0.5 - 1) <= dp.TOLERANCE
+    assert abs(out.slimdiff_meta["measured"]["macs_ratio"] / 0.5 - 1) <= width.TOLERANCE
+
+
+# --------------------------------------------------------------------------- specs and calibration
+def test_specs_hold_every_option_with_the_recipe_defaults():
+    from slimdiff.methods import get_method
+
+    spec = get_method("diff-pruning")
+    assert spec is dp.DIFF_PRUNING and spec.kind == "width" and spec.speed_student is dp.speed_student
+    assert spec.make_config() == dp.DiffPruningConfig(threshold=0.05, stride=1, backprop_stop_step=False, heads="dims")
+    for name in ("random-width", "magnitude-width"):
+        assert get_method(name).options == ("heads",) and get_method(name).make_config().heads == "dims"
+    assert {get_method(n).draw for n in ("diff-pruning", "random-width", "magnitude-width")} == {width.draw_width}
+    with pytest.raises(UsageError, match="stride must be an integer"):
+        spec.make_config({"stride": 2.5})
+
+
+def test_recorded_settings_are_the_methods_own():
+    """Options reach the method through compress(); the settings recorded stay what they were."""
+    model = tiny_dit(in_channels=1)
+    out = compress(model, "diff-pruning", 0.5, ctx(), {"threshold": 0, "stride": 500})
+    settings = out.slimdiff_meta["method"]["chain"][0]["settings"]
+    assert settings == {"threshold": 0.0, "stride": 500, "backprop_stop_step": False, "heads": "dims",
+                        "importance": "taylor", "ranking": "local", "align": width.ALIGN, "calibration": "digits",
+                        "calibration_size": 4}
+    out = compress(model, "random-width", 0.5, ctx(seed=3), {"heads": "whole"})
+    assert out.slimdiff_meta["method"]["chain"][0]["settings"] == {
+        "seed": 3, "heads": "whole", "importance": "random", "ranking": "local", "align": width.ALIGN}
+
+
+def test_calibration_batches_split_one_draw():
+    """Batches of one draw equal the one-batch draw; missing labels become the null class with missing="null"."""
+    from slimdiff.compression.calibration import calibration_batches
+
+    model = tiny_dit(in_channels=1)
+    x0, y, _ = calibration_batch(model, ctx(batch_size=7))
+    parts = list(calibration_batches(model, ctx(), 7, 3))
+    assert [len(x) for x, _ in parts] == [3, 3, 1]
+    torch.testing.assert_close(torch.cat([x for x, _ in parts]), x0, rtol=0, atol=0)
+    assert torch.equal(torch.cat([c for _, c in parts]), y)
+    unlabelled = [(torch.zeros(1, 8, 8), -1)] * 5
+    with pytest.raises(UsageError, match="no valid labels"):
+        calibration_batch(model, ctx(), 2, dataset=unlabelled)
+    _, null, _ = calibration_batch(model, ctx(), 2, dataset=unlabelled, missing="null")
+    assert null.tolist() == [10, 10]

@@ -1,4 +1,4 @@
-"""DiP-GO and the reuse baselines: optimisation, post-processing, save/load, errors."""
+"""DiP-GO and the reuse baselines: optimisation, post-processing (reuse_plans), save/load, errors."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_dit, tiny_unet
 
 import slimdiff
+from slimdiff.compression import reuse_plans as P
 from slimdiff.diffusion.sampling import sample
 from slimdiff.errors import UsageError
 from slimdiff.eval.compute import macs_sampling
@@ -27,7 +28,7 @@ def test_pruner_starts_all_keep_and_supernet_matches_sampling():
     pr = D.DiPGOPruner(STEPS, 3)
     assert bool((D.ste_keep(pr()) == 1).all())
     apply_block_reuse(m, ReusePlan.full("ddim", STEPS, m))
-    noise, labels, target = D.teacher_batch(m, 2, 0, sampler="ddim", steps=STEPS, cfg=1.5)
+    noise, labels, target = P.teacher_batch(m, 2, 0, sampler="ddim", steps=STEPS, cfg=1.5)
     x = D.supernet_sample(m, D.ste_keep(pr()), noise, labels, sampler="ddim", steps=STEPS, cfg=1.5)
     assert torch.equal(x, target)
 
@@ -40,7 +41,7 @@ def test_checkpointed_gradients_equal_plain(factory, step_gates):
     for p in m.parameters():
         p.requires_grad_(False)
     n = len(get_block_reuse(m).blocks)
-    noise, labels, target = D.teacher_batch(m, 2, 0, sampler="ddim", steps=STEPS, cfg=1.0)
+    noise, labels, target = P.teacher_batch(m, 2, 0, sampler="ddim", steps=STEPS, cfg=1.0)
     grads = []
     for ckpt in (True, False):
         keep = torch.full((STEPS, n + step_gates), 0.7, requires_grad=True)
@@ -67,12 +68,12 @@ def test_supernet_with_hard_gates_samples_the_plan_they_decode_to(factory, memor
     table[2, 0] = table[2, n] = True  # only the first block planned: on a UNet nothing reads it
     table[3, n - 1] = table[3, n] = True  # only the last block: it reads step 2's caches
     table[4, n], table[5, n] = False, True  # a skipped step between computed ones
-    noise, labels, _ = D.teacher_batch(m, 2, 0, sampler="ddim", steps=steps, cfg=1.0, with_target=False)
+    noise, labels, _ = P.teacher_batch(m, 2, 0, sampler="ddim", steps=steps, cfg=1.0, with_target=False)
     keep = table.float().requires_grad_(True)  # gradients on: the checkpointed path
     x = D.supernet_sample(m, keep, noise, labels, sampler="ddim", steps=steps, memory=memory)
     full = D.supernet_sample(m, None, noise, labels, sampler="ddim", steps=steps)
     remove_block_reuse(m)
-    compute, called = D.split_plan(table, n)
+    compute, called = P.split_plan(table, n)
     assert called[4] is False and not compute[4].any()
     apply_block_reuse(m, ReusePlan.for_sampler(compute, "ddim", steps, m, step_compute=called))
     y = sample(m, sampler="ddim", steps=steps, num_samples=2, classes=labels.tolist() if labels is not None else None,
@@ -98,7 +99,7 @@ def test_few_optimisation_steps_lower_the_loss(loss):
     apply_block_reuse(m, ReusePlan.full("ddim", STEPS, m))
     for p in m.parameters():
         p.requires_grad_(False)
-    noise, labels, target = D.teacher_batch(m, 2, 0, sampler="ddim", steps=STEPS, cfg=1.0)
+    noise, labels, target = P.teacher_batch(m, 2, 0, sampler="ddim", steps=STEPS, cfg=1.0)
     torch.manual_seed(0)
     pr = D.DiPGOPruner(STEPS, 3).eval()  # no dropout: the same batch gives the same loss
     opt = torch.optim.Adam(pr.parameters(), lr=0.05)
@@ -123,14 +124,14 @@ def test_postprocess_meets_budget_within_one_block(factory, method):
     p = torch.rand(8, len(costs.blocks), generator=torch.Generator().manual_seed(0))
     full = costs.cost(torch.ones(p.shape, dtype=torch.bool))
     for budget in (0.5, 0.3):
-        c = D.threshold_plan(p, costs, budget, method)
+        c = P.threshold_plan(p, costs, budget, method)
         assert c[0].all()
         got = costs.cost(c)
         assert got <= budget * full
         if method == "search" and factory is tiny_dit:  # transformers: within one block's MACs
             assert got > budget * full - max(costs.blocks)
     with pytest.raises(UsageError, match="below what block reuse can reach"):
-        D.threshold_plan(p, costs, 0.05, method)
+        P.threshold_plan(p, costs, 0.05, method)
 
 
 @pytest.mark.parametrize("method", ["search", "sweep"])
@@ -140,9 +141,9 @@ def test_steps_that_reuse_every_block_are_skipped_and_cost_nothing(method):
     p = torch.rand(8, len(costs.blocks), generator=torch.Generator().manual_seed(0)) * 0.5
     p[1:3] = 0.99  # steps 1 and 2 reuse every block first
     full = costs.cost(torch.ones(p.shape, dtype=torch.bool))
-    plain = D.threshold_plan(p, costs, 0.4, method)
-    c = D.threshold_plan(p, costs, 0.4, method, skip_reused_steps=True)
-    steps = D.called_steps(c)
+    plain = P.threshold_plan(p, costs, 0.4, method)
+    c = P.threshold_plan(p, costs, 0.4, method, skip_reused_steps=True)
+    steps = P.called_steps(c)
     assert steps[:3] == [True, False, False] and not c[1:3].any()
     got = costs.cost(c, steps)
     assert got <= 0.4 * full and got < costs.cost(c)  # the skipped steps' non-block MACs are saved too
@@ -160,7 +161,7 @@ def test_postprocess_with_step_scores_meets_budget_within_one_block(skip):
     p[2::2, n] = 0.99  # every other step is the most reusable entry: a fewer-steps plan comes first
     full = costs.cost(torch.ones(8, n, dtype=torch.bool))
     for budget in (0.6, 0.45, 0.3, 0.2):
-        compute, called = D.split_plan(D.threshold_plan(p, costs, budget, skip_reused_steps=skip), n, skip)
+        compute, called = P.split_plan(P.threshold_plan(p, costs, budget, skip_reused_steps=skip), n, skip)
         got = costs.cost(compute, called)
         assert compute[0].all() and called[0]
         assert budget * full - max(costs.blocks) - skip * costs.fixed < got <= budget * full
@@ -169,17 +170,17 @@ def test_postprocess_with_step_scores_meets_budget_within_one_block(skip):
     # of a step; it is kept and blocks are reused instead, within one block of the budget
     ranked = torch.full((8, n + 1), 0.05)
     ranked[1:, n] = torch.linspace(0.9, 0.3, 7)
-    compute, called = D.split_plan(D.threshold_plan(ranked, costs, 0.55), n)
+    compute, called = P.split_plan(P.threshold_plan(ranked, costs, 0.55), n)
     assert called == [True, False, False, False, True, True, True, True]
     assert 0.55 * full - max(costs.blocks) < costs.cost(compute, called) <= 0.55 * full
     # below what block reuse alone reaches (non-block layers at every step), but not below step 0 alone
-    low = D.minimum_fraction(costs, 8)
-    compute, called = D.split_plan(D.threshold_plan(p, costs, low * 0.8), n)
+    low = P.minimum_fraction(costs, 8)
+    compute, called = P.split_plan(P.threshold_plan(p, costs, low * 0.8), n)
     assert costs.cost(compute, called) <= low * 0.8 * full and not all(called)
     with pytest.raises(UsageError, match="step 0 always runs"):
-        D.threshold_plan(p, costs, 0.1)
+        P.threshold_plan(p, costs, 0.1)
     with pytest.raises(UsageError, match="postprocess='search'"):
-        D.threshold_plan(p, costs, 0.5, "sweep")
+        P.threshold_plan(p, costs, 0.5, "sweep")
 
 
 def test_dipgo_end_to_end_save_load_info(tmp_path):
@@ -193,7 +194,7 @@ def test_dipgo_end_to_end_save_load_info(tmp_path):
     assert meas["macs_ratio"] <= 0.6 and meas["macs_sampling"] == macs_sampling(r, "ddim", STEPS)
     assert get_block_reuse(m) is None  # the input model is untouched
     plan = get_block_reuse(r)
-    assert plan.step_compute == D.called_steps(plan.compute)  # steps reusing every block skip the call
+    assert plan.step_compute == P.called_steps(plan.compute)  # steps reusing every block skip the call
     out = tmp_path / "dipgo"
     slimdiff.save(r, out)
     loaded = slimdiff.load(out)
@@ -207,7 +208,7 @@ def test_dipgo_end_to_end_save_load_info(tmp_path):
 
 def test_budgets_below_block_reuse_need_whole_step_skips(tmp_path):
     m = tiny_dit(depth=3)
-    low = D.minimum_fraction(block_costs(m), STEPS)  # block reuse alone: non-block layers at every step
+    low = P.minimum_fraction(block_costs(m), STEPS)  # block reuse alone: non-block layers at every step
     budget = (low + 1 / STEPS) / 2  # above "step 0 only", below that
     with pytest.raises(UsageError, match="below what block reuse can reach"):
         D.dipgo(tiny_dit(depth=3), budget, _ctx(), opt_steps=0, skip_reused_steps=False)
@@ -261,3 +262,30 @@ def test_bad_options():
     r = compress(m, "deepcache", 0.8, _ctx())
     with pytest.raises(UsageError, match="already carries"):
         D.dipgo(r, 0.5, _ctx(), opt_steps=0)
+
+
+def test_reuse_specs_carry_their_options_restorer_picture_and_speed_student(tmp_path):
+    """The four reuse methods are MethodSpecs on the shared plan machinery: today's defaults as
+    config fields, the plan restorer and plan picture; DiP-GO's speed student is a plan from
+    seeded random scores meeting the budget."""
+    from slimdiff.eval.speed import SpeedSettings
+    from slimdiff.methods import get_method
+
+    specs = {name: get_method(name) for name in ("dipgo", "deepcache", "l2c", "fewer-steps")}
+    for spec in specs.values():
+        assert spec.kind == "reuse" and spec.restore is P.restore_plan and spec.draw is P.draw_plan
+    assert {o.name: o.default for o in specs["dipgo"].option_info()} == {
+        "opt_steps": P.OPT_STEPS, "loss": "ssim", "postprocess": "search", "batch": 8, "alpha": D.ALPHA,
+        "skip_reused_steps": True, "step_gates": False}
+    assert {o.name: o.default for o in specs["l2c"].option_info()} == {"opt_steps": P.OPT_STEPS, "batch": 8,
+                                                                        "lam": 1e-3}
+    r = compress(tiny_dit(depth=3), "deepcache", 0.8, _ctx())
+    files = specs["deepcache"].draw("deepcache", r.slimdiff_meta["extras"]["deepcache"], r, tmp_path, {})
+    assert [f.name for f in files] == ["deepcache-plan.png"] and files[0].stat().st_size > 0
+    settings = SpeedSettings(budget=0.5, steps=STEPS, seed=3)
+    a = specs["dipgo"].speed_student(tiny_dit(depth=3), settings)
+    b = specs["dipgo"].speed_student(tiny_dit(depth=3), settings)
+    assert get_block_reuse(a).to_dict() == get_block_reuse(b).to_dict()  # seeded
+    assert a.slimdiff_meta["method"]["chain"][0]["settings"] == {"sampler": "ddim", "steps": STEPS,
+                                                                 "scores": "seeded random", "budget": 0.5}
+    assert a.slimdiff_meta["method"]["chain"][0]["measured"]["plan_macs_ratio"] <= 0.5

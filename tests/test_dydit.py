@@ -15,16 +15,10 @@ from slimdiff.eval.compute import count_macs, macs_sampling
 from slimdiff.methods.base import Context, compress
 from slimdiff.methods.dydit import DyDiTConfig, cost_model, dydit, routed_ratio, shift_routers
 from slimdiff.models.backbone import as_backbone
-from slimdiff.models.dit import DiT
-from slimdiff.runtime.dynamic import (
-    DyDiTRouting,
-    RoutingConfig,
-    TokenSelect,
-    default_config,
-    install,
-    masked_forward,
-    sliced_forward,
-)
+from slimdiff.models.dit import DiT, DiTBlock
+from slimdiff.runtime.dynamic_dit import masked_forward, sliced_forward
+from slimdiff.runtime.routed import TokenSelect
+from slimdiff.runtime.routing import DyDiTRouting, RoutingConfig, apply_dydit, default_config, remove_dydit
 
 
 def _inputs(model, batch=3, seed=1, t=None):
@@ -44,7 +38,7 @@ def _randomize_routers(routing: DyDiTRouting, seed: int = 0) -> None:
 
 def _dynamic(seed=0, **kw):
     model = tiny_dit(seed, depth=3, num_heads=4, hidden_size=32, **kw)
-    routing = install(model, default_config(model))
+    routing = apply_dydit(model, default_config(model))
     return model, routing
 
 
@@ -92,7 +86,7 @@ def test_all_on_routers_equal_the_original_exactly(arch):
     x, t, y = _inputs(model)
     cond, t1 = _cond(arch, y, 3), torch.full((3,), 421)
     ref, ref1 = bb(x, t, cond), bb(x, t1, cond)
-    routing = install(model, default_config(model))
+    routing = apply_dydit(model, default_config(model))
     assert routing.config.heads == [4, 4, 4]
     assert torch.equal(bb(x, t1, cond), ref1)  # sliced eval path, one timestep (sampling)
     assert torch.allclose(bb(x, t, cond), ref, atol=1e-6)  # batch split by timestep
@@ -104,7 +98,7 @@ def test_all_on_routers_equal_the_original_exactly(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sliced_inference_equals_masked_forward_for_the_same_decisions(arch):
     model = _arch(arch)
-    routing = install(model, default_config(model))
+    routing = apply_dydit(model, default_config(model))
     _randomize_routers(routing)
     bb = as_backbone(model)
     for t in (None, 600):  # mixed timesteps (split by timestep, conditions with them) and one shared timestep
@@ -124,7 +118,7 @@ def test_sliced_inference_equals_masked_forward_for_the_same_decisions(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_macs_accounting_matches_flop_counter_on_sliced_execution(arch):
     model = _arch(arch)
-    routing = install(model, default_config(model))
+    routing = apply_dydit(model, default_config(model))
     _randomize_routers(routing, seed=5)
     cost = cost_model(model)
     routing.build_tables(model, [300.0])
@@ -140,7 +134,7 @@ def test_macs_accounting_matches_flop_counter_on_sliced_execution(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_decisions_pass_gradients_to_every_router(arch):
     model = _arch(arch)
-    routing = install(model, default_config(model))
+    routing = apply_dydit(model, default_config(model))
     model.train()
     x, t, y = _inputs(model, batch=4)
     as_backbone(model)(x, t, _cond(arch, y, 4)).pow(2).mean().backward()
@@ -191,7 +185,7 @@ class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
 def _randomly_routed(arch: str):
     """A routed model of ``arch`` whose routers cut heads, groups and (different) tokens per sample."""
     model = _arch(arch)
-    routing = install(model, default_config(model))
+    routing = apply_dydit(model, default_config(model))
     _randomize_routers(routing, seed=3)
     return model, routing
 
@@ -298,6 +292,27 @@ def test_deepcopy_keeps_its_own_routing():
     assert torch.equal(twin(x, t, y), ref)
 
 
+@torch.no_grad()
+def test_routing_is_a_set_of_model_hooks_that_remove_cleanly():
+    model = tiny_dit(depth=3, num_heads=4, hidden_size=32)
+    x, t, y = _inputs(model, t=100)
+    ref, keys = model(x, t, y), set(model.state_dict())
+    routing = apply_dydit(model, default_config(model))
+    assert all(type(b) is DiTBlock for b in model.blocks)  # no class swapping
+    assert set(model.state_dict()) - keys == {f"dydit.routers.{i}.{r}.{p}" for i in range(3)
+                                              for r in ("head", "group", "token") for p in ("weight", "bias")}
+    _randomize_routers(routing)
+    routed = model(x, t, y)
+    assert not torch.equal(routed, ref)
+    twin = copy.deepcopy(model)
+    assert remove_dydit(model) is model and not hasattr(model, "dydit") and set(model.state_dict()) == keys
+    assert torch.equal(model(x, t, y), ref)
+    assert torch.equal(twin(x, t, y), routed)  # the copy keeps its own routing
+    remove_dydit(twin)
+    assert torch.equal(twin(x, t, y), ref)
+    assert remove_dydit(twin) is twin  # a no-op without routing
+
+
 # --------------------------------------------------------------------------- training and method
 def test_flops_loss_pushes_routers_toward_the_budget(tmp_path):
     model = tiny_dit(depth=2, num_heads=2, in_channels=1)
@@ -384,7 +399,7 @@ def test_unsupported_backbones(factory, match, tmp_path):
     with pytest.raises(UsageError, match=match):
         dydit(factory(), 0.5, _ctx(tmp_path), train_steps=0)
     with pytest.raises(UsageError, match="supports"):
-        install(factory(), RoutingConfig(heads=[2], groups=[2]))
+        apply_dydit(factory(), RoutingConfig(heads=[2], groups=[2]))
 
 
 def test_bad_tune(tmp_path):
@@ -409,7 +424,7 @@ def test_pixart_token_gather_scatter_equals_masking_per_sample():
     from slimdiff.runtime.dynamic_pixart import sliced_forward as px_sliced
 
     model = _pixart()
-    routing = install(model, default_config(model))
+    routing = apply_dydit(model, default_config(model))
     _randomize_routers(routing, seed=3)
     block, r = model.transformer_blocks[1], routing.routers[1]
     g = torch.Generator().manual_seed(4)
@@ -472,9 +487,9 @@ def test_pixart_lora_mode_and_text_data_errors(tmp_path):
 
 def test_pixart_layouts_the_runtime_cannot_route_are_refused():
     with pytest.raises(UsageError, match="GELU"):
-        install(tiny_pixart(activation_fn="geglu"), RoutingConfig(heads=[2, 2], groups=[2, 2]))
+        apply_dydit(tiny_pixart(activation_fn="geglu"), RoutingConfig(heads=[2, 2], groups=[2, 2]))
     model = tiny_pixart()
-    install(model, default_config(model))
+    apply_dydit(model, default_config(model))
     x, t, cond = _inputs(model, batch=2, t=10)
     with torch.no_grad(), pytest.raises(UsageError, match="self-attention mask"):
         model(x, encoder_hidden_states=cond, timestep=t, attention_mask=torch.ones(2, 16),
@@ -487,7 +502,7 @@ def test_pixart_with_size_conditions_routes_on_the_timestep_part_only():
     bb = as_backbone(model)
     x, t, cond = _inputs(model, batch=2, t=100)
     ref = bb(x, t, cond)
-    routing = install(model, default_config(model))
+    routing = apply_dydit(model, default_config(model))
     assert torch.equal(bb(x, t, cond), ref)
     _randomize_routers(routing, seed=1)
     out = bb(x, t, cond)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,10 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from conftest import TINY_MODELS, evil_pickle, randomize_, tiny_diffusers_dit, tiny_dit, tiny_unet  # noqa: E402
 
 import slimdiff  # noqa: E402
-from slimdiff import io  # noqa: E402
+from slimdiff import atomic, io  # noqa: E402
 from slimdiff.errors import UsageError  # noqa: E402
 from slimdiff.models import registry  # noqa: E402
 from slimdiff.models.dit import DiT, DiT_models  # noqa: E402
+from slimdiff.result import ChainEntry, CompressionResult, ModelRecord, record_of, set_record  # noqa: E402
 
 
 # --------------------------------------------------------------------------- helpers
@@ -174,6 +177,99 @@ def test_low_precision_dtype_is_kept(tmp_path):
     loaded = io.load(io.save(model, tmp_path / "bf16"))
     assert loaded.x_embedder.proj.weight.dtype == torch.bfloat16
     assert torch.equal(_run("dit", loaded, inp), _run("dit", model, inp))
+
+
+# --------------------------------------------------------------------------- records and runtimes
+DIFFUSION = {"objective": "epsilon", "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
+             "beta_end": 0.02, "clip_sample": False}
+COMPRESSED = {
+    "name": "tiny", "diffusion": DIFFUSION,
+    "method": {"name": "magnitude-width+toy-runtime", "chain": [
+        {"name": "magnitude-width", "settings": {"align": 8}, "measured": {"macs_ratio": 0.8}},
+        {"name": "toy-runtime", "settings": {"steps": 4}, "measured": {"plan_macs_ratio": 0.5}}]},
+    "measured": {"budget": 0.5, "macs_ratio": 0.4}, "extras": {"toy-runtime": {"plan": [[0, 1]]}},
+    "finetune": {"steps": 1}, "zeta": [1, 2],
+}
+
+
+def test_record_converts_exactly_to_and_from_the_meta_layout():
+    record = ModelRecord.from_meta(COMPRESSED)
+    assert record.name == "tiny" and record.provenance == {"finetune": {"steps": 1}, "zeta": [1, 2]}
+    assert record.result.chain[1] == ChainEntry("toy-runtime", {"steps": 4}, {"plan_macs_ratio": 0.5})
+    assert record.result.method == "magnitude-width+toy-runtime" and record.result.measured["budget"] == 0.5
+    assert json.dumps(record.to_meta()) == json.dumps(COMPRESSED)  # same keys, values and order
+    doc = record.to_doc()
+    assert list(doc) == ["name", "diffusion", "method", "measured", "extras", "other_meta"]
+    assert doc["other_meta"] == record.provenance and doc["method"] == COMPRESSED["method"]
+    assert ModelRecord.from_doc(doc) == record
+    plain = ModelRecord("digits", DIFFUSION)  # an uncompressed model: no method, no other_meta
+    assert plain.to_meta() == {"name": "digits", "diffusion": DIFFUSION, "measured": {}, "extras": {}}
+    assert plain.to_doc()["method"] is None and "other_meta" not in plain.to_doc()
+    assert ModelRecord.from_doc(plain.to_doc()) == plain
+
+    built = CompressionResult()  # what slimdiff.methods.base.record does, typed
+    for entry in record.result.chain:
+        built.add(entry.method, entry.settings, entry.measured, record.result.extras.get(entry.method))
+    assert built.method_dict() == COMPRESSED["method"] and built.extras == COMPRESSED["extras"]
+
+    model = set_record(tiny_dit(), record)
+    assert model.slimdiff_meta == COMPRESSED and record_of(model) == record
+
+
+def test_restorers_registered_from_above_run_on_load(tmp_path, monkeypatch):
+    calls = []
+    io.register_restorer("toy-runtime", lambda model, extras: calls.append((type(model), extras)))
+    try:
+        model = set_record(tiny_dit(), ModelRecord.from_meta(COMPRESSED))
+        saved = io.save(model, tmp_path / "m")  # save rebuilds the model once to check it loads
+        assert calls == [(DiT, {"plan": [[0, 1]]})]
+        loaded = io.load(saved)
+        assert calls[1:] == [(DiT, {"plan": [[0, 1]]})] and loaded.slimdiff_meta == COMPRESSED
+    finally:
+        io.register_restorer("toy-runtime", None)
+
+    asked = []  # a chain naming a method without a restorer asks the layers above to register theirs
+    monkeypatch.setattr(slimdiff, "register_builtin_restorers", lambda: asked.append(1))
+    io.load(saved)
+    assert asked and not calls[2:]
+
+
+def test_loading_a_plain_model_never_imports_the_methods(tmp_path):
+    saved = io.save(tiny_dit(), tmp_path / "plain", meta={"name": "plain", "training": {"steps": 1}})
+    code = (
+        "import sys\n"
+        "import slimdiff, slimdiff.io, slimdiff.models.registry\n"
+        f"slimdiff.io.load({str(saved)!r}); slimdiff.models.registry.load_model({str(saved)!r})\n"
+        f"slimdiff.load({str(saved)!r}); slimdiff.load('DiT-S/2', input_size=8)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('slimdiff.methods', 'slimdiff.compression'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_atomic_write_dir_keeps_the_old_directory_until_the_new_one_is_in_place(tmp_path):
+    target, backup = tmp_path / "ckpt", tmp_path / ".ckpt-old"
+
+    def writer(text: str):
+        return lambda tmp: (tmp / "f.txt").write_text(text)
+
+    atomic.write_dir(target, writer("1"), backup=backup)
+    backup.mkdir()  # a stale backup left by a crash between the two renames
+    (backup / "f.txt").write_text("0")
+    atomic.write_dir(target, writer("2"), backup=backup)
+    assert (target / "f.txt").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+    def fails(tmp):
+        (tmp / "f.txt").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic.write_dir(target, fails)
+    assert (target / "f.txt").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    with pytest.raises(OSError):  # replace=False: the caller checked the target is absent
+        atomic.write_dir(target, writer("3"), replace=False)
+    assert (target / "f.txt").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 # --------------------------------------------------------------------------- load failures

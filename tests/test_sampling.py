@@ -6,7 +6,7 @@ import torch
 from conftest import TINY_MODELS, tiny_dit, tiny_pixart, tiny_unet
 
 from slimdiff.diffusion.losses import ForwardProcess, diffusion_loss
-from slimdiff.diffusion.sampling import sample
+from slimdiff.diffusion.sampling import Trajectory, initial_noise, sample
 from slimdiff.diffusion.schedulers import DiffusionConfig, make_scheduler
 from slimdiff.errors import UsageError
 
@@ -50,6 +50,26 @@ def test_guidance_changes_the_result_and_callbacks_see_every_step():
     u = sample(m, steps=5, classes=[0, 1], cfg=1.0)
     assert begun == ended == list(range(5))
     assert not torch.allclose(g, u)
+
+
+@torch.no_grad()
+def test_the_loop_takes_a_model_function():
+    """``sample`` is ``Trajectory.run`` with the default model function; a model function of
+    one's own (DiP-GO's SuperNet, L2C's recorder) sees every step's input, in order."""
+    from slimdiff.models.backbone import as_backbone
+
+    m = tiny_dit()
+    ref = sample(m, steps=4, classes=[1, 2], cfg=1.5, seed=3)
+    traj = Trajectory(m, sampler="ddim", steps=4, n=2, cond=torch.tensor([1, 2]), cfg=1.5, seed=3)
+    seen = []
+
+    def model_fn(inp, t, i):
+        seen.append((i, float(t)))
+        return traj.predict(inp, t, i)
+
+    x = traj.run(traj.start(initial_noise(as_backbone(m), 2, 3)), model_fn)
+    assert torch.equal(x, ref)
+    assert seen == [(i, float(t)) for i, t in enumerate(traj.timesteps)]
 
 
 def test_padded_captions_with_guidance():

@@ -87,7 +87,7 @@ def test_theoretical_speedup_matches_an_independent_count(bench, method):
 
 
 def test_pruned_widths_are_aligned():
-    from slimdiff.methods.diff_pruning import ALIGN, ALIGN_MIN_WIDTH, HEAD_ALIGN
+    from slimdiff.compression.width import ALIGN, ALIGN_MIN_WIDTH, HEAD_ALIGN
 
     s = sp.SpeedSettings(**TINY)
     teacher = sp.build_model("DiT-M/2", s.latent_size, s.seed)
@@ -101,7 +101,7 @@ def test_pruned_widths_are_aligned():
 
 
 def test_aligned_ratios_round_kept_widths():
-    from slimdiff.methods.diff_pruning import GroupInfo, aligned_ratios
+    from slimdiff.compression.width import GroupInfo, aligned_ratios
 
     table = [GroupInfo("mlp", 1536, 1, False), GroupInfo("attn", 64, 6, True), GroupInfo("small", 32, 1, False)]
     ratios = aligned_ratios(table, 0.505, heads="dims", align=8)

@@ -12,21 +12,18 @@ from conftest import tiny_diffusers_dit, tiny_dit, tiny_pixart, tiny_unet
 from slimdiff.errors import UsageError
 from slimdiff.io import export_diffusers, load, save
 from slimdiff.methods.base import BUDGET_TOLERANCE, Context, compress, sampling_macs
-from slimdiff.methods.depth_baselines import block_influence, select_blocks
-from slimdiff.methods.tinyfusion import (
+from slimdiff.compression.depth import (
     MAX_OPTIONS,
-    DepthGates,
-    SearchConfig,
     depth_for_budget,
     extract_blocks,
     group_options,
     kept_layer_map,
     masked_blocks,
     parse_keep,
-    search,
     shape_for_depth,
-    tinyfusion,
 )
+from slimdiff.methods.depth_baselines import block_influence, select_blocks
+from slimdiff.methods.tinyfusion import DepthGates, SearchConfig, search, tinyfusion
 from slimdiff.models.backbone import as_backbone
 
 # Depth-4 models with one input channel, so the digits data can train / calibrate them.
@@ -171,7 +168,7 @@ def _toy_with_a_destructive_block(tmp_path: Path):
     the loss is far from linear in the gate.)"""
     from conftest import randomize_
 
-    from slimdiff.methods.tinyfusion import training_dataset
+    from slimdiff.compression.depth import training_dataset
     from slimdiff.train.trainer import TrainConfig, train
 
     model = tiny_dit(0, depth=2, in_channels=1, learn_sigma=False)

@@ -1,18 +1,20 @@
-"""Sampling loops on diffusers schedulers, with classifier-free guidance and seeded noise.
+"""The sampling loop on diffusers schedulers, with classifier-free guidance and seeded noise.
 
-``sample`` is the one loop every command and method uses. Two hooks let methods act per
-step: ``on_step_begin(i, t)`` runs before the model is evaluated at step ``i`` (DiP-GO's
-reuse plan and DyDiT's per-step routing read the step index from it) and
-``callback(i, t, x)`` runs after the scheduler step. While a trajectory runs,
-:func:`current_sampler` tells runtimes which sampler and step count are in use (DDIM and
-DPM-Solver++ share timesteps, so a reuse plan cannot tell them apart otherwise).
+:class:`Trajectory` holds the one denoising loop (scheduler set-up, timesteps, guidance,
+steps); :func:`sample` runs it for every command and method, DiP-GO's differentiable
+SuperNet and L2C's trajectory recording run it with their own per-step model function
+(``model_fn(inp, t, i)``). Two hooks let callers act per step: ``on_step_begin(i, t)`` runs
+before the model is evaluated at step ``i`` and ``callback(i, t, x)`` runs after the
+scheduler step. While a trajectory runs, :func:`current_sampler` tells runtimes which
+sampler and step count are in use (DDIM and DPM-Solver++ share timesteps, so a reuse plan
+cannot tell them apart otherwise), and :func:`current_timestep` the step's timestep.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,6 +23,9 @@ from slimdiff.diffusion.schedulers import DiffusionConfig, diffusion_config_of, 
 from slimdiff.errors import UsageError
 from slimdiff.utils import progress as progress_bar
 
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""A per-step model function ``(model input, timestep, step index) -> prediction``."""
 
 _SAMPLER: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("slimdiff_sampler", default=None)
 
@@ -62,6 +67,13 @@ def sampling_context(sampler: str, steps: int) -> Iterator[None]:
         _SAMPLER.reset(token)
 
 
+def schedule_timesteps(sampler: str, steps: int, model: nn.Module | None = None) -> list[float]:
+    """Timesteps the loop visits for ``sampler`` x ``steps`` (the model's schedule; one per model call)."""
+    sch = make_scheduler(sampler, diffusion_config_of(model) if model is not None else diffusion_config_of(nn.Module()))
+    sch.set_timesteps(steps)
+    return [float(t) for t in sch.timesteps]
+
+
 def resolve_classes(bb, num_samples: int | None, classes: Sequence[int] | None) -> tuple[int, torch.Tensor | None]:
     """Number of samples and class labels: given ``classes`` (validated), or ``0..K-1`` cycled."""
     if classes is not None and len(classes) and bb.conditioning != "class":
@@ -85,6 +97,84 @@ def initial_noise(bb, n: int, seed: int, device: torch.device | str = "cpu") -> 
     """Seeded starting noise: the same seed gives the same tensor on every device."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, bb.in_channels, bb.sample_size, bb.sample_size, generator=gen).to(device)
+
+
+class Trajectory:
+    """The fixed parts of one sampling run and its one loop.
+
+    Holds the scheduler with its timesteps, the model's condition (the ``[cond; uncond]``
+    batch under guidance), the step generator and the model's dtype. :meth:`run` is the
+    denoising loop; :meth:`step` one step of it. The model is evaluated through a per-step
+    function ``model_fn(inp, t, i) -> prediction`` (default :meth:`predict`), which is
+    where DiP-GO's differentiable SuperNet and L2C's trajectory recording plug in; they use
+    :meth:`guided` for the guidance combination and :meth:`batch` for the guided batch.
+    Callers validate their inputs first (:func:`sample` does).
+    """
+
+    def __init__(self, model: nn.Module, *, sampler: str, steps: int, n: int, cond: Any = None, cfg: float = 1.0,
+                 seed: int = 0, diffusion: DiffusionConfig | None = None):
+        """``cond``: class labels, caption embeddings (random ones when None on a text model) or None."""
+        from slimdiff.models.backbone import as_backbone, cat_conditions
+
+        self.bb = as_backbone(model)
+        self.sampler, self.steps, self.cfg = sampler, steps, cfg
+        self.use_cfg = cfg != 1.0
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if self.bb.conditioning == "text" and cond is None:
+            cond = self.bb.example_cond(n, torch.Generator().manual_seed(seed))
+        cond = cond.to(self.device) if cond is not None else None
+        self.cond = cat_conditions([cond, self.bb.null_cond(cond, n).to(self.device)]) if self.use_cfg else cond
+        self.scheduler = make_scheduler(sampler, diffusion or diffusion_config_of(model))
+        self.scheduler.set_timesteps(steps)
+        self.timesteps = self.scheduler.timesteps
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """The first ``x`` from starting noise (scaled by the scheduler's initial sigma)."""
+        return noise.to(self.device) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+
+    def batch(self, inp: torch.Tensor) -> torch.Tensor:
+        """The model's input batch: ``[inp; inp]`` under guidance (rows match :attr:`cond`)."""
+        return torch.cat([inp, inp]) if self.use_cfg else inp
+
+    def guided(self, inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's prediction at ``inp``, with classifier-free guidance."""
+        out = self.bb(self.batch(inp), t, self.cond).float()
+        if not self.use_cfg:
+            return out
+        c, u = out.chunk(2)
+        return u + self.cfg * (c - u)
+
+    def predict(self, inp: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        """The default model function: :meth:`guided`, with ``t`` published to runtimes
+        (:func:`current_timestep`)."""
+        with _model_call_at(t):
+            return self.guided(inp, t)
+
+    def step(self, x: torch.Tensor, i: int, model_fn: ModelFn | None = None) -> torch.Tensor:
+        """Sampling step ``i`` from ``x``: the next ``x`` (differentiable when ``model_fn`` is)."""
+        t = self.timesteps[i]
+        scale = getattr(self.scheduler, "scale_model_input", None)
+        inp = (scale(x, t) if scale is not None else x).to(self.dtype)
+        pred = (model_fn or self.predict)(inp, t, i)
+        return self.scheduler.step(pred, t, x, generator=self.gen).prev_sample
+
+    def run(self, x: torch.Tensor, model_fn: ModelFn | None = None, *,
+            on_step_begin: Callable[[int, torch.Tensor], None] | None = None,
+            callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+            progress: bool = False) -> torch.Tensor:
+        """Every step from ``x`` (see :func:`sample` for the hooks); returns the final ``x``."""
+        n = len(self.timesteps)
+        it = progress_bar(range(n), f"{self.sampler} x{self.steps}", progress, total=n)
+        with sampling_context(self.sampler, self.steps):
+            for i in it:
+                if on_step_begin is not None:
+                    on_step_begin(i, self.timesteps[i])
+                x = self.step(x, i, model_fn)
+                if callback is not None:
+                    callback(i, self.timesteps[i], x)
+        return x
 
 
 @torch.no_grad()
@@ -113,7 +203,7 @@ def sample(
     :class:`UsageError` (never silently dropped). The model's own :class:`DiffusionConfig` is used unless
     ``diffusion`` overrides it.
     """
-    from slimdiff.models.backbone import as_backbone, cat_conditions
+    from slimdiff.models.backbone import as_backbone
 
     bb = as_backbone(model)
     if not isinstance(steps, int) or steps < 1:
@@ -122,36 +212,10 @@ def sample(
         raise UsageError(f"guidance scale must be a finite number >= 0 (1 = off), got {cfg!r}")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise UsageError(f"number of samples must be a positive integer, got {num_samples!r}")
-    guided = cfg != 1.0
-    if guided and bb.conditioning is None:
+    if cfg != 1.0 and bb.conditioning is None:
         raise UsageError("guidance (cfg != 1) needs a conditional model; this one is unconditional: use --cfg 1")
-    device = next(model.parameters()).device
     n, labels = resolve_classes(bb, num_samples if cond is None else len(cond), classes)
-    if bb.conditioning == "class":
-        cond = labels
-    elif bb.conditioning == "text" and cond is None:
-        cond = bb.example_cond(n, torch.Generator().manual_seed(seed))
-    cond = cond.to(device) if cond is not None else None
-    scheduler = make_scheduler(sampler, diffusion or diffusion_config_of(model))
-    scheduler.set_timesteps(steps)
-    x = (initial_noise(bb, n, seed, device) if noise is None else noise.to(device)) * getattr(scheduler, "init_noise_sigma", 1.0)
-    x_dtype = next(model.parameters()).dtype
-    gen = torch.Generator().manual_seed(seed + 1)
-    timesteps = scheduler.timesteps
-    it = progress_bar(enumerate(timesteps), f"{sampler} x{steps}", progress, total=len(timesteps))
-    cond_in = cat_conditions([cond, bb.null_cond(cond, n).to(device)]) if guided else None
-    with sampling_context(sampler, steps):
-        for i, t in it:
-            if on_step_begin is not None:
-                on_step_begin(i, t)
-            inp = (scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x).to(x_dtype)
-            with _model_call_at(t):
-                if guided:
-                    c, u = bb(torch.cat([inp, inp]), t, cond_in).float().chunk(2)
-                    pred = u + cfg * (c - u)
-                else:
-                    pred = bb(inp, t, cond).float()
-            x = scheduler.step(pred, t, x, generator=gen).prev_sample
-            if callback is not None:
-                callback(i, t, x)
-    return x
+    traj = Trajectory(model, sampler=sampler, steps=steps, n=n, cond=labels if bb.conditioning == "class" else cond,
+                      cfg=cfg, seed=seed, diffusion=diffusion)
+    x = traj.start(initial_noise(bb, n, seed, traj.device) if noise is None else noise)
+    return traj.run(x, on_step_begin=on_step_begin, callback=callback, progress=progress)

@@ -45,9 +45,10 @@ class DiffusionConfig:
 
 
 def diffusion_config_of(model: nn.Module) -> DiffusionConfig:
-    """The model's :class:`DiffusionConfig` from ``model.slimdiff_meta["diffusion"]`` (default: DDPM eps)."""
-    meta = getattr(model, "slimdiff_meta", None) or {}
-    return DiffusionConfig.from_dict(meta.get("diffusion"))
+    """The model's :class:`DiffusionConfig` from its record (default: DDPM eps)."""
+    from slimdiff.result import record_of
+
+    return DiffusionConfig.from_dict(record_of(model).diffusion)
 
 
 def make_scheduler(name: str, config: DiffusionConfig):

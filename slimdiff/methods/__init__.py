@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 
+from slimdiff import io
 from slimdiff.errors import UsageError
 from slimdiff.methods.spec import KIND_ORDER, MethodSpec, NoOptions, option
 
@@ -23,12 +24,14 @@ def register(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
     if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec and not replace:
         raise ValueError(f"a method named {spec.name!r} is already registered (pass replace=True to override it)")
     _REGISTRY[spec.name] = spec
+    io.register_restorer(spec.name, spec.restore)  # loading a saved result re-applies its runtime
     return spec
 
 
 def unregister(name: str) -> None:
     """Remove a method registered with :func:`register` (tests, plugins)."""
     _REGISTRY.pop(name, None)
+    io.register_restorer(name, None)
 
 
 def _builtin() -> None:

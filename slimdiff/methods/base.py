@@ -1,16 +1,13 @@
-"""What every compression method provides, and the machinery they share.
+"""What every compression method receives, and the chain runner they share.
 
-A method is a function registered with :func:`register_method`::
-
-    @register_method("diff-pruning", kind="width", help="Taylor width pruning", options=("threshold",))
-    def compress(model, budget: float, ctx: Context, threshold: float = 0.05) -> nn.Module: ...
-
+A method is a :class:`~slimdiff.methods.spec.MethodSpec` (see :mod:`slimdiff.methods.spec`)
+whose ``compress(model, budget, ctx, config)`` does the work.
 It receives the model (a copy it may change in place), a **budget**
 (fraction of *its input's* sampling MACs for ``ctx.sampler``/``ctx.steps``/``ctx.cfg``)
-and the method-specific settings it declared in ``options``, and returns a model ready to sample with. It
+and its ``config`` (the spec's dataclass of options), and returns a model ready to sample with. It
 records what it did with :func:`record` (settings, budget reached, runtime data in
 ``extras``). Methods whose result needs runtime state at load time (a reuse plan, routing
-tables) register a restorer with :func:`register_restorer`; ``slimdiff.load`` calls it.
+tables) set the spec's ``restore``; ``slimdiff.load`` calls it.
 
 Chains (``tinyfusion,dipgo``) run static depth/width first, then dynamic routing, then
 step reuse, each at ``budget ** (1/k)`` of its input so that the end-to-end budget is met;
@@ -32,6 +29,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from slimdiff.errors import UsageError
+from slimdiff.result import record_of, set_record
 from slimdiff.methods import get_method, split_chain
 from slimdiff.methods.spec import KIND_ORDER, MethodSpec
 
@@ -82,7 +80,10 @@ def register_restorer(name: str):
     """Transitional: register ``fn(model, extras)`` that re-applies method ``name``'s runtime on load."""
 
     def deco(fn):
+        from slimdiff import io
+
         RESTORERS[name] = fn
+        io.register_restorer(name, fn)
         return fn
 
     return deco
@@ -107,15 +108,10 @@ def sampling_macs(model: nn.Module, ctx: Context) -> int:
 
 
 def record(model: nn.Module, name: str, settings: dict, measured: dict, extras: Any = None) -> nn.Module:
-    """Append this method's entry to ``model.slimdiff_meta['method']['chain']`` (and its extras)."""
-    meta = dict(getattr(model, "slimdiff_meta", None) or {})
-    method = dict(meta.get("method") or {"chain": []})
-    chain = list(method.get("chain", [])) + [{"name": name, "settings": settings, "measured": measured}]
-    meta["method"] = {"name": "+".join(c["name"] for c in chain), "chain": chain}
-    if extras is not None:
-        meta["extras"] = {**(meta.get("extras") or {}), name: extras}
-    model.slimdiff_meta = meta
-    return model
+    """Append this method's entry (settings, measurements, runtime ``extras``) to the model's record."""
+    rec = record_of(model)
+    rec.result.add(name, settings, measured, extras)
+    return set_record(model, rec)
 
 
 def settings_key(settings: Any) -> str:
@@ -144,24 +140,6 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def restore_runtime(model: nn.Module) -> nn.Module:
-    """Re-apply every runtime (reuse plan, routing tables) recorded in the model's metadata."""
-    meta = getattr(model, "slimdiff_meta", None) or {}
-    chain = (meta.get("method") or {}).get("chain") or []
-    for entry in chain:
-        spec = get_method(entry["name"]) if entry["name"] in _known() else None
-        restore = (spec.restore if spec is not None else None) or RESTORERS.get(entry["name"])
-        if restore is not None:
-            restore(model, (meta.get("extras") or {}).get(entry["name"]))
-    return model
-
-
-def _known() -> set[str]:
-    from slimdiff.methods import registry
-
-    return set(registry())
-
-
 def recover(model: nn.Module, ctx: Context, tag: str, **train_kwargs) -> nn.Module:
     """Recovery fine-tuning (diffusion loss, or KD from ``ctx.teacher``) for ``ctx.recover_steps``.
 
@@ -182,6 +160,24 @@ def recover(model: nn.Module, ctx: Context, tag: str, **train_kwargs) -> nn.Modu
                  progress=ctx.progress)
 
 
+def plan_chain(methods: list[str] | str, settings: dict | None = None,
+               recover_steps: int = 0) -> list[tuple[MethodSpec, Any]]:
+    """The chain's specs in run order (depth, width, dynamic, reuse) with their configs; every
+    check that needs no model (names, options, values) happens here, before any work."""
+    names = split_chain(methods)
+    if not names:
+        raise UsageError("no method given; pass --method NAME (see `slimdiff compress --help`)")
+    specs = sorted((get_method(n) for n in names), key=lambda e: KIND_ORDER.index(e.kind))
+    settings = {k: v for k, v in (settings or {}).items() if v is not None}
+    unknown = set(settings) - {o for e in specs for o in e.options}
+    if unknown:
+        raise UsageError(f"option(s) {', '.join(sorted(unknown))} do not apply to {', '.join(names)}")
+    if recover_steps > 0 and all(e.kind == "reuse" for e in specs):
+        raise UsageError(f"--recover-steps does not apply to {', '.join(names)}: reuse methods keep the weights "
+                         "unchanged; drop --recover-steps or chain a depth/width/dynamic method first")
+    return [(e, e.make_config({k: v for k, v in settings.items() if k in e.options})) for e in specs]
+
+
 def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Context | None = None,
              settings: dict | None = None) -> nn.Module:
     """Apply one method or a chain at an end-to-end ``budget``; returns a new model.
@@ -191,30 +187,18 @@ def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Con
     """
     ctx = ctx or Context()
     budget = check_budget(budget)
-    names = split_chain(methods)
-    if not names:
-        raise UsageError("no method given; pass --method NAME (see `slimdiff compress --help`)")
-    specs = sorted((get_method(n) for n in names), key=lambda e: KIND_ORDER.index(e.kind))
+    plan = plan_chain(methods, settings, ctx.recover_steps)
     ctx.teacher = ctx.teacher or model
-    settings = {k: v for k, v in (settings or {}).items() if v is not None}
-    unknown = set(settings) - {o for e in specs for o in e.options}
-    if unknown:
-        raise UsageError(f"option(s) {', '.join(sorted(unknown))} do not apply to {', '.join(names)}")
-    configs = [e.make_config({k: v for k, v in settings.items() if k in e.options}) for e in specs]
-    if ctx.recover_steps > 0 and all(e.kind == "reuse" for e in specs):
-        raise UsageError(f"--recover-steps does not apply to {', '.join(names)}: reuse methods keep the weights "
-                         "unchanged; drop --recover-steps or chain a depth/width/dynamic method first")
     original = sampling_macs(model, ctx)
     result = copy.deepcopy(model)
-    for i, (spec, config) in enumerate(zip(specs, configs)):
+    for i, (spec, config) in enumerate(plan):
         reached = sampling_macs(result, ctx) / original
-        remaining = len(specs) - i
+        remaining = len(plan) - i
         step_budget = min(1.0, (budget / reached) ** (1 / remaining)) if reached > 0 else 1.0
         result = spec.compress(result, step_budget, ctx, config)
     macs = sampling_macs(result, ctx)
-    meta = dict(result.slimdiff_meta)
-    meta["measured"] = {**(meta.get("measured") or {}), "budget": budget, "macs_sampling": macs,
-                        "macs_ratio": macs / original, "original_macs_sampling": original,
-                        "sampler": ctx.sampler, "steps": ctx.steps, "cfg": ctx.cfg}
-    result.slimdiff_meta = meta
-    return result
+    rec = record_of(result)
+    rec.result.measured = {**rec.result.measured, "budget": budget, "macs_sampling": macs,
+                           "macs_ratio": macs / original, "original_macs_sampling": original,
+                           "sampler": ctx.sampler, "steps": ctx.steps, "cfg": ctx.cfg}
+    return set_record(result, rec)

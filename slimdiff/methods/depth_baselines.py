@@ -1,11 +1,11 @@
 """Depth-pruning baselines that TinyFusion is compared with (BENCHMARK.md, "depth").
 
 Each keeps ``k`` of the ``L`` blocks and then shares TinyFusion's ending
-(:func:`slimdiff.methods.tinyfusion.finish_depth`): the dropped blocks are removed, and the
+(:func:`slimdiff.compression.depth.finish_depth`): the dropped blocks are removed, and the
 same recovery (fine-tune or KD with the kept-block layer map) runs for the same steps.
 ``k`` comes from ``keep`` (an N:M pattern as for TinyFusion; only its total kept count is
 used, so a baseline and TinyFusion at ``keep=1:2`` have the same depth) or else from the
-budget (:func:`slimdiff.methods.tinyfusion.depth_for_budget`).
+budget (:func:`slimdiff.compression.depth.depth_for_budget`).
 
 * ``bi-depth`` -- ShortGPT's Block Influence, ``BI_i = 1 - E[cos(h_in, h_out)]`` over tokens of
   calibration inputs (128 training images noised at uniform random timesteps, with their
@@ -20,19 +20,28 @@ budget (:func:`slimdiff.methods.tinyfusion.depth_for_budget`).
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from slimdiff.compression.depth import (
+    check_depth_prunable,
+    depth_for_budget,
+    draw_depth,
+    finish_depth,
+    parse_keep,
+    training_dataset,
+)
 from slimdiff.errors import UsageError
-from slimdiff.methods.base import Context, register_method
-from slimdiff.methods.tinyfusion import check_depth_prunable, depth_for_budget, finish_depth, parse_keep
+from slimdiff.methods.base import Context
+from slimdiff.methods.spec import MethodSpec, option
 from slimdiff.models.backbone import TextCondition, as_backbone
 
-__all__ = ["block_influence", "select_blocks", "STRATEGIES", "CALIBRATION_SAMPLES"]
+__all__ = ["block_influence", "select_blocks", "STRATEGIES", "CALIBRATION_SAMPLES", "DepthBaselineConfig", "SPECS"]
 
 CALIBRATION_SAMPLES = 128
 """Images used for Block Influence (as in the TinyFusion repo's ``prune_by_score.py``)."""
@@ -42,7 +51,6 @@ def _calibration_batches(model: nn.Module, ctx: Context, samples: int, batch: in
     """Yield ``(x_t, t, cond)`` of training images noised at random timesteps."""
     from slimdiff.diffusion.losses import ForwardProcess
     from slimdiff.diffusion.schedulers import diffusion_config_of
-    from slimdiff.methods.tinyfusion import training_dataset
 
     bb = as_backbone(model)
     data = dataset if dataset is not None else training_dataset(model, ctx)
@@ -133,29 +141,25 @@ def _target_depth(model: nn.Module, budget: float, ctx: Context, keep: str | Non
     return k, {"keep_from": f"budget {budget:g}", **facts}
 
 
-def _baseline(strategy: str) -> Callable[..., nn.Module]:
+@dataclass(frozen=True)
+class DepthBaselineConfig:
+    """The depth baselines' option."""
+
+    keep: str | None = option(None, "N:M group shape(s) giving the depth, e.g. 1:2 (default: from the budget)")
+
+
+def _compress(strategy: str, model: nn.Module, budget: float, ctx: Context, config: DepthBaselineConfig) -> nn.Module:
+    """Depth baseline ``strategy``: keep the ``k`` blocks it selects, then the shared recovery."""
     name = f"{strategy}-depth"
-
-    def compress(model: nn.Module, budget: float, ctx: Context, keep: str | None = None) -> nn.Module:
-        start = time.process_time()
-        depth = len(check_depth_prunable(model, name).blocks)
-        k, settings = _target_depth(model, budget, ctx, keep)
-        extras: dict = {}
-        scores = block_influence(model, ctx) if strategy == "bi" else None
-        if scores is not None:
-            extras["block_influence"] = scores
-        kept = select_blocks(strategy, depth, k, ctx.seed, scores)
-        return finish_depth(model, kept, ctx, name, {**settings, "depth": k}, extras,
-                            cost_s=time.process_time() - start)
-
-    compress.__name__ = name.replace("-", "_")
-    compress.__doc__ = f"Depth baseline {name!r}: keep {k_doc(strategy)}, then the shared recovery."
-    return compress
-
-
-def k_doc(strategy: str) -> str:
-    return {"bi": "the k blocks of highest Block Influence", "first": "the first k blocks", "last": "the last k blocks",
-            "stride": "k blocks at a uniform stride", "random": "k random blocks"}[strategy]
+    start = time.process_time()
+    depth = len(check_depth_prunable(model, name).blocks)
+    k, settings = _target_depth(model, budget, ctx, config.keep)
+    extras: dict = {}
+    scores = block_influence(model, ctx) if strategy == "bi" else None
+    if scores is not None:
+        extras["block_influence"] = scores
+    kept = select_blocks(strategy, depth, k, ctx.seed, scores)
+    return finish_depth(model, kept, ctx, name, {**settings, "depth": k}, extras, cost_s=time.process_time() - start)
 
 
 _HELP = {
@@ -165,5 +169,5 @@ _HELP = {
     "stride": "keep k blocks at a uniform stride",
     "random": "keep k random blocks (seeded)",
 }
-for _s in STRATEGIES:
-    register_method(f"{_s}-depth", kind="depth", help=f"[baseline] {_HELP[_s]}", options=("keep",))(_baseline(_s))
+SPECS = tuple(MethodSpec(f"{s}-depth", "depth", f"[baseline] {_HELP[s]}", functools.partial(_compress, s),
+                         DepthBaselineConfig, draw=draw_depth) for s in STRATEGIES)

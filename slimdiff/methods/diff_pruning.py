@@ -1,10 +1,11 @@
-"""Diff-Pruning (Fang et al., 2023): Taylor structural pruning over thresholded timesteps,
-and the two width baselines that share its pruner (random and magnitude importance).
+"""Diff-Pruning (Fang et al., 2023): Taylor structural pruning over thresholded timesteps.
 
-What it does, in order:
+What the paper adds to the shared width pruner (:mod:`slimdiff.compression.width`, also behind
+the baselines of :mod:`slimdiff.methods.width_baselines`), in order:
 
 1. **Calibration** -- one fixed batch ``x0`` (``ctx.batch_size`` samples of ``ctx.data``,
-   drawn with ``ctx.seed``) and one fixed noise tensor, reused at every timestep.
+   drawn with ``ctx.seed``: :func:`slimdiff.compression.calibration.calibration_batch`) and
+   one fixed noise tensor, reused at every timestep.
 2. **Gradients over thresholded timesteps** -- the diffusion loss ``L_t`` (the model's own
    objective, mean squared error as in the reference's ``ddpm_prune.py``) is evaluated at
    ``t = 0, s, 2s, ...`` upward (stride ``s``, default 1 = all 1000 training steps, as in the
@@ -18,73 +19,32 @@ What it does, in order:
 3. **Scores** -- ``torch_pruning.importance.TaylorImportance(multivariable=False)``:
    per channel ``sum_k |w_k * sum_t g_t,k|`` reduced over its dependency group (the
    reference's choice; the plain "taylor" baseline would be ``multivariable=True``).
-4. **Structural pruning** through torch-pruning's dependency graph, *local* ranking (the
-   same ratio in every group, as in the reference), one shot:
-
-   * UNet2DModel / UNet2DConditionModel: every conv/linear channel group (GroupNorm groups
-     and skip connections are handled by the graph); only ``conv_out`` is kept whole.
-   * Transformers (our DiT, diffusers DiT, PixArt): attention inner width (q/k/v rows and the
-     output projection's columns; self- and cross-attention) and MLP hidden channels. The
-     residual width and every embedder stay whole (the residual group is coupled to a
-     ``pos_embed`` buffer and adaLN chunks, see environment.md).
-   * ``heads="dims"`` (default, torch-pruning's default) narrows every head; ``heads="whole"``
-     removes whole heads (at least one head is kept per attention). Narrower heads also
-     change SDPA's default softmax scale to ``1/sqrt(new head dim)`` (ours and diffusers'
-     processors both use the default), as with torch-pruning's own examples; recovery
-     absorbs it. Whole-head removal is exact: it equals zeroing the heads.
-   * Afterwards :func:`slimdiff.models.backbone.sync_attention_heads` writes the new head
-   counts (``pruner.num_heads``) and Down/Upsample channel counts back onto the modules:
-   torch-pruning changes shapes only, and a stale ``heads`` makes diffusers' attention
-   silently split the width into the wrong heads.
-   * Our DiT's fused ``qkv`` is split with ``unbind`` (timm's form): torch-pruning's graph
-     maps q/k/v channels through it, but not through ``qkv[0..2]`` indexing (it would prune q
-     of one head with k of another). A test checks q, k and v keep the same positions.
-5. **Budget, not ratio** -- torch-pruning's ratio meant different things across versions
-   (see diff_pruning.md), so the ratio is *searched* (:func:`prune_to_budget`: bisection,
-   then, where channel groups make MACs jump past the budget, the two bracketing ratios
-   mixed over groups) until the MACs ratio is within 3% of the budget. The search compares
-   one-forward MACs (batch 1, attention included); for a static width-pruned model the
-   sampling MACs are exactly ``steps x`` (``2 x steps`` with guidance) that, so the ratio is
-   the same. The budget reached is then measured end to end with
-   :func:`slimdiff.methods.base.sampling_macs` and recorded. With local ranking the pruned
-   *shape* depends on the ratio only, so the three importances reach the same MACs at the
-   same ratio (an equal-compute comparison).
-6. **Recovery** -- :func:`slimdiff.methods.base.recover` (``ctx.recover_steps``, ``ctx.kd``),
-   identical for the method and its baselines.
-
-The result is a plain, smaller ``nn.Module`` of the input's class; removed channels are gone
-(no masks), and :mod:`slimdiff.io` saves its per-layer widths.
+4. **Pruning to the budget and recovery** -- :func:`slimdiff.compression.width.width_prune`:
+   local ranking through torch-pruning's dependency graph (attention inner width and MLP
+   hidden channels of transformers, every channel group of UNets; ``heads="dims"`` narrows
+   heads, ``"whole"`` removes them), the ratio searched until the MACs are within 3% of the
+   budget, then the shared recovery.
 """
 from __future__ import annotations
 
-import copy
-import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
+from slimdiff.compression.calibration import calibration_batch, check_shape
+from slimdiff.compression.width import HEADS_HELP, draw_width, width_prune
 from slimdiff.errors import UsageError
-from slimdiff.methods.base import (BUDGET_TOLERANCE, Context, check_budget, record, recover, register_method,
-                                   sampling_macs)
+from slimdiff.methods.base import Context
+from slimdiff.methods.spec import MethodSpec, option
 
-__all__ = [
-    "TimestepTrace", "Trial", "check_threshold", "taylor_timesteps", "calibration_batch", "accumulate_gradients",
-    "group_roots", "prune_with_ratio", "prune_to_budget", "diff_pruning", "random_width", "magnitude_width",
-    "HEAD_MODES", "TOLERANCE",
-]
+if TYPE_CHECKING:
+    from slimdiff.eval.speed import SpeedSettings
 
-HEAD_MODES = ("dims", "whole")
-TOLERANCE = BUDGET_TOLERANCE  # relative distance of the reached MACs ratio to the budget
-ALIGN = 8  # the budget search keeps widths in multiples of this (see aligned_ratios)
-ALIGN_MIN_WIDTH = 256  # narrower layers are not aligned (small models keep fine steps)
-HEAD_ALIGN = 8  # kept width per head: fused attention kernels (flash SDPA) need head dims in multiples of 8
-MAX_RATIO = 0.9  # the largest torch-pruning ratio tried (keeps >= 10% of every group)
-MAX_TRIALS = 24
-DIGITS_SHAPE = (1, 8, 8)
-
+__all__ = ["TimestepTrace", "check_threshold", "taylor_timesteps", "accumulate_gradients", "DiffPruningConfig",
+           "compress", "diff_pruning", "speed_student", "DIFF_PRUNING", "SPECS"]
 
 # --------------------------------------------------------------------------- timesteps
 @dataclass
@@ -142,68 +102,6 @@ def taylor_timesteps(loss_at: Callable[[int], torch.Tensor], timesteps: Iterable
     return trace
 
 
-# --------------------------------------------------------------------------- calibration
-def _check_shape(x0: torch.Tensor, bb, what: str) -> None:
-    want = (bb.in_channels, bb.sample_size, bb.sample_size)
-    if x0.ndim != 4 or tuple(x0.shape[1:]) != want:
-        raise UsageError(f"calibration data {what} has samples of shape {tuple(x0.shape[1:])} but the model takes "
-                         f"{want}: pass --data with images/latents of that shape")
-
-
-def _cond_for(bb, labels: torch.Tensor | None, n: int, gen: torch.Generator) -> torch.Tensor | None:
-    """Labels for class models (validated), random text embeddings for text models, else None."""
-    if bb.conditioning == "class":
-        if labels is None or labels.min() < 0 or labels.max() >= bb.num_classes:
-            raise UsageError(f"the model is class-conditional ({bb.num_classes} classes) but the calibration data "
-                             "has no valid labels: use labelled data (class sub-folders or a 'labels' array)")
-        return labels.long()
-    if bb.conditioning == "text":
-        return bb.example_cond(n, gen)  # data without caption embeddings: random ones
-    return None
-
-
-def calibration_batch(model: nn.Module, ctx: Context,
-                      size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """The fixed calibration batch ``(x0, cond, source)`` for ``model``.
-
-    ``size`` samples (default ``ctx.batch_size``) of ``ctx.data`` drawn with ``ctx.seed``.
-    With the default ``ctx.data == "digits"`` and a model that is not 1x8x8 (e.g. a latent
-    DiT), seeded random example inputs of the right shape are used instead, with a warning
-    (fine for compute measurements; a real model should get real ``--data``). Any other data
-    of the wrong shape is a :class:`UsageError`.
-    """
-    from slimdiff.models.backbone import as_backbone
-
-    bb = as_backbone(model)
-    n = int(size or ctx.batch_size)
-    if n < 1:
-        raise UsageError(f"calibration batch size must be >= 1, got {n}")
-    gen = torch.Generator().manual_seed(ctx.seed)
-    shape = (bb.in_channels, bb.sample_size, bb.sample_size)
-    if ctx.data == "digits" and shape != DIGITS_SHAPE:
-        warnings.warn(f"calibration: the digits data does not fit a {shape} model; using seeded random inputs "
-                      "(pass --data with real images/latents for a meaningful importance)", stacklevel=2)
-        x0 = torch.randn(n, *shape, generator=gen)
-        return x0, _cond_for(bb, bb.example_cond(n, gen) if bb.conditioning == "class" else None, n, gen), "random"
-    from slimdiff.data.datasets import get_dataset
-
-    data = get_dataset(ctx.data, size=bb.sample_size, channels=bb.in_channels)
-    idx = torch.randperm(len(data), generator=gen)[:n]
-    items = [data[int(i)] for i in idx]
-    x0 = torch.stack([it[0] for it in items]).float()
-    _check_shape(x0, bb, repr(ctx.data))
-    from slimdiff.models.backbone import TextCondition
-
-    if isinstance(items[0][1], TextCondition):  # latents with caption embeddings
-        if bb.conditioning == "text":
-            cond = TextCondition.stack([it[1] for it in items])
-            bb.check_text_width(cond)
-            return x0, cond, str(ctx.data)
-        return x0, _cond_for(bb, None, len(x0), gen), str(ctx.data)
-    labels = torch.stack([torch.as_tensor(it[1]) for it in items])
-    return x0, _cond_for(bb, labels, len(x0), gen), str(ctx.data)
-
-
 def accumulate_gradients(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor | None, *, threshold: float,
                          stride: int = 1, backprop_stop_step: bool = False, seed: int = 0,
                          progress: bool = False) -> TimestepTrace:
@@ -214,7 +112,7 @@ def accumulate_gradients(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor 
     from slimdiff.models.backbone import as_backbone
 
     bb = as_backbone(model)
-    _check_shape(x0, bb, "(x0)")
+    check_shape(x0, bb, "(x0)")
     if not isinstance(stride, int) or stride < 1:
         raise UsageError(f"timestep stride must be a positive integer, got {stride!r}")
     process = ForwardProcess(diffusion_config_of(model))
@@ -246,436 +144,66 @@ def accumulate_gradients(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor 
     return trace
 
 
-# --------------------------------------------------------------------------- pruner
-def _attention_heads(model: nn.Module) -> dict[nn.Module, tuple[list[nn.Linear], int]]:
-    """Attention module -> (its q/k/v projections, head count), for ours and diffusers'."""
-    from diffusers.models.attention_processor import Attention as DiffusersAttention
-
-    from slimdiff.models.dit import Attention as DiTAttention
-
-    out = {}
-    for m in model.modules():
-        if isinstance(m, DiTAttention):
-            out[m] = ([m.qkv], int(m.num_heads))
-        elif isinstance(m, DiffusersAttention):
-            out[m] = ([m.to_q, m.to_k, m.to_v], int(m.heads))
-    return out
-
-
-def _mlp_inputs(blocks: Iterable[nn.Module]) -> list[nn.Module]:
-    """First linear of every MLP inside ``blocks`` (our ``Mlp.fc1``, diffusers ``FeedForward.net[0].proj``)."""
-    from diffusers.models.attention import FeedForward
-
-    from slimdiff.models.dit import Mlp
-
-    found = []
-    for blk in blocks:
-        for m in blk.modules():
-            if isinstance(m, Mlp):
-                found.append(m.fc1)
-            elif isinstance(m, FeedForward):
-                found.append(m.net[0].proj)
-    return found
-
-
-def _ignored_layers(model: nn.Module) -> list[nn.Module]:
-    """Layers whose output channels must stay: ``conv_out`` for UNets; for transformers every
-    linear/conv except the attention q/k/v and MLP first layers inside the blocks."""
-    from slimdiff.models.backbone import as_backbone
-
-    bb = as_backbone(model)
-    if not bb.is_transformer:
-        return [model.conv_out]
-    attn = {a: qkv for a, (qkv, _) in _attention_heads(model).items()}
-    allowed = {id(l) for blk in bb.blocks for m in blk.modules() if m in attn for l in attn[m]}
-    allowed |= {id(l) for l in _mlp_inputs(bb.blocks)}
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in allowed]
-
-
-def _importance(kind: str):
-    import torch_pruning as tp
-
-    if kind == "taylor":
-        return tp.importance.TaylorImportance(multivariable=False)
-    if kind == "magnitude":
-        return tp.importance.MagnitudeImportance()
-    if kind == "random":
-        return tp.importance.RandomImportance()
-    raise UsageError(f"unknown importance {kind!r}; use taylor, magnitude or random")
-
-
-def _copy_with_grads(model: nn.Module) -> nn.Module:
-    """``deepcopy`` drops ``.grad``; Taylor importance on the copy needs them."""
-    clone = copy.deepcopy(model)
-    for src, dst in zip(model.parameters(), clone.parameters()):
-        dst.grad = None if src.grad is None else src.grad.detach().clone()
-    return clone
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers live on the ``meta`` device: shapes only,
-    no memory, no arithmetic. The budget search prunes and counts MACs on such copies."""
-    import itertools
-
-    memo: dict[int, torch.Tensor] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
-
-
-class RecordedImportance:
-    """Group importance computed once and replayed: torch-pruning asks for it per group, keyed
-    here by the group's root layer name and pruning function (identical across copies; the
-    number of dependencies is not: tracing on the meta device sees attention's inner ops).
-
-    With ``inner`` set, missing scores are computed on the model and recorded into ``table``;
-    without it (meta-device copies, which have no values) every score must be recorded.
-    """
-
-    def __init__(self, table: dict, names: dict[nn.Module, str], inner=None):
-        self.table, self.names, self.inner = table, names, inner
-
-    def __call__(self, group) -> torch.Tensor:
-        dep = group[0].dep
-        key = (self.names.get(dep.target.module), getattr(dep.handler, "__name__", str(dep.handler)))
-        if key not in self.table:
-            if self.inner is None:
-                raise RuntimeError(f"no recorded importance for group {key}")
-            self.table[key] = self.inner(group).detach().float().cpu()
-        return self.table[key]
-
-
-def record_importance(model: nn.Module, importance: str, heads: str = "dims", seed: int = 0) -> dict:
-    """Every group's importance on ``model`` (Taylor needs its gradients), nothing pruned."""
-    table: dict = {}
-    pruner = _make_pruner(model, 0.5, importance, heads, scores=table, record=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # RandomImportance draws from the global generator
-        for _ in pruner.step(interactive=True):  # computes every group's importance; we prune nothing
-            pass
-    return table
-
-
-def _make_pruner(m: nn.Module, ratio: float, importance: str, heads: str, overrides: dict[str, float] | None = None,
-                 scores: dict | None = None, record: bool = False):
-    """torch-pruning's ``BasePruner`` over ``m`` with slimdiff's groups, heads and ignored layers.
-
-    ``overrides`` maps group-root layer names (see :func:`group_roots`) to their own ratio.
-    ``scores`` replays importance from :func:`record_importance` (``record``: fill it instead).
-    """
-    import torch_pruning as tp
-
-    from slimdiff.models.backbone import as_backbone
-
-    if heads not in HEAD_MODES:
-        raise UsageError(f"heads must be one of {', '.join(HEAD_MODES)}, got {heads!r}")
-    modules = dict(m.named_modules())
-    per_layer = {modules[n]: r for n, r in (overrides or {}).items()}
-    attn = _attention_heads(m)
-    num_heads = {l: h for qkv, h in attn.values() for l in qkv}
-    whole = heads == "whole"
-
-    def head_ratio(qkv: list[nn.Module], h: int) -> float:  # keep >= 1 head per attention
-        r = next((per_layer[l] for l in qkv if l in per_layer), ratio)
-        return min(r, (h - 1) / h - 1e-6)
-
-    example = as_backbone(m).example_inputs(1, torch.Generator().manual_seed(0))
-    imp = _importance(importance)
-    if scores is not None:
-        imp = RecordedImportance(scores, {mod: n for n, mod in m.named_modules()}, imp if record else None)
-    return tp.pruner.BasePruner(
-        m, example, importance=imp, pruning_ratio=ratio, pruning_ratio_dict=per_layer or None,
-        ignored_layers=_ignored_layers(m), num_heads=num_heads,
-        in_channel_groups={}, out_channel_groups={},  # fresh dicts: torch-pruning mutates its defaults
-        prune_num_heads=whole, prune_head_dims=not whole, head_pruning_ratio=ratio if whole else 0.0,
-        head_pruning_ratio_dict={a: head_ratio(q, h) for a, (q, h) in attn.items() if h > 1} if whole else None,
-        forward_fn=lambda mod, inp: as_backbone(mod)(*inp),
-    )
-
-
+# --------------------------------------------------------------------------- method
 @dataclass(frozen=True)
-class GroupInfo:
-    """One prunable channel group: its root layer, channels per channel group (per head or
-    GroupNorm group), the number of channel groups, and whether it is an attention group."""
+class DiffPruningConfig:
+    """Diff-Pruning's options; the defaults are the paper's recipe (threshold: the reference's CIFAR-10 value)."""
 
-    root: str
-    size: int
-    channel_groups: int
-    attention: bool
-
-
-def group_table(model: nn.Module, heads: str = "dims") -> list[GroupInfo]:
-    """Every prunable group of ``model`` in dependency-graph order (see :func:`group_roots`)."""
-    pruner = _make_pruner(model, 0.5, "magnitude", heads)
-    names = {m: n for n, m in model.named_modules()}
-    table = []
-    groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types)
-    for group in groups:
-        root = group[0].dep.target.module
-        is_attn, _ = pruner._is_atten_group(group)
-        if is_attn:
-            group = pruner._downstream_node_as_root_if_attention(group)
-            if group is None:
-                continue
-        n_groups = pruner._get_channel_groups(group)
-        size = pruner.DG.get_out_channels(group[0].dep.target.module) // n_groups
-        if size > 1 or (is_attn and heads == "whole"):
-            table.append(GroupInfo(names[root], int(size), int(n_groups), bool(is_attn)))
-    return table
+    threshold: float = option(0.05, "relative-loss threshold: gradients stop at the first timestep with "
+                                    "L_t < threshold * L_max (0 = all timesteps)")
+    stride: int = option(1, "timestep stride of the gradient pass (1 = every training timestep, as in the paper)")
+    backprop_stop_step: bool = option(False, "back-propagate the stopping step too (ddpm_prune.py's convention)")
+    heads: str = option("dims", HEADS_HELP)
 
 
-def group_roots(model: nn.Module, heads: str = "dims",
-                table: list[GroupInfo] | None = None) -> tuple[list[str], float]:
-    """Prunable groups and the ratio range: ``(root layer names in dependency-graph order, max ratio)``.
-
-    The max ratio (at most 0.9) still keeps >= 1 channel in every channel group: torch-pruning
-    keeps ``int(g * (1 - ratio))`` of a group of ``g`` channels (per GroupNorm group / head);
-    past ``1 - 1/g`` it would empty the group and then skip pruning it altogether, so MACs
-    would jump *up*. Whole-head mode clamps heads per attention instead. No groups: ``([], 0.0)``.
-    """
-    table = group_table(model, heads) if table is None else table
-    if not table:
-        return [], 0.0
-    sizes = [g.size for g in table if not (g.attention and heads == "whole")]
-    return [g.root for g in table], min([MAX_RATIO] + [(1 - 1 / g) * (1 - 1e-6) for g in sizes])
-
-
-def aligned_ratios(table: list[GroupInfo], ratio: float, overrides: dict[str, float] | None = None, *,
-                   heads: str = "dims", align: int = ALIGN) -> dict[str, float]:
-    """Per-group ratios whose kept widths are multiples of ``align`` (where a layer is at least
-    :data:`ALIGN_MIN_WIDTH` wide); the kept count is rounded to the nearest such width.
-
-    Why: matrix-multiply kernels slow down on odd widths. Measured on this CPU (2048 tokens,
-    input 384): an output width of 558 costs 30% more per MAC than 560, so an unaligned pruned
-    DiT-S/2 realised only 0.88 of its theoretical speedup. A group of ``c`` channel groups
-    (heads, GroupNorm groups) of ``g`` channels keeps ``k`` per channel group, so ``c k`` is
-    aligned when ``k`` is a multiple of ``align / gcd(align, c)``. Attention heads narrowed in
-    ``dims`` mode also keep a multiple of :data:`HEAD_ALIGN` per head: measured on an H200
-    (DiT-XL/2, batch 32, bf16), heads of width 36 fell off the flash-attention kernel and the
-    pruned model realised 0.56 of its theoretical speedup. Whole-head attention groups are
-    left as they are (their head width does not change).
-    """
-    overrides = overrides or {}
-    out: dict[str, float] = {}
-    for g in table:
-        r = overrides.get(g.root, ratio)
-        if align <= 1 or g.size * g.channel_groups < ALIGN_MIN_WIDTH or (g.attention and heads == "whole"):
-            if g.root in overrides:
-                out[g.root] = r
-            continue
-        step = align // math.gcd(align, g.channel_groups)
-        if g.attention:
-            step = math.lcm(step, HEAD_ALIGN)
-        kept = int(g.size * (1 - r))  # torch-pruning's count (local ranking)
-        kept = max(step, min(g.size, round(kept / step) * step))
-        out[g.root] = max(0.0, 1 - (kept + 0.5) / g.size)
-    return out
-
-
-def prune_with_ratio(model: nn.Module, ratio: float, importance: str = "taylor", *, heads: str = "dims",
-                     seed: int = 0, overrides: dict[str, float] | None = None, inplace: bool = False,
-                     align: int = 1, table: list[GroupInfo] | None = None,
-                     scores: dict | None = None) -> tuple[nn.Module, list]:
-    """Prune a copy of ``model`` (or ``model`` itself with ``inplace``) at torch-pruning ratio
-    ``ratio`` (``overrides``: per-group ratios by root layer name) with local ranking; return it
-    and torch-pruning's history ``[(layer name, is_output_channels, removed indices), ...]``.
-
-    ``align > 1`` rounds kept widths to multiples of ``align`` (:func:`aligned_ratios`; pass
-    ``table`` = :func:`group_table` to avoid rebuilding it). ``importance="taylor"`` needs
-    gradients on ``model`` (see :func:`accumulate_gradients`) unless ``scores`` (from
-    :func:`record_importance`) are replayed; then the copy carries no gradients. Head counts
-    and sampler channels are synced afterwards (:func:`sync_attention_heads`).
-    """
-    from slimdiff.models.backbone import sync_attention_heads
-
-    copy_of = copy.deepcopy if scores is not None else _copy_with_grads
-    if ratio <= 0 and not overrides:
-        return (model if inplace else copy_of(model)), []
-    if align > 1:
-        overrides = aligned_ratios(group_table(model, heads) if table is None else table, ratio, overrides,
-                                   heads=heads, align=align)
-    m = model if inplace else copy_of(model)
-    if scores is None and importance == "taylor" and any(p.grad is None for p in m.parameters() if p.requires_grad):
-        raise UsageError("Taylor importance needs gradients: run accumulate_gradients(model, ...) first")
-    pruner = _make_pruner(m, ratio, importance, heads, overrides, scores)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # RandomImportance draws from the global generator
-        pruner.step()
-    sync_attention_heads(m, pruner.num_heads)
-    m.zero_grad(set_to_none=True)
-    return m, [tuple(h) for h in pruner.pruning_history()]
-
-
-# --------------------------------------------------------------------------- budget search
-@dataclass
-class Trial:
-    """One pruned candidate of the budget search."""
-
-    ratio: float
-    macs_ratio: float  # one-forward MACs, pruned / original
-    model: nn.Module = field(repr=False)
-    history: list = field(default_factory=list, repr=False)
-    overrides: dict[str, float] = field(default_factory=dict, repr=False)
-
-
-def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor", *, heads: str = "dims",
-                    seed: int = 0, tolerance: float = TOLERANCE,
-                    align: int = ALIGN) -> tuple[Trial, list[tuple[float, float, int]]]:
-    """Search torch-pruning's ratio until the forward-MACs ratio is within ``tolerance``
-    (relative) of ``budget``. Returns the chosen :class:`Trial` and every trial as
-    ``(ratio, macs_ratio, groups at the higher ratio)``.
-
-    1. Bisection of one uniform ratio (the reference's local pruning).
-    2. Channel groups make MACs a step function of the ratio (DDPM-CIFAR10: GroupNorm(32) on
-       128 channels moves in steps of 32 channels, so 0.56 -> 0.34 of the MACs in one step).
-       If the uniform ratio cannot land within tolerance, the bracketing ratios ``r_lo < r_hi``
-       are mixed: the first ``k`` groups in dependency-graph order get ``r_hi``, the rest
-       ``r_lo``, with ``k`` bisected. The order is structural, so random, magnitude and
-       Taylor importance still get the same shapes at the same budget.
-    3. Every trial keeps widths in multiples of ``align`` (:func:`aligned_ratios`; 1 = off).
-
-    Importance is computed once (:func:`record_importance`) and the trials prune meta-device
-    copies (:func:`meta_copy`): a trial costs no memory and no arithmetic, so the search does
-    not grow with the model's size (DiT-XL/2 included). Only the chosen trial is pruned for real.
-
-    Raises :class:`UsageError` when nothing is prunable or the budget is out of reach.
-    """
-    from slimdiff.eval.compute import macs_forward
-    from slimdiff.models.backbone import as_backbone
-
-    budget = check_budget(budget)
-    try:  # trials prune shape-only copies: no memory and no arithmetic, whatever the model size
-        shapes = meta_copy(model)
-        base, table = macs_forward(shapes), group_table(shapes, heads)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
-        warnings.warn(f"budget search on real copies (a layer does not run on the meta device: {e})", stacklevel=2)
-        shapes, base, table = model, macs_forward(model), group_table(model, heads)
-    roots, top = group_roots(shapes, heads, table)
-    scores = record_importance(model, importance, heads, seed) if roots else {}
-    tried: list[tuple[float, float, int]] = []
-
-    def trial(r: float, overrides: dict[str, float] | None = None) -> Trial:
-        pruned, history = prune_with_ratio(shapes, r, importance, heads=heads, seed=seed, overrides=overrides,
-                                           align=align, table=table, scores=scores)
-        t = Trial(r, macs_forward(pruned) / base, pruned, history, dict(overrides or {}))
-        tried.append((r, t.macs_ratio, len(t.overrides)))
-        return t
-
-    def err(t: Trial) -> float:
-        return abs(t.macs_ratio / budget - 1)
-
-    best = trial(top) if roots else None
-    if best is None or best.macs_ratio >= 1 - 1e-9:
-        raise UsageError(f"this {as_backbone(model).kind} model has nothing width pruning can remove (no prunable "
-                         "attention, MLP or conv channels); use a depth or step-reuse method instead")
-    if best.macs_ratio > budget * (1 + tolerance):
-        raise UsageError(f"budget {budget:g} is below what width pruning reaches on this model "
-                         f"({best.macs_ratio:.3f} of the MACs at ratio {top:.3f}); use a larger budget or chain a "
-                         "depth/step method (e.g. --method tinyfusion,diff-pruning)")
-    lo, hi = 0.0, top
-    for _ in range(MAX_TRIALS):
-        if err(best) <= tolerance or hi - lo < 1e-3:
-            break
-        cur = trial((lo + hi) / 2)
-        best = min(best, cur, key=err)
-        lo, hi = (cur.ratio, hi) if cur.macs_ratio > budget else (lo, cur.ratio)
-    k_lo, k_hi = 0, len(roots)  # mixed ratios: roots[:k] at hi, the rest at lo
-    while err(best) > tolerance and k_hi - k_lo > 1:
-        k = (k_lo + k_hi) // 2
-        cur = trial(lo, {name: hi for name in roots[:k]})
-        best = min(best, cur, key=err)
-        k_lo, k_hi = (k, k_hi) if cur.macs_ratio > budget else (k_lo, k)
-    if err(best) > tolerance:
-        raise UsageError(f"width pruning cannot meet budget {budget:g} within {tolerance:.0%} on this model (closest: "
-                         f"{best.macs_ratio:.3f} at ratio {best.ratio:.4f}; channel groups are too coarse); "
-                         "try a nearby budget")
-    if shapes is not model:  # the chosen trial, now on real weights (same scores, so the same channels)
-        best.model, best.history = prune_with_ratio(model, best.ratio, importance, heads=heads, seed=seed,
-                                                    overrides=best.overrides or None, align=align, table=table,
-                                                    scores=scores)
-        reached = macs_forward(best.model) / macs_forward(model)
-        if abs(reached - best.macs_ratio) > 1e-9:
-            raise RuntimeError(f"pruned model reaches {reached:.6f} of the MACs, its shape-only trial {best.macs_ratio:.6f}")
-    return best, tried
-
-
-# --------------------------------------------------------------------------- methods
-def _layer_widths(before: nn.Module, after: nn.Module) -> dict[str, list[int]]:
-    """``{layer: [original out channels, kept]}`` for every linear/conv whose output shrank."""
-    old = {n: m for n, m in before.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-    out = {}
-    for name, m in after.named_modules():
-        if name in old and isinstance(m, (nn.Linear, nn.Conv2d)):
-            a, b = old[name].weight.shape[0], m.weight.shape[0]
-            if a != b:
-                out[name] = [int(a), int(b)]
-    return out
-
-
-def _width_prune(model: nn.Module, budget: float, ctx: Context, name: str, importance: str, *,
-                 heads: str, settings: dict,
-                 prepare: Callable[[nn.Module], tuple[dict, dict]] | None = None) -> nn.Module:
-    """Shared body of diff-pruning and its baselines: search, measure, recover, record.
-
-    ``prepare(model) -> (settings, extras)`` runs first (Diff-Pruning's gradient pass).
-    """
-    budget = check_budget(budget)
-    if heads not in HEAD_MODES:
-        raise UsageError(f"heads must be one of {', '.join(HEAD_MODES)}, got {heads!r}")
-    settings = {**settings, "heads": heads, "importance": importance, "ranking": "local", "align": ALIGN}
-    if budget >= 1.0:
-        return record(model, name, settings, {"budget": 1.0, "macs_ratio": 1.0, "pruning_ratio": 0.0},
-                      {"identity": True})
-    more, extras = prepare(model) if prepare else ({}, {})
-    settings.update(more)
-    original = sampling_macs(model, ctx)
-    chosen, tried = prune_to_budget(model, budget, importance, heads=heads, seed=ctx.seed)
-    model.zero_grad(set_to_none=True)
-    result = chosen.model
-    reached = sampling_macs(result, ctx) / original
-    extras.update(widths=_layer_widths(model, result), groups_at_hi=sorted(chosen.overrides),
-                  search=[[round(r, 6), round(q, 6), k] for r, q, k in tried])
-    result = recover(result, ctx, tag=name)
-    measured = {"budget": budget, "macs_ratio": reached, "pruning_ratio": chosen.ratio,
-                "pruning_ratio_hi": max(chosen.overrides.values(), default=None),
-                "groups_at_hi": len(chosen.overrides),
-                "macs_forward_ratio": chosen.macs_ratio, "search_trials": len(tried)}
-    return record(result, name, settings, measured, extras)
-
-
-@register_method("diff-pruning", kind="width", options=("threshold",),
-                 help="Diff-Pruning: Taylor structural width pruning over thresholded timesteps")
-def diff_pruning(model: nn.Module, budget: float, ctx: Context, threshold: float = 0.05, *, stride: int = 1,
-                 backprop_stop_step: bool = False, heads: str = "dims",
-                 calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> nn.Module:
+def compress(model: nn.Module, budget: float, ctx: Context, config: DiffPruningConfig, *,
+             calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> nn.Module:
     """Diff-Pruning at ``budget`` (fraction of sampling MACs): see the module docstring.
 
-    ``threshold`` (default 0.05, the reference's CIFAR-10 value; 0 = all timesteps), ``stride``
-    over the training timesteps (1 = paper), ``backprop_stop_step`` (stop convention),
-    ``heads`` ("dims" or "whole"), ``calibration`` = ``(x0, cond)`` to override the batch
-    drawn from ``ctx.data``.
+    ``calibration`` = ``(x0, cond)`` overrides the batch drawn from ``ctx.data``.
     """
-    threshold = check_threshold(threshold)
-    settings = {"threshold": threshold, "stride": stride, "backprop_stop_step": backprop_stop_step}
+    threshold = check_threshold(config.threshold)
+    settings = {"threshold": threshold, "stride": config.stride, "backprop_stop_step": config.backprop_stop_step}
 
     def prepare(m: nn.Module) -> tuple[dict, dict]:
         x0, cond, source = (*calibration, "given") if calibration is not None else calibration_batch(m, ctx)
-        trace = accumulate_gradients(m, x0, cond, threshold=threshold, stride=stride,
-                                     backprop_stop_step=backprop_stop_step, seed=ctx.seed, progress=ctx.progress)
+        trace = accumulate_gradients(m, x0, cond, threshold=threshold, stride=config.stride,
+                                     backprop_stop_step=config.backprop_stop_step, seed=ctx.seed,
+                                     progress=ctx.progress)
         return {"calibration": source, "calibration_size": int(len(x0))}, {"timesteps": trace.to_dict()}
 
-    return _width_prune(model, budget, ctx, "diff-pruning", "taylor", heads=heads, settings=settings, prepare=prepare)
+    return width_prune(model, budget, ctx, "diff-pruning", "taylor", heads=config.heads, settings=settings,
+                       prepare=prepare)
 
 
-@register_method("random-width", kind="width", help="baseline: random channel importance, Diff-Pruning's pruner")
-def random_width(model: nn.Module, budget: float, ctx: Context, *, heads: str = "dims") -> nn.Module:
-    """Random-importance width pruning with exactly Diff-Pruning's pruner, search and recovery."""
-    return _width_prune(model, budget, ctx, "random-width", "random", heads=heads, settings={"seed": ctx.seed})
+def diff_pruning(model: nn.Module, budget: float, ctx: Context | None = None, threshold: float | None = None, *,
+                 calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None, **options) -> nn.Module:
+    """The Python entry point: ``diff_pruning(model, 0.5, ctx, 0.05, stride=10, heads="whole")``.
+
+    ``threshold`` and ``options`` (``stride``, ``backprop_stop_step``, ``heads``) override
+    :class:`DiffPruningConfig`'s defaults (``None``: the default); ``calibration`` = ``(x0, cond)``
+    overrides the batch drawn from ``ctx.data``.
+    """
+    config = DIFF_PRUNING.make_config({"threshold": threshold, **options})
+    return compress(model, budget, ctx or Context(), config, calibration=calibration)
 
 
-@register_method("magnitude-width", kind="width",
-                 help="baseline: L2 weight-magnitude importance, Diff-Pruning's pruner")
-def magnitude_width(model: nn.Module, budget: float, ctx: Context, *, heads: str = "dims") -> nn.Module:
-    """Magnitude (group L2) width pruning with exactly Diff-Pruning's pruner, search and recovery."""
-    return _width_prune(model, budget, ctx, "magnitude-width", "magnitude", heads=heads, settings={})
+def speed_student(model: nn.Module, settings: SpeedSettings) -> nn.Module:
+    """The speed bench's student: the method itself at the bench's budget, threshold, stride
+    and head mode, calibrated on seeded random latents (the pruned shape is what it times)."""
+    from slimdiff.eval.speed import _ctx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random calibration latents are intended for a speed bench
+        return diff_pruning(model, settings.budget, _ctx(settings), settings.threshold, stride=settings.stride,
+                            heads=settings.heads)
+
+
+DIFF_PRUNING = MethodSpec("diff-pruning", "width",
+                          "Diff-Pruning: Taylor structural width pruning over thresholded timesteps",
+                          compress, DiffPruningConfig, draw=draw_width, speed_student=speed_student)
+
+# transitional: the width baselines are registered here until slimdiff.methods._builtin lists width_baselines
+from slimdiff.methods import width_baselines  # noqa: E402
+
+SPECS = (DIFF_PRUNING, *width_baselines.SPECS)

@@ -31,7 +31,8 @@ saved in ``slimdiff_meta["extras"]["dipgo"]`` and re-applied by ``slimdiff.load`
    (the count of top entries reused) for the cheapest threshold that meets the budget, so
    the plan's MACs are within one block's MACs (UNets: one block plus the producers it
    frees) below the budget. ``postprocess="sweep"`` is the reference code's greedy sweep
-   (blocks in reverse order, falling threshold from 0.95 in steps of 0.05).
+   (blocks in reverse order, falling threshold from 0.95 in steps of 0.05). Both live in
+   :mod:`slimdiff.compression.reuse_plans`, shared with the step-reuse baselines.
 5. **A step that reuses every block reuses the model's output** (``skip_reused_steps``,
    default on): the model is not called at that step. The reference reuses each block's
    *output* (the hidden state after it), so when every block reuses, the output layers see
@@ -69,6 +70,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -78,15 +80,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from slimdiff.compression.reuse_plans import (
+    OPT_STEPS,
+    check_postprocess,
+    draw_plan,
+    finish,
+    prepare,
+    restore_plan,
+    split_plan,
+    table_cost,
+    teacher_batch,
+    threshold_plan,
+)
 from slimdiff.errors import UsageError
-from slimdiff.methods.base import Context, record, register_method, register_restorer
+from slimdiff.methods.base import Context
+from slimdiff.methods.spec import MethodSpec, option
 from slimdiff.runtime.reuse import (
     BlockCosts,
     ReusePlan,
     SoftFrame,
     apply_block_reuse,
-    block_costs,
-    block_reuse_disabled,
     effective_compute,
     get_block_reuse,
     remove_block_reuse,
@@ -98,10 +111,6 @@ from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_che
 from slimdiff.utils import progress
 
 LOSSES = ("ssim", "l1", "l2")
-OPT_STEPS = 150
-"""Default optimisation steps. On digits-dit at budget 0.5 (DDIM 50, 2000 samples) 30 steps left
-long stale reuse runs (FD 8.9, SSIM 0.985 to the teacher, bench/digits); 150 steps gave FD 5.8,
-SSIM 0.997 (bench/dipgo/opt_steps_150.json). The reference runs 500."""
 ALPHA = 0.1
 """Default sparsity weight. The reference's 1 (with SGD) overshoots under our Adam: on digits-dit
 at DDIM 25 and budget 0.5 the hard gates fell to 0.29 of the MACs before the early stop could act,
@@ -157,20 +166,6 @@ def reuse_probability(pruner: DiPGOPruner) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- SuperNet
-def _conditions(bb, labels: torch.Tensor | None, n: int, cfg: float, seed: int):
-    if bb.conditioning == "class":
-        cond = labels.to(bb.device)
-    elif bb.conditioning == "text":
-        cond = bb.example_cond(n, torch.Generator().manual_seed(seed))
-    else:
-        cond = None
-    if cfg != 1.0:
-        from slimdiff.models.backbone import cat_conditions
-
-        return cat_conditions([cond, bb.null_cond(cond, n).to(bb.device)])
-    return cond
-
-
 MEMORY_MODES = ("flat", "steps")
 FLAT_SAMPLERS = ("ddim",)  # stateless, deterministic steps: safe to recompute inside a checkpoint
 
@@ -178,7 +173,8 @@ FLAT_SAMPLERS = ("ddim",)  # stateless, deterministic steps: safe to recompute i
 def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Tensor, labels: torch.Tensor | None,
                     *, sampler: str, steps: int, cfg: float = 1.0, seed: int = 0, use_checkpoint: bool = True,
                     memory: str = "flat") -> torch.Tensor:
-    """One sampling trajectory through the SuperNet (the same loop as ``slimdiff.sample``).
+    """One sampling trajectory through the SuperNet: ``slimdiff.sample``'s loop
+    (:class:`~slimdiff.diffusion.sampling.Trajectory`) with a gated model function.
 
     ``keep`` (S, N) gates mix fresh and cached block contributions (None = all fresh);
     the model must carry a reuse plan for ``sampler`` x ``steps`` (any plan: in SuperNet
@@ -188,69 +184,61 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
     prediction and one cache per block, so checkpointing every step still keeps ``steps x (blocks + 2)`` activation
     tensors alive until the backward pass -- memory grows linearly with the step count.
     ``memory="flat"`` (default) checkpoints recursively instead: the trajectory is halved
-    into nested checkpoints down to single steps, so only ``O(log2 steps)`` step states and
-    one step's activations are alive at a time; the price is recomputing each step's forward
-    about ``log2 steps`` times. Step 0 (no gate) runs without autograd, and UNet caches (nested
-    tuples of skip features) travel through the checkpoints as flat tensor lists. It needs steps
-    that can be re-run exactly (DDIM; other samplers keep state in the scheduler or draw
-    noise): otherwise ``"steps"``, per-step checkpoints, is used.
+    into nested checkpoints down to single steps (each one :meth:`Trajectory.step`), so only
+    ``O(log2 steps)`` step states and one step's activations are alive at a time; the price is
+    recomputing each step's forward about ``log2 steps`` times. Step 0 (no gate) runs without
+    autograd, and UNet caches (nested tuples of skip features) travel through the checkpoints
+    as flat tensor lists. It needs steps that can be re-run exactly (DDIM; other samplers keep
+    state in the scheduler or draw noise): otherwise ``"steps"``, per-step checkpoints in the
+    plain loop, is used.
     """
     if memory not in MEMORY_MODES:
         raise UsageError(f"unknown memory mode {memory!r}; use one of {', '.join(MEMORY_MODES)}")
-    from slimdiff.diffusion.schedulers import diffusion_config_of, make_scheduler
-    from slimdiff.models.backbone import as_backbone
+    from slimdiff.diffusion.sampling import Trajectory
 
-    bb = as_backbone(model)
-    n = noise.shape[0]
-    cond = _conditions(bb, labels, n, cfg, seed)
-    scheduler = make_scheduler(sampler, diffusion_config_of(model))
-    scheduler.set_timesteps(steps)
-    x = noise.to(bb.device) * getattr(scheduler, "init_noise_sigma", 1.0)
-    gen = torch.Generator().manual_seed(seed + 1)
+    traj = Trajectory(model, sampler=sampler, steps=steps, n=noise.shape[0], cond=labels, cfg=cfg, seed=seed)
+    x = traj.start(noise)
     names, _, mode = reuse_blocks(model)
     n_blocks = len(names)
     consumers = unet_consumers(model) if mode == "output" else None
-    caches: list[Any] = [None] * n_blocks
     step_gated = keep is not None and keep.shape[-1] == n_blocks + 1
     if keep is not None and keep.shape[-1] not in (n_blocks, n_blocks + 1):
         raise UsageError(f"keep gates have {keep.shape[-1]} columns; the model has {n_blocks} blocks "
                          f"(give {n_blocks}, or {n_blocks + 1} with a step gate)")
+    # what one step hands the next: the block caches and the prediction (the step gates mix with it)
+    carry: dict[str, Any] = {"caches": [None] * n_blocks, "prev": None}
 
     def step_fn(inp, t, k, *cs):
         with soft_reuse(model, SoftFrame(k, list(cs))) as frame:
-            out = bb(torch.cat([inp, inp]) if cfg != 1.0 else inp, t, cond).float()
-        if cfg != 1.0:
-            c, u = out.chunk(2)
-            out = u + cfg * (c - u)
-        return (out, *frame.caches_out)
+            pred = traj.guided(inp, t)
+        return (pred, *frame.caches_out)
 
-    timesteps = list(scheduler.timesteps)
-
-    def advance(x_in: torch.Tensor, i: int, k: torch.Tensor | None, cs: list, prev: torch.Tensor | None,
-                run=step_fn) -> tuple[torch.Tensor, list, torch.Tensor]:
-        """Sampling step ``i`` from ``(x_in, caches, previous prediction)`` with gates ``k``:
-        the next ``x``, caches and prediction."""
-        t = timesteps[i]
-        inp = scheduler.scale_model_input(x_in, t) if hasattr(scheduler, "scale_model_input") else x_in
+    def predict(inp: torch.Tensor, t: torch.Tensor, i: int, k: torch.Tensor | None = None,
+                run=step_fn) -> torch.Tensor:
+        """The model function of a SuperNet step with gates ``k`` (None: every block fresh),
+        from and into ``carry``."""
+        cs, prev = carry["caches"], carry["prev"]
         pred, *out = run(inp, t, None if k is None else effective_compute(k[:n_blocks], names, consumers), *cs)
         if step_gated and k is not None:
             pred, out = _gate_step(k[n_blocks], pred, prev, out, cs)
-        return scheduler.step(pred, t, x_in, generator=gen).prev_sample, out, pred
+        carry.update(caches=out, prev=pred)
+        return pred
 
     gates = keep if keep is not None and keep.requires_grad else None
     if use_checkpoint and torch.is_grad_enabled() and memory == "flat" and sampler in FLAT_SAMPLERS and gates is not None:
         with torch.no_grad():  # step 0 has no gate (every block computes): nothing to differentiate there
-            x, caches, prev = advance(x, 0, None, caches, None)
-        if len(timesteps) == 1:
+            x = traj.step(x, 0, predict)
+        if len(traj.timesteps) == 1:
             return x
-        leaves, spec = _flatten(caches)  # reentrant checkpoints take tensors: UNet caches are nested tuples
+        leaves, spec = _flatten(carry["caches"])  # reentrant checkpoints take tensors: UNet caches are nested tuples
 
         def segment(lo: int, hi: int, gates: torch.Tensor, x_in: torch.Tensor, prev_in: torch.Tensor,
                     *leaves_in: torch.Tensor):
             """Steps ``lo .. hi - 1`` from ``(x_in, prediction, caches)``; halves are nested checkpoints."""
             if hi - lo == 1:
-                x_out, out, pred = advance(x_in, lo, gates[lo], _unflatten(list(leaves_in), spec), prev_in)
-                return (x_out, pred, *_flatten(out)[0])
+                carry.update(caches=_unflatten(list(leaves_in), spec), prev=prev_in)
+                x_out = traj.step(x_in, lo, partial(predict, k=gates[lo]))
+                return (x_out, carry["prev"], *_flatten(carry["caches"])[0])
             mid = (lo + hi) // 2
             # Reentrant checkpoints: the forward of a checkpointed half runs without autograd, so
             # the checkpoints nested in it keep nothing until the backward pass recomputes them
@@ -259,14 +247,11 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
             state = checkpoint(segment, lo, mid, gates, x_in, prev_in, *leaves_in, use_reentrant=True)
             return checkpoint(segment, mid, hi, gates, *state, use_reentrant=True)
 
-        return segment(1, len(timesteps), gates, x, prev, *leaves)[0]
+        return segment(1, len(traj.timesteps), gates, x, carry["prev"], *leaves)[0]
 
-    # step by step (one non-reentrant checkpoint per step when differentiating)
+    # the plain loop (one non-reentrant checkpoint per step when differentiating)
     run = partial(checkpoint, step_fn, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else step_fn
-    prev = None
-    for i in range(len(timesteps)):
-        x, caches, prev = advance(x, i, None if (keep is None or i == 0) else keep[i], caches, prev, run)
-    return x
+    return traj.run(x, lambda inp, t, i: predict(inp, t, i, None if (keep is None or i == 0) else keep[i], run))
 
 
 def _gate_step(g: torch.Tensor, pred: torch.Tensor, prev: torch.Tensor, caches: list, caches_in: list):
@@ -324,124 +309,6 @@ def sparsity_loss(keep: torch.Tensor, costs: BlockCosts) -> torch.Tensor:
     return per.mean()
 
 
-# --------------------------------------------------------------------------- post-processing
-def split_plan(table: torch.Tensor, n_blocks: int, skip_reused_steps: bool = False) -> tuple[torch.Tensor, list[bool]]:
-    """``(compute, step_compute)`` of a table (S, N) or, with a step-gate column, (S, N + 1).
-
-    A step whose gate is off, or (``skip_reused_steps``) that reuses every block, skips the
-    model call; its compute row is cleared (nothing runs there).
-    """
-    compute = table[:, :n_blocks].clone()
-    steps = table[:, n_blocks].tolist() if table.shape[1] > n_blocks else [True] * table.shape[0]
-    if skip_reused_steps:
-        steps = [s and c for s, c in zip(steps, called_steps(compute))]
-    compute[~torch.tensor(steps, dtype=torch.bool)] = False
-    return compute, steps
-
-
-def _cost(costs: BlockCosts, table: torch.Tensor, skip_reused_steps: bool = False) -> float:
-    return costs.cost(*split_plan(table, len(costs.blocks), skip_reused_steps))
-
-
-def called_steps(compute: torch.Tensor) -> list[bool]:
-    """``step_compute`` of a plan whose steps that reuse every block skip the model call."""
-    return [True] + [bool(row.any()) for row in compute[1:]]
-
-
-def minimum_fraction(costs: BlockCosts, steps: int, step_skips: bool = False) -> float:
-    """Cheapest reachable fraction: everything reused after step 0; ``step_skips`` (step
-    gates, or steps reusing every block skip the call): only step 0 runs."""
-    c = torch.zeros(steps, len(costs.blocks), dtype=torch.bool)
-    c[0] = True
-    return _cost(costs, c, step_skips) / _cost(costs, torch.ones_like(c))
-
-
-def check_reachable(costs: BlockCosts, steps: int, budget: float, step_skips: bool = False) -> None:
-    low = minimum_fraction(costs, steps, step_skips)
-    if budget < low - 1e-12:
-        what = "step 0 always runs" if step_skips else "step 0 and the non-block layers always run"
-        raise UsageError(
-            f"budget {budget:g} is below what block reuse can reach ({low:.4f} of the sampling MACs: {what}): "
-            "use a budget >= that, fewer steps, or chain a depth/width method first"
-        )
-
-
-def threshold_plan(p_reuse: torch.Tensor, costs: BlockCosts, budget: float, method: str = "search",
-                   skip_reused_steps: bool = False) -> torch.Tensor:
-    """Table meeting ``budget`` (fraction of the all-compute MACs) from scores ``p_reuse``
-    (S, N), or (S, N + 1) whose last column scores skipping the whole step (see
-    :func:`split_plan`); ``skip_reused_steps``: steps that reuse every block cost nothing.
-
-    The plan's MACs are within one block's MACs below the budget, plus one step's non-block
-    MACs when a last reused block empties a step (``skip_reused_steps``); UNets: plus the
-    producers a block frees. With step scores, when the bisection's last reused entry is a
-    whole step, the plan instead keeps that step and reuses the next-ranked *block* entries
-    as far as the budget needs, if that lands closer to it; if no block entries can, the
-    shortfall may reach one step's non-block MACs.
-    """
-    steps, n = p_reuse.shape[0], len(costs.blocks)
-    gated = p_reuse.shape[1] == n + 1
-    check_reachable(costs, steps, budget, gated or skip_reused_steps)
-    target = budget * _cost(costs, torch.ones(p_reuse.shape, dtype=torch.bool))
-    cost = partial(_cost, costs, skip_reused_steps=skip_reused_steps)
-    check_postprocess(method, gated)
-    if method == "sweep":
-        return _sweep(p_reuse, cost, target)
-    order = torch.argsort(p_reuse[1:].flatten(), descending=True, stable=True)
-
-    def table(reused: torch.Tensor) -> torch.Tensor:
-        c = torch.ones(p_reuse.shape, dtype=torch.bool)
-        flat = c[1:].flatten()
-        flat[reused] = False
-        c[1:] = flat.view(steps - 1, -1)
-        return c
-
-    def cheapest(prefix: torch.Tensor, entries: torch.Tensor) -> int:
-        """Fewest leading ``entries`` that, reused besides ``prefix``, meet the target."""
-        lo, hi = 0, entries.numel()
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if cost(table(torch.cat([prefix, entries[:mid]]))) <= target:
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-    k = cheapest(order[:0], order)  # cost(table(order)) <= target is guaranteed by check_reachable
-    best = table(order[:k])
-    if gated and k > 0 and int(order[k - 1]) % (n + 1) == n:
-        blocks = order[k:][order[k:] % (n + 1) != n]
-        alt = table(torch.cat([order[:k - 1], blocks[:cheapest(order[:k - 1], blocks)]]))
-        if cost(best) < cost(alt) <= target:
-            best = alt
-    return best
-
-
-def check_postprocess(method: str, step_gates: bool) -> None:
-    """UsageError unless ``method`` is a post-processing :func:`threshold_plan` can run."""
-    if method not in ("search", "sweep"):
-        raise UsageError(f"unknown post-processing {method!r}; use 'search' (paper) or 'sweep' (reference code)")
-    if method == "sweep" and step_gates:
-        raise UsageError("postprocess 'sweep' is not available with step gates: they need postprocess='search' "
-                         "(the reference's sweep ranks blocks only)")
-
-
-def _sweep(p_reuse: torch.Tensor, cost, target: float) -> torch.Tensor:
-    """The reference code's greedy sweep (``prune(expected_ratio, prune_threshold=0.95)``)."""
-    c = torch.ones(p_reuse.shape, dtype=torch.bool)
-    thr = 0.95
-    while thr > -1e-9:
-        for b in reversed(range(p_reuse.shape[1])):
-            for t in torch.argsort(p_reuse[1:, b], descending=True, stable=True).tolist():
-                if p_reuse[t + 1, b] > thr and c[t + 1, b]:
-                    c[t + 1, b] = False
-                    if cost(c) <= target:
-                        return c
-        thr -= 0.05
-    c[1:] = False
-    return c
-
-
 # --------------------------------------------------------------------------- optimisation
 def dipgo_loss(model: nn.Module, pruner: DiPGOPruner, costs: BlockCosts, noise: torch.Tensor,
                labels: torch.Tensor | None, target: torch.Tensor, *, sampler: str, steps: int, cfg: float,
@@ -452,27 +319,9 @@ def dipgo_loss(model: nn.Module, pruner: DiPGOPruner, costs: BlockCosts, noise: 
     x = supernet_sample(model, keep, noise, labels, sampler=sampler, steps=steps, cfg=cfg, seed=seed, memory=memory)
     cons = consistency_loss(x, target, loss)
     sparse = sparsity_loss(keep, costs)
-    frac = _cost(costs, keep.detach() > 0.5) / _cost(costs, torch.ones(keep.shape, dtype=torch.bool))
+    frac = table_cost(costs, keep.detach() > 0.5) / table_cost(costs, torch.ones(keep.shape, dtype=torch.bool))
     total = cons + alpha * sparse if frac > budget else cons
     return total, {"consistency": float(cons.detach()), "sparsity": float(sparse.detach()), "macs_fraction": frac}
-
-
-def teacher_batch(model: nn.Module, n: int, seed: int, *, sampler: str, steps: int, cfg: float,
-                  with_target: bool = True):
-    """Noise, labels and the original model's samples from that noise (no reuse)."""
-    from slimdiff.diffusion.sampling import initial_noise, sample
-    from slimdiff.models.backbone import as_backbone
-
-    bb = as_backbone(model)
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, bb.num_classes, (n,), generator=gen) if bb.conditioning == "class" else None
-    noise = initial_noise(bb, n, seed, bb.device)
-    if not with_target:
-        return noise, labels, None
-    with block_reuse_disabled(model):
-        target = sample(model, sampler=sampler, steps=steps, num_samples=n,
-                        classes=labels.tolist() if labels is not None else None, cfg=cfg, seed=seed, noise=noise)
-    return noise, labels, target
 
 
 def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *, opt_steps: int, loss: str,
@@ -541,6 +390,7 @@ def _resume(run: Path, key: dict, pruner: DiPGOPruner, opt: torch.optim.Optimize
 
 
 def _check_options(opt_steps: Any, loss: Any) -> tuple[int, str]:
+    """The optimisation steps and the (lower-case) loss, checked; None is the default."""
     loss = "ssim" if loss is None else str(loss).lower()
     if loss not in LOSSES:
         raise UsageError(f"unknown --loss {loss!r}; choose one of {', '.join(LOSSES)}")
@@ -550,36 +400,27 @@ def _check_options(opt_steps: Any, loss: Any) -> tuple[int, str]:
     return steps, loss
 
 
-def finish(model: nn.Module, name: str, compute: torch.Tensor, ctx: Context, costs: BlockCosts, settings: dict,
-           measured: dict, **plan_kw) -> nn.Module:
-    """Install the final plan on the unchanged model and record it (shared by the baselines)."""
-    remove_block_reuse(model)
-    plan = ReusePlan.for_sampler(compute, ctx.sampler, ctx.steps, model, **plan_kw)
-    apply_block_reuse(model, plan)
-    full = costs.cost(torch.ones(plan.shape, dtype=torch.bool))
-    measured = {**measured, "plan_macs_ratio": costs.cost(plan.compute, plan.step_compute) / full,
-                "reused_fraction": plan.reuse_fraction()}
-    return record(model, name, {"sampler": ctx.sampler, "steps": ctx.steps, **settings}, measured, plan.to_dict())
+# --------------------------------------------------------------------------- method
+@dataclass(frozen=True)
+class DiPGOConfig:
+    """DiP-GO's options; the defaults are the recipe (see the module docs for the deviations)."""
+
+    opt_steps: int = option(OPT_STEPS, "pruner optimisation steps (the reference runs 500)")
+    loss: str = option("ssim", "consistency loss: ssim | l1 | l2")
+    postprocess: str = option("search", "post-processing to the budget: search (paper) | sweep (reference code)")
+    batch: int = option(8, "teacher trajectories per optimisation step")
+    alpha: float = option(ALPHA, "sparsity loss weight")
+    skip_reused_steps: bool = option(True, "steps that reuse every block skip the model call (reuse its output)")
+    step_gates: bool = option(False, "also learn whole-step reuse (beyond the paper)")
 
 
-def prepare(model: nn.Module, budget: float, ctx: Context, step_skips: bool = False) -> BlockCosts:
-    """Refuse a model that already has a plan; measure block MACs; check the budget is reachable."""
-    if get_block_reuse(model) is not None:
-        raise UsageError("the model already carries a reuse plan: chain at most one reuse method")
-    costs = block_costs(model)
-    check_reachable(costs, len(ReusePlan.full(ctx.sampler, ctx.steps, model).timesteps), budget, step_skips)
-    return costs
-
-
-@register_method("dipgo", kind="reuse", help="DiP-GO: few-step gradient-optimised (step x block) reuse plan",
-                 options=("opt_steps", "loss", "step_gates", "alpha"))
-def dipgo(model: nn.Module, budget: float, ctx: Context, opt_steps: int | None = None, loss: str | None = None,
-          postprocess: str = "search", batch: int = 8, alpha: float = ALPHA,
-          skip_reused_steps: bool = True, step_gates: bool | int = False) -> nn.Module:
+def compress(model: nn.Module, budget: float, ctx: Context, config: DiPGOConfig) -> nn.Module:
     """Learn a reuse plan for ``ctx.sampler`` x ``ctx.steps`` meeting ``budget``; returns the
     unchanged model with the plan applied and recorded. ``step_gates``: also learn which
     whole steps reuse the model output (beyond the paper; see the module docs)."""
-    opt_steps, loss = _check_options(opt_steps, loss)
+    opt_steps, loss = _check_options(config.opt_steps, config.loss)
+    postprocess, batch, alpha = config.postprocess, config.batch, config.alpha
+    skip_reused_steps, step_gates = config.skip_reused_steps, config.step_gates
     if step_gates not in (True, False):  # 1 / 0 from ``--option step_gates=1``
         raise UsageError(f"step_gates must be true or false (1 or 0), got {step_gates!r}")
     step_gates = bool(step_gates)
@@ -604,11 +445,20 @@ def dipgo(model: nn.Module, budget: float, ctx: Context, opt_steps: int | None =
                   measured, step_compute=step_compute)
 
 
-def restore_plan(model: nn.Module, extras: dict | None) -> None:
-    """Re-apply a recorded reuse plan (the restorer of every reuse method)."""
-    if not extras:
-        raise UsageError("the model's metadata names a reuse method but holds no plan; compress the model again")
-    apply_block_reuse(model, ReusePlan.from_dict(extras))
+def speed_student(model: nn.Module, settings: Any) -> nn.Module:
+    """The speed bench's student (``settings``: a :class:`slimdiff.eval.speed.SpeedSettings`):
+    DiP-GO's post-processing of seeded random reuse scores and its ``finish`` (the runtime's
+    cost does not depend on how the plan was learned)."""
+    ctx = Context(sampler="ddim", steps=settings.steps, seed=settings.seed, progress=False)
+    costs = prepare(model, settings.budget, ctx)
+    n_calls = len(ReusePlan.full(ctx.sampler, ctx.steps, model).timesteps)
+    scores = torch.rand(n_calls, len(costs.blocks), generator=torch.Generator().manual_seed(settings.seed))
+    compute = threshold_plan(scores, costs, settings.budget)
+    return finish(model, "dipgo", compute, ctx, costs, {"scores": "seeded random", "budget": settings.budget}, {})
 
 
-register_restorer("dipgo")(restore_plan)
+DIPGO = MethodSpec("dipgo", "reuse", "DiP-GO: few-step gradient-optimised (step x block) reuse plan", compress,
+                   DiPGOConfig, restore=restore_plan, draw=draw_plan, speed_student=speed_student)
+dipgo = DIPGO
+"""``dipgo(model, budget, ctx, **options)``: the method as a plain call."""
+SPECS = (DIPGO,)

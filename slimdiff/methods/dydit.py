@@ -2,7 +2,7 @@
 
 ``slimdiff compress --method dydit --budget 0.5 [--train-steps N] [--tune full|lora]``:
 
-1. install the routers (:mod:`slimdiff.runtime.dynamic`): per block a head router and an MLP
+1. install the routers (:func:`slimdiff.runtime.routing.apply_dydit`): per block a head router and an MLP
    channel-group router on the timestep embedding, a token router on the tokens; all on;
 2. train with ``slimdiff.train.trainer.train``: diffusion loss of the dynamic model (hard
    straight-through decisions) + diffusion loss of the complete model (stabiliser, on by
@@ -19,7 +19,7 @@
 
 The ratio the FLOPs loss drives is end to end (:class:`CostModel`), so the budget is the
 same currency as every other method. The reference code's differences are listed in
-:mod:`slimdiff.runtime.dynamic`; here: the reference stratifies training timesteps over four
+:mod:`slimdiff.runtime.routing`; here: the reference stratifies training timesteps over four
 bins (our shared trainer draws them uniformly) and trains far longer, so we add step 3.
 
 Backbones: our DiT; a diffusers ``DiTTransformer2DModel`` is converted to our DiT exactly
@@ -34,47 +34,48 @@ PixArt is text-conditional: router training and recovery need caption embeddings
 Its cost model is measured with the Backbone's example caption length (8 tokens, what
 ``sample``/``macs_sampling`` use when no caption is given); the FLOPs loss during training uses
 a cost model at the data's caption length, since cross-attention (fixed cost) grows with it.
+
+Options (``--option k=v``; ``--train-steps`` / ``--tune`` are the CLI's own flags for the first
+two) are the fields of :class:`DyDiTConfig`; the spec is :data:`DYDIT` (``dydit(model, budget,
+ctx, **options)``).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from slimdiff.errors import UsageError
-from slimdiff.methods.base import Context, check_budget, record, recover, register_method, register_restorer
-from slimdiff.runtime.dynamic import (
-    DyDiTRouting,
-    RoutingConfig,
-    default_config,
-    install,
-    routing_of,
-)
+from slimdiff.methods.base import Context, check_budget, record, recover
+from slimdiff.methods.spec import MethodSpec, option
+from slimdiff.runtime.routing import DyDiTRouting, RoutingConfig, apply_dydit, default_config, routing_of
 
 TUNE_MODES = ("full", "lora")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DyDiTConfig:
     """Every coefficient of a DyDiT run (defaults follow the reference where it fits a CPU budget)."""
 
-    train_steps: int = 200
-    tune: str = "full"
-    router_lr: float = 1e-2  # routers move from +init_bias to ~0: 10-50x the weight lr (reference: 15 -> 0 over 200K steps)
-    flops_weight: float = 2.0  # reference: 2.0
-    complete_model_loss: bool = True  # reference train.py: on (its second stage drops it)
-    hold_frac: float = 0.05  # target held at 1 (reference: first 100 steps)
+    train_steps: int = option(200, "router training steps")
+    tune: str = option("full", "what trains with the routers: full (every weight) | lora (LoRA adapters, merged after)")
+    # routers move from +init_bias to ~0: 10-50x the weight lr (reference: 15 -> 0 over 200K steps)
+    router_lr: float = option(1e-2, "learning rate of the routers")
+    flops_weight: float = option(2.0, "weight w of the FLOPs loss w (ratio - target)^2")  # reference: 2.0
+    # reference train.py: on (its second stage drops it)
+    complete_model_loss: bool = option(True, "add the complete (unrouted) model's diffusion loss as a stabiliser")
+    hold_frac: float = option(0.05, "fraction of the steps the FLOPs target is held at 1")  # reference: first 100 steps
     # then linear 1 -> budget over this fraction of the steps (reference: 5000 of 150K steps). On digits-dit at
     # budget 0.5 (bench settings) 0.25 and 0.1 beat 0.5: bench/dydit/warmup.jsonl, scripts/dydit_ablation.py
-    warmup_frac: float = 0.25
-    lora_rank: int = 8
-    calibrate: bool = True
-    calibrate_samples: int = 8
-    calibrate_iters: int = 12
+    warmup_frac: float = option(0.25, "fraction of the steps the FLOPs target falls linearly from 1 to the budget")
+    lora_rank: int = option(8, "LoRA rank (tune=lora)")
+    calibrate: bool = option(True, "shift the router biases so the routed sampling run meets the budget")
+    calibrate_samples: int = option(8, "images per calibration sampling run")
+    calibrate_iters: int = option(12, "bisection steps of the calibration")
 
     def __post_init__(self) -> None:
         if self.tune not in TUNE_MODES:
@@ -259,18 +260,11 @@ def train_routers(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfi
 
 
 # --------------------------------------------------------------------------- calibration and tables
-def schedule_timesteps(model: nn.Module, sampler: str, steps: int) -> list[float]:
-    """The timesteps a ``sampler`` run of ``steps`` steps calls the model at."""
-    from slimdiff.diffusion.schedulers import diffusion_config_of, make_scheduler
-
-    sched = make_scheduler(sampler, diffusion_config_of(model))
-    sched.set_timesteps(steps)
-    return [float(t) for t in sched.timesteps]
-
-
 def build_tables(model: nn.Module, sampler: str, steps: int) -> None:
     """Per-step width tables for one sampler schedule (saved with the model)."""
-    routing_of(model).build_tables(model, schedule_timesteps(model, sampler, steps),
+    from slimdiff.diffusion.sampling import schedule_timesteps
+
+    routing_of(model).build_tables(model, schedule_timesteps(sampler, steps, model),
                                    {"sampler": sampler, "steps": steps})
 
 
@@ -330,33 +324,26 @@ def routing_extras(routing: DyDiTRouting) -> dict:
     return {"config": asdict(routing.config), "tables": {**routing.table_info, "entries": entries}}
 
 
-@register_restorer("dydit")
 def restore(model: nn.Module, extras: dict | None) -> None:
     """Re-install routers and per-step tables on a freshly built DiT or PixArt (before its weights load)."""
     if not extras or "config" not in extras:
         raise UsageError("this saved DyDiT model lacks its routing config in slimdiff.json; re-save it")
-    routing = install(model, RoutingConfig(**extras["config"]))
+    routing = apply_dydit(model, RoutingConfig(**extras["config"]))
     tables = extras.get("tables") or {}
     routing.tables = {float(e["t"]): [(tuple(h), tuple(g)) for h, g in zip(e["heads"], e["groups"])]
                       for e in tables.get("entries", [])}
     routing.table_info = {k: v for k, v in tables.items() if k != "entries"}
 
 
-@register_method("dydit", kind="dynamic", options=("train_steps", "tune"),
-                 help="DyDiT: timestep-wise dynamic heads/MLP groups + per-token MLP skipping (trained routers)")
-def dydit(model: nn.Module, budget: float, ctx: Context, train_steps: int | None = None,
-          tune: str | None = None, config: DyDiTConfig | None = None) -> nn.Module:
+def compress(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfig) -> nn.Module:
     """Compress ``model`` to ``budget`` of its sampling MACs with DyDiT (see the module docs)."""
     budget = check_budget(budget)
     if budget >= 1.0:  # identity: routers would only add their own MACs (and training would move weights)
         as_routable(model)  # still refuse backbones DyDiT cannot route
         return model
-    cfg = config or DyDiTConfig()
-    cfg = DyDiTConfig(**{**asdict(cfg), **({"train_steps": int(train_steps)} if train_steps is not None else {}),
-                         **({"tune": tune} if tune is not None else {})})
     start = time.process_time()
     model = as_routable(model)
-    routing = install(model, default_config(model))
+    routing = apply_dydit(model, default_config(model))
     cost = cost_model(model)
     if cfg.train_steps > 0:
         model = train_routers(model, budget, ctx, cfg, cost)
@@ -378,7 +365,53 @@ def dydit(model: nn.Module, budget: float, ctx: Context, train_steps: int | None
     return record(model, "dydit", {**asdict(cfg), "budget": budget}, measured, routing_extras(routing))
 
 
-as_dit = as_routable  # the earlier name (a PixArt is returned as is, not converted)
+# --------------------------------------------------------------------------- pictures and the speed bench
+def draw(name: str, extras: dict, model: nn.Module | None, out: Path, ctx: dict) -> list[Path]:
+    """Active heads / MLP channel groups per (sampling step, block) from the saved tables, and
+    (given the routed model) token-keep maps of a sampling run."""
+    from slimdiff.eval.report import token_keep_maps, width_per_timestep
 
-__all__ = ["DyDiTConfig", "CostModel", "cost_model", "as_routable", "as_dit", "dydit", "calibrate", "build_tables",
-           "routed_ratio", "shift_routers", "target_schedule", "routing_extras", "schedule_timesteps"]
+    config, tables = extras.get("config") or {}, (extras.get("tables") or {}).get("entries") or []
+    files = []
+    if tables:
+        files.append(width_per_timestep(tables, max(config.get("heads") or [1]), max(config.get("groups") or [1]),
+                                        out / f"{name}-width_per_timestep.png"))
+    if model is not None and hasattr(model, "dydit"):
+        files.append(token_keep_maps(model, out / f"{name}-token_keep_maps.png", steps=ctx.get("steps", 50),
+                                     cfg=ctx.get("cfg", 1.0)))
+    return files
+
+
+@torch.no_grad()
+def _randomize_routers(routing: DyDiTRouting, seed: int) -> None:
+    """Seeded random DyDiT router weights (trained routers differ per timestep and token)."""
+    g = torch.Generator().manual_seed(seed)
+    for r in routing.routers:
+        for lin in (r.head, r.group, r.token):
+            if lin is not None:
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 4 / lin.in_features**0.5)
+                lin.bias.copy_(torch.randn(lin.bias.shape, generator=g))
+
+
+def speed_student(model: nn.Module, settings: Any) -> nn.Module:
+    """The speed bench's student (``settings``: a :class:`slimdiff.eval.speed.SpeedSettings`): the
+    routers with seeded random weights, then the method itself with ``train_steps=0`` (bias
+    calibration to the budget over the sampling run, per-step tables)."""
+    model = as_routable(model)
+    _randomize_routers(apply_dydit(model, default_config(model)), settings.seed)
+    ctx = Context(sampler="ddim", steps=settings.steps, cfg=1.0, seed=settings.seed,
+                  batch_size=settings.calibration_batch, progress=False, recover_steps=0)
+    cfg = DyDiTConfig(train_steps=0, calibrate_samples=min(settings.batch, 2), calibrate_iters=10)
+    return compress(model, settings.budget, ctx, cfg)
+
+
+DYDIT = MethodSpec("dydit", "dynamic",
+                   "DyDiT: timestep-wise dynamic heads/MLP groups + per-token MLP skipping (trained routers)",
+                   compress, DyDiTConfig, restore=restore, draw=draw, speed_student=speed_student)
+dydit = DYDIT
+"""``dydit(model, budget, ctx, config=None, **options)``: the method as a plain call."""
+SPECS = (DYDIT,)
+
+__all__ = ["DyDiTConfig", "CostModel", "cost_model", "as_routable", "dydit", "DYDIT", "SPECS", "compress", "restore",
+           "draw", "speed_student", "calibrate", "build_tables", "routed_ratio", "shift_routers", "target_schedule",
+           "routing_extras", "train_routers"]

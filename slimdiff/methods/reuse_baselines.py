@@ -1,7 +1,8 @@
 """Step-reuse baselines on the same runtime as DiP-GO (:mod:`slimdiff.runtime.reuse`).
 
 Each yields the unchanged model plus a :class:`ReusePlan` meeting the budget, recorded in
-``extras`` and re-applied by ``slimdiff.load``:
+``extras`` and re-applied by ``slimdiff.load``, through the plan machinery shared with DiP-GO
+(:mod:`slimdiff.compression.reuse_plans`); this module holds only how each builds its plan:
 
 * ``deepcache`` -- DeepCache-style uniform reuse (Ma et al., CVPR 2024): every ``k``-th
   step computes everything; the steps between reuse a *centred* run of ``r`` blocks and
@@ -18,7 +19,7 @@ Each yields the unchanged model plus a :class:`ReusePlan` meeting the budget, re
   differ only in local vs. whole-trajectory optimisation), block granularity instead of
   separate attention/MLP branches, and any step may reuse (the paper's Algorithm 2; the
   released code alternates full and cache steps). It trains for as many optimisation steps
-  as DiP-GO (:data:`slimdiff.methods.dipgo.OPT_STEPS`), so the two learned planners get
+  as DiP-GO (:data:`slimdiff.compression.reuse_plans.OPT_STEPS`), so the two learned planners get
   equal optimisation.
 * ``fewer-steps`` -- simply fewer sampler steps at the same MACs: ``k = floor(budget * S)``
   model calls. It is stored as a plan whose ``step_compute`` keeps the ``k`` steps of the
@@ -32,15 +33,25 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimdiff.compression.reuse_plans import (
+    OPT_STEPS,
+    draw_plan,
+    finish,
+    prepare,
+    restore_plan,
+    teacher_batch,
+    threshold_plan,
+)
+from slimdiff.diffusion.sampling import Trajectory, schedule_timesteps
 from slimdiff.errors import UsageError
-from slimdiff.utils import progress
-from slimdiff.methods.base import Context, register_method, register_restorer
-from slimdiff.methods.dipgo import OPT_STEPS, _conditions, finish, prepare, restore_plan, teacher_batch, threshold_plan
+from slimdiff.methods.base import Context
+from slimdiff.methods.spec import MethodSpec, NoOptions, option
 from slimdiff.runtime.reuse import (
     BlockCosts,
     ReusePlan,
@@ -48,9 +59,9 @@ from slimdiff.runtime.reuse import (
     apply_block_reuse,
     block_reuse_disabled,
     remove_block_reuse,
-    schedule_timesteps,
     soft_reuse,
 )
+from slimdiff.utils import progress
 
 
 # --------------------------------------------------------------------------- DeepCache
@@ -77,8 +88,8 @@ def deepcache_search(costs: BlockCosts, steps: int, budget: float) -> tuple[torc
                      "use a larger budget or more steps")
 
 
-@register_method("deepcache", kind="reuse", help="DeepCache-style uniform block reuse (every k-th step full)")
-def deepcache(model: nn.Module, budget: float, ctx: Context) -> nn.Module:
+def _deepcache(model: nn.Module, budget: float, ctx: Context, config: NoOptions) -> nn.Module:
+    """DeepCache-style uniform reuse at ``budget`` (see the module docs)."""
     costs = prepare(model, budget, ctx)
     steps = len(schedule_timesteps(ctx.sampler, ctx.steps, model))
     table, k, r = deepcache_search(costs, steps, budget)
@@ -86,39 +97,35 @@ def deepcache(model: nn.Module, budget: float, ctx: Context) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- L2C
-def _trajectory(model: nn.Module, noise, labels, ctx: Context) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(model input, timestep) of every step of the teacher's trajectory from ``noise``."""
-    from slimdiff.diffusion.schedulers import diffusion_config_of, make_scheduler
+def _teacher_inputs(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor | None,
+                    ctx: Context) -> tuple[Trajectory, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The teacher's sampling run from ``noise`` (no reuse) and the (model input, timestep) of
+    each of its steps, recorded by the loop's model function."""
+    traj = Trajectory(model, sampler=ctx.sampler, steps=ctx.steps, n=noise.shape[0], cond=labels, cfg=ctx.cfg,
+                      seed=ctx.seed)
+    inputs = []
 
-    states = []
-    sch = make_scheduler(ctx.sampler, diffusion_config_of(model))
-    sch.set_timesteps(ctx.steps)
-    scale = getattr(sch, "scale_model_input", None)
+    def record(inp: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+        inputs.append((inp, t))
+        return traj.predict(inp, t, i)
 
-    def grab(i, t, x):
-        states.append(x)
-
-    from slimdiff.diffusion.sampling import sample
-
-    with block_reuse_disabled(model):
-        sample(model, sampler=ctx.sampler, steps=ctx.steps, classes=labels.tolist() if labels is not None else None,
-               num_samples=noise.shape[0], cfg=ctx.cfg, noise=noise, seed=ctx.seed, callback=grab)
-    xs = [noise * getattr(sch, "init_noise_sigma", 1.0)] + states[:-1]
-    return [((scale(x, t) if scale else x), t) for x, t in zip(xs, sch.timesteps)]
+    with block_reuse_disabled(model), torch.no_grad():
+        traj.run(traj.start(noise), record)
+    return traj, inputs
 
 
-def _soft_call(model, bb, x, t, cond, cfg, keep, caches):
+def _soft_call(model: nn.Module, traj: Trajectory, x: torch.Tensor, t: torch.Tensor, keep: torch.Tensor | None,
+               caches: list) -> tuple[torch.Tensor, list]:
+    """The model's raw output on ``traj``'s (guided) batch, every block mixing with ``caches``
+    by ``keep`` (None: fresh), and the mixed caches."""
     with soft_reuse(model, SoftFrame(keep, caches)) as frame:
-        out = bb(torch.cat([x, x]) if cfg != 1.0 else x, t, cond).float()
+        out = traj.bb(traj.batch(x), t, traj.cond).float()
     return out, frame.caches_out
 
 
 def l2c_train(model: nn.Module, costs: BlockCosts, ctx: Context, opt_steps: int, batch: int = 8,
               lam: float = 1e-3, lr: float = 0.05) -> tuple[torch.Tensor, list[float]]:
     """Train per-(step, block) router scores; returns p_reuse = 1 - sigmoid(score) and losses."""
-    from slimdiff.models.backbone import as_backbone
-
-    bb = as_backbone(model)
     steps = len(schedule_timesteps(ctx.sampler, ctx.steps, model))
     logits = nn.Parameter(torch.full((steps, len(costs.blocks)), 3.0))
     opt = torch.optim.Adam([logits], lr=lr)
@@ -128,15 +135,14 @@ def l2c_train(model: nn.Module, costs: BlockCosts, ctx: Context, opt_steps: int,
     for s in it:
         noise, labels, _ = teacher_batch(model, batch, ctx.seed + 7919 * (s + 1), sampler=ctx.sampler,
                                          steps=ctx.steps, cfg=ctx.cfg, with_target=False)
-        cond = _conditions(bb, labels, batch, ctx.cfg, ctx.seed)
-        traj = _trajectory(model, noise, labels, ctx)
+        traj, inputs = _teacher_inputs(model, noise, labels, ctx)
         total = torch.zeros(())
         for i in range(1, steps):
             with torch.no_grad():
-                _, caches = _soft_call(model, bb, *traj[i - 1], cond, ctx.cfg, None, [])
-                full, _ = _soft_call(model, bb, *traj[i], cond, ctx.cfg, None, [])
+                _, caches = _soft_call(model, traj, *inputs[i - 1], None, [])
+                full, _ = _soft_call(model, traj, *inputs[i], None, [])
             gate = torch.sigmoid(logits[i])
-            out, _ = _soft_call(model, bb, *traj[i], cond, ctx.cfg, gate, caches)
+            out, _ = _soft_call(model, traj, *inputs[i], gate, caches)
             total = total + F.mse_loss(out, full) + lam * (gate * w).sum()
         opt.zero_grad()
         (total / max(1, steps - 1)).backward()
@@ -145,11 +151,19 @@ def l2c_train(model: nn.Module, costs: BlockCosts, ctx: Context, opt_steps: int,
     return 1 - torch.sigmoid(logits.detach()), losses
 
 
-@register_method("l2c", kind="reuse", help="Learning-to-Cache-style learned per-step block router",
-                 options=("opt_steps",))
-def l2c(model: nn.Module, budget: float, ctx: Context, opt_steps: int | None = None, batch: int = 8,
-        lam: float = 1e-3) -> nn.Module:
-    opt_steps = OPT_STEPS if opt_steps is None else opt_steps  # DiP-GO's: equal optimisation for both learned plans
+@dataclass(frozen=True)
+class L2CConfig:
+    """L2C's options (the router's optimisation as long as DiP-GO's: equal optimisation)."""
+
+    opt_steps: int = option(OPT_STEPS, "router optimisation steps (DiP-GO's default)")
+    batch: int = option(8, "teacher trajectories per optimisation step")
+    lam: float = option(1e-3, "weight of the MACs-weighted sparsity term")
+
+
+def _l2c(model: nn.Module, budget: float, ctx: Context, config: L2CConfig) -> nn.Module:
+    """Train the router, threshold it to ``budget`` with DiP-GO's post-processing."""
+    batch, lam = config.batch, config.lam
+    opt_steps = OPT_STEPS if config.opt_steps is None else config.opt_steps  # None: the default, as for DiP-GO
     if not isinstance(opt_steps, int) or opt_steps < 0:
         raise UsageError(f"--opt-steps must be a non-negative integer, got {opt_steps!r}")
     costs = prepare(model, budget, ctx)
@@ -180,8 +194,8 @@ def fewer_steps_mask(model: nn.Module, sampler: str, steps: int, k: int) -> list
     return keep
 
 
-@register_method("fewer-steps", kind="reuse", help="simply fewer sampler steps at the same MACs")
-def fewer_steps(model: nn.Module, budget: float, ctx: Context) -> nn.Module:
+def _fewer_steps(model: nn.Module, budget: float, ctx: Context, config: NoOptions) -> nn.Module:
+    """``floor(budget * steps)`` model calls as a step-skipping plan (see the module docs)."""
     costs = prepare(model, budget, ctx)
     n_calls = len(schedule_timesteps(ctx.sampler, ctx.steps, model))
     k = math.floor(budget * ctx.steps + 1e-9)
@@ -193,7 +207,13 @@ def fewer_steps(model: nn.Module, budget: float, ctx: Context) -> nn.Module:
                   sampling_steps=k)
 
 
-for _name in ("deepcache", "l2c", "fewer-steps"):
-    register_restorer(_name)(restore_plan)
+_REUSE = dict(restore=restore_plan, draw=draw_plan)
+DEEPCACHE = MethodSpec("deepcache", "reuse", "DeepCache-style uniform block reuse (every k-th step full)", _deepcache,
+                       **_REUSE)
+L2C = MethodSpec("l2c", "reuse", "Learning-to-Cache-style learned per-step block router", _l2c, L2CConfig, **_REUSE)
+FEWER_STEPS = MethodSpec("fewer-steps", "reuse", "simply fewer sampler steps at the same MACs", _fewer_steps, **_REUSE)
+SPECS = (DEEPCACHE, L2C, FEWER_STEPS)
+deepcache, l2c, fewer_steps = DEEPCACHE, L2C, FEWER_STEPS
 
-__all__ = ["deepcache", "l2c", "fewer_steps", "deepcache_table", "deepcache_search", "fewer_steps_mask", "l2c_train"]
+__all__ = ["deepcache", "l2c", "fewer_steps", "deepcache_table", "deepcache_search", "fewer_steps_mask", "l2c_train",
+           "SPECS", "L2CConfig"]

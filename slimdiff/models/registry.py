@@ -22,15 +22,17 @@ import difflib
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch.nn as nn
 
+from slimdiff import io
 from slimdiff.errors import UsageError
+from slimdiff.result import ModelRecord, record_of, set_record
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z][\w.-]*$")  # not "DiT-XXL/2"
-_DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "UNet2DModel", "UNet2DConditionModel")
 
 
 def shipped_dir(name: str) -> Path:
@@ -50,7 +52,8 @@ def load_model(path_or_name: str | os.PathLike, *, allow_hub: bool = False, **kw
     """Load a model from a local directory, a shipped name, a DiT size name, an official
     DiT ``.pt`` checkpoint or (opt-in) a Hub name; see the module docs for the order.
 
-    The result carries ``slimdiff_meta`` (at least ``name`` and ``diffusion``).
+    The result carries its :class:`~slimdiff.result.ModelRecord` (at least ``name`` and
+    ``diffusion``; :func:`slimdiff.result.record_of` reads it).
     """
     from slimdiff.diffusion.schedulers import DiffusionConfig
     from slimdiff.models.dit import DiT_models, load_official
@@ -63,16 +66,14 @@ def load_model(path_or_name: str | os.PathLike, *, allow_hub: bool = False, **kw
     if spec and "/" not in spec and (shipped_dir(spec) / "slimdiff.json").is_file():
         _no_kwargs(spec, kwargs, "a shipped model")
         model = _load_dir(shipped_dir(spec)).float()  # shipped weights are stored in fp16 to stay small
-        model.slimdiff_meta["name"] = spec
-        return model
+        return set_record(model, replace(record_of(model), name=spec))
     size = _size_name(spec, DiT_models)
     if size is not None:
         try:
             model = DiT_models[size](**kwargs)
         except TypeError as e:
             raise UsageError(f"bad options for {size}: {e}; pass DiTConfig fields such as input_size=8, in_channels=1, num_classes=10") from e
-        model.slimdiff_meta = {"name": size, "diffusion": DiffusionConfig().to_dict()}
-        return model.eval()
+        return set_record(model, ModelRecord(size, DiffusionConfig().to_dict())).eval()
     if path.suffix.lower() == ".pt":
         if not path.is_file():
             raise UsageError(f"{path}: no such checkpoint file; pass the path of an official DiT .pt file")
@@ -103,8 +104,6 @@ def _size_name(spec: str, sizes) -> str | None:
 
 
 def _load_dir(path: Path) -> nn.Module:
-    from slimdiff import io
-
     if (path / io.JSON_NAME).is_file() or not ((path / "config.json").is_file() or (path / "model_index.json").is_file()):
         return io.load(path)  # also reports a directory that is neither kind
     return _load_diffusers_dir(path)
@@ -126,8 +125,8 @@ def _load_diffusers_dir(path: Path) -> nn.Module:
         cls_name = json.loads((folder / "config.json").read_text()).get("_class_name")
     except (OSError, ValueError) as e:
         raise UsageError(f"{folder / 'config.json'} is not readable JSON ({e}); download the model again") from e
-    if cls_name not in _DIFFUSERS_CLASSES:
-        raise UsageError(f"{folder} holds a {cls_name}; slimdiff supports {', '.join(_DIFFUSERS_CLASSES)}")
+    if cls_name not in io.DIFFUSERS_CLASSES:
+        raise UsageError(f"{folder} holds a {cls_name}; slimdiff supports {', '.join(io.DIFFUSERS_CLASSES)}")
     if not any(folder.glob("*.safetensors")):
         raise UsageError(f"{folder} has no .safetensors weights; slimdiff never unpickles .bin files: download the safetensors variant")
     try:
@@ -135,8 +134,7 @@ def _load_diffusers_dir(path: Path) -> nn.Module:
     except (OSError, ValueError, RuntimeError) as e:
         raise UsageError(f"cannot load {folder} with diffusers: {str(e).splitlines()[0]}") from e
     diffusion = _diffusion_from_scheduler(path / "scheduler" / "scheduler_config.json") if sub else None
-    model.slimdiff_meta = {"name": path.name, "diffusion": (diffusion or DiffusionConfig()).to_dict()}
-    return model.eval()
+    return set_record(model, ModelRecord(path.name, (diffusion or DiffusionConfig()).to_dict())).eval()
 
 
 def _diffusion_from_scheduler(path: Path):
@@ -169,8 +167,7 @@ def _load_official(path: Path, load_official, kwargs: dict) -> nn.Module:
             f"{path} does not fit a DiT built with {kwargs or 'the defaults (DiT-XL/2, 256 px)'}: "
             f"{str(e).splitlines()[0]}; pass the checkpoint's DiTConfig, e.g. input_size=64 for DiT-XL-2-512.pt"
         ) from e
-    model.slimdiff_meta = {"name": path.stem, "diffusion": DiffusionConfig().to_dict()}
-    return model.eval()
+    return set_record(model, ModelRecord(path.stem, DiffusionConfig().to_dict())).eval()
 
 
 def _load_hub(name: str, allow_hub: bool, kwargs: dict) -> nn.Module:

@@ -1,8 +1,9 @@
 """DyDiT execution on diffusers ``PixArtTransformer2DModel`` (PixArt-alpha / PixArt-sigma).
 
-Registered with :func:`slimdiff.runtime.dynamic.register_routed`, so :func:`~slimdiff.runtime.dynamic.install`,
-the routers, gates, routes, sliced-weight cache, per-step tables and the cost model are the
-ones of our DiT; this module only says where PixArt keeps things and runs its block.
+Registered with :func:`slimdiff.runtime.routed.register_routed` on import (the routing core
+imports this module when it looks an architecture up), so :func:`~slimdiff.runtime.routing.apply_dydit`,
+the routers, gates, routes, sliced-weight cache, per-step tables, hooks and the cost model are
+the ones of our DiT; this module only says where PixArt keeps things and runs its block.
 
 Where PixArt differs from DiT, and what we do about it:
 
@@ -10,8 +11,8 @@ Where PixArt differs from DiT, and what we do about it:
   (``attn1``) -> **cross-attention to the caption** (``attn2``, no norm, ungated) -> feed-forward
   (``ff``: ``GELU(proj)`` -> ``Linear``), each with a residual; the adaLN shift/scale/gate come
   from the model's one shared ``adaln_single`` (``timestep`` argument, ``(B, 6D)``) plus the
-  block's ``scale_shift_table``. Every block's class becomes :class:`DynamicPixArtBlock` (a
-  subclass: same parameters, same state-dict keys; no route -> the diffusers forward).
+  block's ``scale_shift_table``. The routing's block hook runs :func:`masked_forward` /
+  :func:`sliced_forward` for a route, the block's own diffusers forward without one.
 * **What is routed.** The head router gates ``attn1``'s heads (rows of ``to_q``/``to_k``/
   ``to_v`` and columns of ``to_out[0]``), the channel-group router the ``ff`` hidden channels
   (rows of ``ff.net[0].proj``, columns of ``ff.net[2]``), the token router (on the tokens
@@ -26,7 +27,7 @@ Where PixArt differs from DiT, and what we do about it:
 * **Inference really skips work**, exactly as for DiT: eval decisions are executed with the
   kept heads'/groups' weights sliced once per (block, decision) and cached; the feed-forward
   runs on the gathered kept tokens only (``index_select`` -> FF -> ``index_add``), per sample,
-  found by :class:`~slimdiff.runtime.dynamic.TokenSelect` (sync-free on CUDA). Training uses
+  found by :class:`~slimdiff.runtime.routed.TokenSelect` (sync-free on CUDA). Training uses
   masks on the full-width computation (masks are for training only).
 * **Refused** (``UsageError``): at install, q/k norms, GEGLU feed-forwards, chunked
   feed-forward, GLIGEN fusers; at call, a self-attention mask or ``cross_attention_kwargs``
@@ -43,7 +44,7 @@ from diffusers.models.activations import GELU
 from diffusers.models.attention import BasicTransformerBlock
 
 from slimdiff.errors import UsageError
-from slimdiff.runtime.dynamic import (
+from slimdiff.runtime.routed import (
     MaskRoute,
     RoutedArch,
     SlicePlan,
@@ -65,7 +66,7 @@ def _heads_view(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     return t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2)
 
 
-def masked_forward(block: "DynamicPixArtBlock", route: MaskRoute, x: torch.Tensor, ehs: torch.Tensor | None,
+def masked_forward(block: BasicTransformerBlock, route: MaskRoute, x: torch.Tensor, ehs: torch.Tensor | None,
                    emask: torch.Tensor | None, timestep: torch.Tensor) -> torch.Tensor:
     """The PixArt block with head, channel-group and token masks (full width computed: training only).
 
@@ -98,7 +99,7 @@ def masked_forward(block: "DynamicPixArtBlock", route: MaskRoute, x: torch.Tenso
     return gate_mlp * hidden + x
 
 
-def sliced_forward(block: "DynamicPixArtBlock", plan: SlicePlan, token: TokenSelect | None, x: torch.Tensor,
+def sliced_forward(block: BasicTransformerBlock, plan: SlicePlan, token: TokenSelect | None, x: torch.Tensor,
                    ehs: torch.Tensor | None, emask: torch.Tensor | None,
                    timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The PixArt block on the kept heads/groups only, the feed-forward on the kept tokens only.
@@ -139,34 +140,6 @@ def sliced_forward(block: "DynamicPixArtBlock", plan: SlicePlan, token: TokenSel
     return scatter(0, rows, gate_mlp[:, 0].index_select(0, sample) * m).reshape(B, N, D), keep
 
 
-class DynamicPixArtBlock(BasicTransformerBlock):
-    """A PixArt ``BasicTransformerBlock`` that runs the route DyDiT set for the current call
-    (diffusers' own forward when there is none, i.e. routing ``"off"``)."""
-
-    _transient = ("_dydit_route",)
-
-    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
-        route = self.__dict__.get("_dydit_route")
-        if route is None:
-            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
-        if attention_mask is not None or cross_attention_kwargs:
-            raise UsageError("DyDiT routing on PixArt supports neither a self-attention mask nor cross_attention_kwargs; "
-                             "pass the caption mask as encoder_attention_mask")
-        return route.run(self, hidden_states, encoder_hidden_states, encoder_attention_mask, timestep)
-
-    def dydit_masked(self, route, x, ehs, emask, timestep):
-        return masked_forward(self, route, x, ehs, emask, timestep)
-
-    def dydit_sliced(self, plan, token, x, ehs, emask, timestep):
-        return sliced_forward(self, plan, token, x, ehs, emask, timestep)
-
-    def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        return {k: v for k, v in state.items() if k not in self._transient}
-
-
 def _slice_attention(attn: nn.Module, heads: tuple[int, ...]) -> tuple[torch.Tensor | None, ...]:
     """Rows of to_q/to_k/to_v and columns of to_out[0] of the kept heads (the originals when all are kept)."""
     lins = (attn.to_q, attn.to_k, attn.to_v)
@@ -186,7 +159,6 @@ class PixArtArch(RoutedArch):
     """diffusers PixArt: ``transformer_blocks[i].attn1`` heads, ``ff`` groups, hook on ``adaln_single.emb``."""
 
     name = "pixart"
-    block_class = DynamicPixArtBlock
     lora_targets = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
 
     @classmethod
@@ -215,17 +187,19 @@ class PixArtArch(RoutedArch):
         return model.adaln_single.emb.timestep_embedder.linear_2.out_features
 
     @classmethod
-    def hook(cls, model, routing):
+    def temb_module(cls, model):
+        return model.adaln_single.emb
+
+    @classmethod
+    def temb_part(cls, model):
         emb = model.adaln_single.emb
-        if emb.use_additional_conditions:  # the routers read the timestep part only
-            emb.timestep_embedder.register_forward_hook(routing.capture_temb)
-        emb.register_forward_hook(routing.on_time_embedding)
+        return emb.timestep_embedder if emb.use_additional_conditions else None  # the routers read the t part only
 
     @classmethod
     def raw_temb(cls, model, t):
         emb = model.adaln_single.emb
-        lin = emb.timestep_embedder.linear_1
-        return emb.timestep_embedder.forward(emb.time_proj(t).to(lin.weight.dtype))  # .forward: no hooks
+        te = emb.timestep_embedder
+        return type(te).forward(te, emb.time_proj(t).to(te.linear_1.weight.dtype))  # the class forward: no hooks
 
     @classmethod
     def heads(cls, block):
@@ -262,5 +236,23 @@ class PixArtArch(RoutedArch):
     def width(cls, block):
         return block.ff.net[0].proj.in_features
 
+    @classmethod
+    def route_args(cls, block, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                   encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None, class_labels=None,
+                   added_cond_kwargs=None):
+        """``BasicTransformerBlock.forward``'s arguments -> ``(x, ehs, emask, timestep)``."""
+        if attention_mask is not None or cross_attention_kwargs:
+            raise UsageError("DyDiT routing on PixArt supports neither a self-attention mask nor cross_attention_kwargs; "
+                             "pass the caption mask as encoder_attention_mask")
+        return hidden_states, encoder_hidden_states, encoder_attention_mask, timestep
 
-__all__ = ["PixArtArch", "DynamicPixArtBlock", "masked_forward", "sliced_forward"]
+    @classmethod
+    def masked(cls, block, route, x, ehs, emask, timestep):
+        return masked_forward(block, route, x, ehs, emask, timestep)
+
+    @classmethod
+    def sliced(cls, block, plan, token, x, ehs, emask, timestep):
+        return sliced_forward(block, plan, token, x, ehs, emask, timestep)
+
+
+__all__ = ["PixArtArch", "masked_forward", "sliced_forward"]

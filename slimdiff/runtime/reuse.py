@@ -47,6 +47,10 @@ an error (pipelines that call the branches separately are not supported).
 
 **Caveat.** Like every diffusers hook, a deep copy of a hooked model would still run the
 original's hooks; the root hook detects it and raises -- re-apply the plan to the copy.
+
+(Over 500 lines: one runtime in one module -- the plan, its MACs and the hooks that run it
+share the step state; the per-architecture parts, :func:`reuse_blocks`, :func:`unet_consumers`
+and ``_timestep_position``, are to become Backbone methods.)
 """
 from __future__ import annotations
 
@@ -59,13 +63,13 @@ import torch
 import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
-from slimdiff.diffusion.sampling import current_sampler, current_timestep
+from slimdiff.diffusion.sampling import current_sampler, current_timestep, schedule_timesteps
 from slimdiff.errors import UsageError
 
 __all__ = [
     "ReusePlan", "BlockCosts", "apply_block_reuse", "remove_block_reuse", "get_block_reuse",
     "block_reuse_disabled", "soft_reuse", "SoftFrame", "reuse_blocks",
-    "block_costs", "effective_compute", "plan_macs", "schedule_timesteps", "unet_consumers",
+    "block_costs", "effective_compute", "plan_macs", "unet_consumers",
 ]
 
 ROOT_HOOK = "slimdiff_block_reuse"
@@ -134,15 +138,6 @@ def effective_compute(compute: torch.Tensor, names: Sequence[str], consumers: di
 
 
 # --------------------------------------------------------------------------- plans
-def schedule_timesteps(sampler: str, steps: int, model: nn.Module | None = None) -> list[float]:
-    """Timesteps our sampling loop visits for ``sampler`` x ``steps`` (the model's schedule)."""
-    from slimdiff.diffusion.schedulers import diffusion_config_of, make_scheduler
-
-    sch = make_scheduler(sampler, diffusion_config_of(model) if model is not None else diffusion_config_of(nn.Module()))
-    sch.set_timesteps(steps)
-    return [float(t) for t in sch.timesteps]
-
-
 @dataclass
 class ReusePlan:
     """A boolean (steps x blocks) compute table for one sampler and step count.

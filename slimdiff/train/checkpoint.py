@@ -3,23 +3,23 @@
 A checkpoint is a directory ``<run>/checkpoint`` with ``state.json`` (step, config, lr
 scheduler, param groups) and safetensors files for model, EMA, optimiser tensors and RNG
 states. It is written into a temporary sibling and swapped in with renames, so a crash
-at any point leaves either the previous or the new checkpoint complete.
+at any point leaves either the previous or the new checkpoint complete
+(:func:`slimdiff.atomic.write_dir`).
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from slimdiff.atomic import write_dir
 from slimdiff.errors import UsageError
 
 NAME = "checkpoint"
+OLD = f".{NAME}-old"  # the previous checkpoint while the new one is renamed into place
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -41,46 +41,31 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: Path, *, step: int, model: dict, optimizer: dict, lr_scheduler: dict,
                     rng: dict[str, torch.Tensor], info: dict, ema: dict | None = None) -> Path:
-    """Write the checkpoint for ``step`` atomically and return its path."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=run_dir))
+    """Write the checkpoint for ``step`` atomically and return its path.
+
+    The previous checkpoint is kept as ``.checkpoint-old`` until the new one is renamed in,
+    so :func:`find_checkpoint` finds a complete one whenever the process dies.
+    """
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-    save_file({k: v.detach().contiguous().clone() for k, v in model.items()}, tmp / "model.safetensors")
-    if ema is not None:
-        save_file({k: v.detach().contiguous().clone() for k, v in ema.items()}, tmp / "ema.safetensors")
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    save_file(rng, tmp / "rng.safetensors")
     sched = {k: v for k, v in lr_scheduler.items() if k != "lr_lambdas"}
     state = {"step": step, "optimizer": opt_meta, "lr_scheduler": sched, "info": info}
-    (tmp / "state.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    final, old = run_dir / NAME, run_dir / f".{NAME}-old"
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    _fsync_dir(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().contiguous().clone() for k, v in model.items()}, tmp / "model.safetensors")
+        if ema is not None:
+            save_file({k: v.detach().contiguous().clone() for k, v in ema.items()}, tmp / "ema.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file(rng, tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state))
+
+    return write_dir(run_dir / NAME, write, backup=run_dir / OLD)
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint under ``run_dir`` (survives a crash between renames)."""
-    for name in (NAME, f".{NAME}-old"):
+    for name in (NAME, OLD):
         path = run_dir / name
         if (path / "state.json").is_file():
             return path

@@ -1,0 +1,129 @@
+"""Calibration data: the training samples a method scores a model on, drawn the same way everywhere.
+
+A calibration batch is ``(x0, cond)``: ``x0`` clean samples of ``ctx.data`` (or of a given
+dataset) at the model's input shape, drawn without replacement with a seeded generator, and
+the matching condition (labels, caption embeddings, or ``None``). What a model gets when the
+data lacks its conditioning is the caller's choice (``missing``):
+
+* ``"random"`` -- class models need valid labels (an error otherwise); text models without
+  caption embeddings get random embeddings (Diff-Pruning's importance pass).
+* ``"null"`` -- the unconditional input of classifier-free guidance: the null class for
+  unlabelled data, the null prompt for text models (Block Influence of the depth baselines).
+
+:func:`calibration_batches` yields batches of one draw (noise them with the same generator
+between batches, as the depth baselines do); :func:`calibration_batch` is the one-batch form,
+with a seeded random fallback for the default digits data on a model of another shape.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from slimdiff.errors import UsageError
+from slimdiff.methods.base import Context
+
+__all__ = ["calibration_batch", "calibration_batches", "model_dataset", "check_shape", "MISSING", "DIGITS_SHAPE"]
+
+MISSING = ("random", "null")
+DIGITS_SHAPE = (1, 8, 8)  # the default ``--data digits``
+
+
+def model_dataset(model: nn.Module, ctx: Context):
+    """The dataset ``ctx.data`` at ``model``'s input size and channels (as the shared recovery loads it)."""
+    from slimdiff.data.datasets import get_dataset
+    from slimdiff.models.backbone import as_backbone
+
+    bb = as_backbone(model)
+    return get_dataset(ctx.data, size=bb.sample_size, channels=bb.in_channels)
+
+
+def check_shape(x0: torch.Tensor, bb, what: str) -> None:
+    """:class:`UsageError` unless ``x0`` is a batch of the backbone ``bb``'s input shape."""
+    want = (bb.in_channels, bb.sample_size, bb.sample_size)
+    if x0.ndim != 4 or tuple(x0.shape[1:]) != want:
+        raise UsageError(f"calibration data {what} has samples of shape {tuple(x0.shape[1:])} but the model takes "
+                         f"{want}: pass --data with images/latents of that shape")
+
+
+def _cond_for(bb, labels: torch.Tensor | None, n: int, gen: torch.Generator, missing: str) -> torch.Tensor | None:
+    """The condition of ``n`` samples with ``labels`` (``None``: the data has none), see the module docstring."""
+    if bb.conditioning == "class":
+        if labels is not None and labels.min() >= 0 and labels.max() < bb.num_classes:
+            return labels.long()
+        if missing == "null" and labels is not None:
+            return bb.null_cond(None, n)
+        raise UsageError(f"the model is class-conditional ({bb.num_classes} classes) but the calibration data "
+                         "has no valid labels: use labelled data (class sub-folders or a 'labels' array)")
+    if bb.conditioning == "text":
+        return bb.null_cond(None, n) if missing == "null" else bb.example_cond(n, gen)
+    return None
+
+
+def _condition(bb, conds: list[Any], gen: torch.Generator, missing: str) -> Any:
+    """The condition of a batch from its items' second fields (labels or caption embeddings)."""
+    from slimdiff.models.backbone import TextCondition
+
+    if isinstance(conds[0], TextCondition):  # latents with caption embeddings
+        if bb.conditioning == "text":
+            cond = TextCondition.stack(conds)
+            bb.check_text_width(cond)
+            return cond
+        return _cond_for(bb, None, len(conds), gen, missing)
+    return _cond_for(bb, torch.stack([torch.as_tensor(c) for c in conds]), len(conds), gen, missing)
+
+
+def calibration_batches(model: nn.Module, ctx: Context, samples: int, batch: int, *, dataset=None,
+                        generator: torch.Generator | None = None,
+                        missing: str = "random") -> Iterator[tuple[torch.Tensor, Any]]:
+    """Yield ``(x0, cond)`` batches of at most ``batch`` of ``samples`` samples drawn without replacement.
+
+    ``dataset`` defaults to :func:`model_dataset`; ``generator`` (default seeded with
+    ``ctx.seed``) draws the sample order once, up front, and random text embeddings
+    (``missing="random"``); the caller may draw from it between batches. ``x0`` is float32
+    on the CPU; samples of another shape than the model's input are a :class:`UsageError`.
+    """
+    from slimdiff.models.backbone import as_backbone
+
+    if missing not in MISSING:
+        raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")
+    bb = as_backbone(model)
+    data = dataset if dataset is not None else model_dataset(model, ctx)
+    gen = generator if generator is not None else torch.Generator().manual_seed(ctx.seed)
+    idx = torch.randperm(len(data), generator=gen)[:samples]
+    for start in range(0, len(idx), batch):
+        items = [data[int(i)] for i in idx[start : start + batch]]
+        x0 = torch.stack([it[0] for it in items]).float()
+        check_shape(x0, bb, repr(ctx.data))
+        yield x0, _condition(bb, [it[1] for it in items], gen, missing)
+
+
+def calibration_batch(model: nn.Module, ctx: Context, size: int | None = None, *, dataset=None,
+                      missing: str = "random") -> tuple[torch.Tensor, Any, str]:
+    """The fixed calibration batch ``(x0, cond, source)`` for ``model``.
+
+    ``size`` samples (default ``ctx.batch_size``) of ``ctx.data`` (or ``dataset``) drawn with
+    ``ctx.seed``. With the default ``ctx.data == "digits"``, no ``dataset`` and a model that
+    is not 1x8x8 (e.g. a latent DiT), seeded random example inputs of the right shape are used
+    instead, with a warning (fine for compute measurements; a real model should get real
+    ``--data``); ``source`` is then ``"random"``, else ``str(ctx.data)``. Any other data of
+    the wrong shape is a :class:`UsageError`.
+    """
+    from slimdiff.models.backbone import as_backbone
+
+    bb = as_backbone(model)
+    n = int(size or ctx.batch_size)
+    if n < 1:
+        raise UsageError(f"calibration batch size must be >= 1, got {n}")
+    gen = torch.Generator().manual_seed(ctx.seed)
+    shape = (bb.in_channels, bb.sample_size, bb.sample_size)
+    if dataset is None and ctx.data == "digits" and shape != DIGITS_SHAPE:
+        warnings.warn(f"calibration: the digits data does not fit a {shape} model; using seeded random inputs "
+                      "(pass --data with real images/latents for a meaningful importance)", stacklevel=2)
+        x0 = torch.randn(n, *shape, generator=gen)
+        labels = bb.example_cond(n, gen) if bb.conditioning == "class" else None
+        return x0, _cond_for(bb, labels, n, gen, missing), "random"
+    x0, cond = next(calibration_batches(model, ctx, n, n, dataset=dataset, generator=gen, missing=missing))
+    return x0, cond, str(ctx.data)

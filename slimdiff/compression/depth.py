@@ -1,0 +1,407 @@
+"""Depth pruning machinery shared by TinyFusion and the depth baselines.
+
+**Group-shape syntax** (``keep``): a comma-separated pattern of ``N:M`` shapes that is
+repeated from the first block on and must cover the depth exactly; a group of shape
+``N:M`` keeps ``N`` of its ``M`` consecutive blocks. ``"1:2"`` on 12 blocks is six 1:2
+groups; ``"2:4,1:2"`` on 12 blocks is ``2:4, 1:2, 2:4, 1:2`` (the pattern covers 6 blocks,
+twice); a pattern listing every group (``"2:4,1:2,1:2,2:4"``) is used as is. ``N = M``
+keeps a group whole. Each of a group's ``C(M, N)`` keep-patterns
+(``itertools.combinations``) is one *option* (:func:`group_options`). Without ``keep`` the
+budget picks the depth (:func:`depth_for_budget`) and the shape (:func:`shape_for_depth`).
+
+**Extraction** (:func:`extract_blocks`): the dropped blocks are deleted from the module
+list and the config's depth is updated, so the result is a plain, shallower model.
+
+**Gating** (:func:`apply_depth_gates`, :func:`masked_blocks`): diffusers ``ModelHook`` s
+(the mechanism of :mod:`slimdiff.runtime.reuse`) make block ``i`` compute
+``m_i * block(h) + (1 - m_i) * h``, a dropped block being the identity on the residual
+stream while every block is still computed; for searches and tests, never for sampling.
+
+**Ending** (:func:`finish_depth`): cut to the kept blocks, run the shared recovery with the
+kept-block KD layer map (student block ``i`` <- teacher block ``kept[i]``), record.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from diffusers.hooks import HookRegistry, ModelHook
+
+from slimdiff.errors import UsageError
+from slimdiff.methods.base import BUDGET_TOLERANCE, Context, record, recover, sampling_macs
+from slimdiff.models.backbone import Backbone, as_backbone
+
+__all__ = [
+    "MAX_OPTIONS", "Group", "parse_keep", "format_groups", "group_options", "check_depth_prunable",
+    "extract_blocks", "DepthGateConfig", "apply_depth_gates", "remove_depth_gates", "masked_blocks",
+    "kept_layer_map", "depth_for_budget", "shape_for_depth", "resolve_depth", "training_dataset", "finish_depth",
+    "draw_depth",
+]
+
+MAX_OPTIONS = 1024
+"""Largest option count per group that :func:`shape_for_depth` picks (the reference's widest
+preset, 7:14, has 3432; 6 of 12 blocks in one group has 924)."""
+
+GATE_HOOK = "slimdiff_depth_gate"
+
+
+# --------------------------------------------------------------------------- group shapes
+@dataclass(frozen=True)
+class Group:
+    """One group of ``m`` consecutive blocks starting at ``start``, of which ``n`` are kept."""
+
+    n: int
+    m: int
+    start: int
+
+    @property
+    def shape(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    parts = text.strip().split(":")
+    try:
+        n, m = (int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"bad group shape {text.strip()!r}: write N:M with integers, e.g. 1:2 or 2:4,1:2") from None
+    if m < 1 or n < 1:
+        raise UsageError(f"group shape {n}:{m}: N and M must be >= 1 (keep at least one block of every group)")
+    if n > m:
+        raise UsageError(f"group shape {n}:{m}: N > M keeps more blocks than the group has; use N <= M, e.g. 1:2")
+    return n, m
+
+
+def parse_keep(spec: str, depth: int) -> list[Group]:
+    """Groups covering ``depth`` blocks from a ``keep`` pattern (see the module docs)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"keep must be a group-shape pattern such as '1:2' or '2:4,1:2', got {spec!r}")
+    pattern = [_parse_shape(s) for s in spec.split(",")]
+    period = sum(m for _, m in pattern)
+    if depth % period:
+        raise UsageError(
+            f"group shape(s) {spec!r} cover {period} blocks per repeat, which does not divide the depth {depth}; "
+            f"choose shapes whose M values sum to a divisor of {depth} (e.g. 1:2 for an even depth)"
+        )
+    groups, start = [], 0
+    for n, m in pattern * (depth // period):
+        groups.append(Group(n, m, start))
+        start += m
+    return groups
+
+
+def format_groups(groups: Sequence[Group]) -> str:
+    """The shortest ``keep`` pattern that :func:`parse_keep` turns back into ``groups``."""
+    shapes = [(g.n, g.m) for g in groups]
+    for p in range(1, len(shapes) + 1):
+        if len(shapes) % p == 0 and shapes == shapes[:p] * (len(shapes) // p):
+            return ",".join(f"{n}:{m}" for n, m in shapes[:p])
+    return ""  # unreachable: p = len(shapes) always matches
+
+
+def group_options(n: int, m: int) -> torch.Tensor:
+    """``(C(m, n), m)`` 0/1 keep-masks of a group, one row per ``itertools.combinations`` option."""
+    combos = list(itertools.combinations(range(m), n))
+    out = torch.zeros(len(combos), m)
+    for i, keep in enumerate(combos):
+        out[i, list(keep)] = 1.0
+    return out
+
+
+# --------------------------------------------------------------------------- extraction
+def _blocks_attr(bb: Backbone) -> str:
+    return "blocks" if bb.kind == "dit" else "transformer_blocks"
+
+
+def _embedders_tied(model: nn.Module) -> bool:
+    ref = model.transformer_blocks[0].norm1.emb.state_dict()
+    return all(
+        all(torch.equal(v, b.norm1.emb.state_dict()[k]) for k, v in ref.items()) for b in model.transformer_blocks[1:]
+    )
+
+
+def check_depth_prunable(model: nn.Module, what: str = "depth pruning") -> Backbone:
+    """The Backbone of ``model`` if its blocks can be removed, else :class:`UsageError`."""
+    bb = as_backbone(model)
+    if not bb.is_transformer:
+        raise UsageError(
+            f"{what} removes transformer blocks (DiT, diffusers DiT, PixArt); this is a {bb.kind} model: "
+            "use a width method such as diff-pruning"
+        )
+    if len(bb.blocks) < 2:
+        raise UsageError(f"{what} needs at least 2 blocks; this {bb.kind} model has {len(bb.blocks)}")
+    return bb
+
+
+def _check_extractable(bb: Backbone, kept: Sequence[int]) -> None:
+    depth = len(bb.blocks)
+    if not kept or list(kept) != sorted(set(kept)) or not all(0 <= i < depth for i in kept):
+        raise UsageError(f"kept blocks must be a non-empty increasing list of indices in [0, {depth}), got {list(kept)}")
+    if bb.kind == "diffusers-dit" and kept[0] != 0 and not _embedders_tied(bb.module):
+        raise UsageError(
+            "this diffusers DiT has differing per-block timestep/class embedders and block 0's also feeds the "
+            "output layer, so block 0 cannot be removed; tie the embedders (as in converted official checkpoints) "
+            "or convert it with slimdiff.models.convert.diffusers_to_dit"
+        )
+
+
+def _set_blocks(model: nn.Module, bb: Backbone, blocks: list[nn.Module]) -> None:
+    setattr(model, _blocks_attr(bb), nn.ModuleList(blocks))
+    if bb.kind == "dit":
+        model.config = dataclasses.replace(model.config, depth=len(blocks))
+    else:
+        model.register_to_config(num_layers=len(blocks))
+
+
+def extract_blocks(model: nn.Module, kept: Sequence[int]) -> nn.Module:
+    """Keep only the blocks ``kept`` (indices, increasing) of ``model``, in place; return it.
+
+    The other blocks are deleted from the module list and the config's depth
+    (``DiTConfig.depth`` / diffusers ``num_layers``) is updated, so the result is a plain,
+    shallower model of the same class that saves, loads and exports like any other.
+    """
+    bb = check_depth_prunable(model, "extracting blocks")
+    kept = [int(i) for i in kept]
+    _check_extractable(bb, kept)
+    blocks = bb.blocks
+    _set_blocks(model, bb, [blocks[i] for i in kept])
+    return model
+
+
+@contextmanager
+def _only_blocks(model: nn.Module, kept: Sequence[int]) -> Iterator[nn.Module]:
+    """Temporarily run ``model`` with only the blocks ``kept`` (no weights copied)."""
+    bb = as_backbone(model)
+    blocks, attr = bb.blocks, _blocks_attr(bb)
+    old_list = getattr(model, attr)
+    _set_blocks(model, bb, [blocks[i] for i in kept])
+    try:
+        yield model
+    finally:
+        _set_blocks(model, bb, list(old_list))
+        setattr(model, attr, old_list)
+
+
+# --------------------------------------------------------------------------- gating
+@dataclass(frozen=True)
+class DepthGateConfig:
+    """How :func:`apply_depth_gates` gates the blocks.
+
+    ``mask_of(i)``: block ``i``'s keep value, a scalar or one value per example ``(batch,)``
+    (read after the block has run). ``before_forward(h)``: called with block 0's input before
+    it runs, i.e. once per forward of the model (TinyFusion draws its masks there).
+    """
+
+    mask_of: Callable[[int], torch.Tensor]
+    before_forward: Callable[[torch.Tensor], None] | None = None
+
+
+class DepthGateHook(ModelHook):
+    """Makes block ``index`` compute ``m * block(h) + (1 - m) * h`` with ``m = mask_of(index)``."""
+
+    def __init__(self, index: int, config: DepthGateConfig):
+        super().__init__()
+        self.index, self.config = index, config
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        if self.index == 0 and self.config.before_forward is not None:
+            self.config.before_forward(h)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        out = output[0] if isinstance(output, tuple) else output
+        m = self.config.mask_of(self.index).to(out.dtype)
+        m = m.reshape(-1, *([1] * (out.ndim - 1))) if m.ndim else m
+        mixed = m * out + (1 - m) * h
+        return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
+
+
+def _gate_hooks(model: nn.Module) -> list[DepthGateHook]:
+    return [m._diffusers_hook.get_hook(GATE_HOOK) for _, m in model.named_modules()
+            if getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.get_hook(GATE_HOOK) is not None]
+
+
+def apply_depth_gates(model: nn.Module, config: DepthGateConfig | Callable[[int], torch.Tensor]) -> nn.Module:
+    """Gate every block of ``model`` (in place; returns it): ``config`` is a
+    :class:`DepthGateConfig` or just its ``mask_of``. Undo with :func:`remove_depth_gates`."""
+    if not isinstance(config, DepthGateConfig):
+        config = DepthGateConfig(config)
+    if _gate_hooks(model):
+        raise UsageError("this model already has depth gates: call remove_depth_gates(model) first")
+    for i, block in enumerate(as_backbone(model).blocks):
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(DepthGateHook(i, config), GATE_HOOK)
+    _invalidate(model)
+    return model
+
+
+def remove_depth_gates(model: nn.Module) -> nn.Module:
+    """Remove the depth gates (a no-op without them); the blocks compute in full again, and
+    a block left without any hook is the plain module again (no registry, no patched forward)."""
+    for _, module in model.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None or registry.get_hook(GATE_HOOK) is None:
+            continue
+        registry.remove_hook(GATE_HOOK, recurse=False)
+        if not registry.hooks:
+            del module._diffusers_hook
+            forward = module.__dict__.get("forward")  # the bound method the registry put back
+            if getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward:
+                del module.__dict__["forward"]
+    _invalidate(model)
+    return model
+
+
+def _invalidate(model: nn.Module) -> None:
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None:  # a registry above the blocks caches which children have hooks
+        registry.invalidate_child_registries_cache()
+
+
+@contextmanager
+def masked_blocks(model: nn.Module, keep_mask: Sequence[float] | torch.Tensor) -> Iterator[nn.Module]:
+    """Run ``model`` with block ``i`` bypassed (identity on the residual stream) where
+    ``keep_mask[i] == 0``; every block is still computed. ``keep_mask`` is one 0/1 value
+    per block, or ``(batch, depth)`` for per-example masks. For tests and search only."""
+    mask = torch.as_tensor(keep_mask, dtype=torch.float32)
+    depth = len(as_backbone(model).blocks)
+    if mask.shape[-1] != depth:
+        raise UsageError(f"keep mask has {mask.shape[-1]} entries but the model has {depth} blocks")
+    apply_depth_gates(model, lambda i: mask[..., i])
+    try:
+        yield model
+    finally:
+        remove_depth_gates(model)
+
+
+# --------------------------------------------------------------------------- shape for a budget
+def kept_layer_map(kept: Sequence[int]) -> dict[int, int]:
+    """KD layer map of a depth-pruned student: student block ``i`` -> teacher block ``kept[i]``."""
+    return {i: int(k) for i, k in enumerate(kept)}
+
+
+def depth_for_budget(model: nn.Module, budget: float, ctx: Context) -> tuple[int, dict]:
+    """The largest number of blocks whose shallower model fits ``budget`` (a fraction of
+    ``model``'s sampling MACs under ``ctx``) up to :data:`BUDGET_TOLERANCE` (3%, as for
+    width pruning: 6 of 12 digits-dit blocks cost 0.501 and meet budget 0.5), and the MACs
+    facts it was derived from.
+
+    Sampling MACs are affine in the number of blocks (embedders and output layer + one
+    cost per block), so two measured points give the line: the full model and the model
+    with block 0 only. With blocks of unequal width (a width-pruned input) the per-block
+    cost is their average; the reached budget is measured on the result in any case.
+    """
+    bb = check_depth_prunable(model)
+    depth = len(bb.blocks)
+    full = sampling_macs(model, ctx)
+    with _only_blocks(model, [0]):
+        one = sampling_macs(model, ctx)
+    per_block = (full - one) / (depth - 1)
+    base = one - per_block
+    allowed = budget * (1 + BUDGET_TOLERANCE) * full
+    k = min(depth, math.floor((allowed - base) / per_block + 1e-9)) if per_block > 0 else depth
+    if k < 1:
+        raise UsageError(
+            f"budget {budget:g} is below what one block costs ({one / full:.3f} of the sampling MACs); "
+            "raise the budget or chain a method that cuts other work"
+        )
+    return k, {"macs_full": full, "macs_per_block": per_block, "macs_other": base}
+
+
+def shape_for_depth(depth: int, k: int) -> str:
+    """A ``keep`` pattern that keeps ``k`` of ``depth`` blocks: the uniform shape with the
+    fewest groups, i.e. the widest search space, whose group has at most :data:`MAX_OPTIONS`
+    options (6 of 12 -> ``6:12``, 14 of 28 -> ``2:4``); otherwise groups of the smallest size
+    ``M`` dividing the depth with at least one kept block each, the ``k`` kept blocks spread
+    as evenly as possible (13 of 28 -> ``2:4`` x 6 with one ``1:4``).
+
+    Why the widest: a local shape can exclude the best sub-network. On ``digits-dit`` (12
+    blocks) the first six blocks recover far better than any one-of-each-pair choice (bench
+    FD 10.1 for first-k against 78 to 84 for TinyFusion's and the stride baseline's ``1:2``
+    choices), and a ``6:12`` search learns exactly blocks 0-5. The paper's ablation on
+    DiT-XL/2 found ``1:2`` and ``2:4`` close and ``7:14`` harder to optimise; the option limit
+    keeps DiT-XL/2 at ``2:4``. Pass ``keep`` for the paper's ``1:2``.
+    """
+    if not 1 <= k <= depth:
+        raise UsageError(f"cannot keep {k} of {depth} blocks; keep between 1 and {depth}")
+    if k == depth:
+        return "1:1"
+    g = math.gcd(depth, k)
+    for groups in (d for d in range(1, g + 1) if g % d == 0):
+        n, m = k // groups, depth // groups
+        if math.comb(m, n) <= MAX_OPTIONS:
+            return f"{n}:{m}"
+    for m in range(2, depth + 1):
+        groups = depth // m
+        if depth % m or k < groups:
+            continue
+        base, extra = divmod(k, groups)
+        ns = [base + ((j + 1) * extra // groups - j * extra // groups) for j in range(groups)]
+        if max(ns) <= m and all(math.comb(m, x) <= MAX_OPTIONS for x in ns):
+            return ",".join(f"{x}:{m}" for x in ns)
+    raise UsageError(f"no N:M pattern with <= {MAX_OPTIONS} options per group keeps {k} of {depth} blocks; pass keep")
+
+
+def resolve_depth(model: nn.Module, budget: float, ctx: Context, keep: str | None) -> tuple[list[Group], dict]:
+    """Groups from ``keep``, or from the budget (then the chosen shape is reported)."""
+    depth = len(check_depth_prunable(model).blocks)
+    if keep is not None:
+        return parse_keep(str(keep), depth), {"keep": str(keep), "keep_from": "keep"}
+    k, facts = depth_for_budget(model, budget, ctx)
+    shape = shape_for_depth(depth, k)
+    return parse_keep(shape, depth), {"keep": shape, "keep_from": f"budget {budget:g}", **facts}
+
+
+# --------------------------------------------------------------------------- ending
+def training_dataset(model: nn.Module, ctx: Context):
+    """The dataset ``ctx.data`` at ``model``'s input size (as the shared recovery loads it)."""
+    from slimdiff.data.datasets import get_dataset
+
+    bb = as_backbone(model)
+    return get_dataset(ctx.data, size=bb.sample_size, channels=bb.in_channels)
+
+
+def finish_depth(model: nn.Module, kept: Sequence[int], ctx: Context, name: str, settings: dict,
+                 extras: dict, cost_s: float = 0.0) -> nn.Module:
+    """Cut ``model`` to the blocks ``kept``, run the shared recovery with the kept-block
+    layer map, and record the method; the common ending of every depth method."""
+    depth = len(as_backbone(model).blocks)
+    teacher = ctx.teacher
+    layer_map = kept_layer_map(kept)
+    if ctx.kd in ("hidden", "masked") and teacher is not None and len(as_backbone(teacher).blocks) != depth:
+        raise UsageError(
+            f"{ctx.kd} KD maps student blocks to the teacher's by index, but the teacher has "
+            f"{len(as_backbone(teacher).blocks)} blocks and {name}'s input {depth}; run depth pruning first in the chain"
+        )
+    extract_blocks(model, kept)
+    if ctx.recover_steps > 0:
+        # Recovery trains every weight. The trainer freezes its teacher in place, so a model
+        # that served as ctx.teacher in an earlier call arrives here frozen.
+        model.requires_grad_(True)
+    start = time.process_time()
+    tag = f"{name}-{'-'.join(map(str, kept))}-{ctx.kd}-n{ctx.recover_steps}-s{ctx.seed}"  # a resume key
+    model = recover(model, ctx, tag, layer_map=layer_map)
+    kept = list(map(int, kept))
+    measured = {"depth": len(kept), "original_depth": depth, "kept_blocks": kept, "compress_cpu_s": cost_s,
+                "recover_cpu_s": time.process_time() - start, "recover_steps": ctx.recover_steps, "kd": ctx.kd}
+    extras = {"kept_blocks": kept, "layer_map": {str(k): v for k, v in layer_map.items()}, **extras}
+    return record(model, name, settings, measured, extras)
+
+
+def draw_depth(name: str, extras: dict, model: nn.Module | None, out: Path, ctx: dict[str, Any]) -> list[Path]:
+    """A depth method's report picture: TinyFusion's option probabilities over its search,
+    else the kept blocks (``ctx["depth"]``: the original block count, when known)."""
+    from slimdiff.eval.report import kept_blocks, option_probabilities
+
+    if extras.get("probability_history"):
+        return [option_probabilities(extras["groups"], extras["probability_history"], out / f"{name}-probabilities.png")]
+    if "kept_blocks" in extras:
+        depth = ctx.get("depth") or max(extras["kept_blocks"]) + 1
+        return [kept_blocks(extras["kept_blocks"], depth, out / f"{name}-kept_blocks.png", f"{name}: kept blocks")]
+    return []
