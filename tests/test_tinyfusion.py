@@ -168,12 +168,12 @@ def _toy_with_a_destructive_block(tmp_path: Path):
     the loss is far from linear in the gate.)"""
     from conftest import randomize_
 
-    from slimdiff.compression.depth import training_dataset
+    from slimdiff.compression.calibration import model_dataset
     from slimdiff.train.trainer import TrainConfig, train
 
     model = tiny_dit(0, depth=2, in_channels=1, learn_sigma=False)
     cfg = TrainConfig(steps=40, batch_size=32, lr=3e-3, ema_decay=0, lr_schedule="constant", checkpoint_every=1000)
-    model = train(model, training_dataset(model, _ctx(tmp_path)), cfg, tmp_path / "pretrain", progress=False)
+    model = train(model, model_dataset(model, _ctx(tmp_path)), cfg, tmp_path / "pretrain", progress=False)
     with torch.no_grad():
         randomize_(model.blocks[1], seed=5)
         model.blocks[1].mlp.fc2.weight.mul_(3.0)
@@ -282,3 +282,79 @@ def test_block_influence_drops_an_identity_block(tmp_path):
     scores = block_influence(model, _ctx(tmp_path), samples=16)
     assert scores[2] == pytest.approx(0.0, abs=1e-6) and min(s for i, s in enumerate(scores) if i != 2) > 1e-3
     assert 2 not in select_blocks("bi", 4, 3, scores=scores)
+
+
+# --------------------------------------------------------------------------- shared pieces
+def test_depth_gates_are_removable_model_hooks():
+    from slimdiff.compression.depth import apply_depth_gates, remove_depth_gates
+
+    model, plain = FACTORIES["dit"](), FACTORIES["dit"]()
+    x = _inputs(model)
+    with masked_blocks(plain, [1, 0, 1, 0]):
+        want = _out(plain, x)
+    apply_depth_gates(model, lambda i: torch.tensor(float(i % 2 == 0)))
+    assert all(b._diffusers_hook.get_hook("slimdiff_depth_gate") is not None for b in model.blocks)
+    with pytest.raises(UsageError, match="already has depth gates"):
+        apply_depth_gates(model, lambda i: torch.tensor(1.0))
+    assert torch.equal(_out(model, x), want)
+    remove_depth_gates(model)
+    assert not any(hasattr(b, "_diffusers_hook") or "forward" in vars(b) for b in model.blocks)  # plain blocks again
+    assert torch.equal(_out(model, x), _out(FACTORIES["dit"](), x))
+
+
+def test_lora_merge_keeps_the_adapted_function():
+    from peft.tuners.lora import LoraLayer
+
+    from slimdiff.compression.lora import add_lora, linear_layers, merge_lora
+
+    model = FACTORIES["dit"]()
+    targets = linear_layers(model, as_backbone(model).block_names)
+    assert targets and all(t.startswith("blocks.") for t in targets)
+    params = add_lora(model, targets, rank=4, alpha=8)
+    assert params and all(p.requires_grad for p in params)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    x = _inputs(model)
+    adapted = _out(model, x)
+    merge_lora(model)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.allclose(_out(model, x), adapted, atol=1e-5)
+    assert add_lora(FACTORIES["dit"](), targets, rank=0, alpha=8) == []
+
+
+def test_depth_specs_hold_the_defaults():
+    from slimdiff.methods import get_method
+    from slimdiff.methods.depth_baselines import DepthBaselineConfig
+    from slimdiff.methods.tinyfusion import TinyFusionConfig
+
+    spec = get_method("tinyfusion")
+    assert spec.kind == "depth" and spec.options == ("keep", "search_steps")
+    assert spec.make_config() == TinyFusionConfig(None, SearchConfig.steps)
+    assert spec.make_config({"search_steps": 7, "keep": "1:2"}) == TinyFusionConfig("1:2", 7)
+    assert spec.draw is not None and spec.speed_student is not None
+    for name in ("bi-depth", "first-depth", "last-depth", "stride-depth", "random-depth"):
+        spec = get_method(name)
+        assert spec.kind == "depth" and spec.make_config() == DepthBaselineConfig(None) and spec.draw is not None
+
+
+def test_speed_student_keeps_the_budget_depth():
+    from types import SimpleNamespace
+
+    from slimdiff.methods.tinyfusion import speed_student
+
+    settings = SimpleNamespace(budget=0.5, steps=2, seed=0, calibration_batch=4)
+    student = speed_student(FACTORIES["dit"](), settings)
+    entry = student.slimdiff_meta["method"]["chain"][0]
+    assert len(student.blocks) == 2 and entry["settings"]["note"] == "first option per group"
+
+
+def test_draw_depth(tmp_path):
+    from slimdiff.compression.depth import draw_depth
+
+    files = draw_depth("first-depth", {"kept_blocks": [0, 1]}, None, tmp_path, {"depth": 4})
+    assert [f.name for f in files] == ["first-depth-kept_blocks.png"] and files[0].is_file()
+    assert draw_depth("x", {}, None, tmp_path, {}) == []

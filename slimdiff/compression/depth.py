@@ -42,7 +42,7 @@ from slimdiff.models.backbone import Backbone, as_backbone
 __all__ = [
     "MAX_OPTIONS", "Group", "parse_keep", "format_groups", "group_options", "check_depth_prunable",
     "extract_blocks", "DepthGateConfig", "apply_depth_gates", "remove_depth_gates", "masked_blocks",
-    "kept_layer_map", "depth_for_budget", "shape_for_depth", "resolve_depth", "training_dataset", "finish_depth",
+    "kept_layer_map", "depth_for_budget", "shape_for_depth", "resolve_depth", "finish_depth",
     "draw_depth",
 ]
 
@@ -359,14 +359,6 @@ def resolve_depth(model: nn.Module, budget: float, ctx: Context, keep: str | Non
 
 
 # --------------------------------------------------------------------------- ending
-def training_dataset(model: nn.Module, ctx: Context):
-    """The dataset ``ctx.data`` at ``model``'s input size (as the shared recovery loads it)."""
-    from slimdiff.data.datasets import get_dataset
-
-    bb = as_backbone(model)
-    return get_dataset(ctx.data, size=bb.sample_size, channels=bb.in_channels)
-
-
 def finish_depth(model: nn.Module, kept: Sequence[int], ctx: Context, name: str, settings: dict,
                  extras: dict, cost_s: float = 0.0) -> nn.Module:
     """Cut ``model`` to the blocks ``kept``, run the shared recovery with the kept-block

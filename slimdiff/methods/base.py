@@ -28,14 +28,11 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from slimdiff.budget import BUDGET_TOLERANCE, ForwardCost, chain_step_budget, check_budget  # noqa: F401 (re-exported)
 from slimdiff.errors import UsageError
 from slimdiff.result import record_of, set_record
 from slimdiff.methods import get_method, split_chain
 from slimdiff.methods.spec import KIND_ORDER, MethodSpec
-
-# A budget is met when the reached MACs ratio is at most this far (relative) above it: the
-# granularity of whole blocks, heads and aligned channel widths rarely lands exactly on it.
-BUDGET_TOLERANCE = 0.03
 
 
 @dataclass
@@ -89,22 +86,9 @@ def register_restorer(name: str):
     return deco
 
 
-def check_budget(budget: Any) -> float:
-    """A budget is a fraction of the original's sampling MACs in (0, 1]."""
-    try:
-        b = float(budget)
-    except (TypeError, ValueError):
-        raise UsageError(f"budget must be a number in (0, 1], got {budget!r}") from None
-    if not 0 < b <= 1:
-        raise UsageError(f"budget must be in (0, 1] (a fraction of the original's sampling MACs), got {b}")
-    return b
-
-
 def sampling_macs(model: nn.Module, ctx: Context) -> int:
     """MACs per image of one full sampling run under ``ctx``'s sampler, steps and guidance."""
-    from slimdiff.eval.compute import macs_sampling
-
-    return macs_sampling(model, sampler=ctx.sampler, steps=ctx.steps, cfg=ctx.cfg)
+    return ForwardCost(ctx.sampler, ctx.steps, ctx.cfg).macs(model)
 
 
 def record(model: nn.Module, name: str, settings: dict, measured: dict, extras: Any = None) -> nn.Module:
@@ -192,9 +176,7 @@ def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Con
     original = sampling_macs(model, ctx)
     result = copy.deepcopy(model)
     for i, (spec, config) in enumerate(plan):
-        reached = sampling_macs(result, ctx) / original
-        remaining = len(plan) - i
-        step_budget = min(1.0, (budget / reached) ** (1 / remaining)) if reached > 0 else 1.0
+        step_budget = chain_step_budget(budget, sampling_macs(result, ctx) / original, len(plan) - i)
         result = spec.compress(result, step_budget, ctx, config)
     macs = sampling_macs(result, ctx)
     rec = record_of(result)

@@ -34,7 +34,6 @@ from slimdiff.compression.depth import (
     draw_depth,
     finish_depth,
     parse_keep,
-    training_dataset,
 )
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context
@@ -48,35 +47,21 @@ CALIBRATION_SAMPLES = 128
 
 
 def _calibration_batches(model: nn.Module, ctx: Context, samples: int, batch: int, dataset=None):
-    """Yield ``(x_t, t, cond)`` of training images noised at random timesteps."""
+    """Yield ``(x_t, t, cond)``: the shared calibration samples (the null condition where the
+    data has none for the model) noised at random timesteps with the same seeded generator."""
+    from slimdiff.compression.calibration import calibration_batches
     from slimdiff.diffusion.losses import ForwardProcess
     from slimdiff.diffusion.schedulers import diffusion_config_of
 
     bb = as_backbone(model)
-    data = dataset if dataset is not None else training_dataset(model, ctx)
     gen = torch.Generator().manual_seed(ctx.seed)
-    idx = torch.randperm(len(data), generator=gen)[:samples]
     process = ForwardProcess(diffusion_config_of(model))
-    want = (bb.in_channels, bb.sample_size, bb.sample_size)
-    for s in range(0, len(idx), batch):
-        items = [data[int(i)] for i in idx[s : s + batch]]
-        x0 = torch.stack([it[0] for it in items])
-        if tuple(x0.shape[1:]) != want:
-            raise UsageError(f"calibration data {ctx.data!r} has images of shape {tuple(x0.shape[1:])} but the model "
-                             f"takes {want}; pass --data with images or latents of the model's input shape")
+    for x0, cond in calibration_batches(model, ctx, samples, batch, dataset=dataset, generator=gen, missing="null"):
         noisy = process.draw(x0.to(bb.device, bb.dtype), gen)
-        if isinstance(items[0][1], TextCondition):  # latents with caption embeddings
-            captions = TextCondition.stack([it[1] for it in items]).to(bb.device, bb.dtype)
-            if bb.conditioning == "class":
-                raise UsageError(f"calibration data {ctx.data!r} holds caption embeddings but the model is "
-                                 "class-conditional: use labelled data")
-            yield noisy.x_t, noisy.t, captions if bb.conditioning == "text" else None
-            continue
-        y = torch.stack([torch.as_tensor(it[1]) for it in items]).to(bb.device)
-        if bb.conditioning == "class":
-            cond = y if bool((y >= 0).all()) else bb.null_cond(None, len(y))
-        else:
-            cond = bb.null_cond(None, len(y)) if bb.conditioning == "text" else None
+        if isinstance(cond, TextCondition):
+            cond = cond.to(bb.device, bb.dtype)
+        elif cond is not None:
+            cond = cond.to(bb.device)
         yield noisy.x_t, noisy.t, cond
 
 

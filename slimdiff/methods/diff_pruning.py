@@ -191,11 +191,11 @@ def diff_pruning(model: nn.Module, budget: float, ctx: Context | None = None, th
 def speed_student(model: nn.Module, settings: SpeedSettings) -> nn.Module:
     """The speed bench's student: the method itself at the bench's budget, threshold, stride
     and head mode, calibrated on seeded random latents (the pruned shape is what it times)."""
-    from slimdiff.eval.speed import _ctx
-
+    ctx = Context(sampler="ddim", steps=settings.steps, cfg=1.0, seed=settings.seed,
+                  batch_size=settings.calibration_batch, progress=False, recover_steps=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random calibration latents are intended for a speed bench
-        return diff_pruning(model, settings.budget, _ctx(settings), settings.threshold, stride=settings.stride,
+        return diff_pruning(model, settings.budget, ctx, settings.threshold, stride=settings.stride,
                             heads=settings.heads)
 
 

@@ -59,8 +59,8 @@ from slimdiff.compression.depth import (
     group_options,
     remove_depth_gates,
     resolve_depth,
-    training_dataset,
 )
+from slimdiff.compression.calibration import model_dataset
 from slimdiff.compression.lora import add_lora, linear_layers
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, fingerprint, settings_key
@@ -227,7 +227,7 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
     shapes = format_groups(groups).replace(":", "of").replace(",", "_")
     out = _work_dir(ctx, f"search-tinyfusion-{shapes}-n{config.steps}-s{ctx.seed}-{settings_key(config)}-"
                          f"{fingerprint(model)[:12]}")
-    train(work, dataset if dataset is not None else training_dataset(model, ctx), tcfg, out, resume=True,
+    train(work, dataset if dataset is not None else model_dataset(model, ctx), tcfg, out, resume=True,
           progress=ctx.progress, param_groups=groups_, on_step_begin=on_step_begin)
     steps_log.append(config.steps)
     history.append(gates.probabilities())  # EMA logits: train() copies the EMA weights back
