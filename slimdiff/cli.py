@@ -293,7 +293,8 @@ def compress(
     from slimdiff.eval.compute import params
     from slimdiff.io import check_output, save
     from slimdiff.result import record_of
-    from slimdiff.methods.base import Context, check_budget, plan_chain
+    from slimdiff.budget import check_budget
+    from slimdiff.methods.base import Context, plan_chain
     from slimdiff.methods.base import compress as run
 
     b = check_budget(budget)

@@ -122,11 +122,11 @@ def test_postprocess_meets_budget_within_one_block(factory, method):
     m = factory(**({"depth": 4} if factory is tiny_dit else {}))
     costs = block_costs(m)
     p = torch.rand(8, len(costs.blocks), generator=torch.Generator().manual_seed(0))
-    full = costs.cost(torch.ones(p.shape, dtype=torch.bool))
+    full = costs.macs(torch.ones(p.shape, dtype=torch.bool))
     for budget in (0.5, 0.3):
         c = P.threshold_plan(p, costs, budget, method)
         assert c[0].all()
-        got = costs.cost(c)
+        got = costs.macs(c)
         assert got <= budget * full
         if method == "search" and factory is tiny_dit:  # transformers: within one block's MACs
             assert got > budget * full - max(costs.blocks)
@@ -140,13 +140,13 @@ def test_steps_that_reuse_every_block_are_skipped_and_cost_nothing(method):
     costs = block_costs(m)
     p = torch.rand(8, len(costs.blocks), generator=torch.Generator().manual_seed(0)) * 0.5
     p[1:3] = 0.99  # steps 1 and 2 reuse every block first
-    full = costs.cost(torch.ones(p.shape, dtype=torch.bool))
+    full = costs.macs(torch.ones(p.shape, dtype=torch.bool))
     plain = P.threshold_plan(p, costs, 0.4, method)
     c = P.threshold_plan(p, costs, 0.4, method, skip_reused_steps=True)
     steps = P.called_steps(c)
     assert steps[:3] == [True, False, False] and not c[1:3].any()
-    got = costs.cost(c, steps)
-    assert got <= 0.4 * full and got < costs.cost(c)  # the skipped steps' non-block MACs are saved too
+    got = costs.macs(c, steps)
+    assert got <= 0.4 * full and got < costs.macs(c)  # the skipped steps' non-block MACs are saved too
     assert c.sum() >= plain.sum()  # ... so no more entries need to be reused
     if method == "search":  # within one block's MACs plus one step's non-block MACs
         assert got > 0.4 * full - max(costs.blocks) - costs.fixed
@@ -159,10 +159,10 @@ def test_postprocess_with_step_scores_meets_budget_within_one_block(skip):
     n = len(costs.blocks)
     p = torch.rand(8, n + 1, generator=torch.Generator().manual_seed(0)) * 0.5
     p[2::2, n] = 0.99  # every other step is the most reusable entry: a fewer-steps plan comes first
-    full = costs.cost(torch.ones(8, n, dtype=torch.bool))
+    full = costs.macs(torch.ones(8, n, dtype=torch.bool))
     for budget in (0.6, 0.45, 0.3, 0.2):
         compute, called = P.split_plan(P.threshold_plan(p, costs, budget, skip_reused_steps=skip), n, skip)
-        got = costs.cost(compute, called)
+        got = costs.macs(compute, called)
         assert compute[0].all() and called[0]
         assert budget * full - max(costs.blocks) - skip * costs.fixed < got <= budget * full
         assert called[2::2] == [False] * 3  # the best-scored entries, whole steps, go first
@@ -172,11 +172,11 @@ def test_postprocess_with_step_scores_meets_budget_within_one_block(skip):
     ranked[1:, n] = torch.linspace(0.9, 0.3, 7)
     compute, called = P.split_plan(P.threshold_plan(ranked, costs, 0.55), n)
     assert called == [True, False, False, False, True, True, True, True]
-    assert 0.55 * full - max(costs.blocks) < costs.cost(compute, called) <= 0.55 * full
+    assert 0.55 * full - max(costs.blocks) < costs.macs(compute, called) <= 0.55 * full
     # below what block reuse alone reaches (non-block layers at every step), but not below step 0 alone
     low = P.minimum_fraction(costs, 8)
     compute, called = P.split_plan(P.threshold_plan(p, costs, low * 0.8), n)
-    assert costs.cost(compute, called) <= low * 0.8 * full and not all(called)
+    assert costs.macs(compute, called) <= low * 0.8 * full and not all(called)
     with pytest.raises(UsageError, match="step 0 always runs"):
         P.threshold_plan(p, costs, 0.1)
     with pytest.raises(UsageError, match="postprocess='search'"):

@@ -100,7 +100,7 @@ def test_reused_unet_block_returns_cached_output_and_skips_producers():
     # MACs of the skipped producers count as saved
     costs = block_costs(m)
     assert plan_macs(m, ReusePlan.for_sampler(c, "ddim", STEPS, m), costs=costs) == \
-        costs.cost(torch.ones_like(c)) - sum(costs.blocks[1:4])
+        costs.macs(torch.ones_like(c)) - sum(costs.blocks[1:4])
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_MODELS))

@@ -11,7 +11,8 @@ from conftest import tiny_diffusers_dit, tiny_dit, tiny_pixart, tiny_unet
 
 from slimdiff.errors import UsageError
 from slimdiff.io import export_diffusers, load, save
-from slimdiff.methods.base import BUDGET_TOLERANCE, Context, compress, sampling_macs
+from slimdiff.budget import BUDGET_TOLERANCE
+from slimdiff.methods.base import Context, compress, sampling_macs
 from slimdiff.compression.depth import (
     MAX_OPTIONS,
     depth_for_budget,

@@ -36,7 +36,8 @@ import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
 from slimdiff.errors import UsageError
-from slimdiff.methods.base import BUDGET_TOLERANCE, Context, record, recover, sampling_macs
+from slimdiff.budget import BUDGET_TOLERANCE
+from slimdiff.methods.base import Context, record, recover, sampling_macs
 from slimdiff.models.backbone import Backbone, as_backbone
 
 __all__ = [

@@ -58,7 +58,7 @@ def split_plan(table: torch.Tensor, n_blocks: int, skip_reused_steps: bool = Fal
 
 def table_cost(costs: BlockCosts, table: torch.Tensor, skip_reused_steps: bool = False) -> float:
     """Sampling MACs per image and branch of a table (S, N) or (S, N + 1) (see :func:`split_plan`)."""
-    return costs.cost(*split_plan(table, len(costs.blocks), skip_reused_steps))
+    return costs.macs(*split_plan(table, len(costs.blocks), skip_reused_steps))
 
 
 def called_steps(compute: torch.Tensor) -> list[bool]:
@@ -168,8 +168,8 @@ def finish(model: nn.Module, name: str, compute: torch.Tensor, ctx: Context, cos
     remove_block_reuse(model)
     plan = ReusePlan.for_sampler(compute, ctx.sampler, ctx.steps, model, **plan_kw)
     apply_block_reuse(model, plan)
-    full = costs.cost(torch.ones(plan.shape, dtype=torch.bool))
-    measured = {**measured, "plan_macs_ratio": costs.cost(plan.compute, plan.step_compute) / full,
+    full = costs.macs(torch.ones(plan.shape, dtype=torch.bool))
+    measured = {**measured, "plan_macs_ratio": costs.macs(plan.compute, plan.step_compute) / full,
                 "reused_fraction": plan.reuse_fraction()}
     return record(model, name, {"sampler": ctx.sampler, "steps": ctx.steps, **settings}, measured, plan.to_dict())
 

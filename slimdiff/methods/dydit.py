@@ -17,7 +17,7 @@
    which step 3 and the tables are redone (recovery changes the tokens the token routers
    read, so the calibrated budget would otherwise drift).
 
-The ratio the FLOPs loss drives is end to end (:class:`CostModel`), so the budget is the
+The ratio the FLOPs loss drives is end to end (:class:`DyDiTCost`), so the budget is the
 same currency as every other method. The reference code's differences are listed in
 :mod:`slimdiff.runtime.routing`; here: the reference stratifies training timesteps over four
 bins (our shared trainer draws them uniformly) and trains far longer, so we add step 3.
@@ -50,7 +50,8 @@ import torch
 import torch.nn as nn
 
 from slimdiff.errors import UsageError
-from slimdiff.methods.base import Context, check_budget, record, recover
+from slimdiff.compression.lora import add_lora, merge_lora
+from slimdiff.methods.base import Context, record, recover
 from slimdiff.methods.spec import MethodSpec, option
 from slimdiff.runtime.routing import DyDiTRouting, RoutingConfig, apply_dydit, default_config, routing_of
 
@@ -86,7 +87,7 @@ class DyDiTConfig:
 
 # --------------------------------------------------------------------------- compute model
 @dataclass
-class CostModel:
+class DyDiTCost:
     """MACs per sample of one forward as a function of the routing decisions.
 
     ``fixed`` is everything the routers do not touch (embedders, adaLN, final layer), measured
@@ -123,8 +124,8 @@ class CostModel:
         return self.macs(realised) / self.full
 
 
-def cost_model(model: nn.Module, text_len: int | None = None) -> CostModel:
-    """The :class:`CostModel` of a DyDiT model (runs one counted complete-model forward).
+def cost_model(model: nn.Module, text_len: int | None = None) -> DyDiTCost:
+    """The :class:`DyDiTCost` of a DyDiT model (runs one counted complete-model forward).
 
     Text-conditional models (PixArt) are counted with captions of ``text_len`` tokens (default:
     the Backbone's example length, which ``sample`` uses when no caption is given).
@@ -152,7 +153,7 @@ def cost_model(model: nn.Module, text_len: int | None = None) -> CostModel:
     fixed = total - sum(h * a + g * n * m for h, a, g, m in zip(routing.config.heads, head, routing.config.groups, gt))
     if fixed < 0:
         raise RuntimeError(f"DyDiT cost model does not fit the counted MACs ({total}); the block layout changed")
-    return CostModel(fixed, head, gt, router, list(routing.config.heads), list(routing.config.groups), n)
+    return DyDiTCost(fixed, head, gt, router, list(routing.config.heads), list(routing.config.groups), n)
 
 
 # --------------------------------------------------------------------------- backbones
@@ -188,28 +189,12 @@ def target_schedule(budget: float, steps: int, cfg: DyDiTConfig) -> Callable[[in
 def _add_lora(model: nn.Module, rank: int) -> None:
     """LoRA (peft) on every block's attention/MLP Linears (DiT: qkv/proj/fc1/fc2; PixArt: attn1
     to_q/to_k/to_v/to_out.0 and ff); freezes all else but the routers."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    targets = routing_of(model).arch.lora_targets
-    model.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets), model)
+    add_lora(model, routing_of(model).arch.lora_targets, rank, 2 * rank)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("dydit."))
 
 
-def _merge_lora(model: nn.Module) -> None:
-    """Merge LoRA deltas into the base weights and put the plain Linear layers back."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, LoraLayer):
-            mod.merge(safe_merge=True)
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, mod.get_base_layer())
-    model.requires_grad_(True)
-
-
-def train_routers(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfig, cost: CostModel) -> nn.Module:
+def train_routers(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfig, cost: DyDiTCost) -> nn.Module:
     """Train the dynamic model toward ``budget`` with the shared trainer (see the module docs)."""
     from slimdiff.data.datasets import get_dataset, text_shape
     from slimdiff.diffusion.losses import diffusion_loss
@@ -255,7 +240,7 @@ def train_routers(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfi
     model = train(model, dataset, tc, work, resume=True, progress=ctx.progress, param_groups=groups,
                   extra_loss=extra_loss, on_step_begin=on_step_begin)
     if cfg.tune == "lora":
-        _merge_lora(model)
+        merge_lora(model)
     return model.eval()
 
 
@@ -269,7 +254,7 @@ def build_tables(model: nn.Module, sampler: str, steps: int) -> None:
 
 
 @torch.no_grad()
-def routed_ratio(model: nn.Module, cost: CostModel, sampler: str, steps: int, cfg: float, samples: int, seed: int = 0) -> float:
+def routed_ratio(model: nn.Module, cost: DyDiTCost, sampler: str, steps: int, cfg: float, samples: int, seed: int = 0) -> float:
     """Mean compute ratio of a real routed sampling run (``samples`` images, eval mode)."""
     from slimdiff.diffusion.sampling import sample
 
@@ -290,7 +275,7 @@ def shift_routers(routing: DyDiTRouting, delta: float) -> None:
                 lin.bias.sub_(delta)
 
 
-def calibrate(model: nn.Module, budget: float, cost: CostModel, ctx: Context, cfg: DyDiTConfig) -> dict:
+def calibrate(model: nn.Module, budget: float, cost: DyDiTCost, ctx: Context, cfg: DyDiTConfig) -> dict:
     """Shift all router biases by one scalar (bisection) so the routed sampling run costs at
     most ``budget`` of the original, as close to it as the decisions allow."""
     routing = routing_of(model)
@@ -337,7 +322,6 @@ def restore(model: nn.Module, extras: dict | None) -> None:
 
 def compress(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfig) -> nn.Module:
     """Compress ``model`` to ``budget`` of its sampling MACs with DyDiT (see the module docs)."""
-    budget = check_budget(budget)
     if budget >= 1.0:  # identity: routers would only add their own MACs (and training would move weights)
         as_routable(model)  # still refuse backbones DyDiT cannot route
         return model
@@ -412,6 +396,6 @@ dydit = DYDIT
 """``dydit(model, budget, ctx, config=None, **options)``: the method as a plain call."""
 SPECS = (DYDIT,)
 
-__all__ = ["DyDiTConfig", "CostModel", "cost_model", "as_routable", "dydit", "DYDIT", "SPECS", "compress", "restore",
+__all__ = ["DyDiTConfig", "DyDiTCost", "cost_model", "as_routable", "dydit", "DYDIT", "SPECS", "compress", "restore",
            "draw", "speed_student", "calibrate", "build_tables", "routed_ratio", "shift_routers", "target_schedule",
            "routing_extras", "train_routers"]

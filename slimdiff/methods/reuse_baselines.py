@@ -78,11 +78,11 @@ def deepcache_table(steps: int, blocks: int, interval: int, reused: int) -> torc
 def deepcache_search(costs: BlockCosts, steps: int, budget: float) -> tuple[torch.Tensor, int, int]:
     """(table, interval, reused): smallest interval, then fewest reused blocks, meeting ``budget``."""
     n = len(costs.blocks)
-    full = costs.cost(torch.ones(steps, n, dtype=torch.bool))
+    full = costs.macs(torch.ones(steps, n, dtype=torch.bool))
     for k in range(2, steps + 1):
         for r in range(1, n + 1):
             c = deepcache_table(steps, n, k, r)
-            if costs.cost(c) <= budget * full:
+            if costs.macs(c) <= budget * full:
                 return c, k, r
     raise UsageError(f"budget {budget:g} is below what DeepCache-style uniform reuse reaches for {steps} steps; "
                      "use a larger budget or more steps")

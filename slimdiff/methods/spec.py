@@ -104,8 +104,10 @@ class MethodSpec:
     def __call__(self, model: nn.Module, budget: float, ctx: Any = None, config: Any = None, **options) -> nn.Module:
         """Run the method on ``model`` (in place) at ``budget``: ``config`` or its defaults, with
         ``options`` applied on top (``spec(model, 0.5, ctx, threshold=0.1)``)."""
+        from slimdiff.budget import check_budget
         from slimdiff.methods.base import Context
 
+        budget = check_budget(budget)  # the entry point checks; ``compress`` receives a checked float
         if config is None:
             config = self.make_config(options)
         elif options:

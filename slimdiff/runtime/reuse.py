@@ -251,7 +251,7 @@ class BlockCosts:
             per = per * torch.tensor(step_compute, dtype=torch.float64)
         return per
 
-    def cost(self, compute: torch.Tensor, step_compute: Sequence[bool] | None = None) -> float:
+    def macs(self, compute: torch.Tensor, step_compute: Sequence[bool] | None = None) -> float:
         """Sampling MACs per image and branch of a compute table (sum over steps)."""
         return float(self.step_macs(compute, step_compute).sum())
 
@@ -280,7 +280,7 @@ def block_costs(model: nn.Module) -> BlockCosts:
 def plan_macs(model: nn.Module, plan: ReusePlan, cfg: float = 1.0, costs: BlockCosts | None = None) -> int:
     """Sampling MACs per image of ``plan`` (CFG doubles the batch), without running it."""
     costs = costs or block_costs(model)
-    return round(costs.cost(plan.compute, plan.step_compute) * (2 if cfg != 1.0 else 1))
+    return round(costs.macs(plan.compute, plan.step_compute) * (2 if cfg != 1.0 else 1))
 
 
 # --------------------------------------------------------------------------- state
