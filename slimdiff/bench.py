@@ -13,6 +13,10 @@ labels, and scores each against the teacher's samples from the same noise. It wr
   (teacher and every student from the same noise) and ``pictures/<key>/`` (each method's
   own picture).
 
+Scripts run their own lists of entries with :meth:`Bench.run_entries` (``(method, budget)``
+pairs, against ``config.model`` or a model passed in; ``save_models`` keeps each student)
+and read the records (:func:`entry_key`, :func:`entry_scores`).
+
 Equal recovery: weight-changing methods get ``recover_steps`` fine-tuning steps. DyDiT
 trains its routers *with* the weights, so it gets ``train_steps = recover_steps`` in place
 of a separate recovery (the same number of optimiser steps); pass ``--option
@@ -26,16 +30,22 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
+from slimdiff.atomic import write_file
+from slimdiff.budget import check_budget
 from slimdiff.errors import UsageError
+from slimdiff.result import record_of
 from slimdiff.utils import resolve_device
 
 DEMO_METHODS = ("diff-pruning", "tinyfusion", "dydit", "dipgo")
 DEFAULT_CHAINS = ("tinyfusion+dipgo",)
+ENTRY_FIELDS = ("method", "budget", "kind", "skipped", "options", "recover_steps", "wall_ratio", "compress_cpu_s",
+                "compress_wall_s", "eval_wall_s", "chain", "extras", "pictures")
+"""The fields :meth:`Bench.run_entry` records around the scores (:func:`entry_scores`)."""
 PROTOCOL = ("model", "sampler", "steps", "cfg", "seed", "samples", "recover_steps", "batch_size", "lr", "kd", "data",
             "options")
 
@@ -65,8 +75,6 @@ class BenchConfig:
     device: str = "auto"  # where models run (not part of the protocol): auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
-        from slimdiff.methods.base import check_budget
-
         self.budgets = [check_budget(b) for b in self.budgets]
         if self.samples < 1:
             raise UsageError(f"--samples must be >= 1, got {self.samples}")
@@ -88,9 +96,23 @@ def demo_config(**overrides) -> BenchConfig:
     return BenchConfig(**{**base, **overrides})
 
 
+def entry_key(method: str, budget: float) -> str:
+    """The key of a bench entry: ``tinyfusion+dipgo@0.25``."""
+    return f"{method}@{budget:g}"
+
+
+def _check_methods(methods: Sequence[str]) -> None:
+    """Every method (or chain part) is registered: a :class:`UsageError` with suggestions otherwise."""
+    from slimdiff.methods import get_method
+
+    for m in methods:
+        for part in m.split("+"):
+            get_method(part)
+
+
 def entry_list(config: BenchConfig) -> list[tuple[str, str, float]]:
     """``(key, method-or-chain, budget)`` for every entry; keys look like ``tinyfusion+dipgo@0.25``."""
-    from slimdiff.methods import KIND_ORDER, get_method, registry
+    from slimdiff.methods import KIND_ORDER, registry
 
     specs = registry()
     # the default order groups each paper method with its baselines (so a partial run is useful)
@@ -100,36 +122,24 @@ def entry_list(config: BenchConfig) -> list[tuple[str, str, float]]:
         raise UsageError("no methods to bench; pass --methods (see `slimdiff methods`)")
     if not config.budgets:
         raise UsageError("no budgets to bench; pass --budgets 0.5,0.25")
-    for m in methods:
-        for part in m.split("+"):
-            get_method(part)
-    return [(f"{m}@{b:g}", m, b) for b in config.budgets for m in methods]
+    _check_methods(methods)
+    return [(entry_key(m, b), m, b) for b in config.budgets for m in methods]
 
 
 def _filename(key: str) -> str:
     return key.replace("/", "_")
 
 
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, sync it, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj: Any) -> None:
-    """``obj`` as indented JSON at ``path``, atomically (:func:`_atomic`): never a half-written file."""
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
+    """``obj`` as indented JSON at ``path``, atomically (:func:`slimdiff.atomic.write_file`)."""
+    write_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """``tensors`` as safetensors at ``path``, atomically (:func:`_atomic`)."""
+    """``tensors`` as safetensors at ``path``, atomically (:func:`slimdiff.atomic.write_file`)."""
     from safetensors.torch import save_file
 
-    _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+    write_file(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -154,14 +164,21 @@ def environment() -> dict:
 
 
 class Bench:
-    """One bench directory: its settings, the teacher's samples, and the finished entries."""
+    """One bench directory: its settings, the teacher's samples, and the finished entries.
 
-    def __init__(self, config: BenchConfig, out: Path):
+    ``teacher``: the model to compress, when it is not ``config.model`` loaded by name (a
+    script's random stand-in; ``config.model`` then only names it). ``save_models``: also save
+    each new entry's student to ``models/<key>/`` (:meth:`model_dir`).
+    """
+
+    def __init__(self, config: BenchConfig, out: Path, teacher: nn.Module | None = None, *, save_models: bool = False):
         from rich.console import Console
 
         self.config, self.out = config, Path(out)
         self.console = Console(stderr=True, quiet=not config.progress)
         self.entries = entry_list(config)
+        self.save_models = save_models
+        self._model, self._teacher = teacher, None
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -183,11 +200,16 @@ class Bench:
     # -- the teacher -----------------------------------------------------------------
     def teacher(self) -> tuple[nn.Module, dict, torch.Tensor]:
         """The teacher, its scores and its samples (computed once, then read back)."""
+        if self._teacher is None:
+            self._teacher = self._load_teacher()
+        return self._teacher
+
+    def _load_teacher(self) -> tuple[nn.Module, dict, torch.Tensor]:
         from slimdiff import load
         from slimdiff.eval.evaluate import generate, score
 
         c = self.config
-        model = load(c.model).to(resolve_device(c.device))
+        model = (self._model if self._model is not None else load(c.model)).to(resolve_device(c.device))
         model.eval()
         path, scores = self.out / "teacher_samples.safetensors", self.out / "entries" / "teacher.json"
         if path.exists() and scores.exists():
@@ -228,7 +250,6 @@ class Bench:
     def run_entry(self, key: str, method: str, budget: float, teacher: nn.Module, ref: torch.Tensor) -> dict:
         """Compress, score against the teacher, time, draw; returns the entry's record."""
         from slimdiff.eval.evaluate import generate, score
-        from slimdiff.eval.report import method_pictures
         from slimdiff.methods import get_method
         from slimdiff.methods.base import compress
         from slimdiff.models.backbone import as_backbone
@@ -255,14 +276,22 @@ class Bench:
         save_tensors(self.out / "samples" / f"{_filename(key)}.safetensors", {"x": x[: c.grid]})
         pictures = method_pictures(student, self.out / "pictures" / _filename(key), steps=c.steps, cfg=c.cfg,
                                    depth=len(as_backbone(teacher).blocks))
-        meta = student.slimdiff_meta
+        if self.save_models:
+            from slimdiff.io import save
+
+            save(student, self.model_dir(key), overwrite=True)
+        result = record_of(student).result
         return {**base, **scores, "options": options, "recover_steps": ctx.recover_steps,
                 "wall_ratio": self.wall_ratio(teacher, student),
                 "compress_cpu_s": compress_cpu, "compress_wall_s": compress_wall, "eval_wall_s": eval_wall,
-                "chain": meta["method"]["chain"],
+                "chain": [e.to_dict() for e in result.chain],
                 # a reuse entry's student is the teacher plus this plan: entry_model() rebuilds it
-                **({"extras": meta.get("extras") or {}} if kind == "reuse" else {}),
+                **({"extras": result.extras} if kind == "reuse" else {}),
                 "pictures": [str(p.relative_to(self.out)) for p in pictures]}
+
+    def model_dir(self, key: str) -> Path:
+        """Where ``save_models`` keeps the student of entry ``key``."""
+        return self.out / "models" / _filename(key)
 
     def wall_ratio(self, teacher: nn.Module, student: nn.Module) -> float:
         """Sampling wall time of the student / the teacher's: interleaved repeats, same process."""
@@ -284,17 +313,25 @@ class Bench:
         return timing["student"]["ratio"]
 
     # -- the whole run ---------------------------------------------------------------
-    def run(self) -> dict:
-        """Every entry (finished ones are read back), then results.json, report.md and the plots."""
-        teacher, teacher_scores, ref = self.teacher()
+    def run_entries(self, entries: Sequence[tuple[str, float]] | None = None, *,
+                    after: Callable[[dict[str, dict]], None] | None = None) -> dict[str, dict]:
+        """Run ``entries`` -- ``(method or chain, budget)`` pairs; default: the config's -- and
+        return their records by key (:func:`entry_key`). A finished entry is read back from
+        ``entries/<key>.json``; ``after(done so far)`` runs after each newly computed one."""
+        if entries is None:
+            todo = self.entries
+        else:
+            _check_methods([m for m, _ in entries])
+            todo = [(entry_key(m, b), m, b) for m, b in ((m, check_budget(b)) for m, b in entries)]
+        teacher, _, ref = self.teacher()
         done: dict[str, dict] = {}
-        for i, (key, method, budget) in enumerate(self.entries, 1):
+        for i, (key, method, budget) in enumerate(todo, 1):
             path = self.out / "entries" / f"{_filename(key)}.json"
             if path.exists():
                 done[key] = json.loads(path.read_text())
-                self.console.print(f"[dim][{i}/{len(self.entries)}] {key}: done earlier[/dim]")
+                self.console.print(f"[dim][{i}/{len(todo)}] {key}: done earlier[/dim]")
                 continue
-            self.console.print(f"[bold][{i}/{len(self.entries)}] {key}[/bold]")
+            self.console.print(f"[bold][{i}/{len(todo)}] {key}[/bold]")
             record = self.run_entry(key, method, budget, teacher, ref)
             write_json(path, record)
             shutil.rmtree(self.out / "work" / _filename(key), ignore_errors=True)
@@ -302,7 +339,15 @@ class Bench:
             self.console.print(f"    {key}: " + (f"skipped ({record['skipped']})" if record.get("skipped") else
                                                  f"MACs {record['macs_ratio']:.3f}, FD {record['fd']:.2f}, "
                                                  f"acc {record['class_acc']}, CPU {record['compress_cpu_s']:.0f}s"))
-            self.finish(teacher_scores, done)  # the report is current after every entry
+            if after is not None:
+                after(done)
+        return done
+
+    def run(self) -> dict:
+        """Every entry (finished ones are read back), then results.json, report.md and the plots."""
+        teacher_scores = self.teacher()[1]
+        # the report is current after every entry
+        done = self.run_entries(after=lambda done: self.finish(teacher_scores, done))
         return self.finish(teacher_scores, done)
 
     def finish(self, teacher_scores: dict, done: dict[str, dict]) -> dict:
@@ -326,7 +371,7 @@ class Bench:
                 rows[key] = load_tensors(f)["x"]
         sample_rows(rows, self.out / "samples.png")
         write_json(self.out / "results.json", results)
-        _atomic(self.out / "report.md", lambda tmp: tmp.write_text(markdown(results)))
+        write_file(self.out / "report.md", lambda tmp: tmp.write_text(markdown(results)))
         return results
 
 
@@ -348,21 +393,45 @@ def entry_model(entry: dict, teacher: nn.Module) -> nn.Module:
     """The student of a finished reuse entry: a copy of ``teacher`` with the entry's recorded plan.
 
     Only reuse methods keep the teacher's weights, so only their entries can be rebuilt;
-    the others need ``slimdiff compress`` again.
+    the others need ``slimdiff compress`` again (or a bench run with ``save_models``).
     """
     import copy
 
     from slimdiff.io import restore_runtime
+    from slimdiff.result import ChainEntry, CompressionResult, set_record
 
     if entry.get("kind") != "reuse" or "extras" not in entry:
         raise UsageError(f"bench entry {entry.get('method')}@{entry.get('budget')} cannot be rebuilt from its record: "
                          "only reuse entries written by this version hold their plan; "
                          "run `slimdiff compress` for this method to get the model")
-    student = copy.deepcopy(teacher)
-    student.slimdiff_meta = {**getattr(teacher, "slimdiff_meta", {}),
-                             "method": {"name": entry["method"], "chain": entry["chain"]},
-                             "extras": entry["extras"]}
-    return restore_runtime(student)
+    record = record_of(teacher)
+    record.result = CompressionResult(entry["method"], [ChainEntry.from_dict(e) for e in entry["chain"]],
+                                      entry["extras"], record.result.measured)
+    return restore_runtime(set_record(copy.deepcopy(teacher), record))
+
+
+def method_pictures(model: nn.Module, out: Path, *, steps: int = 50, cfg: float = 1.0, depth: int = 0) -> list[Path]:
+    """Each method in ``model``'s chain draws its own picture(s) into ``out`` (its
+    ``MethodSpec.draw``, from what it recorded; none when it has no ``draw``); returns the files.
+
+    ``depth`` is the original block count (for the depth baselines' kept-blocks row).
+    """
+    from slimdiff.methods import get_method
+
+    result = record_of(model).result
+    files: list[Path] = []
+    for entry in result.chain:
+        draw = get_method(entry.method).draw
+        if draw is not None:
+            ctx = {"steps": steps, "cfg": cfg, "depth": depth, **(entry.settings or {})}
+            files += draw(entry.method, result.extras.get(entry.method) or {}, model, out, ctx)
+    return files
+
+
+def entry_scores(entry: dict) -> dict:
+    """What :func:`slimdiff.eval.evaluate.score` measured for an entry (FD, class accuracy,
+    SSIM/PSNR to the teacher, MACs, parameters, ...): its record less the bench's own fields."""
+    return {k: v for k, v in entry.items() if k not in ENTRY_FIELDS}
 
 
 def run_bench(config: BenchConfig, out: str | Path) -> dict:

@@ -257,7 +257,8 @@ def eval_(
 
 @app.command()
 def compress(
-    method: str = typer.Option(..., help="a method or a chain, e.g. diff-pruning, tinyfusion,dipgo (see `slimdiff methods`)"),
+    method: str = typer.Option(..., help="a method or a chain, e.g. diff-pruning, tinyfusion+dipgo (`,` also joins a "
+                                         "chain; see `slimdiff methods`)"),
     model: str = typer.Option("digits-dit", help=MODEL_HELP),
     budget: str = typer.Option("0.5", help="fraction of the original's sampling MACs, in (0, 1]"),
     sampler: str = typer.Option("ddim", help="sampler the budget (and a reuse plan) is made for"),

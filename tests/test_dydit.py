@@ -463,7 +463,7 @@ def test_pixart_compress_meets_budget_save_load_and_sampling(tmp_path):
     sliced = loaded.dydit.slice_count
     assert torch.equal(sample(loaded, steps=3, cond=cond, cfg=2.0, seed=1), ref)
     assert loaded.dydit.slice_count == sliced > 0  # weights sliced once per step, then cached
-    from slimdiff.eval.report import method_pictures
+    from slimdiff.bench import method_pictures
 
     pictures = method_pictures(loaded, tmp_path / "pictures", steps=3)  # widths per step, token-skip maps
     assert [p.name for p in pictures] == ["dydit-width_per_timestep.png", "dydit-token_keep_maps.png"]

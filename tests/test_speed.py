@@ -15,6 +15,7 @@ from conftest import linear_conv_macs
 
 from slimdiff.errors import UsageError
 from slimdiff.eval import speed as sp
+from slimdiff.eval.models import build_model
 
 TINY = dict(models=("DiT-M/2", "UNet-tiny"), latent_size=8, repeats=1, warmup=0, batch=2, steps=3)
 
@@ -76,7 +77,7 @@ def _linear_conv_attention_macs(model: nn.Module, x, t, y) -> int:
 def test_theoretical_speedup_matches_an_independent_count(bench, method):
     res, _ = bench
     s = sp.SpeedSettings(**TINY)
-    teacher = sp.build_model("DiT-M/2", s.latent_size, s.seed)
+    teacher = build_model("DiT-M/2", s.latent_size, s.seed)
     student, _ = sp.make_student(teacher, method, s)
     from slimdiff.models.backbone import as_backbone
 
@@ -90,7 +91,7 @@ def test_pruned_widths_are_aligned():
     from slimdiff.compression.width import ALIGN, ALIGN_MIN_WIDTH, HEAD_ALIGN
 
     s = sp.SpeedSettings(**TINY)
-    teacher = sp.build_model("DiT-M/2", s.latent_size, s.seed)
+    teacher = build_model("DiT-M/2", s.latent_size, s.seed)
     student, _ = sp.make_student(teacher, "diff-pruning", s)
     for old, new in zip(teacher.blocks, student.blocks):
         assert new.mlp.fc1.out_features < old.mlp.fc1.out_features  # pruned ...
@@ -151,7 +152,7 @@ def test_cuda_without_a_gpu_is_a_usage_error():
 def test_sampling_passes_the_host_timestep_to_runtimes():
     from slimdiff.diffusion.sampling import current_timestep, sample
 
-    model = sp.build_model("DiT-M/2", 8)
+    model = build_model("DiT-M/2", 8)
     seen = []
     model.register_forward_pre_hook(lambda m, args: seen.append((current_timestep(), float(args[1][0]))))
     sample(model, steps=3, num_samples=2)
@@ -166,7 +167,7 @@ def test_flat_memory_checkpointing_gives_the_same_gradients(name):
     from slimdiff.methods import dipgo as D
     from slimdiff.runtime.reuse import ReusePlan, apply_block_reuse, reuse_blocks
 
-    model = sp.build_model(name, 8).requires_grad_(False)
+    model = build_model(name, 8).requires_grad_(False)
     steps = 5
     apply_block_reuse(model, ReusePlan.full("ddim", steps, model))
     noise, labels, target = D.teacher_batch(model, 2, 0, sampler="ddim", steps=steps, cfg=1.0)

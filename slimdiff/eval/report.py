@@ -1,21 +1,26 @@
 """Pictures and the markdown report of a benchmark (BENCHMARK.md "Outputs").
 
-Every picture is drawn from what a method *recorded* in ``model.slimdiff_meta`` (so a saved
-model can be drawn again after loading), except DyDiT's token-skip maps, which need a
-sampling run of the routed model:
+The plot primitives here draw what a method *recorded* (so a saved model can be drawn again
+after loading), except DyDiT's token-skip maps, which need a sampling run of the routed
+model. Each method's ``MethodSpec.draw`` picks its primitives
+(:func:`slimdiff.bench.method_pictures` calls them for a model's chain):
 
-- width methods (Diff-Pruning, random/magnitude width): kept channels per layer, and for
-  Diff-Pruning the timestep loss curve L_t / L_max with its threshold;
-- TinyFusion: option probabilities per group over the search; depth baselines: kept blocks;
-- DyDiT: active heads and MLP channel groups per (timestep, block), token-keep maps;
-- reuse methods (DiP-GO, DeepCache, L2C, fewer steps): the (step x block) compute plan.
+- width methods (Diff-Pruning, random/magnitude width): :func:`kept_channels`, and for
+  Diff-Pruning :func:`timestep_losses` (L_t / L_max with its threshold);
+- TinyFusion: :func:`option_probabilities` over the search; depth baselines: :func:`kept_blocks`;
+- DyDiT: :func:`width_per_timestep` (active heads and MLP channel groups per (timestep,
+  block)) and :func:`token_keep_maps`;
+- reuse methods (DiP-GO, DeepCache, L2C, fewer steps): :func:`reuse_plan`, the (step x block)
+  compute plan.
+
+The bench's own outputs are :func:`pareto`, :func:`sample_rows`, :func:`markdown` and the
+README block (:func:`update_readme`). Nothing here imports :mod:`slimdiff.methods`: the
+shared machinery below the methods draws with these primitives.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
-
 import torch
 import torch.nn as nn
 
@@ -165,63 +170,6 @@ def reuse_plan(plan: dict, path: Path, title: str) -> Path:
     ax.set_ylabel("block")
     ax.set_title(f"{title}: computed (green) / reused (white)", fontsize=9)
     return _save(fig, path)
-
-
-def _draw_width(name, extras, model, out, ctx) -> list[Path]:
-    files = []
-    if extras.get("widths"):
-        files.append(kept_channels(extras["widths"], out / f"{name}-kept_channels.png", f"{name}: kept channels per layer"))
-    if extras.get("timesteps"):
-        trace = extras["timesteps"]
-        files.append(timestep_losses({name: trace}, ctx.get("threshold", 0.0), out / f"{name}-timestep_losses.png",
-                                     stride=ctx.get("stride", 1)))
-    return files
-
-
-def _draw_depth(name, extras, model, out, ctx) -> list[Path]:
-    if extras.get("probability_history"):
-        return [option_probabilities(extras["groups"], extras["probability_history"], out / f"{name}-probabilities.png")]
-    if "kept_blocks" in extras:
-        depth = ctx.get("depth") or max(extras["kept_blocks"]) + 1
-        return [kept_blocks(extras["kept_blocks"], depth, out / f"{name}-kept_blocks.png", f"{name}: kept blocks")]
-    return []
-
-
-def _draw_dynamic(name, extras, model, out, ctx) -> list[Path]:
-    config, tables = extras.get("config") or {}, (extras.get("tables") or {}).get("entries") or []
-    files = []
-    if tables:
-        files.append(width_per_timestep(tables, max(config.get("heads") or [1]), max(config.get("groups") or [1]),
-                                        out / f"{name}-width_per_timestep.png"))
-    if model is not None and hasattr(model, "dydit"):
-        files.append(token_keep_maps(model, out / f"{name}-token_keep_maps.png", steps=ctx.get("steps", 50),
-                                     cfg=ctx.get("cfg", 1.0)))
-    return files
-
-
-def _draw_reuse(name, extras, model, out, ctx) -> list[Path]:
-    return [reuse_plan(extras, out / f"{name}-plan.png", name)] if extras and "compute" in extras else []
-
-
-DRAWERS: dict[str, Callable[..., list[Path]]] = {"width": _draw_width, "depth": _draw_depth,
-                                                  "dynamic": _draw_dynamic, "reuse": _draw_reuse}
-
-
-def method_pictures(model: nn.Module, out: Path, *, steps: int = 50, cfg: float = 1.0, depth: int = 0) -> list[Path]:
-    """Each method in ``model``'s chain draws its own picture(s) into ``out``; returns the files.
-
-    ``depth`` is the original block count (for the depth baselines' kept-blocks row).
-    """
-    from slimdiff.methods import get_method
-
-    meta = getattr(model, "slimdiff_meta", None) or {}
-    extras = meta.get("extras") or {}
-    files: list[Path] = []
-    for entry in (meta.get("method") or {}).get("chain") or []:
-        name = entry["name"]
-        ctx = {"steps": steps, "cfg": cfg, "depth": depth, **(entry.get("settings") or {})}
-        files += DRAWERS[get_method(name).kind](name, extras.get(name) or {}, model, out, ctx)
-    return files
 
 
 def pareto(points: dict[str, tuple[float, float]], path: Path, *, reference_fd: float | None = None,

@@ -3,19 +3,23 @@
 One bench for every method, so each speedup is measured the same way:
 
 * **Models**: random-init DiT-S/2 and DiT-B/2 on 32x32x4 latents (our DiT) and a UNet2DModel
-  of google/ddpm-cifar10-32's shape; batch 8. DiT's zero-initialised adaLN and output layers
-  get small random weights first, so every block does real work (values do not change the
-  cost of a matmul, but a degenerate model could hide data-dependent costs such as routing).
-* **Students** at ``budget`` (default 0.5) built with the methods' own code: Diff-Pruning's
+  of google/ddpm-cifar10-32's shape (:func:`slimdiff.eval.models.build_model`); batch 8. DiT's
+  zero-initialised adaLN and output layers get small random weights first, so every block
+  does real work (values do not change the cost of a matmul, but a degenerate model could
+  hide data-dependent costs such as routing).
+* **Methods**: every registered method whose :class:`~slimdiff.methods.spec.MethodSpec` has a
+  ``speed_student`` (:func:`speed_methods`; ``METHODS`` is that tuple, computed on first use).
+  Each builds its student at ``budget`` (default 0.5) with the method's own code: Diff-Pruning's
   budget search and pruner (calibrated on seeded random latents); TinyFusion's depth for the
   budget and its ``finish_depth`` (the search only decides *which* blocks stay, which does
   not change the cost); DyDiT's routers with seeded random weights, then the method itself
   with ``train_steps=0`` (bias calibration to the budget over the sampling run, per-step
-  tables); DiP-GO's post-processing (:func:`slimdiff.methods.dipgo.threshold_plan`) of
-  seeded random reuse scores and its ``finish`` (the runtime's cost does not depend on how
-  the plan was learned).
-* **What is timed**: static students (Diff-Pruning, TinyFusion) one forward of the batch;
-  step-dependent ones (DyDiT's per-step widths, DiP-GO's per-step reuse) one short DDIM
+  tables); DiP-GO's post-processing of seeded random reuse scores and its ``finish`` (the
+  runtime's cost does not depend on how the plan was learned). A method that does not apply
+  to a model (TinyFusion and DyDiT need a transformer) is skipped there.
+* **What is timed** (:data:`UNIT`, by the method's kind): static students (depth and width:
+  Diff-Pruning, TinyFusion) one forward of the batch; step-dependent ones (dynamic and reuse:
+  DyDiT's per-step widths, DiP-GO's per-step reuse) one short DDIM
   sampling run (``steps``, default 5) of the batch, since their savings exist per run. The
   teacher is timed on the same call.
 * **Theoretical speedup** = teacher MACs / student MACs of *exactly the calls timed*
@@ -39,8 +43,7 @@ import platform
 import statistics
 import subprocess
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,16 +51,17 @@ import torch
 import torch.nn as nn
 
 from slimdiff.errors import UsageError
+from slimdiff.eval.models import build_model, model_kind
 from slimdiff.utils import resolve_device
 
 TARGETS: dict[str, float] = {"diff-pruning": 0.90, "tinyfusion": 0.90, "dydit": 0.85, "dipgo": 0.90}
 """Least realisation (measured / theoretical speedup) each method must reach (issue 9)."""
-METHODS = tuple(TARGETS)
+DEFAULT_TARGET = 0.90
+"""The target of a method with a speed student but no entry in :data:`TARGETS` (yours)."""
 DEFAULT_MODELS = ("DiT-S/2", "DiT-B/2", "UNet-CIFAR10")
-UNETS = ("UNet-CIFAR10", "UNet-tiny")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-UNIT = {"diff-pruning": "forward", "tinyfusion": "forward", "dydit": "sampling", "dipgo": "sampling"}
-"""What is timed per method: one forward, or one sampling run (per-step runtimes)."""
+UNIT = {"depth": "forward", "width": "forward", "dynamic": "sampling", "reuse": "sampling"}
+"""What is timed per method kind: one forward (static students), or one sampling run (per-step runtimes)."""
 
 
 @dataclass
@@ -65,7 +69,7 @@ class SpeedSettings:
     """Everything that defines one bench run (stored in results.json)."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = field(default_factory=lambda: speed_methods())
     budget: float = 0.5
     batch: int = 8
     repeats: int = 7
@@ -82,9 +86,10 @@ class SpeedSettings:
 
     def validate(self) -> "SpeedSettings":
         """Clear errors for bad values (the CLI passes user input straight here)."""
-        bad = [m for m in self.methods if m not in TARGETS]
+        known = speed_methods()
+        bad = [m for m in self.methods if m not in known]
         if bad:
-            raise UsageError(f"unknown method(s) {', '.join(bad)} for bench-speed; choose from {', '.join(METHODS)}")
+            raise UsageError(f"unknown method(s) {', '.join(bad)} for bench-speed; choose from {', '.join(known)}")
         for m in self.models:
             model_kind(m)
         if self.dtype not in DTYPES:
@@ -98,141 +103,41 @@ class SpeedSettings:
         return self
 
 
-# --------------------------------------------------------------------------- models
-def model_kind(name: str) -> str:
-    """"dit" or "unet" for a bench model name, else :class:`UsageError`."""
-    from slimdiff.models.dit import DiT_models
+# --------------------------------------------------------------------------- methods and students
+def speed_methods() -> tuple[str, ...]:
+    """Every registered method with a ``speed_student``, in registration order (the built-in
+    ones: diff-pruning, tinyfusion, dydit, dipgo)."""
+    from slimdiff.methods import registry
 
-    if name in UNETS:
-        return "unet"
-    if name in DiT_models:
-        return "dit"
-    raise UsageError(f"unknown bench model {name!r}; use a DiT size name (DiT-S/2, DiT-B/2, ...) or one of "
-                     f"{', '.join(UNETS)}")
+    return tuple(name for name, spec in registry().items() if spec.speed_student is not None)
 
 
-def ddpm_cifar10_unet() -> nn.Module:
-    """google/ddpm-cifar10-32's UNet2DModel shape (35.7M parameters), random init."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                       block_out_channels=(128, 256, 256, 256),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=32, attention_head_dim=None)
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # computed on first use: the registry imports the method modules
+        return speed_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def tiny_unet() -> nn.Module:
-    """A small UNet2DModel (16x16x3) for tests."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8)
+def target(method: str) -> float:
+    """The least realisation ``method`` must reach: :data:`TARGETS`, else :data:`DEFAULT_TARGET`."""
+    return TARGETS.get(method, DEFAULT_TARGET)
 
 
-@torch.no_grad()
-def wake_zero_init_(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
-    """Give every all-zero weight matrix (DiT's adaLN-Zero and output layers) N(0, std^2)
-    entries, so every block contributes to the output. Returns ``model``."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.ndim >= 2 and not p.any():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
+def timed_unit(method: str) -> str:
+    """What is timed for ``method``: ``"forward"`` or ``"sampling"``, by its kind (:data:`UNIT`)."""
+    from slimdiff.methods import get_method
 
-
-def build_model(name: str, latent_size: int = 32, seed: int = 0) -> nn.Module:
-    """A random-init bench model in eval mode, fp32 on the CPU."""
-    import slimdiff
-
-    torch.manual_seed(seed)
-    if model_kind(name) == "unet":
-        model = ddpm_cifar10_unet() if name == "UNet-CIFAR10" else tiny_unet()
-    else:
-        model = slimdiff.load(name, input_size=latent_size, in_channels=4)
-    return wake_zero_init_(model, seed).eval()
-
-
-def applicable(method: str, model: nn.Module) -> bool:
-    """Whether ``method`` applies to ``model`` (TinyFusion and DyDiT need a transformer / our DiT)."""
-    from slimdiff.models.backbone import as_backbone
-
-    kind = as_backbone(model).kind
-    if method == "tinyfusion":
-        return as_backbone(model).is_transformer
-    if method == "dydit":
-        return kind in ("dit", "diffusers-dit")
-    return True
-
-
-# --------------------------------------------------------------------------- students
-def _ctx(s: SpeedSettings):
-    from slimdiff.methods.base import Context
-
-    return Context(sampler="ddim", steps=s.steps, cfg=1.0, seed=s.seed, batch_size=s.calibration_batch,
-                   progress=False, recover_steps=0)
-
-
-def _diff_pruning(model: nn.Module, s: SpeedSettings) -> nn.Module:
-    from slimdiff.methods.diff_pruning import diff_pruning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random calibration latents are intended for a speed bench
-        return diff_pruning(model, s.budget, _ctx(s), s.threshold, stride=s.stride, heads=s.heads)
-
-
-def _tinyfusion(model: nn.Module, s: SpeedSettings) -> nn.Module:
-    from slimdiff.methods.tinyfusion import finish_depth, group_options, resolve_depth
-
-    ctx = _ctx(s)
-    groups, chosen = resolve_depth(model, s.budget, ctx, None)
-    kept = [g.start + int(i) for g in groups for i in torch.nonzero(group_options(g.n, g.m)[0]).flatten()]
-    return finish_depth(model, kept, ctx, "tinyfusion", {**chosen, "searched": False, "note": "first option per group"},
-                        {"searched": False})
-
-
-@torch.no_grad()
-def _randomize_routers(routing, seed: int) -> None:
-    """Seeded random DyDiT router weights (trained routers differ per timestep and token)."""
-    g = torch.Generator().manual_seed(seed)
-    for r in routing.routers:
-        for lin in (r.head, r.group, r.token):
-            if lin is not None:
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 4 / lin.in_features**0.5)
-                lin.bias.copy_(torch.randn(lin.bias.shape, generator=g))
-
-
-def _dydit(model: nn.Module, s: SpeedSettings) -> nn.Module:
-    from slimdiff.methods.dydit import DyDiTConfig, as_dit, dydit
-    from slimdiff.runtime.dynamic import default_config, install
-
-    model = as_dit(model)
-    _randomize_routers(install(model, default_config(model)), s.seed)
-    cfg = DyDiTConfig(train_steps=0, calibrate_samples=min(s.batch, 2), calibrate_iters=10)
-    return dydit(model, s.budget, _ctx(s), config=cfg)
-
-
-def _dipgo(model: nn.Module, s: SpeedSettings) -> nn.Module:
-    from slimdiff.methods.dipgo import finish, prepare, threshold_plan
-    from slimdiff.runtime.reuse import ReusePlan
-
-    ctx = _ctx(s)
-    costs = prepare(model, s.budget, ctx)
-    n_calls = len(ReusePlan.full(ctx.sampler, ctx.steps, model).timesteps)
-    scores = torch.rand(n_calls, len(costs.blocks), generator=torch.Generator().manual_seed(s.seed))
-    compute = threshold_plan(scores, costs, s.budget)
-    return finish(model, "dipgo", compute, ctx, costs, {"scores": "seeded random", "budget": s.budget}, {})
-
-
-BUILDERS: dict[str, Callable[[nn.Module, SpeedSettings], nn.Module]] = {
-    "diff-pruning": _diff_pruning, "tinyfusion": _tinyfusion, "dydit": _dydit, "dipgo": _dipgo}
+    return UNIT[get_method(method).kind]
 
 
 def make_student(model: nn.Module, method: str, s: SpeedSettings) -> tuple[nn.Module, float]:
-    """``method`` applied at ``s.budget`` to a copy of ``model``; returns it and the wall seconds."""
+    """``method``'s speed student (its spec's ``speed_student``) at ``s.budget`` from a copy of
+    ``model``; returns it and the wall seconds. A method that does not apply to ``model``
+    (TinyFusion and DyDiT on a UNet) raises :class:`UsageError`."""
+    from slimdiff.methods import get_method
+
     start = time.perf_counter()
-    student = BUILDERS[method](copy.deepcopy(model), s)
+    student = get_method(method).speed_student(copy.deepcopy(model), s)
     return student.eval(), time.perf_counter() - start
 
 
@@ -277,18 +182,21 @@ def _runtime_note(student: nn.Module, device: torch.device) -> dict | None:
 def bench_model(name: str, s: SpeedSettings, log: Callable[[str], None] = print) -> list[dict]:
     """Every applicable method on model ``name``: one entry per method."""
     from slimdiff.eval.compute import count_macs, latency_ratio, params
+    from slimdiff.result import record_of
 
     device, dtype = torch.device(s.device), DTYPES[s.dtype]
     teacher = build_model(name, s.latent_size, s.seed).to(device)
     students: dict[str, tuple[nn.Module, float]] = {}
     for method in s.methods:
-        if applicable(method, teacher):
-            log(f"{name}: building {method} at budget {s.budget}")
+        log(f"{name}: building {method} at budget {s.budget}")
+        try:
             students[method] = make_student(teacher, method, s)
+        except UsageError as e:  # the method does not apply to this model (TinyFusion, DyDiT on a UNet)
+            log(f"{name}: {method} skipped ({e})")
     teacher = _cast(teacher, dtype)
     entries = []
     for unit in ("forward", "sampling"):
-        group = [m for m in students if UNIT[m] == unit]
+        group = [m for m in students if timed_unit(m) == unit]
         if not group:
             continue
         calls = {"teacher": make_call(teacher, unit, s)}
@@ -302,7 +210,7 @@ def bench_model(name: str, s: SpeedSettings, log: Callable[[str], None] = print)
             theoretical = macs["teacher"] / macs[m]
             measured = 1 / lat[m]["ratio"]
             realisation = measured / theoretical
-            chain = (getattr(student, "slimdiff_meta", None) or {}).get("method", {}).get("chain", [{}])
+            chain = record_of(student).result.chain
             entries.append({
                 "model": name, "method": m, "unit": unit, "budget": s.budget,
                 "call": f"one forward, batch {s.batch}" if unit == "forward"
@@ -311,15 +219,15 @@ def bench_model(name: str, s: SpeedSettings, log: Callable[[str], None] = print)
                 "theoretical_speedup": theoretical, "measured_speedup": measured, "realisation": realisation,
                 "measured_speedup_paired": _paired_speedup(lat["teacher"]["times_s"], lat[m]["times_s"]),
                 "measured_speedup_min": min(lat["teacher"]["times_s"]) / min(lat[m]["times_s"]),
-                "target": TARGETS[m], "met": realisation >= TARGETS[m],
+                "target": target(m), "met": realisation >= target(m),
                 "teacher_median_s": lat["teacher"]["median_s"], "student_median_s": lat[m]["median_s"],
                 "teacher_times_s": lat["teacher"]["times_s"], "student_times_s": lat[m]["times_s"],
                 "params_teacher": params(teacher), "params_student": params(student), "build_s": build_s,
-                "method_measured": chain[-1].get("measured") if chain else None,
+                "method_measured": chain[-1].measured if chain else None,
                 "runtime": _runtime_note(student, device),
             })
             log(f"  {m:13s} theoretical x{theoretical:.3f}  measured x{measured:.3f}  realisation {realisation:.3f}  "
-                f"target {TARGETS[m]:.2f} {'met' if realisation >= TARGETS[m] else 'NOT MET'}")
+                f"target {target(m):.2f} {'met' if realisation >= target(m) else 'NOT MET'}")
     return entries
 
 
@@ -352,7 +260,7 @@ def run_speed(settings: SpeedSettings, log: Callable[[str], None] = print) -> di
     """Run the bench; returns ``{"settings", "environment", "entries", "summary", ...}``."""
     s = settings.validate()
     start = time.time()
-    res: dict[str, Any] = {"settings": asdict(s), "targets": dict(TARGETS), "environment": environment(s.device),
+    res: dict[str, Any] = {"settings": asdict(s), "targets": {**TARGETS, **{m: target(m) for m in s.methods}}, "environment": environment(s.device),
                            "load_average_start": list(os.getloadavg())}
     entries: list[dict] = []
     for name in s.models:
@@ -423,5 +331,6 @@ def method_speed(method: str, quick: bool = False, **overrides) -> dict:
     return {"note": "from slimdiff.eval.speed (same as `slimdiff bench-speed`)", **res}
 
 
-__all__ = ["SpeedSettings", "TARGETS", "METHODS", "run_speed", "bench_model", "make_student", "make_call",
-           "build_model", "entries_table", "report_markdown", "write_outputs", "method_speed", "environment"]
+__all__ = ["SpeedSettings", "TARGETS", "DEFAULT_TARGET", "UNIT", "METHODS", "speed_methods", "target", "timed_unit", "run_speed",
+           "bench_model", "make_student", "make_call", "entries_table", "report_markdown", "write_outputs",
+           "method_speed", "environment"]

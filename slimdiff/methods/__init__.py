@@ -35,15 +35,18 @@ def unregister(name: str) -> None:
 
 
 def _builtin() -> None:
+    """Register the built-in methods and baselines (once; imported on first use, so that loading
+    a model never imports them)."""
     global _BUILTIN_LOADED
     if _BUILTIN_LOADED:
         return
     _BUILTIN_LOADED = True
-    from slimdiff.methods import depth_baselines, diff_pruning, dipgo, dydit, reuse_baselines, tinyfusion
+    from slimdiff.methods import (depth_baselines, diff_pruning, dipgo, dydit, reuse_baselines, tinyfusion,
+                                  width_baselines)
 
-    for module in (diff_pruning, tinyfusion, depth_baselines, dydit, dipgo, reuse_baselines):
-        for spec in getattr(module, "SPECS", ()):
-            register(spec)
+    for spec in (*diff_pruning.SPECS, *width_baselines.SPECS, *tinyfusion.SPECS, *depth_baselines.SPECS,
+                 *dydit.SPECS, *dipgo.SPECS, *reuse_baselines.SPECS):
+        register(spec)
 
 
 def registry() -> dict[str, MethodSpec]:

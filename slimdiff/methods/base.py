@@ -9,7 +9,7 @@ records what it did with :func:`record` (settings, budget reached, runtime data 
 ``extras``). Methods whose result needs runtime state at load time (a reuse plan, routing
 tables) set the spec's ``restore``; ``slimdiff.load`` calls it.
 
-Chains (``tinyfusion,dipgo``) run static depth/width first, then dynamic routing, then
+Chains (``tinyfusion+dipgo``; ``,`` is accepted too) run static depth/width first, then dynamic routing, then
 step reuse, each at ``budget ** (1/k)`` of its input so that the end-to-end budget is met;
 MACs are always measured end to end against the original. Budget 1.0 returns the model
 unchanged (each method's own contract; an explicit structure such as TinyFusion's ``keep``
@@ -22,16 +22,16 @@ rerun after a crash continues where it stopped and never resumes another model's
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, make_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn as nn
 
 from slimdiff.budget import BUDGET_TOLERANCE, ForwardCost, chain_step_budget, check_budget  # noqa: F401 (re-exported)
 from slimdiff.errors import UsageError
-from slimdiff.result import record_of, set_record
 from slimdiff.methods import get_method, split_chain
+from slimdiff.result import record_of, set_record
 from slimdiff.methods.spec import KIND_ORDER, MethodSpec
 
 
@@ -51,39 +51,6 @@ class Context:
     work_dir: Path | None = None
     progress: bool = True
     teacher: nn.Module | None = field(default=None, repr=False)
-
-
-RESTORERS: dict[str, Callable[[nn.Module, dict], None]] = {}
-
-
-def register_method(name: str, *, kind: str, help: str, options: tuple[str, ...] = ()):
-    """Transitional: register ``fn(model, budget, ctx, **options)`` as a :class:`MethodSpec`
-    whose config has one untyped field per option (``None`` = the function's default)."""
-    from slimdiff.methods import register
-
-    config = make_dataclass(f"{name}-options", [(o, Any, field(default=None)) for o in options], frozen=True)
-
-    def deco(fn):
-        def run(model, budget, ctx, cfg):
-            return fn(model, budget, ctx, **{k: v for k, v in asdict(cfg).items() if v is not None})
-
-        register(MethodSpec(name, kind, help, run, config, restore=RESTORERS.get(name)), replace=True)
-        return fn
-
-    return deco
-
-
-def register_restorer(name: str):
-    """Transitional: register ``fn(model, extras)`` that re-applies method ``name``'s runtime on load."""
-
-    def deco(fn):
-        from slimdiff import io
-
-        RESTORERS[name] = fn
-        io.register_restorer(name, fn)
-        return fn
-
-    return deco
 
 
 def sampling_macs(model: nn.Module, ctx: Context) -> int:

@@ -203,7 +203,5 @@ DIFF_PRUNING = MethodSpec("diff-pruning", "width",
                           "Diff-Pruning: Taylor structural width pruning over thresholded timesteps",
                           compress, DiffPruningConfig, draw=draw_width, speed_student=speed_student)
 
-# transitional: the width baselines are registered here until slimdiff.methods._builtin lists width_baselines
-from slimdiff.methods import width_baselines  # noqa: E402
 
-SPECS = (DIFF_PRUNING, *width_baselines.SPECS)
+SPECS = (DIFF_PRUNING,)
