@@ -17,6 +17,7 @@ import numpy as np
 import slimdiff
 from slimdiff.eval.evaluate import evaluate
 from slimdiff.eval.judge import judge_info
+from slimdiff.result import record_of
 
 OUT = Path(__file__).resolve().parent.parent / "bench" / "teacher"
 
@@ -57,7 +58,7 @@ if __name__ == "__main__":
         "fd_floor": default[0]["fd_floor"],
         "acceptance": {"class_acc_ge_0.90": all(r["class_acc"] >= 0.90 for r in default),
                        "fd_le_2x_floor": all(r["fd"] <= 2 * r["fd_floor"] for r in default)},
-        "judge": judge_info(), "training": model.slimdiff_meta.get("training"),
+        "judge": judge_info(), "training": record_of(model).provenance.get("training"),
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps({"summary": summary, "runs": runs, "provenance": provenance()}, indent=2))

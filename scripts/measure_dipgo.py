@@ -1,8 +1,9 @@
 """Measure DiP-GO against its step-reuse baselines (issue 7); writes bench/dipgo/results.json + PNGs.
 
-1. Quality at equal MACs (BENCHMARK.md section 1): on ``digits-dit`` (DDIM 50, CFG 1.5) at
-   budgets 0.5 and 0.25, DiP-GO vs DeepCache-style reuse vs L2C-style router vs fewer steps:
-   FD (digits judge), class accuracy, SSIM/PSNR to the teacher from the same noise, MACs ratio.
+1. Quality at equal MACs (BENCHMARK.md section 1, run by :class:`slimdiff.bench.Bench`): on
+   ``digits-dit`` (DDIM 50) at budgets 0.5 and 0.25, DiP-GO vs DeepCache-style reuse vs
+   L2C-style router vs fewer steps: FD (digits judge), class accuracy, SSIM/PSNR to the
+   teacher from the same noise, MACs ratio. The bench's own files go to ``OUT/bench``.
 2. Speed (section 2): :func:`slimdiff.eval.speed.method_speed`, the one speed bench of every
    method (``slimdiff bench-speed``), restricted to DiP-GO.
 3. The plans drawn as steps x blocks heat maps.
@@ -19,15 +20,11 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 import slimdiff
-from slimdiff.eval.evaluate import evaluate, generate
+from slimdiff.bench import Bench, BenchConfig, entry_key
+from slimdiff.eval.models import build_model
 from slimdiff.eval.report import reuse_plan
 from slimdiff.eval.speed import environment
-from slimdiff.methods.base import Context, compress
-from slimdiff.models.dit import DiT_models
-from slimdiff.runtime.reuse import get_block_reuse
 
 METHODS = ("dipgo", "deepcache", "l2c", "fewer-steps")
 
@@ -35,37 +32,32 @@ METHODS = ("dipgo", "deepcache", "l2c", "fewer-steps")
 def teacher(quick: bool):
     if not quick:
         return slimdiff.load("digits-dit"), "digits-dit"
-    torch.manual_seed(0)
-    m = DiT_models["DiT-M/2"](input_size=8, in_channels=1, num_classes=10, learn_sigma=False).eval()
-    with torch.no_grad():  # DiT's zero-initialised adaLN/output layers would make every sample identical
-        for p in m.parameters():
-            p.normal_(0, 0.5 / max(1, p[0].numel()) ** 0.5 if p.ndim > 1 else 0.02)
-    return m, "random DiT-M/2 (quick)"
+    # normal init: DiT's zero-initialised adaLN/output layers would make every sample identical
+    model = build_model("DiT-M/2", 8, init="normal", in_channels=1, num_classes=10, learn_sigma=False)
+    return model, "random DiT-M/2 (quick)"
 
 
 def quality(args, out: Path) -> dict:
+    """Section 1: the bench protocol (:class:`slimdiff.bench.Bench`, fresh in ``OUT/bench``) on
+    the four methods at every budget; the plans drawn as ``plan_<method>_<budget>.png``."""
     model, name = teacher(args.quick)
+    config = BenchConfig(model=name, budgets=args.budgets, methods=list(METHODS), samples=args.samples,
+                         steps=args.steps, cfg=args.cfg, recover_steps=0, options={"opt_steps": args.opt_steps},
+                         progress=False, device="cpu")
+    bench = Bench(config, out / "bench", model, fresh=True)
+    teacher_scores = {k: v for k, v in bench.teacher()[1].items() if k != "eval_wall_s"}
+    entries = bench.run_entries()
     res: dict = {"teacher": name, "sampler": "ddim", "steps": args.steps, "cfg": args.cfg, "samples": args.samples,
-                 "budgets": {}}
-    ref_x, _ = generate(model, args.samples, steps=args.steps, cfg=args.cfg)
-    res["teacher_scores"] = evaluate(model, None, samples=args.samples, steps=args.steps, cfg=args.cfg)
+                 "budgets": {}, "teacher_scores": teacher_scores}
     for budget in args.budgets:
         row = {}
         for method in METHODS:
-            ctx = Context(sampler="ddim", steps=args.steps, cfg=args.cfg, progress=False, seed=0)
-            opts = {"opt_steps": args.opt_steps} if method in ("dipgo", "l2c") else {}
-            t0 = time.process_time()
-            student = compress(model, method, budget, ctx, opts)
-            cost = time.process_time() - t0
-            from slimdiff.eval.evaluate import score
-
-            x, y = generate(student, args.samples, steps=args.steps, cfg=args.cfg)
-            s = score(student, x, y, model, steps=args.steps, cfg=args.cfg, reference_samples=ref_x)
-            row[method] = {**{k: s[k] for k in ("fd", "class_acc", "ssim", "psnr", "macs_ratio")},
-                           "compress_cpu_s": cost, "settings": student.slimdiff_meta["method"]["chain"][-1]["settings"]}
-            reuse_plan(get_block_reuse(student).to_dict(), out / f"plan_{method}_{budget}.png", f"{method} @ {budget}")
+            e = entries[entry_key(method, budget)]
+            row[method] = {**{k: e[k] for k in ("fd", "class_acc", "ssim", "psnr", "macs_ratio")},
+                           "compress_cpu_s": e["compress_cpu_s"], "settings": e["chain"][-1]["settings"]}
+            reuse_plan(e["extras"][method], out / f"plan_{method}_{budget}.png", f"{method} @ {budget}")
         res["budgets"][str(budget)] = row
-        res["fd_floor"] = s["fd_floor"]
+    res["fd_floor"] = teacher_scores["fd_floor"]
     return res
 
 

@@ -3,8 +3,9 @@
 1. **Quality at equal compute** (digits-dit, budget 0.5): DyDiT (``train_steps = N``, no
    extra recovery) vs static width pruning (Diff-Pruning, else magnitude-width) compressed to
    DyDiT's *measured* sampling-MACs ratio with ``recover_steps = N`` (the same number of
-   optimiser steps, batch and lr). Both scored with slimdiff.eval.evaluate (FD, class
-   accuracy, SSIM/PSNR to the teacher from the same noise).
+   optimiser steps, batch and lr): entries of the bench protocol (:class:`slimdiff.bench.Bench`
+   in ``OUT/bench``, students kept in ``OUT/bench/models``), scored with FD, class accuracy,
+   SSIM/PSNR to the teacher from the same noise.
 2. **Pictures**: active heads / MLP channel groups per timestep (per block) from the saved
    per-step tables; token-keep maps (fraction of blocks whose MLP ran, per token) over
    generated samples at early / middle / late steps.
@@ -19,22 +20,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import slimdiff  # noqa: E402
+from slimdiff.bench import Bench, BenchConfig, entry_key, entry_scores  # noqa: E402
 from slimdiff.errors import UsageError  # noqa: E402
-from slimdiff.eval.report import token_keep_maps, width_per_timestep  # noqa: E402
+from slimdiff.eval.models import build_model  # noqa: E402
 from slimdiff.eval.speed import environment  # noqa: E402
-from slimdiff.methods.base import Context, compress  # noqa: E402
+from slimdiff.result import record_of  # noqa: E402
+
+STATIC = ("diff-pruning", "magnitude-width")  # the static width method, in order of preference
 
 
 def teacher(quick: bool, spec: str = "digits-dit"):
@@ -44,58 +46,48 @@ def teacher(quick: bool, spec: str = "digits-dit"):
     except UsageError:
         if not quick:
             raise
-        torch.manual_seed(0)
-        return slimdiff.load("DiT-M/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False), "random DiT-M/2"
+        model = build_model("DiT-M/2", 8, init="none", in_channels=1, num_classes=10, learn_sigma=False)
+        return model, "random DiT-M/2"
 
 
 def quality(args, out: Path) -> dict:
-    """DyDiT vs static width pruning at DyDiT's measured MACs, equal training steps."""
-    import shutil
-
-    from slimdiff.eval.evaluate import evaluate, generate
-
+    """DyDiT vs static width pruning at DyDiT's measured MACs, equal training steps: two runs of
+    the bench protocol (:class:`slimdiff.bench.Bench`, fresh in ``OUT/bench``; the students
+    are kept in ``OUT/bench/models``), DyDiT's pictures copied to ``OUT``."""
     model, name = teacher(args.quick, args.teacher)
-    for old in out.glob("work-*"):  # the trainer resumes from a work dir: start fresh
-        shutil.rmtree(old)
-    common = dict(sampler="ddim", steps=args.sample_steps, cfg=args.cfg, batch_size=args.batch, lr=args.lr,
-                  progress=not args.quiet, seed=0)
-    t0 = time.process_time()
-    dyn = compress(model, "dydit", args.budget, Context(work_dir=out / "work-dydit", **common),
-                   {"train_steps": args.train_steps, "tune": args.tune})
-    dyn_cpu = time.process_time() - t0
-    slimdiff.save(dyn, out / "dydit-model", overwrite=True)
-    ratio = dyn.slimdiff_meta["measured"]["macs_ratio"]
-    static, static_name, static_cpu = None, None, None
-    for method in ("diff-pruning", "magnitude-width"):
+    config = BenchConfig(model=name, budgets=[args.budget], methods=["dydit"], samples=args.samples, sampler="ddim",
+                         steps=args.sample_steps, cfg=args.cfg, recover_steps=args.train_steps, batch_size=args.batch,
+                         lr=args.lr, options={"tune": args.tune}, progress=not args.quiet, device="cpu")
+    bench = Bench(config, out / "bench", model, save_models=True, fresh=True)
+
+    def measured(entry: dict) -> dict:  # the student's end-to-end measurements, from its saved record
+        return record_of(slimdiff.load(bench.model_dir(entry_key(entry["method"], entry["budget"])))).result.measured
+
+    dyn = bench.run_entries()[entry_key("dydit", args.budget)]
+    ratio = measured(dyn)["macs_ratio"]
+    res = {"teacher": name, "budget": args.budget, "train_steps": args.train_steps, "tune": args.tune,
+           "teacher_eval": {k: v for k, v in bench.teacher()[1].items() if k != "eval_wall_s"},
+           "dydit": {**entry_scores(dyn), "measured": measured(dyn), "cpu_seconds": dyn["compress_cpu_s"]}}
+    static = None
+    for method in STATIC:
         try:
-            t0 = time.process_time()
-            static = compress(model, method, ratio, Context(work_dir=out / f"work-{method}", recover_steps=args.train_steps,
-                                                            **common))
-            static_name, static_cpu = method, time.process_time() - t0
-            break
+            entry = bench.run_entries([(method, ratio)])[entry_key(method, ratio)]
         except Exception as e:  # noqa: BLE001 - record why and try the next baseline
             print(f"{method} failed: {e}", file=sys.stderr)
-    ev = dict(samples=args.samples, steps=args.sample_steps, cfg=args.cfg, sampler="ddim")
-    ref, _ = generate(model, args.samples, sampler="ddim", steps=args.sample_steps, cfg=args.cfg)
-    res = {"teacher": name, "budget": args.budget, "train_steps": args.train_steps, "tune": args.tune,
-           "teacher_eval": evaluate(model, **ev)}
-    from slimdiff.eval.evaluate import score
-
-    def scored(m):
-        x, y = generate(m, args.samples, sampler="ddim", steps=args.sample_steps, cfg=args.cfg)
-        return score(m, x, y, model, reference_samples=ref, **{k: v for k, v in ev.items() if k != "samples"})
-
-    res["dydit"] = {**scored(dyn), "measured": dyn.slimdiff_meta["measured"], "cpu_seconds": dyn_cpu}
+            continue
+        if entry.get("skipped"):
+            print(f"{method} failed: {entry['skipped']}", file=sys.stderr)
+            continue
+        static = entry
+        break
     if static is not None:
-        res["static"] = {"method": static_name, **scored(static), "measured": static.slimdiff_meta["measured"],
-                         "cpu_seconds": static_cpu}
+        res["static"] = {"method": static["method"], **entry_scores(static), "measured": measured(static),
+                         "cpu_seconds": static["compress_cpu_s"]}
         res["dydit_fd_le_static"] = res["dydit"]["fd"] <= res["static"]["fd"]
     else:
         res["static"] = {"error": "no static width method ran (diff-pruning / magnitude-width)"}
-    extras = dyn.slimdiff_meta["extras"]["dydit"]
-    width_per_timestep(extras["tables"]["entries"], max(extras["config"]["heads"]), max(extras["config"]["groups"]),
-                       out / "width_per_timestep.png")
-    token_keep_maps(dyn, out / "token_keep_maps.png", steps=args.sample_steps, cfg=args.cfg)
+    for picture in dyn["pictures"]:  # the bench's DyDiT pictures (per-step widths, token-keep maps)
+        shutil.copyfile(out / "bench" / picture, out / Path(picture).name.removeprefix("dydit-"))
     return res
 
 

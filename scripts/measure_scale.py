@@ -71,22 +71,24 @@ def _latents(path: Path, size: int, n: int = 16) -> str:
 def _diff_pruning(model, batch: int, **_) -> dict:
     import torch
 
-    from slimdiff.methods import diff_pruning as dp
+    from slimdiff.compression.width import prune_to_budget
+    from slimdiff.methods.diff_pruning import accumulate_gradients
 
     g = torch.Generator().manual_seed(0)
     s = model.config.input_size
     x0, cond = torch.randn(batch, 4, s, s, generator=g), torch.randint(0, 1000, (batch,), generator=g)
     t0 = time.perf_counter()
-    trace = dp.accumulate_gradients(model, x0, cond, threshold=0.05, stride=250)
+    trace = accumulate_gradients(model, x0, cond, threshold=0.05, stride=250)
     t1 = time.perf_counter()
-    best, tried = dp.prune_to_budget(model, 0.5, "taylor")
+    best, tried = prune_to_budget(model, 0.5, "taylor")
     return {"gradient_s": t1 - t0, "prune_s": time.perf_counter() - t1, "timesteps": trace.used,
             "search_trials": len(tried), "macs_ratio": best.macs_ratio}
 
 
 def _tinyfusion(model, batch: int, work: Path, **_) -> dict:
+    from slimdiff.compression.depth import resolve_depth
     from slimdiff.methods.base import Context
-    from slimdiff.methods.tinyfusion import SearchConfig, resolve_depth, search
+    from slimdiff.methods.tinyfusion import SearchConfig, search
 
     ctx = Context(steps=1, batch_size=batch, data=_latents(work / "latents.safetensors", model.config.input_size),
                   work_dir=work, progress=False)
@@ -98,11 +100,11 @@ def _tinyfusion(model, batch: int, work: Path, **_) -> dict:
 def _dydit(model, batch: int, work: Path, **_) -> dict:
     from slimdiff.methods.base import Context
     from slimdiff.methods.dydit import DyDiTConfig, cost_model, train_routers
-    from slimdiff.runtime.dynamic import default_config, install
+    from slimdiff.runtime.routing import apply_dydit, default_config
 
     ctx = Context(steps=1, batch_size=batch, data=_latents(work / "latents.safetensors", model.config.input_size),
                   work_dir=work, progress=False)
-    install(model, default_config(model))
+    apply_dydit(model, default_config(model))
     train_routers(model, 0.5, ctx, DyDiTConfig(train_steps=1), cost_model(model))
     return {}
 
@@ -110,8 +112,9 @@ def _dydit(model, batch: int, work: Path, **_) -> dict:
 def _dipgo(model, batch: int, steps: int, memory: str, **_) -> dict:
     import torch
 
+    from slimdiff.compression.reuse_plans import teacher_batch
     from slimdiff.methods.base import Context
-    from slimdiff.methods.dipgo import DiPGOPruner, dipgo_loss, teacher_batch
+    from slimdiff.methods.dipgo import DiPGOPruner, dipgo_loss
     from slimdiff.runtime.reuse import ReusePlan, apply_block_reuse, block_costs
 
     ctx = Context(sampler="ddim", steps=steps, progress=False)
@@ -138,7 +141,7 @@ def child(method: str, size: str, latent: int, steps: int, memory: str, batch: i
     """Build the model, run one compression step, report time and memory (one JSON line)."""
     import torch
 
-    from slimdiff.eval.speed import build_model
+    from slimdiff.eval.models import build_model
 
     t0 = time.perf_counter()
     model = build_model(size, latent)

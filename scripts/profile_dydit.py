@@ -65,10 +65,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "profile")
     a = ap.parse_args()
     from slimdiff.eval import speed as sp
+    from slimdiff.eval.models import build_model
 
     s = sp.SpeedSettings(models=(a.model,), methods=("dydit",), batch=a.batch, device=a.device, dtype=a.dtype,
                          steps=a.steps).validate()
-    teacher = sp.build_model(a.model, s.latent_size, s.seed).to(s.device)
+    teacher = build_model(a.model, s.latent_size, s.seed).to(s.device)
     student, _ = sp.make_student(teacher, "dydit", s)
     dtype = sp.DTYPES[s.dtype]
     res = {"settings": vars(a) | {"out": str(a.out)}, "environment": sp.environment(s.device)}

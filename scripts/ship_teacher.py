@@ -21,7 +21,5 @@ if __name__ == "__main__":
     ap.add_argument("--name", default="digits-dit")
     args = ap.parse_args()
     model = slimdiff.load(args.run_model).half()
-    meta = dict(model.slimdiff_meta)
-    meta["name"] = args.name
-    path = save(model, WEIGHTS / args.name, meta=meta, overwrite=True)
+    path = save(model, WEIGHTS / args.name, meta={"name": args.name}, overwrite=True)  # the record, renamed
     print(f"shipped {path}")

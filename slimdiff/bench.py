@@ -168,13 +168,17 @@ class Bench:
 
     ``teacher``: the model to compress, when it is not ``config.model`` loaded by name (a
     script's random stand-in; ``config.model`` then only names it). ``save_models``: also save
-    each new entry's student to ``models/<key>/`` (:meth:`model_dir`).
+    each new entry's student to ``models/<key>/`` (:meth:`model_dir`). ``fresh``: remove an
+    earlier bench in ``out`` first (a measurement that must not read back old entries).
     """
 
-    def __init__(self, config: BenchConfig, out: Path, teacher: nn.Module | None = None, *, save_models: bool = False):
+    def __init__(self, config: BenchConfig, out: Path, teacher: nn.Module | None = None, *, save_models: bool = False,
+                 fresh: bool = False):
         from rich.console import Console
 
         self.config, self.out = config, Path(out)
+        if fresh and (self.out / "bench.json").is_file():  # only ever a bench directory
+            shutil.rmtree(self.out)
         self.console = Console(stderr=True, quiet=not config.progress)
         self.entries = entry_list(config)
         self.save_models = save_models

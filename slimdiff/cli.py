@@ -363,15 +363,27 @@ def bench_speed(
 
 
 @app.command("methods")
-def methods_() -> None:
-    """List the compression methods and baselines."""
+def methods_(as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """List the compression methods and baselines with their options (types, defaults, help)."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
     from slimdiff.methods import registry
 
+    if as_json:
+        sys.stdout.write(json.dumps({name: {"kind": spec.kind, "help": spec.help,
+                                            "options": [asdict(o) for o in spec.option_info()]}
+                                     for name, spec in sorted(registry().items())}, default=str) + "\n")
+        return
+
+    table = Table(title="slimdiff methods (options: --option NAME=VALUE)", show_lines=True)
+    for col in ("method", "kind", "what", "options (default)"):
+        table.add_column(col, overflow="fold")
     for name, spec in sorted(registry().items()):
-        Console().print(f"{name:20s} [{spec.kind}] {spec.help}", highlight=False, markup=False)
-        for o in spec.option_info():
-            Console().print(f"{'':22s}--option {o.name}={o.default!s}  ({o.type}) {o.help}".rstrip(),
-                            highlight=False, markup=False)
+        options = "\n".join(f"{o.name}={o.default!s} ({o.type}): {o.help}" for o in spec.option_info())
+        table.add_row(name, spec.kind, spec.help, options or "-")
+    Console().print(table, highlight=False, markup=False)
 
 
 def _parse_options(items: list[str] | None) -> dict:

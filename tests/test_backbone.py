@@ -1,4 +1,5 @@
-"""The Backbone view over the five supported model types, and sync_attention_heads."""
+"""The Backbone view over the five supported model types, its per-architecture answers, and
+sync_attention_heads."""
 from __future__ import annotations
 
 import pytest
@@ -290,3 +291,218 @@ def test_sync_rejects_indivisible_widths():
         lin.out_features = 15
     with pytest.raises(UsageError, match="transformer_blocks.0.attn1"):
         sync_attention_heads(m)
+
+
+# --------------------------------------------------------------------------- per-architecture questions
+TRANSFORMERS = ("dit", "diffusers-dit", "pixart")
+
+
+def test_embed_timesteps_is_the_t_only_embedding_without_hooks(tiny_model):
+    kind, module = tiny_model
+    bb = as_backbone(module)
+    x, t, cond = bb.example_inputs(3, torch.Generator().manual_seed(1))
+    seen = []
+    t_only = bb.time_embedding_part or bb.time_embedding
+    h = t_only.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        bb(x, t, cond)
+        calls = len(seen)  # 2 for a diffusers DiT: block 0's embedder also feeds the output layer
+        emb = bb.embed_timesteps(t)
+        assert len(seen) == calls  # the class forwards: no hook ran
+    h.remove()
+    assert emb.shape == (3, bb.time_embedding_dim)
+    torch.testing.assert_close(emb, seen[0], rtol=0, atol=0)
+
+
+def test_pixart_time_embedding_part_is_t_only():
+    m = tiny_pixart(use_additional_conditions=True, attention_head_dim=24, cross_attention_dim=48)
+    bb = as_backbone(m)
+    assert bb.time_embedding_part is m.adaln_single.emb.timestep_embedder
+    assert as_backbone(tiny_pixart()).time_embedding_part is None
+    test_embed_timesteps_is_the_t_only_embedding_without_hooks(("pixart", m))
+
+
+# position of the timestep among forward's arguments (without self), and its name
+TIMESTEP_ARGUMENT = {"dit": (1, "t"), "diffusers-dit": (1, "timestep"), "pixart": (2, "timestep"),
+                     "unet2d": (1, "timestep"), "unet2d-condition": (1, "timestep")}
+
+
+def test_timestep_argument(tiny_model):
+    kind, module = tiny_model
+    bb = as_backbone(module)
+    assert bb.timestep_argument() == TIMESTEP_ARGUMENT[kind]
+    if kind == "dit":  # it is where the model reads the timestep
+        x, t, y = bb.example_inputs(2)
+        with torch.no_grad():
+            assert torch.equal(module(x, t, y), module(x, **{bb.timestep_argument()[1]: t}, y=y))
+
+
+def test_set_blocks_installs_the_list_and_the_depth(tiny_model):
+    kind, module = tiny_model
+    bb = as_backbone(module)
+    if kind not in TRANSFORMERS:
+        with pytest.raises(UsageError, match="not one list"):
+            bb.set_blocks(bb.blocks[:1])
+        assert not any(bb.can_drop_block(i) for i in range(len(bb.blocks)))
+        return
+    depth = lambda: module.config.depth if kind == "dit" else module.config.num_layers  # noqa: E731
+    blocks = bb.blocks
+    assert all(bb.can_drop_block(i) for i in range(len(blocks)))
+    original = bb.set_blocks([blocks[1]])
+    assert isinstance(original, nn.ModuleList) and list(original) == blocks
+    assert bb.blocks == [blocks[1]] and depth() == 1
+    with torch.no_grad():
+        assert bb(*bb.example_inputs(2)).shape[0] == 2
+    assert isinstance(bb.set_blocks(original), nn.ModuleList)
+    assert getattr(module, bb.block_names[0].split(".")[0]) is original  # a ModuleList is installed as is
+    assert bb.blocks == blocks and depth() == len(blocks)
+
+
+def test_untied_diffusers_dit_keeps_block_0():
+    m = tiny_diffusers_dit()
+    with torch.no_grad():
+        m.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.bias.add_(1.0)
+    bb = as_backbone(m)
+    assert not bb.can_drop_block(0) and bb.can_drop_block(1)
+    assert "block 0 cannot be removed" in bb.drop_refusal
+
+
+def test_block_call_conventions(tiny_model):
+    kind, module = tiny_model
+    bb = as_backbone(module)
+    calls = []
+
+    def hook(mod, args, kwargs, output):
+        h, out = bb.block_input(args, kwargs), bb.block_output(output)
+        calls.append((h, out, output))
+
+    handles = [b.register_forward_hook(hook, with_kwargs=True) for b in bb.blocks]
+    with torch.no_grad():
+        bb(*bb.example_inputs(2))
+    for h in handles:
+        h.remove()
+    assert len(calls) == len(bb.blocks)
+    for h, out, output in calls:
+        assert isinstance(h, torch.Tensor) and isinstance(out, torch.Tensor) and h.shape[0] == out.shape[0] == 2
+        if bb.is_transformer:
+            assert out.shape == h.shape
+        new = torch.zeros_like(out)
+        replaced = bb.with_block_output(output, new)
+        assert bb.block_output(replaced) is new and type(replaced) is type(output)
+
+
+# attention modules of each tiny model (self- and cross-attention, mid block included): (count, fused)
+ATTENTIONS = {"dit": (2, True), "diffusers-dit": (2, False), "pixart": (4, False), "unet2d": (4, False),
+              "unet2d-condition": (8, False)}
+
+
+def test_attention_layouts(tiny_model):
+    from diffusers.models.attention_processor import Attention
+
+    from slimdiff.models.dit import Attention as DiTAttention
+
+    kind, module = tiny_model
+    bb = as_backbone(module)
+    layouts = bb.attention_layouts()
+    count, fused = ATTENTIONS[kind]
+    assert [a.module for a in layouts] == [m for m in module.modules() if isinstance(m, (Attention, DiTAttention))]
+    assert len(layouts) == count
+    for a in layouts:
+        assert a.fused == fused and len(a.qkv) == (1 if fused else 3)
+        assert a.heads == (a.module.num_heads if fused else a.module.heads)
+        assert a.head_dim * a.heads * (3 if fused else 1) == a.qkv[0].out_features == a.out.in_features * (3 if fused else 1)
+    if bb.is_transformer:
+        for i in range(len(bb.blocks)):
+            a = bb.attention_layout(i)
+            assert a.module is bb.attention(i) and a.heads == bb.heads(i) and a in layouts
+    else:
+        with pytest.raises(UsageError, match="transformer"):
+            bb.attention_layout(0)
+
+
+def test_width_prunable_layers(tiny_model):
+    kind, module = tiny_model
+    bb = as_backbone(module)
+    prunable = bb.width_prunable_layers()
+    ids = {id(m) for m in prunable}
+    assert len(ids) == len(prunable)
+    if not bb.is_transformer:
+        convs = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        assert prunable == [m for m in convs if m is not module.conv_out]
+        with pytest.raises(UsageError, match="transformer"):
+            bb.mlp_inputs()
+        return
+    assert bb.mlp_inputs() == [bb.mlp(i).fc1 for i in range(len(bb.blocks))]
+    inside = {id(m) for b in bb.blocks for m in b.modules()}
+    expected = [lin for a in bb.attention_layouts() if id(a.module) in inside for lin in a.qkv] + bb.mlp_inputs()
+    assert prunable == expected
+    names = {id(m): n for n, m in module.named_modules()}
+    assert all(names[id(m)].startswith(tuple(n + "." for n in bb.block_names)) for m in prunable)
+    for i in range(len(bb.blocks)):  # residual-width outputs stay whole
+        assert id(bb.attention_layout(i).out) not in ids and id(bb.mlp(i).fc2) not in ids
+
+
+def test_head_and_group_macs_match_the_flop_counter(tiny_model):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kind, module = tiny_model
+    if kind not in TRANSFORMERS:
+        return
+    bb = as_backbone(module)
+    n = bb.token_grid[0] * bb.token_grid[1]
+    x = torch.randn(2, n, bb.mlp(0).fc1.in_features)
+
+    def macs(fn) -> int:
+        counter = FlopCounterMode(display=False)
+        with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
+            fn()
+        return counter.get_total_flops() // 2
+
+    for i in range(len(bb.blocks)):
+        attn, mlp = bb.attention_layout(i), bb.mlp(i)
+        assert macs(lambda: attn.module(x)) == 2 * attn.heads * attn.head_macs(n)
+        assert macs(lambda: mlp.fc2(mlp.fc1(x))) == 2 * n * 4 * mlp.group_token_macs(4)
+
+
+def test_attention_mlp_names(tiny_model):
+    import re
+
+    kind, module = tiny_model
+    bb = as_backbone(module)
+    if not bb.is_transformer:
+        with pytest.raises(UsageError, match="transformer"):
+            bb.attention_mlp_names()
+        return
+    names = bb.attention_mlp_names()
+    pattern = {"dit": r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))",
+               "diffusers-dit": r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"}
+    pattern["pixart"] = pattern["diffusers-dit"]
+    assert sorted(names) == sorted(n for n, _ in module.named_modules() if re.fullmatch(pattern[kind], n))
+    assert all(isinstance(module.get_submodule(n), nn.Linear) for n in names)
+
+
+def test_reuse_units_and_their_readers(tiny_model):
+    kind, module = tiny_model
+    bb = as_backbone(module)
+    units = bb.reuse_units()
+    if bb.is_transformer:
+        assert bb.reuse_mode == "residual" and bb.block_readers() is None
+        assert [n for n, _ in units] == bb.block_names and [m for _, m in units] == bb.blocks
+        return
+    assert bb.reuse_mode == "output"
+    names = [n for n, _ in units]
+    assert names == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
+    assert all(module.get_submodule(n) is m for n, m in units)
+    order = []
+    hooks = [m.register_forward_hook(lambda *_, n=n: order.append(n)) for n, m in units]
+    with torch.no_grad():
+        bb(*bb.example_inputs(1))
+    for h in hooks:
+        h.remove()
+    assert order == names  # execution order
+    readers = bb.block_readers()
+    assert set(readers) == set(names) and readers[names[-1]] == ["output"]
+    for i, n in enumerate(names[:-1]):  # every unit feeds the next, readers come later
+        assert readers[n][0] == names[i + 1] and all(names.index(r) > i for r in readers[n])
+    assert set(readers["down_blocks.0"]) == {"down_blocks.1", "up_blocks.0", "up_blocks.1"}

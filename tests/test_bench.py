@@ -103,6 +103,34 @@ def test_a_reuse_entry_rebuilds_its_student_from_the_record(teacher_dir, uninter
         entry_model(results["entries"]["magnitude-width@0.5"], teacher)
 
 
+def test_run_entries_for_a_script(teacher_dir, uninterrupted, tmp_path):
+    """A script's entries (:meth:`Bench.run_entries`, a teacher passed in) give the numbers of the
+    same entries of a full bench; ``save_models`` keeps the student; a rerun reads the entry back
+    and ``fresh`` starts over."""
+    from slimdiff.bench import Bench, entry_key, entry_scores
+    from slimdiff.result import record_of
+
+    results, _ = uninterrupted
+    config = BenchConfig(model="in memory", methods=["dipgo"], **FAST)
+    bench = Bench(config, tmp_path / "b", slimdiff.load(teacher_dir), save_models=True)
+    key = entry_key("dipgo", 0.5)
+    entry = bench.run_entries([("dipgo", 0.5)])[key]
+    for field in NUMBERS:
+        assert entry[field] == results["entries"][key][field], field
+    scores = entry_scores(entry)
+    assert scores["fd"] == entry["fd"] and not {"chain", "extras", "pictures", "method"} & set(scores)
+    saved = record_of(slimdiff.load(bench.model_dir(key))).result
+    assert [e.to_dict() for e in saved.chain] == entry["chain"] and saved.measured["macs_ratio"] == entry["macs_ratio"]
+    path = tmp_path / "b" / "entries" / f"{key}.json"
+    stamp = path.stat().st_mtime_ns
+    again = Bench(config, tmp_path / "b", slimdiff.load(teacher_dir)).run_entries([("dipgo", 0.5)])[key]
+    assert again == entry and path.stat().st_mtime_ns == stamp
+    Bench(config, tmp_path / "b", fresh=True)
+    assert not path.exists() and (tmp_path / "b" / "bench.json").exists()
+    with pytest.raises(UsageError, match="unknown method"):
+        bench.run_entries([("no-such", 0.5)])
+
+
 def test_bench_refuses_a_directory_of_other_settings(teacher_dir, uninterrupted):
     _, out = uninterrupted
     with pytest.raises(UsageError, match="other settings.*samples"):

@@ -199,8 +199,8 @@ def test_whole_heads_and_mlp_channels_equal_the_masked_model(factory):
     with the head count left stale the forward silently differs."""
     model = factory(num_heads=4) if factory is tiny_dit else factory(num_attention_heads=4, attention_head_dim=8)
     pruned, history = width.prune_with_ratio(model, 0.5, "magnitude", heads="whole")
-    attn = width._attention_heads(pruned)
-    assert {h for _, h in attn.values()} == {2}  # 4 -> 2 heads, head width unchanged
+    attn = as_backbone(pruned).attention_layouts()
+    assert {a.heads for a in attn} == {2}  # 4 -> 2 heads, head width unchanged
     assert any("mlp" in n or "ff" in n for n, _, _ in history)
     args = inputs(model)
     want = run(masked_like(model, history), *args)
@@ -208,7 +208,7 @@ def test_whole_heads_and_mlp_channels_equal_the_masked_model(factory):
     torch.testing.assert_close(run(pruned, *args), want, rtol=1e-4, atol=1e-5)
 
     stale = copy.deepcopy(pruned)
-    for a in width._attention_heads(stale):
+    for a in (layout.module for layout in as_backbone(stale).attention_layouts()):
         if hasattr(a, "num_heads"):
             a.num_heads = 4
         else:
@@ -220,7 +220,8 @@ def test_head_dim_pruning_keeps_q_k_v_aligned():
     """Fused qkv: the same (head, dim) positions are kept in q, k and v of every head."""
     model = tiny_dit(num_heads=2)
     pruned, _ = width.prune_with_ratio(model, 0.5, "magnitude", heads="dims")
-    for a0, a1 in zip(width._attention_heads(model), width._attention_heads(pruned)):
+    for a0, a1 in zip(as_backbone(model).attention_layouts(), as_backbone(pruned).attention_layouts()):
+        a0, a1 = a0.module, a1.module
         assert a1.num_heads == 2 and a1.qkv.out_features == 48
         w0, w1 = a0.qkv.weight, a1.qkv.weight
         rows = [int((w0 == r).all(1).nonzero()) for r in w1]  # each kept row is an original row

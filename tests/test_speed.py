@@ -37,6 +37,45 @@ def test_every_applicable_method_is_measured(bench):
     assert units == {"diff-pruning": "forward", "tinyfusion": "forward", "dydit": "sampling", "dipgo": "sampling"}
 
 
+def test_methods_come_from_the_registry():
+    """The speed bench times every registered method with a speed student (a method of your own
+    too); what is timed follows its kind, its target defaults to DEFAULT_TARGET."""
+    from slimdiff.methods import MethodSpec, register, unregister
+
+    assert sp.METHODS == sp.speed_methods() == sp.SpeedSettings().methods == ("diff-pruning", "tinyfusion", "dydit",
+                                                                               "dipgo")
+    toy = MethodSpec("toy-width", "width", "toy", lambda model, budget, ctx, config: model,
+                     speed_student=lambda model, settings: model)
+    register(toy)
+    try:
+        assert sp.speed_methods()[-1] == "toy-width" and sp.timed_unit("toy-width") == "forward"
+        settings = sp.SpeedSettings(**{**TINY, "methods": ("toy-width",)}).validate()
+        (entry,) = sp.bench_model("DiT-M/2", settings, log=lambda line: None)
+        assert entry["unit"] == "forward" and entry["target"] == sp.DEFAULT_TARGET and entry["macs_ratio"] == 1.0
+    finally:
+        unregister("toy-width")
+    with pytest.raises(UsageError, match="unknown method"):
+        sp.SpeedSettings(methods=("toy-width",)).validate()
+
+
+def test_quick_model_factory():
+    """One factory for random models: the speed bench's woken-up DiT, other inits and DiT options."""
+    import slimdiff
+    from slimdiff.eval.models import build_model as build
+
+    torch.manual_seed(0)
+    plain = slimdiff.load("DiT-M/2", input_size=8, in_channels=1, num_classes=10, learn_sigma=False)
+    same = build("DiT-M/2", 8, init="none", in_channels=1, num_classes=10, learn_sigma=False)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), same.state_dict().values()))
+    woken = build("DiT-M/2", 8)
+    assert woken.x_embedder.proj.in_channels == 4 and all(p.any() for p in woken.parameters() if p.ndim >= 2)
+    assert not woken.training
+    with pytest.raises(UsageError, match="unknown init"):
+        build("DiT-M/2", 8, init="zeros")
+    with pytest.raises(UsageError, match="takes no options"):
+        build("UNet-tiny", in_channels=1)
+
+
 def test_realisation_is_computed_from_the_measured_numbers(bench):
     res, _ = bench
     for e in res["entries"]:

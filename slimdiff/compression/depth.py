@@ -22,7 +22,6 @@ kept-block KD layer map (student block ``i`` <- teacher block ``kept[i]``), reco
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import time
@@ -118,17 +117,6 @@ def group_options(n: int, m: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- extraction
-def _blocks_attr(bb: Backbone) -> str:
-    return "blocks" if bb.kind == "dit" else "transformer_blocks"
-
-
-def _embedders_tied(model: nn.Module) -> bool:
-    ref = model.transformer_blocks[0].norm1.emb.state_dict()
-    return all(
-        all(torch.equal(v, b.norm1.emb.state_dict()[k]) for k, v in ref.items()) for b in model.transformer_blocks[1:]
-    )
-
-
 def check_depth_prunable(model: nn.Module, what: str = "depth pruning") -> Backbone:
     """The Backbone of ``model`` if its blocks can be removed, else :class:`UsageError`."""
     bb = as_backbone(model)
@@ -146,20 +134,9 @@ def _check_extractable(bb: Backbone, kept: Sequence[int]) -> None:
     depth = len(bb.blocks)
     if not kept or list(kept) != sorted(set(kept)) or not all(0 <= i < depth for i in kept):
         raise UsageError(f"kept blocks must be a non-empty increasing list of indices in [0, {depth}), got {list(kept)}")
-    if bb.kind == "diffusers-dit" and kept[0] != 0 and not _embedders_tied(bb.module):
-        raise UsageError(
-            "this diffusers DiT has differing per-block timestep/class embedders and block 0's also feeds the "
-            "output layer, so block 0 cannot be removed; tie the embedders (as in converted official checkpoints) "
-            "or convert it with slimdiff.models.convert.diffusers_to_dit"
-        )
-
-
-def _set_blocks(model: nn.Module, bb: Backbone, blocks: list[nn.Module]) -> None:
-    setattr(model, _blocks_attr(bb), nn.ModuleList(blocks))
-    if bb.kind == "dit":
-        model.config = dataclasses.replace(model.config, depth=len(blocks))
-    else:
-        model.register_to_config(num_layers=len(blocks))
+    dropped = sorted(set(range(depth)) - set(kept))
+    if any(not bb.can_drop_block(i) for i in dropped):
+        raise UsageError(bb.drop_refusal)
 
 
 def extract_blocks(model: nn.Module, kept: Sequence[int]) -> nn.Module:
@@ -173,7 +150,7 @@ def extract_blocks(model: nn.Module, kept: Sequence[int]) -> nn.Module:
     kept = [int(i) for i in kept]
     _check_extractable(bb, kept)
     blocks = bb.blocks
-    _set_blocks(model, bb, [blocks[i] for i in kept])
+    bb.set_blocks([blocks[i] for i in kept])
     return model
 
 
@@ -181,14 +158,12 @@ def extract_blocks(model: nn.Module, kept: Sequence[int]) -> nn.Module:
 def _only_blocks(model: nn.Module, kept: Sequence[int]) -> Iterator[nn.Module]:
     """Temporarily run ``model`` with only the blocks ``kept`` (no weights copied)."""
     bb = as_backbone(model)
-    blocks, attr = bb.blocks, _blocks_attr(bb)
-    old_list = getattr(model, attr)
-    _set_blocks(model, bb, [blocks[i] for i in kept])
+    blocks = bb.blocks
+    original = bb.set_blocks([blocks[i] for i in kept])
     try:
         yield model
     finally:
-        _set_blocks(model, bb, list(old_list))
-        setattr(model, attr, old_list)
+        bb.set_blocks(original)
 
 
 # --------------------------------------------------------------------------- gating
@@ -206,22 +181,22 @@ class DepthGateConfig:
 
 
 class DepthGateHook(ModelHook):
-    """Makes block ``index`` compute ``m * block(h) + (1 - m) * h`` with ``m = mask_of(index)``."""
+    """Makes block ``index`` compute ``m * block(h) + (1 - m) * h`` with ``m = mask_of(index)``
+    (``backbone``: the Backbone class that says how its blocks are called)."""
 
-    def __init__(self, index: int, config: DepthGateConfig):
+    def __init__(self, index: int, config: DepthGateConfig, backbone: type[Backbone]):
         super().__init__()
-        self.index, self.config = index, config
+        self.index, self.config, self.backbone = index, config, backbone
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
+        h = self.backbone.block_input(args, kwargs)
         if self.index == 0 and self.config.before_forward is not None:
             self.config.before_forward(h)
         output = self.fn_ref.original_forward(*args, **kwargs)
-        out = output[0] if isinstance(output, tuple) else output
+        out = self.backbone.block_output(output)
         m = self.config.mask_of(self.index).to(out.dtype)
         m = m.reshape(-1, *([1] * (out.ndim - 1))) if m.ndim else m
-        mixed = m * out + (1 - m) * h
-        return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
+        return self.backbone.with_block_output(output, m * out + (1 - m) * h)
 
 
 def _gate_hooks(model: nn.Module) -> list[DepthGateHook]:
@@ -236,8 +211,9 @@ def apply_depth_gates(model: nn.Module, config: DepthGateConfig | Callable[[int]
         config = DepthGateConfig(config)
     if _gate_hooks(model):
         raise UsageError("this model already has depth gates: call remove_depth_gates(model) first")
-    for i, block in enumerate(as_backbone(model).blocks):
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(DepthGateHook(i, config), GATE_HOOK)
+    bb = as_backbone(model)
+    for i, block in enumerate(bb.blocks):
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(DepthGateHook(i, config, type(bb)), GATE_HOOK)
     _invalidate(model)
     return model
 

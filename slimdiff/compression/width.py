@@ -41,9 +41,9 @@ Diff-Pruning (:mod:`slimdiff.methods.diff_pruning`) and its width baselines
   and recording).
 
 The result is a plain, smaller ``nn.Module`` of the input's class; removed channels are gone
-(no masks), and :mod:`slimdiff.io` saves its per-layer widths. ``_attention_heads``,
-``_mlp_inputs`` and ``_ignored_layers`` hold per-architecture knowledge that belongs to the
-Backbone adapter (issue 19).
+(no masks), and :mod:`slimdiff.io` saves its per-layer widths. What may be cut and where the
+heads are is the Backbone's answer (:meth:`~slimdiff.models.backbone.Backbone.width_prunable_layers`,
+:meth:`~slimdiff.models.backbone.Backbone.attention_layouts`), not this module's.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -77,49 +77,13 @@ MAX_TRIALS = 24
 
 
 # --------------------------------------------------------------------------- pruner
-def _attention_heads(model: nn.Module) -> dict[nn.Module, tuple[list[nn.Linear], int]]:
-    """Attention module -> (its q/k/v projections, head count), for ours and diffusers'."""
-    from diffusers.models.attention_processor import Attention as DiffusersAttention
-
-    from slimdiff.models.dit import Attention as DiTAttention
-
-    out = {}
-    for m in model.modules():
-        if isinstance(m, DiTAttention):
-            out[m] = ([m.qkv], int(m.num_heads))
-        elif isinstance(m, DiffusersAttention):
-            out[m] = ([m.to_q, m.to_k, m.to_v], int(m.heads))
-    return out
-
-
-def _mlp_inputs(blocks: Iterable[nn.Module]) -> list[nn.Module]:
-    """First linear of every MLP inside ``blocks`` (our ``Mlp.fc1``, diffusers ``FeedForward.net[0].proj``)."""
-    from diffusers.models.attention import FeedForward
-
-    from slimdiff.models.dit import Mlp
-
-    found = []
-    for blk in blocks:
-        for m in blk.modules():
-            if isinstance(m, Mlp):
-                found.append(m.fc1)
-            elif isinstance(m, FeedForward):
-                found.append(m.net[0].proj)
-    return found
-
-
 def _ignored_layers(model: nn.Module) -> list[nn.Module]:
-    """Layers whose output channels must stay: ``conv_out`` for UNets; for transformers every
-    linear/conv except the attention q/k/v and MLP first layers inside the blocks."""
+    """Every linear/conv layer whose output channels must stay: all but the Backbone's
+    :meth:`~slimdiff.models.backbone.Backbone.width_prunable_layers`."""
     from slimdiff.models.backbone import as_backbone
 
-    bb = as_backbone(model)
-    if not bb.is_transformer:
-        return [model.conv_out]
-    attn = {a: qkv for a, (qkv, _) in _attention_heads(model).items()}
-    allowed = {id(l) for blk in bb.blocks for m in blk.modules() if m in attn for l in attn[m]}
-    allowed |= {id(l) for l in _mlp_inputs(bb.blocks)}
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in allowed]
+    prunable = {id(layer) for layer in as_backbone(model).width_prunable_layers()}
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in prunable]
 
 
 def _importance(kind: str):
@@ -202,15 +166,16 @@ def _make_pruner(m: nn.Module, ratio: float, importance: str, heads: str, overri
         raise UsageError(f"heads must be one of {', '.join(HEAD_MODES)}, got {heads!r}")
     modules = dict(m.named_modules())
     per_layer = {modules[n]: r for n, r in (overrides or {}).items()}
-    attn = _attention_heads(m)
-    num_heads = {l: h for qkv, h in attn.values() for l in qkv}
+    bb = as_backbone(m)
+    attn = bb.attention_layouts()
+    num_heads = {layer: a.heads for a in attn for layer in a.qkv}
     whole = heads == "whole"
 
-    def head_ratio(qkv: list[nn.Module], h: int) -> float:  # keep >= 1 head per attention
-        r = next((per_layer[l] for l in qkv if l in per_layer), ratio)
-        return min(r, (h - 1) / h - 1e-6)
+    def head_ratio(a) -> float:  # keep >= 1 head per attention
+        r = next((per_layer[layer] for layer in a.qkv if layer in per_layer), ratio)
+        return min(r, (a.heads - 1) / a.heads - 1e-6)
 
-    example = as_backbone(m).example_inputs(1, torch.Generator().manual_seed(0))
+    example = bb.example_inputs(1, torch.Generator().manual_seed(0))
     imp = _importance(importance)
     if scores is not None:
         imp = RecordedImportance(scores, {mod: n for n, mod in m.named_modules()}, imp if record else None)
@@ -219,7 +184,7 @@ def _make_pruner(m: nn.Module, ratio: float, importance: str, heads: str, overri
         ignored_layers=_ignored_layers(m), num_heads=num_heads,
         in_channel_groups={}, out_channel_groups={},  # fresh dicts: torch-pruning mutates its defaults
         prune_num_heads=whole, prune_head_dims=not whole, head_pruning_ratio=ratio if whole else 0.0,
-        head_pruning_ratio_dict={a: head_ratio(q, h) for a, (q, h) in attn.items() if h > 1} if whole else None,
+        head_pruning_ratio_dict={a.module: head_ratio(a) for a in attn if a.heads > 1} if whole else None,
         forward_fn=lambda mod, inp: as_backbone(mod)(*inp),
     )
 

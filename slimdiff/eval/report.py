@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+
 import torch
 import torch.nn as nn
 

@@ -260,7 +260,8 @@ def run_speed(settings: SpeedSettings, log: Callable[[str], None] = print) -> di
     """Run the bench; returns ``{"settings", "environment", "entries", "summary", ...}``."""
     s = settings.validate()
     start = time.time()
-    res: dict[str, Any] = {"settings": asdict(s), "targets": {**TARGETS, **{m: target(m) for m in s.methods}}, "environment": environment(s.device),
+    targets = {**TARGETS, **{m: target(m) for m in s.methods}}
+    res: dict[str, Any] = {"settings": asdict(s), "targets": targets, "environment": environment(s.device),
                            "load_average_start": list(os.getloadavg())}
     entries: list[dict] = []
     for name in s.models:
@@ -331,6 +332,6 @@ def method_speed(method: str, quick: bool = False, **overrides) -> dict:
     return {"note": "from slimdiff.eval.speed (same as `slimdiff bench-speed`)", **res}
 
 
-__all__ = ["SpeedSettings", "TARGETS", "DEFAULT_TARGET", "UNIT", "METHODS", "speed_methods", "target", "timed_unit", "run_speed",
+__all__ = ["SpeedSettings", "TARGETS", "DEFAULT_TARGET", "UNIT", "speed_methods", "target", "timed_unit", "run_speed",
            "bench_model", "make_student", "make_call", "entries_table", "report_markdown", "write_outputs",
            "method_speed", "environment"]

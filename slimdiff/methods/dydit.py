@@ -134,16 +134,16 @@ def cost_model(model: nn.Module, text_len: int | None = None) -> DyDiTCost:
     from slimdiff.models.backbone import as_backbone
 
     routing = routing_of(model)
-    arch = routing.arch
     bb = as_backbone(model)
     if text_len is not None:
         bb.text_len = int(text_len)
     n = bb.token_grid[0] * bb.token_grid[1]
     head, gt, router = [], [], []
-    for block, g in zip(routing._blocks, routing.config.groups):
-        head.append(arch.head_macs(block, n))
-        gt.append(arch.group_token_macs(block, g))
-        router.append(arch.router_macs(block, n) if routing.config.tokens else 0)
+    for i, g in enumerate(routing.config.groups):
+        mlp = bb.mlp(i)
+        head.append(bb.attention_layout(i).head_macs(n))
+        gt.append(mlp.group_token_macs(g))
+        router.append(n * mlp.fc1.in_features if routing.config.tokens else 0)  # Linear(D, 1) on each token
     mode = routing.mode
     routing.set_mode("off")
     try:
@@ -189,7 +189,9 @@ def target_schedule(budget: float, steps: int, cfg: DyDiTConfig) -> Callable[[in
 def _add_lora(model: nn.Module, rank: int) -> None:
     """LoRA (peft) on every block's attention/MLP Linears (DiT: qkv/proj/fc1/fc2; PixArt: attn1
     to_q/to_k/to_v/to_out.0 and ff); freezes all else but the routers."""
-    add_lora(model, routing_of(model).arch.lora_targets, rank, 2 * rank)
+    from slimdiff.models.backbone import as_backbone
+
+    add_lora(model, as_backbone(model).attention_mlp_names(), rank, 2 * rank)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("dydit."))
 

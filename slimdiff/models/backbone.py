@@ -1,15 +1,35 @@
-"""The Backbone view: one way to see and call every supported denoiser.
+"""The Backbone view: one way to see and call every supported denoiser, and the one place
+that knows each architecture.
 
 A :class:`Backbone` is a *thin view* over a model: it holds a reference to the module, never
 copies weights, and computes everything (blocks, widths, names) live from the module, so it
-stays right after a method removes blocks or narrows layers in place. It tells a
-compression method what it may cut (blocks, heads, MLP channels, tokens) and where the time
-embedding is, and calls every model the same way: ``bb(x, t, cond)`` returns the prediction
-with exactly ``in_channels`` channels (learned-sigma channels are dropped).
+stays right after a method removes blocks or narrows layers in place. It calls every model
+the same way -- ``bb(x, t, cond)`` returns the prediction with exactly ``in_channels``
+channels (learned-sigma channels are dropped) -- and answers every per-architecture question
+the compression machinery and the runtime ask, so they never look at a model's class:
 
-Supported models, one small adapter class per type, registered in :data:`BACKBONES` and
-found by ``isinstance`` (the most specific registered class in the module's MRO wins, so
-subclasses of a supported model work):
+=====================  ======================================================================
+question               Backbone API
+=====================  ======================================================================
+blocks                 :attr:`~Backbone.blocks`, :attr:`~Backbone.block_names`,
+                       :meth:`~Backbone.set_blocks`, :meth:`~Backbone.can_drop_block`,
+                       :meth:`~Backbone.block_input` / :meth:`~Backbone.block_output`
+timestep embedding     :attr:`~Backbone.time_embedding`, :attr:`~Backbone.time_embedding_part`,
+                       :attr:`~Backbone.time_embedding_dim`, :meth:`~Backbone.embed_timesteps`,
+                       :meth:`~Backbone.timestep_argument`
+heads and MLPs         :meth:`~Backbone.attention_layout` (an :class:`AttentionLayout`: q/k/v
+                       and output projections, head count, per-head MACs), :meth:`~Backbone.mlp`
+                       (:class:`MlpLayers`), :meth:`~Backbone.heads`, :meth:`~Backbone.mlp_width`,
+                       :attr:`~Backbone.token_grid`, :meth:`~Backbone.attention_mlp_names`
+width pruning          :meth:`~Backbone.attention_layouts` (every attention of the model),
+                       :meth:`~Backbone.mlp_inputs`, :meth:`~Backbone.width_prunable_layers`
+block reuse            :attr:`~Backbone.reuse_mode`, :meth:`~Backbone.reuse_units`,
+                       :meth:`~Backbone.block_readers`
+=====================  ======================================================================
+
+Supported models, one adapter class per type in :mod:`slimdiff.models.backbones`, registered
+in :data:`BACKBONES` and found by ``isinstance`` (the most specific registered class in the
+module's MRO wins, so subclasses of a supported model work):
 
 ================  ===================================  =============  ==================
 ``kind``          model                                ``cond``       ``blocks``
@@ -27,6 +47,7 @@ Conventions worth knowing:
   modules in execution order through ``down_blocks``, ``mid_block``, ``up_blocks``;
   down/up samplers are not blocks. UNets have no uniform heads/MLP widths, so ``heads``,
   ``mlp_width``, ``attention``, ``mlp`` and ``token_grid`` raise ``UsageError`` for them.
+  Block *reuse* works on coarser units (``down_blocks.i``, ``mid_block``, ``up_blocks.i``).
 * **Null class.** DiT models keep the classifier-free-guidance null class as label
   ``num_classes`` (the extra row of the label table). A class-conditional ``UNet2DModel``
   has no such row of its own, so slimdiff reads ``num_class_embeds = num_classes + 1`` with
@@ -40,91 +61,76 @@ Conventions worth knowing:
 * **PixArt** with ``use_additional_conditions`` gets resolution ``8 x`` the latent size
   (the VAE factor) and aspect ratio 1; otherwise ``{"resolution": None, "aspect_ratio": None}``.
 
-Also here: :func:`sync_attention_heads`, the attribute fix-up needed after structural
-pruning (torch-pruning changes weight shapes but not the ``heads``/``channels`` attributes
-that forwards read).
+**Adding a backbone** is one subclass of :class:`Backbone` (or of
+:class:`~slimdiff.models.backbones.diffusers.DiffusersBackbone` for a diffusers model)
+decorated with ``@register_backbone(ModelClass)``; see the class docstring for what it fills
+in. DyDiT additionally needs the architecture's routed block forwards
+(:class:`slimdiff.runtime.routed.RoutedForwards`), and only if DyDiT should support it.
+
+Also here (from :mod:`slimdiff.models.backbones.sync`): :func:`sync_attention_heads`, the
+attribute fix-up needed after structural pruning.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
-from diffusers import (
-    DiTTransformer2DModel,
-    PixArtTransformer2DModel,
-    UNet2DConditionModel,
-    UNet2DModel,
-)
-from diffusers.models.attention_processor import Attention as DiffusersAttention
-from diffusers.models.downsampling import Downsample2D
-from diffusers.models.upsampling import Upsample2D
 
 from slimdiff.errors import UsageError
-from slimdiff.models.dit import DiT
-from slimdiff.models.dit import Attention as DiTAttention
+from slimdiff.models.conditions import TextCondition, cat_conditions, text_inputs
 
-__all__ = ["Backbone", "BACKBONES", "TextCondition", "as_backbone", "register_backbone", "sync_attention_heads"]
+__all__ = [
+    "Backbone", "BACKBONES", "TextCondition", "AttentionLayout", "MlpLayers", "as_backbone", "register_backbone",
+    "sync_attention_heads", "cat_conditions", "text_inputs",
+]
 
 
-class TextCondition:
-    """Caption embeddings ``embeds`` ``(N, L, D)`` with an optional attention ``mask`` ``(N, L)``
-    (1/True = attend, 0 = padding): the condition of a text model when padding must be masked.
+# --------------------------------------------------------------------------- layouts
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where one attention module keeps its heads: the layers width pruning narrows and DyDiT's
+    head routing slices (per head: rows of the q/k/v projections, columns of the output one).
 
-    Text adapters pass ``mask`` on as diffusers' ``encoder_attention_mask``. It quacks like the
-    embeddings tensor where slimdiff needs it (``len``, ``shape``, ``dtype``, ``device``, ``to``)
-    so code that only forwards a condition to the Backbone needs no change.
+    ``qkv`` is ``(qkv,)`` for a fused projection whose rows are ``[q; k; v]``, each
+    ``heads x head_dim`` (our DiT, timm's layout), or ``(to_q, to_k, to_v)`` (diffusers).
     """
 
-    __slots__ = ("embeds", "mask")
+    module: nn.Module
+    qkv: tuple[nn.Linear, ...]
+    out: nn.Linear
+    heads: int
 
-    def __init__(self, embeds: torch.Tensor, mask: torch.Tensor | None = None):
-        self.embeds, self.mask = embeds, mask
+    @property
+    def fused(self) -> bool:
+        return len(self.qkv) == 1
 
-    def __len__(self) -> int:
-        return len(self.embeds)
+    @property
+    def head_dim(self) -> int:
+        return self.qkv[0].out_features // (self.heads * (3 if self.fused else 1))
 
-    def __repr__(self) -> str:
-        return f"TextCondition(embeds={tuple(self.embeds.shape)}, mask={None if self.mask is None else tuple(self.mask.shape)})"
-
-    shape = property(lambda self: self.embeds.shape)
-    dtype = property(lambda self: self.embeds.dtype)
-    device = property(lambda self: self.embeds.device)
-
-    def to(self, device: Any = None, dtype: torch.dtype | None = None) -> "TextCondition":
-        """Embeddings to ``device``/``dtype``; the mask to ``device`` only."""
-        mask = None if self.mask is None else self.mask.to(device)
-        return TextCondition(self.embeds.to(device=device, dtype=dtype), mask)
-
-    @staticmethod
-    def stack(items: list["TextCondition"]) -> "TextCondition":
-        """One batch from per-sample conditions ``(L, D)`` / ``(L,)``."""
-        masks = [it.mask for it in items]
-        if any(m is None for m in masks) and not all(m is None for m in masks):
-            raise UsageError("caption embeddings mix samples with and without an attention mask")
-        return TextCondition(torch.stack([it.embeds for it in items]), None if masks[0] is None else torch.stack(masks))
+    def head_macs(self, tokens: int) -> int:
+        """MACs of one head of self-attention on ``tokens`` tokens: its q/k/v rows, ``QK^T``,
+        ``AV`` and its columns of the output projection."""
+        hd = self.head_dim
+        return tokens * hd * (3 * self.qkv[0].in_features + self.out.out_features) + 2 * tokens * tokens * hd
 
 
-def cat_conditions(conds: list[Any]) -> Any:
-    """One batch from batches of conditions (labels, embeddings or :class:`TextCondition`);
-    a part without a mask attends every token (e.g. the null captions of guidance)."""
-    if not any(isinstance(c, TextCondition) for c in conds):
-        return torch.cat(conds)
-    masks = [c.mask for c in conds if isinstance(c, TextCondition) and c.mask is not None]
-    embeds = torch.cat([c.embeds if isinstance(c, TextCondition) else c for c in conds])
-    if not masks:
-        return TextCondition(embeds)
-    full = [c.mask if isinstance(c, TextCondition) and c.mask is not None
-            else torch.ones(c.shape[:2], dtype=masks[0].dtype, device=masks[0].device) for c in conds]
-    return TextCondition(embeds, torch.cat(full))
+class MlpLayers(NamedTuple):
+    """A block's MLP: ``fc2(act(fc1(x)))``; ``fc1.out_features`` is its hidden width."""
+
+    fc1: nn.Linear
+    fc2: nn.Linear
+
+    def group_token_macs(self, groups: int) -> int:
+        """MACs on one token of one of ``groups`` equal channel groups of the hidden layer
+        (its rows of ``fc1`` and columns of ``fc2``)."""
+        return (self.fc1.in_features + self.fc2.out_features) * self.fc1.out_features // groups
 
 
-def text_inputs(cond: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(encoder_hidden_states, encoder_attention_mask or None)`` of a text condition."""
-    if isinstance(cond, TextCondition):
-        return cond.embeds, cond.mask
-    return cond, None
-
+# --------------------------------------------------------------------------- registry
 BACKBONES: dict[type, type["Backbone"]] = {}
 """Model class -> Backbone adapter class (the registry :func:`as_backbone` consults)."""
 
@@ -161,12 +167,33 @@ def _square(size: Any, what: str) -> int:
 
 # --------------------------------------------------------------------------- base view
 class Backbone:
-    """Uniform view of a denoiser. Subclasses fill in the model-specific parts."""
+    """Uniform view of a denoiser. Subclasses fill in the model-specific parts:
+
+    * always: ``kind``, ``conditioning`` (``_text_dim()`` for text models), ``_named_blocks()``,
+      ``_forward(x, t, cond)``, :attr:`time_embedding` and ``_time_projection()`` (or
+      :attr:`time_embedding_dim` and :meth:`embed_timesteps`), ``_attention_layout(module)``
+      (which modules are attentions); :attr:`timestep_name` when the forward's timestep
+      argument is not ``timestep``;
+    * transformers (``is_transformer = True``): :meth:`block_attention`, :meth:`block_mlp`,
+      ``_patch_size()``, and ``_blocks_attr`` + ``_set_depth(n)`` for :meth:`set_blocks`;
+    * UNet-like models: ``reuse_mode = "output"``, :meth:`reuse_units`, :meth:`block_readers`
+      and :meth:`width_prunable_layers`.
+
+    The rest (calling, conditions, example inputs, widths, costs, names) is derived here.
+    """
 
     kind: str = ""
     is_transformer: bool = False
     conditioning: str | None = None  # "class", "text" or None
     text_len: int = 8  # tokens in example text conditions
+    timestep_name: str = "timestep"  # the timestep argument of the module's forward
+    reuse_mode: str = "residual"
+    """How a reuse unit is reused (:mod:`slimdiff.runtime.reuse`): ``"residual"`` (its
+    contribution ``output - input`` is added to the current input) or ``"output"`` (its
+    cached output is returned, tuples of skip features included)."""
+    drop_refusal: str = "this block cannot be removed"
+    """Why :meth:`can_drop_block` refuses a block (the error message of depth pruning)."""
+    _blocks_attr: str | None = None  # the module attribute holding the blocks (transformers)
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -197,10 +224,44 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
 
+    # ---- timestep embedding
     @property
     def time_embedding(self) -> nn.Module:
-        """The module whose output is the ``(N, D)`` timestep embedding."""
+        """The module whose output is the ``(N, D)`` timestep embedding (what a hook sees of every
+        model call's timesteps; a diffusers DiT calls it twice per call)."""
         raise NotImplementedError
+
+    @property
+    def time_embedding_part(self) -> nn.Module | None:
+        """The submodule of :attr:`time_embedding` whose output is the embedding of ``t`` alone,
+        when :attr:`time_embedding` also mixes in other conditions (PixArt's resolution and
+        aspect ratio); None when its output depends on ``t`` only."""
+        return None
+
+    def _time_projection(self) -> tuple[nn.Module, nn.Module]:
+        """``(projection, mlp)`` with ``mlp(projection(t))`` the t-only embedding (diffusers'
+        ``Timesteps`` + ``TimestepEmbedding``)."""
+        raise NotImplementedError
+
+    @property
+    def time_embedding_dim(self) -> int:
+        """Width ``D`` of the t-only timestep embedding."""
+        return int(self._time_projection()[1].linear_2.out_features)
+
+    def embed_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The t-only embedding ``(N, D)`` of timesteps ``t``, computed with the class forwards,
+        so hooks on :attr:`time_embedding` (or its part) do not run."""
+        proj, mlp = self._time_projection()
+        return type(mlp).forward(mlp, proj(t).to(mlp.linear_1.weight.dtype))
+
+    def timestep_argument(self) -> tuple[int, str]:
+        """``(position, name)`` of the timestep among the arguments of the module's forward
+        (position counted without ``self``): how a hook on the model finds it."""
+        params = list(inspect.signature(type(self.module).forward).parameters)[1:]
+        if self.timestep_name not in params:
+            raise UsageError(f"{type(self.module).__name__}.forward has no {self.timestep_name!r} argument: "
+                             "block reuse cannot follow steps")
+        return params.index(self.timestep_name), self.timestep_name
 
     # ---- blocks
     def _named_blocks(self) -> list[tuple[str, nn.Module]]:
@@ -216,28 +277,88 @@ class Backbone:
         """Qualified module names of :attr:`blocks` (as in ``module.named_modules()``)."""
         return [n for n, _ in self._named_blocks()]
 
-    def _transformer_only(self, what: str) -> None:
-        if not self.is_transformer:
-            raise UsageError(f"{what} is defined for transformer backbones only; this is a {self.kind} model")
+    def set_blocks(self, blocks: Sequence[nn.Module]) -> nn.ModuleList:
+        """Make ``blocks`` the model's blocks (where :attr:`blocks` reads them; an
+        ``nn.ModuleList`` is installed as is) and set the config's depth to their number;
+        returns the ``nn.ModuleList`` it replaced. ``UsageError`` for UNets (their blocks are
+        not one list)."""
+        if self._blocks_attr is None:
+            raise UsageError(f"the blocks of a {self.kind} model are not one list and cannot be replaced; "
+                             "depth pruning removes transformer blocks")
+        new = blocks if isinstance(blocks, nn.ModuleList) else nn.ModuleList(blocks)
+        old = getattr(self.module, self._blocks_attr)
+        setattr(self.module, self._blocks_attr, new)
+        self._set_depth(len(new))
+        return old
+
+    def _set_depth(self, n: int) -> None:
+        raise NotImplementedError
+
+    def can_drop_block(self, i: int) -> bool:
+        """Whether block ``i`` can be removed, the rest of the model unchanged (never for UNets;
+        see :attr:`drop_refusal` for the reason when not)."""
+        return self._blocks_attr is not None
+
+    @staticmethod
+    def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+        """The hidden states a block (or reuse unit) is called with, from its call's arguments."""
+        return args[0] if args else kwargs["hidden_states"]
+
+    @staticmethod
+    def block_output(output: Any) -> torch.Tensor:
+        """The hidden states a block returns (diffusers blocks may return a tuple led by them)."""
+        return output[0] if isinstance(output, tuple) else output
+
+    @staticmethod
+    def with_block_output(output: Any, hidden: torch.Tensor) -> Any:
+        """``output`` with its hidden states (:meth:`block_output`) replaced by ``hidden``."""
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    # ---- heads and MLPs
+    @classmethod
+    def _transformer_only(cls, what: str) -> None:
+        if not cls.is_transformer:
+            raise UsageError(f"{what} is defined for transformer backbones only; this is a {cls.kind} model")
+
+    @classmethod
+    def _attention_layout(cls, module: nn.Module) -> AttentionLayout | None:
+        """The :class:`AttentionLayout` of ``module`` if it is an attention of this architecture."""
+        return None
+
+    @classmethod
+    def block_attention(cls, block: nn.Module) -> AttentionLayout:
+        """The self-attention of one of this architecture's blocks (a block module, not an index:
+        the runtime asks per block)."""
+        raise NotImplementedError
+
+    @classmethod
+    def block_mlp(cls, block: nn.Module) -> MlpLayers:
+        """The MLP of one of this architecture's blocks."""
+        raise NotImplementedError
+
+    def attention_layout(self, i: int) -> AttentionLayout:
+        """The self-attention of block ``i``: projections, head count, per-head MACs."""
+        self._transformer_only("attention_layout(i)")
+        return self.block_attention(self.blocks[i])
 
     def attention(self, i: int) -> nn.Module:
         """The self-attention module of block ``i``."""
         self._transformer_only("attention(i)")
-        return self._attention(self.blocks[i])
+        return self.attention_layout(i).module
 
-    def mlp(self, i: int) -> tuple[nn.Linear, nn.Linear]:
+    def mlp(self, i: int) -> MlpLayers:
         """The (fc_in, fc_out) Linear pair of block ``i``'s MLP."""
         self._transformer_only("mlp(i)")
-        return self._mlp(self.blocks[i])
+        return self.block_mlp(self.blocks[i])
 
     def heads(self, i: int) -> int:
         """Number of attention heads of block ``i``."""
         self._transformer_only("heads(i)")
-        return self._heads(self.attention(i))
+        return self.attention_layout(i).heads
 
     def mlp_width(self, i: int) -> int:
         """Hidden width of block ``i``'s MLP."""
-        return self.mlp(i)[0].out_features
+        return self.mlp(i).fc1.out_features
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -246,17 +367,50 @@ class Backbone:
         g = self.sample_size // self._patch_size()
         return (g, g)
 
-    def _attention(self, block: nn.Module) -> nn.Module:
-        return block.attn1
-
-    def _mlp(self, block: nn.Module) -> tuple[nn.Linear, nn.Linear]:
-        return block.ff.net[0].proj, block.ff.net[2]
-
-    def _heads(self, attn: nn.Module) -> int:
-        return int(attn.heads)
-
     def _patch_size(self) -> int:
-        return int(self.module.config.patch_size)
+        raise NotImplementedError
+
+    def attention_mlp_names(self) -> list[str]:
+        """Qualified names of every block's self-attention projections (q/k/v, output) and MLP
+        layers, block by block: the layers DyDiT routes (and LoRA-tunes with ``tune="lora"``)."""
+        names = {id(m): n for n, m in self.module.named_modules()}
+        out = []
+        for i in range(len(self.blocks)):
+            attn = self.attention_layout(i)
+            out += [names[id(layer)] for layer in (*attn.qkv, attn.out, *self.mlp(i))]
+        return out
+
+    # ---- width pruning
+    def attention_layouts(self) -> list[AttentionLayout]:
+        """Every attention module of the model (self- and cross-attention, inside the blocks or
+        not), in ``modules()`` order."""
+        layouts = (self._attention_layout(m) for m in self.module.modules())
+        return [a for a in layouts if a is not None]
+
+    def mlp_inputs(self) -> list[nn.Linear]:
+        """The first layer of every block's MLP, in block order."""
+        return [self.mlp(i).fc1 for i in range(len(self.blocks))]
+
+    def width_prunable_layers(self) -> list[nn.Module]:
+        """The layers whose output channels width pruning may remove. Transformers: the q/k/v
+        projections of every attention inside the blocks and the MLP inputs; the residual width
+        and every embedder stay whole (the residual group is coupled to a ``pos_embed`` buffer
+        and adaLN chunks)."""
+        self._transformer_only("width_prunable_layers()")
+        inside = {id(m) for blk in self.blocks for m in blk.modules()}
+        qkv = [layer for a in self.attention_layouts() if id(a.module) in inside for layer in a.qkv]
+        return qkv + self.mlp_inputs()
+
+    # ---- block reuse
+    def reuse_units(self) -> list[tuple[str, nn.Module]]:
+        """``(name, module)`` of the units block reuse computes or reuses, in execution order
+        (transformers: the blocks)."""
+        return self._named_blocks()
+
+    def block_readers(self) -> dict[str, list[str]] | None:
+        """For each reuse unit, the units that read its output (``"output"``: the model's
+        output); None when every unit only feeds the next (the residual stream of a transformer)."""
+        return None
 
     # ---- calling
     def _timesteps(self, t: Any, batch: int) -> torch.Tensor:
@@ -344,276 +498,17 @@ class Backbone:
         return x.to(device=self.device, dtype=self.dtype), t.to(self.device), cond
 
 
-# --------------------------------------------------------------------------- transformers
-@register_backbone(DiT)
-class DiTBackbone(Backbone):
-    """Our paper-faithful DiT: class-conditional, ``forward(x, t, y)``."""
+# The adapters register themselves on import (they subclass Backbone, defined above); this
+# order is the registry's, i.e. the order of the "slimdiff supports: ..." message.
+from slimdiff.models.backbones.dit import DiTBackbone  # noqa: E402, I001
+from slimdiff.models.backbones.diffusers import (  # noqa: E402
+    DiffusersBackbone,
+    DiffusersDiTBackbone,
+    DiffusersTransformerBackbone,
+    PixArtBackbone,
+)
+from slimdiff.models.backbones.unet import UNet2DBackbone, UNet2DConditionBackbone, UNetBackbone  # noqa: E402
+from slimdiff.models.backbones.sync import sync_attention_heads  # noqa: E402
 
-    kind = "dit"
-    is_transformer = True
-    conditioning = "class"
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.module.in_channels)
-
-    @property
-    def sample_size(self) -> int:
-        m = self.module
-        return m.x_embedder.grid_size * m.patch_size
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.module.y_embedder.num_classes)
-
-    def _has_null_class(self) -> bool:
-        return self.module.y_embedder.embedding_table.num_embeddings > self.num_classes
-
-    @property
-    def time_embedding(self) -> nn.Module:
-        return self.module.t_embedder
-
-    def _named_blocks(self):
-        return [(f"blocks.{i}", b) for i, b in enumerate(self.module.blocks)]
-
-    def _attention(self, block):
-        return block.attn
-
-    def _mlp(self, block):
-        return block.mlp.fc1, block.mlp.fc2
-
-    def _heads(self, attn):
-        return int(attn.num_heads)
-
-    def _patch_size(self) -> int:
-        return int(self.module.patch_size)
-
-    def _forward(self, x, t, cond):
-        return self.module(x, t, cond)
-
-
-@register_backbone(DiTTransformer2DModel)
-class DiffusersDiTBackbone(Backbone):
-    """diffusers ``DiTTransformer2DModel`` (one timestep/class embedder per block)."""
-
-    kind = "diffusers-dit"
-    is_transformer = True
-    conditioning = "class"
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.module.transformer_blocks[0].norm1.emb.class_embedder.num_classes)
-
-    def _has_null_class(self) -> bool:
-        table = self.module.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
-        return table.num_embeddings > self.num_classes
-
-    @property
-    def time_embedding(self) -> nn.Module:
-        # Each block has its own copy; block 0's also feeds the output layer.
-        return self.module.transformer_blocks[0].norm1.emb.timestep_embedder
-
-    def _named_blocks(self):
-        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.module.transformer_blocks)]
-
-    def _forward(self, x, t, cond):
-        return self.module(x, timestep=t, class_labels=cond).sample
-
-
-@register_backbone(PixArtTransformer2DModel)
-class PixArtBackbone(Backbone):
-    """diffusers ``PixArtTransformer2DModel``: text cross-attention, adaLN-single."""
-
-    kind = "pixart"
-    is_transformer = True
-    conditioning = "text"
-
-    @property
-    def time_embedding(self) -> nn.Module:
-        return self.module.adaln_single.emb
-
-    def _text_dim(self) -> int:
-        return int(self.module.config.caption_channels or self.module.config.cross_attention_dim)
-
-    def _named_blocks(self):
-        return [(f"transformer_blocks.{i}", b) for i, b in enumerate(self.module.transformer_blocks)]
-
-    def _added_cond_kwargs(self, x: torch.Tensor) -> dict:
-        if not self.module.use_additional_conditions:
-            return {"resolution": None, "aspect_ratio": None}
-        n, _, h, w = x.shape
-        res = torch.tensor([h * 8, w * 8], dtype=x.dtype, device=x.device).repeat(n, 1)
-        ar = torch.tensor([h / w], dtype=x.dtype, device=x.device).repeat(n, 1)
-        return {"resolution": res, "aspect_ratio": ar}
-
-    def _forward(self, x, t, cond):
-        embeds, mask = text_inputs(cond)
-        return self.module(
-            x, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
-            added_cond_kwargs=self._added_cond_kwargs(x),
-        ).sample
-
-
-# --------------------------------------------------------------------------- UNets
-def _unet_units(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Resnet and attention modules of a diffusers UNet in execution order."""
-    units: list[tuple[str, nn.Module]] = []
-
-    def updown(prefix: str, blk: nn.Module) -> None:
-        attns = getattr(blk, "attentions", None) or []
-        for j, res in enumerate(blk.resnets):
-            units.append((f"{prefix}.resnets.{j}", res))
-            if j < len(attns) and attns[j] is not None:
-                units.append((f"{prefix}.attentions.{j}", attns[j]))
-
-    for i, blk in enumerate(module.down_blocks):
-        updown(f"down_blocks.{i}", blk)
-    mid = getattr(module, "mid_block", None)
-    if mid is not None:
-        units.append(("mid_block.resnets.0", mid.resnets[0]))
-        attns = getattr(mid, "attentions", None) or [None] * (len(mid.resnets) - 1)
-        for j, (attn, res) in enumerate(zip(attns, mid.resnets[1:])):
-            if attn is not None:
-                units.append((f"mid_block.attentions.{j}", attn))
-            units.append((f"mid_block.resnets.{j + 1}", res))
-    for i, blk in enumerate(module.up_blocks):
-        updown(f"up_blocks.{i}", blk)
-    return units
-
-
-class _UNetBackbone(Backbone):
-    is_transformer = False
-
-    @property
-    def time_embedding(self) -> nn.Module:
-        return self.module.time_embedding
-
-    def _named_blocks(self):
-        return _unet_units(self.module)
-
-
-@register_backbone(UNet2DModel)
-class UNet2DBackbone(_UNetBackbone):
-    """diffusers ``UNet2DModel``: unconditional, or class-conditional via ``num_class_embeds``
-    (the last embedding row is the null class)."""
-
-    kind = "unet2d"
-
-    def __init__(self, module: nn.Module):
-        super().__init__(module)
-        ce = module.class_embedding
-        if ce is not None and not isinstance(ce, nn.Embedding):
-            raise UsageError(
-                f"UNet2DModel with class_embed_type={module.config.class_embed_type!r} is not supported; "
-                "use num_class_embeds (label embeddings) or no class conditioning"
-            )
-
-    @property
-    def conditioning(self) -> str | None:  # type: ignore[override]
-        return "class" if self.module.class_embedding is not None else None
-
-    @property
-    def num_classes(self) -> int | None:
-        ce = self.module.class_embedding
-        return None if ce is None else ce.num_embeddings - 1
-
-    def _forward(self, x, t, cond):
-        return self.module(x, t, class_labels=cond).sample
-
-
-@register_backbone(UNet2DConditionModel)
-class UNet2DConditionBackbone(_UNetBackbone):
-    """diffusers ``UNet2DConditionModel`` conditioned on text hidden states only."""
-
-    kind = "unet2d-condition"
-    conditioning = "text"
-
-    def __init__(self, module: nn.Module):
-        super().__init__(module)
-        c = module.config
-        if c.class_embed_type is not None or c.num_class_embeds is not None or c.addition_embed_type is not None:
-            raise UsageError(
-                "UNet2DConditionModel with class or added embeddings (class_embed_type, num_class_embeds, "
-                "addition_embed_type, e.g. SDXL) is not supported; only text conditioning is"
-            )
-
-    def _text_dim(self) -> int:
-        c = self.module.config
-        if c.encoder_hid_dim is not None:
-            return int(c.encoder_hid_dim)
-        dim = c.cross_attention_dim
-        if isinstance(dim, (tuple, list)):
-            if len(set(dim)) != 1:
-                raise UsageError(f"per-block cross_attention_dim {dim} is not supported")
-            dim = dim[0]
-        return int(dim)
-
-    def _forward(self, x, t, cond):
-        embeds, mask = text_inputs(cond)
-        return self.module(x, t, encoder_hidden_states=embeds, encoder_attention_mask=mask).sample
-
-
-# --------------------------------------------------------------------------- pruning fix-up
-def _lookup(heads: Mapping, name: str, *keys: nn.Module) -> int | None:
-    for k in keys:
-        if k in heads:
-            return int(heads[k])
-    return int(heads[name]) if name in heads else None
-
-
-def sync_attention_heads(module: nn.Module, heads: Mapping[nn.Module | str, int] | None = None) -> list[str]:
-    """Make attribute state consistent with the weight shapes after structural pruning.
-
-    torch-pruning changes weight shapes but not the attributes forwards read:
-
-    * ``heads`` maps attention modules to their new head counts. A key may be a diffusers
-      ``Attention`` or its ``to_q``/``to_k``/``to_v`` Linear (torch-pruning's
-      ``pruner.num_heads`` is keyed that way), our DiT's ``Attention`` or its ``qkv`` Linear,
-      or a qualified module name. Listed modules get ``heads`` (ours: ``num_heads``) set,
-      diffusers' derived attributes (``inner_dim``, ``scale``, ...) updated. Every attention
-      is then checked: a width not divisible by its head count raises ``UsageError``.
-    * ``Downsample2D``/``Upsample2D`` get ``channels``/``out_channels`` from their conv
-      (their forward asserts ``x.shape[1] == channels``). Conv-less (pooling/interpolation)
-      samplers are left alone.
-
-    Returns the qualified names of the modules it changed.
-    """
-    heads = heads or {}
-    changed: list[str] = []
-    for name, m in module.named_modules():
-        if isinstance(m, DiffusersAttention):
-            n = _lookup(heads, name, m, m.to_q, m.to_k, m.to_v)
-            inner = m.to_q.out_features
-            if n is not None and n != m.heads:
-                m.heads = n
-                m.sliceable_head_dim = n
-                changed.append(name)
-            if inner % m.heads or m.to_k.out_features % m.heads:
-                raise UsageError(
-                    f"{name}: attention width {inner} is not divisible by {m.heads} heads; "
-                    "pass the pruned head counts (e.g. pruner.num_heads) to sync_attention_heads"
-                )
-            if m.inner_dim != inner:
-                m.inner_dim, m.inner_kv_dim = inner, m.to_k.out_features
-                changed.append(name)
-            m.query_dim = m.to_q.in_features
-            m.out_dim = m.to_out[0].out_features
-            if m.scale_qk:
-                m.scale = (inner // m.heads) ** -0.5
-        elif isinstance(m, DiTAttention):
-            n = _lookup(heads, name, m, m.qkv)
-            if n is not None and n != m.num_heads:
-                m.num_heads = n
-                changed.append(name)
-            if m.qkv.out_features % (3 * m.num_heads):
-                raise UsageError(
-                    f"{name}: qkv width {m.qkv.out_features} does not split into q/k/v x {m.num_heads} heads; "
-                    "pass the pruned head counts to sync_attention_heads"
-                )
-        elif isinstance(m, (Downsample2D, Upsample2D)):
-            conv = getattr(m, "conv", None) or getattr(m, "Conv2d_0", None)
-            if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
-                if (m.channels, m.out_channels) != (conv.in_channels, conv.out_channels):
-                    m.channels, m.out_channels = conv.in_channels, conv.out_channels
-                    changed.append(name)
-    return list(dict.fromkeys(changed))
+__all__ += ["DiTBackbone", "DiffusersBackbone", "DiffusersTransformerBackbone", "DiffusersDiTBackbone",
+            "PixArtBackbone", "UNetBackbone", "UNet2DBackbone", "UNet2DConditionBackbone"]

@@ -6,7 +6,9 @@ imports this module when it looks an architecture up). What is routed: per block
 attention heads (rows of ``attn.qkv`` per head, columns of ``attn.proj``), the MLP channel
 groups (rows of ``mlp.fc1``, columns of ``mlp.fc2``) and, per token, the MLP (the token
 router reads the residual stream after attention). The routers read ``t_embedder(t)``, never
-the class embedding, so width depends on ``t`` only.
+the class embedding, so width depends on ``t`` only. Where those layers are is the
+:class:`~slimdiff.models.backbones.dit.DiTBackbone`'s answer; this module holds the routed
+block forwards only.
 
 Eval runs only the kept heads/groups (weights sliced once per (block, decision) by the core's
 cache) and the MLP on the gathered kept tokens (``index_select`` -> MLP -> ``index_add``), per
@@ -16,20 +18,17 @@ sample; training multiplies masks into a full-width computation that follows
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from slimdiff.models.dit import DiT, DiTBlock, gated_residual, modulate
 from slimdiff.runtime.routed import (
     MaskRoute,
-    RoutedArch,
+    RoutedForwards,
     SlicePlan,
     TokenSelect,
     hard_gate,
     register_routed,
     select_tokens,
-    slice_groups,
-    unit_index,
 )
 
 
@@ -87,79 +86,9 @@ def sliced_forward(block: DiTBlock, x: torch.Tensor, c: torch.Tensor, plan: Slic
     return scatter(0, rows, gate_mlp.index_select(0, sample) * m).reshape(B, N, D), keep
 
 
-def _raw_temb(model: DiT, t: torch.Tensor) -> torch.Tensor:
-    """``t_embedder(t)`` without triggering the routing hook."""
-    emb = model.t_embedder
-    freq = emb.timestep_embedding(t, emb.frequency_embedding_size, freq_shift=emb.freq_shift)
-    return emb.mlp(freq.to(emb.mlp[0].weight.dtype))
-
-
-def _slice_attention(attn: nn.Module, heads: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-    """qkv rows and proj columns of the kept heads (the original tensors when all are kept)."""
-    H = attn.num_heads
-    if len(heads) == H:
-        return attn.qkv.weight, attn.qkv.bias, attn.proj.weight
-    hd = attn.qkv.out_features // (3 * H)
-    cols = unit_index(heads, hd, attn.qkv.weight.device)
-    rows = torch.cat([p * H * hd + cols for p in range(3)])
-    w, b = attn.qkv.weight.detach(), attn.qkv.bias.detach()
-    return w.index_select(0, rows), b.index_select(0, rows), attn.proj.weight.detach().index_select(1, cols)
-
-
 @register_routed(DiT)
-class DiTArch(RoutedArch):
-    """Our DiT: ``blocks[i].attn.qkv/proj``, ``blocks[i].mlp.fc1/fc2``, timesteps into ``t_embedder``."""
-
-    name = "dit"
-    lora_targets = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
-
-    @classmethod
-    def blocks(cls, model):
-        return list(model.blocks)
-
-    @classmethod
-    def temb_dim(cls, model):
-        return model.t_embedder.mlp[2].out_features
-
-    @classmethod
-    def temb_module(cls, model):
-        return model.t_embedder
-
-    @classmethod
-    def raw_temb(cls, model, t):
-        return _raw_temb(model, t)
-
-    @classmethod
-    def heads(cls, block):
-        return int(block.attn.num_heads)
-
-    @classmethod
-    def mlp_width(cls, block):
-        return block.mlp.fc1.out_features
-
-    @classmethod
-    def attn_slicer(cls, block, heads):
-        attn = block.attn
-        return (attn.qkv.weight, attn.qkv.bias, attn.proj.weight), lambda: _slice_attention(attn, heads), attn.proj.bias
-
-    @classmethod
-    def mlp_slicer(cls, block, groups, G):
-        mlp = block.mlp
-        return (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight), lambda: slice_groups(mlp.fc1, mlp.fc2, groups, G), mlp.fc2.bias
-
-    @classmethod
-    def head_macs(cls, block, tokens):
-        d, H = block.attn.qkv.in_features, block.attn.num_heads
-        hd = block.attn.qkv.out_features // (3 * H)
-        return tokens * hd * (3 * d + d) + 2 * tokens * tokens * hd
-
-    @classmethod
-    def group_token_macs(cls, block, G):
-        return 2 * block.mlp.fc1.in_features * block.mlp.fc1.out_features // G
-
-    @classmethod
-    def width(cls, block):
-        return block.mlp.fc1.in_features
+class DiTForwards(RoutedForwards):
+    """Our DiT's routed blocks: ``forward(x, c)`` with ``c`` the adaLN condition."""
 
     @classmethod
     def route_args(cls, block, x, c):
@@ -174,4 +103,4 @@ class DiTArch(RoutedArch):
         return sliced_forward(block, x, c, plan, token)
 
 
-__all__ = ["DiTArch", "masked_forward", "sliced_forward"]
+__all__ = ["DiTForwards", "masked_forward", "sliced_forward"]

@@ -3,7 +3,9 @@
 Registered with :func:`slimdiff.runtime.routed.register_routed` on import (the routing core
 imports this module when it looks an architecture up), so :func:`~slimdiff.runtime.routing.apply_dydit`,
 the routers, gates, routes, sliced-weight cache, per-step tables, hooks and the cost model are
-the ones of our DiT; this module only says where PixArt keeps things and runs its block.
+the ones of our DiT; where PixArt keeps things is the
+:class:`~slimdiff.models.backbones.diffusers.PixArtBackbone`'s answer, and this module only
+runs its block on a route.
 
 Where PixArt differs from DiT, and what we do about it:
 
@@ -37,7 +39,6 @@ Where PixArt differs from DiT, and what we do about it:
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import PixArtTransformer2DModel
 from diffusers.models.activations import GELU
@@ -46,14 +47,12 @@ from diffusers.models.attention import BasicTransformerBlock
 from slimdiff.errors import UsageError
 from slimdiff.runtime.routed import (
     MaskRoute,
-    RoutedArch,
+    RoutedForwards,
     SlicePlan,
     TokenSelect,
     hard_gate,
     register_routed,
     select_tokens,
-    slice_groups,
-    unit_index,
 )
 
 
@@ -140,30 +139,9 @@ def sliced_forward(block: BasicTransformerBlock, plan: SlicePlan, token: TokenSe
     return scatter(0, rows, gate_mlp[:, 0].index_select(0, sample) * m).reshape(B, N, D), keep
 
 
-def _slice_attention(attn: nn.Module, heads: tuple[int, ...]) -> tuple[torch.Tensor | None, ...]:
-    """Rows of to_q/to_k/to_v and columns of to_out[0] of the kept heads (the originals when all are kept)."""
-    lins = (attn.to_q, attn.to_k, attn.to_v)
-    out = attn.to_out[0]
-    if len(heads) == attn.heads:
-        return (*(t for lin in lins for t in (lin.weight, lin.bias)), out.weight)
-    cols = unit_index(heads, attn.to_q.out_features // attn.heads, out.weight.device)
-    sliced = []
-    for lin in lins:
-        sliced.append(lin.weight.detach().index_select(0, cols))
-        sliced.append(None if lin.bias is None else lin.bias.detach().index_select(0, cols))
-    return (*sliced, out.weight.detach().index_select(1, cols))
-
-
 @register_routed(PixArtTransformer2DModel)
-class PixArtArch(RoutedArch):
-    """diffusers PixArt: ``transformer_blocks[i].attn1`` heads, ``ff`` groups, hook on ``adaln_single.emb``."""
-
-    name = "pixart"
-    lora_targets = r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
-
-    @classmethod
-    def blocks(cls, model):
-        return list(model.transformer_blocks)
+class PixArtForwards(RoutedForwards):
+    """diffusers PixArt's routed ``BasicTransformerBlock`` (``attn1`` heads, ``ff`` groups)."""
 
     @classmethod
     def check(cls, model):
@@ -181,60 +159,6 @@ class PixArtArch(RoutedArch):
             ) if bad]
             if problems:
                 raise UsageError(f"DyDiT cannot route PixArt block {i}: {', '.join(problems)}")
-
-    @classmethod
-    def temb_dim(cls, model):
-        return model.adaln_single.emb.timestep_embedder.linear_2.out_features
-
-    @classmethod
-    def temb_module(cls, model):
-        return model.adaln_single.emb
-
-    @classmethod
-    def temb_part(cls, model):
-        emb = model.adaln_single.emb
-        return emb.timestep_embedder if emb.use_additional_conditions else None  # the routers read the t part only
-
-    @classmethod
-    def raw_temb(cls, model, t):
-        emb = model.adaln_single.emb
-        te = emb.timestep_embedder
-        return type(te).forward(te, emb.time_proj(t).to(te.linear_1.weight.dtype))  # the class forward: no hooks
-
-    @classmethod
-    def heads(cls, block):
-        return int(block.attn1.heads)
-
-    @classmethod
-    def mlp_width(cls, block):
-        return block.ff.net[0].proj.out_features
-
-    @classmethod
-    def attn_slicer(cls, block, heads):
-        a = block.attn1
-        src = (a.to_q.weight, a.to_q.bias, a.to_k.weight, a.to_k.bias, a.to_v.weight, a.to_v.bias, a.to_out[0].weight)
-        return src, lambda: _slice_attention(a, heads), a.to_out[0].bias
-
-    @classmethod
-    def mlp_slicer(cls, block, groups, G):
-        fc1, fc2 = block.ff.net[0].proj, block.ff.net[2]
-        return (fc1.weight, fc1.bias, fc2.weight), lambda: slice_groups(fc1, fc2, groups, G), fc2.bias
-
-    @classmethod
-    def head_macs(cls, block, tokens):
-        a = block.attn1
-        hd = a.to_q.out_features // a.heads
-        d_in, d_out = a.to_q.in_features, a.to_out[0].out_features
-        return tokens * hd * (3 * d_in + d_out) + 2 * tokens * tokens * hd
-
-    @classmethod
-    def group_token_macs(cls, block, G):
-        fc1, fc2 = block.ff.net[0].proj, block.ff.net[2]
-        return (fc1.in_features + fc2.out_features) * fc1.out_features // G
-
-    @classmethod
-    def width(cls, block):
-        return block.ff.net[0].proj.in_features
 
     @classmethod
     def route_args(cls, block, hidden_states, attention_mask=None, encoder_hidden_states=None,
@@ -255,4 +179,4 @@ class PixArtArch(RoutedArch):
         return sliced_forward(block, plan, token, x, ehs, emask, timestep)
 
 
-__all__ = ["PixArtArch", "masked_forward", "sliced_forward"]
+__all__ = ["PixArtForwards", "masked_forward", "sliced_forward"]

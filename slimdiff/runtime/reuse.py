@@ -48,14 +48,15 @@ an error (pipelines that call the branches separately are not supported).
 **Caveat.** Like every diffusers hook, a deep copy of a hooked model would still run the
 original's hooks; the root hook detects it and raises -- re-apply the plan to the copy.
 
-(Over 500 lines: one runtime in one module -- the plan, its MACs and the hooks that run it
-share the step state; the per-architecture parts, :func:`reuse_blocks`, :func:`unet_consumers`
-and ``_timestep_position``, are to become Backbone methods.)
+Per architecture (which units, reused how, who reads whose output, where the timestep
+argument is, how a unit is called) is the Backbone's answer
+(:meth:`~slimdiff.models.backbone.Backbone.reuse_units`, ``reuse_mode``, ``block_readers``,
+``timestep_argument``, ``block_input``). (Over 500 lines: one runtime in one module -- the
+plan, its MACs and the hooks that run it share the step state.)
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -65,6 +66,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from slimdiff.diffusion.sampling import current_sampler, current_timestep, schedule_timesteps
 from slimdiff.errors import UsageError
+from slimdiff.models.backbone import Backbone, as_backbone
 
 __all__ = [
     "ReusePlan", "BlockCosts", "apply_block_reuse", "remove_block_reuse", "get_block_reuse",
@@ -78,41 +80,18 @@ BLOCK_HOOK = "slimdiff_block_reuse_block"
 
 # --------------------------------------------------------------------------- blocks
 def reuse_blocks(model: nn.Module) -> tuple[list[str], list[nn.Module], str]:
-    """(names, modules, mode) of the reusable blocks; mode is "residual" or "output" (UNets)."""
-    from slimdiff.models.backbone import as_backbone
-
+    """(names, modules, mode) of the reusable units (the Backbone's
+    :meth:`~slimdiff.models.backbone.Backbone.reuse_units` and
+    :attr:`~slimdiff.models.backbone.Backbone.reuse_mode`: "residual" or "output")."""
     bb = as_backbone(model)
-    if bb.is_transformer:
-        return bb.block_names, bb.blocks, "residual"
-    names = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
-    if getattr(model, "mid_block", None) is not None:
-        names.append("mid_block")
-    names += [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
-    return names, [model.get_submodule(n) for n in names], "output"
+    units = bb.reuse_units()
+    return [n for n, _ in units], [m for _, m in units], bb.reuse_mode
 
 
-def unet_consumers(model: nn.Module) -> dict[str, list[str]]:
-    """For each UNet block, the blocks that read its output ("output" = the model's output).
-
-    Down block ``i`` feeds the next down block (or the mid block) and, through its
-    ``len(resnets) + downsamplers`` skip features, the up blocks that pop them from the end
-    of the skip stack (``len(resnets)`` each) -- exactly diffusers' UNet forward.
-    """
-    downs = [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
-    ups = [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
-    mid = ["mid_block"] if getattr(model, "mid_block", None) is not None else []
-    chain = downs + mid + ups
-    cons: dict[str, list[str]] = {n: [chain[i + 1]] for i, n in enumerate(chain[:-1])}
-    cons[chain[-1]] = ["output"]
-    stack = ["conv_in"]
-    for n, blk in zip(downs, model.down_blocks):
-        stack += [n] * (len(blk.resnets) + (1 if getattr(blk, "downsamplers", None) else 0))
-    for n, blk in zip(ups, model.up_blocks):
-        for _ in range(len(blk.resnets)):
-            producer = stack.pop()
-            if producer != "conv_in" and n not in cons[producer]:
-                cons[producer].append(n)
-    return cons
+def unet_consumers(model: nn.Module) -> dict[str, list[str]] | None:
+    """For each reuse unit, the units that read its output ("output" = the model's output): the
+    Backbone's :meth:`~slimdiff.models.backbone.Backbone.block_readers` (None for transformers)."""
+    return as_backbone(model).block_readers()
 
 
 def effective_compute(compute: torch.Tensor, names: Sequence[str], consumers: dict[str, list[str]] | None) -> torch.Tensor:
@@ -262,9 +241,7 @@ def block_costs(model: nn.Module) -> BlockCosts:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from slimdiff.models.backbone import as_backbone
-
-    names, _, mode = reuse_blocks(model)
+    names, _, _ = reuse_blocks(model)
     bb = as_backbone(model)
     x, t, cond = bb.example_inputs(1)
     counter = FlopCounterMode(display=False)
@@ -274,7 +251,7 @@ def block_costs(model: nn.Module) -> BlockCosts:
     prefix = type(model).__name__ + "."
     per = [sum(counts.get(prefix + n, {}).values()) // 2 for n in names]
     total = sum(counts["Global"].values()) // 2
-    return BlockCosts(per, total - sum(per), names, unet_consumers(model) if mode == "output" else None)
+    return BlockCosts(per, total - sum(per), names, bb.block_readers())
 
 
 def plan_macs(model: nn.Module, plan: ReusePlan, cfg: float = 1.0, costs: BlockCosts | None = None) -> int:
@@ -322,9 +299,9 @@ class BlockReuseRootHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, state: _State, t_index: int, t_names: tuple[str, ...]):
+    def __init__(self, state: _State, t_index: int, t_name: str):
         super().__init__()
-        self.state, self.t_index, self.t_names = state, t_index, t_names
+        self.state, self.t_index, self.t_name = state, t_index, t_name
         self.module: nn.Module | None = None
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
@@ -340,7 +317,7 @@ class BlockReuseRootHook(ModelHook):
         host_t = current_timestep()  # inside ``sample``: known on the host, no device read-back
         if host_t is not None:
             return host_t, int(x.shape[0])
-        t = next((kwargs[n] for n in self.t_names if n in kwargs), None)
+        t = kwargs.get(self.t_name)
         if t is None and len(args) > self.t_index:
             t = args[self.t_index]
         if t is None:
@@ -411,12 +388,10 @@ def _map(fn, *xs):
 class BlockReuseBlockHook(ModelHook):
     """Per-block hook: compute (and cache) or reuse, as the plan says for the current step."""
 
-    def __init__(self, state: _State, index: int, mode: str):
+    def __init__(self, state: _State, index: int, mode: str, backbone: type[Backbone]):
         super().__init__()
         self.state, self.index, self.mode = state, index, mode
-
-    def _input(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        return args[0] if args else kwargs["hidden_states"]
+        self._input = backbone.block_input  # how the unit is called: where its input is
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         st, b = self.state, self.index
@@ -448,14 +423,6 @@ class BlockReuseBlockHook(ModelHook):
 
 
 # --------------------------------------------------------------------------- public API
-def _timestep_position(model: nn.Module) -> tuple[int, tuple[str, ...]]:
-    params = list(inspect.signature(type(model).forward).parameters)[1:]
-    for name in ("timestep", "t"):
-        if name in params:
-            return params.index(name), (name,)
-    raise UsageError(f"{type(model).__name__}.forward has no 'timestep' or 't' argument: block reuse cannot follow steps")
-
-
 def _root_hook(model: nn.Module) -> BlockReuseRootHook | None:
     reg = getattr(model, "_diffusers_hook", None)
     return reg.get_hook(ROOT_HOOK) if reg is not None else None
@@ -467,16 +434,19 @@ def apply_block_reuse(model: nn.Module, plan: ReusePlan) -> nn.Module:
         raise UsageError(f"apply_block_reuse needs a ReusePlan, got {type(plan).__name__}")
     if _root_hook(model) is not None:
         raise UsageError("this model already has a block-reuse plan: call remove_block_reuse(model) first")
+    bb = as_backbone(model)
     names, blocks, mode = reuse_blocks(model)
     if list(plan.blocks) != list(names):
         raise UsageError(f"the reuse plan is for {len(plan.blocks)} blocks ({', '.join(plan.blocks[:3])}, ...) but the "
                          f"model has {len(names)} ({', '.join(names[:3])}, ...): make the plan for this model")
     plan.validate()
-    eff = effective_compute(plan.compute, names, unet_consumers(model) if mode == "output" else None)
+    eff = effective_compute(plan.compute, names, bb.block_readers())
     state = _State(plan, eff)
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(BlockReuseRootHook(state, *_timestep_position(model)), ROOT_HOOK)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(BlockReuseRootHook(state, *bb.timestep_argument()),
+                                                                    ROOT_HOOK)
     for i, blk in enumerate(blocks):
-        HookRegistry.check_if_exists_or_initialize(blk).register_hook(BlockReuseBlockHook(state, i, mode), BLOCK_HOOK)
+        HookRegistry.check_if_exists_or_initialize(blk).register_hook(BlockReuseBlockHook(state, i, mode, type(bb)),
+                                                                      BLOCK_HOOK)
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
     return model
 

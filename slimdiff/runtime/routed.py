@@ -11,8 +11,11 @@ imports the other:
   :class:`TokenSelect` that picks the tokens running the MLP);
 * the helpers the forwards share (:func:`hard_gate`, :func:`select_tokens`,
   :func:`unit_index`, :func:`slice_groups`);
-* :class:`RoutedArch`, the per-architecture adapter, and its registry (:data:`ROUTED`,
-  :func:`register_routed`): a per-architecture module registers its adapter on import.
+* the weight slicers (:func:`head_slicer`, :func:`group_slicer`) on the Backbone's
+  :class:`~slimdiff.models.backbone.AttentionLayout` / :class:`~slimdiff.models.backbone.MlpLayers`;
+* :class:`RoutedForwards`, an architecture's routed block forwards, and their registry
+  (:data:`ROUTED`, :func:`register_routed`): a per-architecture module registers its forwards
+  on import.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from slimdiff.models.backbone import AttentionLayout, MlpLayers
 
 CAPACITY_SLACK = 0.1  # capacity rows = largest kept fraction seen x (1 + slack), rounded up to 8
 
@@ -51,7 +56,7 @@ class MaskRoute:
     noise: bool
     kept_tokens: torch.Tensor | None = None  # (B,) differentiable count, set by the block
 
-    def run(self, arch: type["RoutedArch"], block: nn.Module, *args) -> torch.Tensor:
+    def run(self, arch: type["RoutedForwards"], block: nn.Module, *args) -> torch.Tensor:
         return arch.masked(block, self, *args)
 
 
@@ -121,7 +126,7 @@ class SliceRoute:
     kept_tokens: torch.Tensor | None = None  # (B,) realised kept-token counts
     keep_maps: torch.Tensor | None = None  # (B, N) bool: which tokens ran the MLP
 
-    def run(self, arch: type["RoutedArch"], block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+    def run(self, arch: type["RoutedForwards"], block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
         """``arch.sliced(block, plan, token, x, *args)`` per timestep group; every tensor argument
         with the batch as its first dimension (``c``, text states, masks) is split with ``x``."""
         if len(self.parts) == 1 and self.parts[0][0] is None:
@@ -164,98 +169,61 @@ def slice_groups(fc1: nn.Linear, fc2: nn.Linear, groups: tuple[int, ...], G: int
             fc2.weight.detach().index_select(1, idx))
 
 
+def head_slicer(attn: AttentionLayout, heads: tuple[int, ...]) -> tuple:
+    """``(source weights, make(), last bias)`` of the kept ``heads``' attention weights: ``make()``
+    gives the rows of every q/k/v projection (a fused one: the kept heads' rows of q, of k and
+    of v) with their biases, then the output projection's columns (the originals when all
+    heads are kept); the output bias is passed through."""
+    sources = (*(t for lin in attn.qkv for t in (lin.weight, lin.bias)), attn.out.weight)
+
+    def make() -> tuple[torch.Tensor | None, ...]:
+        if len(heads) == attn.heads:
+            return sources
+        cols = unit_index(heads, attn.head_dim, attn.out.weight.device)
+        rows = torch.cat([p * attn.heads * attn.head_dim + cols for p in range(3)]) if attn.fused else cols
+        sliced = []
+        for lin in attn.qkv:
+            sliced.append(lin.weight.detach().index_select(0, rows))
+            sliced.append(None if lin.bias is None else lin.bias.detach().index_select(0, rows))
+        return (*sliced, attn.out.weight.detach().index_select(1, cols))
+
+    return sources, make, attn.out.bias
+
+
+def group_slicer(mlp: MlpLayers, groups: tuple[int, ...], G: int) -> tuple:
+    """``(source weights, make(), last bias)`` of the kept channel ``groups`` (of ``G``) of an MLP."""
+    fc1, fc2 = mlp
+    return (fc1.weight, fc1.bias, fc2.weight), lambda: slice_groups(fc1, fc2, groups, G), fc2.bias
+
+
 # --------------------------------------------------------------------------- architectures
-ROUTED: dict[type, type["RoutedArch"]] = {}
-"""Model class -> :class:`RoutedArch` adapter (what the routing consults; like ``BACKBONES``)."""
+ROUTED: dict[type, type["RoutedForwards"]] = {}
+"""Model class -> :class:`RoutedForwards` (what the routing consults; like ``BACKBONES``)."""
 
 
 def register_routed(model_cls: type):
-    """Class decorator: register a :class:`RoutedArch` as DyDiT's adapter for ``model_cls``."""
+    """Class decorator: register a :class:`RoutedForwards` as DyDiT's block forwards for ``model_cls``."""
 
-    def deco(arch: type[RoutedArch]) -> type[RoutedArch]:
-        ROUTED[model_cls] = arch
-        return arch
+    def deco(forwards: type[RoutedForwards]) -> type[RoutedForwards]:
+        ROUTED[model_cls] = forwards
+        return forwards
 
     return deco
 
 
-class RoutedArch:
-    """Where DyDiT reaches into one architecture. The routers, gates, routes, weight cache,
-    per-step tables, hooks and cost model are shared; an adapter says which modules are the
-    blocks, where the timestep embedding is, how to slice a block's attention heads and MLP
-    channel groups and count their MACs (per-model questions), and how a block runs a route
-    (:meth:`route_args`, :meth:`masked`, :meth:`sliced`: the routed forwards). Stateless:
-    every method is a classmethod."""
-
-    name = ""
-    lora_targets = ""  # regex of the block Linear layers LoRA tuning adapts
-
-    @classmethod
-    def blocks(cls, model: nn.Module) -> list[nn.Module]:
-        raise NotImplementedError
+class RoutedForwards:
+    """How DyDiT runs one architecture's block on a route: the routed forwards. The routers,
+    gates, routes, weight cache, per-step tables, hooks and cost model are shared, and every
+    per-model question (the blocks, the timestep embedding, the attention and MLP layouts, the
+    per-unit MACs) is the :class:`~slimdiff.models.backbone.Backbone`'s; what is left is the
+    forward of a block under a route (:meth:`route_args`, :meth:`masked`, :meth:`sliced`) and
+    what it refuses (:meth:`check`). The architecture's ``Backbone.time_embedding`` must take
+    the timesteps as its first argument (the routing reads them there). Stateless: every
+    method is a classmethod."""
 
     @classmethod
     def check(cls, model: nn.Module) -> None:
         """Refuse (``UsageError``) a layout the routed forwards would not compute exactly."""
-
-    @classmethod
-    def temb_dim(cls, model: nn.Module) -> int:
-        raise NotImplementedError
-
-    @classmethod
-    def temb_module(cls, model: nn.Module) -> nn.Module:
-        """The module called once per model call with the timesteps as its first argument,
-        whose output is (or follows) the routers' timestep embedding."""
-        raise NotImplementedError
-
-    @classmethod
-    def temb_part(cls, model: nn.Module) -> nn.Module | None:
-        """A submodule of :meth:`temb_module` whose output is the t-only embedding the routers
-        read, when :meth:`temb_module`'s output also mixes in other conditions (else None)."""
-        return None
-
-    @classmethod
-    def raw_temb(cls, model: nn.Module, t: torch.Tensor) -> torch.Tensor:
-        """The routers' timestep embedding of ``t`` without triggering the hooks."""
-        raise NotImplementedError
-
-    @classmethod
-    def heads(cls, block: nn.Module) -> int:
-        raise NotImplementedError
-
-    @classmethod
-    def mlp_width(cls, block: nn.Module) -> int:
-        raise NotImplementedError
-
-    @classmethod
-    def attn_slicer(cls, block: nn.Module, heads: tuple[int, ...]) -> tuple:
-        """``(source weights, make(), last bias)`` of the kept heads' attention weights."""
-        raise NotImplementedError
-
-    @classmethod
-    def mlp_slicer(cls, block: nn.Module, groups: tuple[int, ...], G: int) -> tuple:
-        """``(source weights, make(), last bias)`` of the kept channel groups' MLP weights."""
-        raise NotImplementedError
-
-    @classmethod
-    def head_macs(cls, block: nn.Module, tokens: int) -> int:
-        """MACs of one self-attention head on ``tokens`` tokens (q/k/v rows, QK^T, AV, out columns)."""
-        raise NotImplementedError
-
-    @classmethod
-    def group_token_macs(cls, block: nn.Module, G: int) -> int:
-        """MACs of one MLP channel group on one token (fc1 rows + fc2 columns)."""
-        raise NotImplementedError
-
-    @classmethod
-    def router_macs(cls, block: nn.Module, tokens: int) -> int:
-        """MACs of the token router on ``tokens`` tokens."""
-        return tokens * cls.width(block)
-
-    @classmethod
-    def width(cls, block: nn.Module) -> int:
-        """Residual width ``D`` of a block (the token router's input)."""
-        raise NotImplementedError
 
     @classmethod
     def route_args(cls, block: nn.Module, *args, **kwargs) -> tuple:
@@ -277,4 +245,5 @@ class RoutedArch:
 
 
 __all__ = ["hard_gate", "MaskRoute", "SlicePlan", "TokenSelect", "select_tokens", "SliceRoute", "unit_index",
-           "slice_groups", "RoutedArch", "ROUTED", "register_routed", "CAPACITY_SLACK"]
+           "slice_groups", "head_slicer", "group_slicer", "RoutedForwards", "ROUTED", "register_routed",
+           "CAPACITY_SLACK"]

@@ -3,11 +3,12 @@
 The routing core: routers, decisions, per-step tables, the sliced-weight cache and the
 diffusers ``ModelHook`` s that run a model routed, behind :func:`apply_dydit` (and
 :func:`remove_dydit`, :func:`routing_of`), as :mod:`slimdiff.runtime.reuse` applies its plans.
-Per architecture (the blocks, the timestep embedding, slicing and counting heads and MLP
-channel groups, the routed block forwards) is a :class:`~slimdiff.runtime.routed.RoutedArch`
-registered by its own module: :mod:`slimdiff.runtime.dynamic_dit` (our DiT; a diffusers DiT is
-converted to it by the method) and :mod:`slimdiff.runtime.dynamic_pixart` (PixArt: self-attention
-heads and feed-forward routed, cross-attention always runs); :func:`routed_arch` imports them.
+Per architecture, the blocks, the timestep embedding, the attention and MLP layouts (what is
+sliced) and their MACs are the :class:`~slimdiff.models.backbone.Backbone`'s answers; the routed
+block forwards are a :class:`~slimdiff.runtime.routed.RoutedForwards` registered by its own
+module: :mod:`slimdiff.runtime.dynamic_dit` (our DiT; a diffusers DiT is converted to it by the
+method) and :mod:`slimdiff.runtime.dynamic_pixart` (PixArt: self-attention heads and
+feed-forward routed, cross-attention always runs); :func:`routed_forwards` imports them.
 (Over 500 lines: the hooks are thin callers of the controller's per-call state, kept beside it.)
 
 :func:`apply_dydit` adds, keeping the model's class, modules and their classes:
@@ -75,15 +76,18 @@ import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
 from slimdiff.errors import UsageError
+from slimdiff.models.backbone import Backbone, as_backbone
 from slimdiff.runtime.reuse import get_block_reuse
 from slimdiff.runtime.routed import (
     ROUTED,
     MaskRoute,
-    RoutedArch,
+    RoutedForwards,
     SlicePlan,
     SliceRoute,
     TokenSelect,
+    group_slicer,
     hard_gate,
+    head_slicer,
 )
 
 MODES = ("dynamic", "masked", "off")
@@ -145,10 +149,12 @@ class DyDiTRouting(nn.Module):
     _transient = ("_routes", "_cache", "_memo", "_temb_capture", "_token_frac", "_frac_key", "_pending", "_exact",
                   "_capacity_ok")
 
-    def __init__(self, blocks: Iterable[nn.Module], dim: int, config: RoutingConfig, arch: type[RoutedArch]):
+    def __init__(self, blocks: Iterable[nn.Module], dim: int, config: RoutingConfig, forwards: type[RoutedForwards],
+                 backbone: type[Backbone]):
         super().__init__()
         self.config = config
-        self.arch = arch
+        self.forwards = forwards  # the architecture's routed block forwards
+        self.backbone = backbone  # its Backbone class: per block, the attention and MLP layouts
         self.routers = nn.ModuleList(
             BlockRouters(dim, h, g, config.tokens, config.init_bias) for h, g in zip(config.heads, config.groups)
         )
@@ -322,7 +328,7 @@ class DyDiTRouting(nn.Module):
         self.tables = {}
         for tv in timesteps:
             t = torch.tensor([float(tv)], device=next(model.parameters()).device)
-            temb = self.arch.raw_temb(model, t)
+            temb = as_backbone(model).embed_timesteps(t)
             self.tables[float(tv)] = [self._decide(r, temb.float()) for r in self.routers]
         self.table_info = dict(info or {})
         self._memo = {}
@@ -330,10 +336,10 @@ class DyDiTRouting(nn.Module):
     # ---- sliced weights, once per (block, decision), cached
     def _plan(self, i: int, decision: tuple[tuple[int, ...], tuple[int, ...]]) -> SlicePlan:
         heads, groups = decision
-        block = self._blocks[i]
+        block, G = self._blocks[i], self.config.groups[i]
         return SlicePlan(heads, groups,
-                         self._cached((i, "attn", heads), *self.arch.attn_slicer(block, heads)),
-                         self._cached((i, "mlp", groups), *self.arch.mlp_slicer(block, groups, self.config.groups[i])))
+                         self._cached((i, "attn", heads), *head_slicer(self.backbone.block_attention(block), heads)),
+                         self._cached((i, "mlp", groups), *group_slicer(self.backbone.block_mlp(block), groups, G)))
 
     def _cached(self, key: tuple, sources: tuple, make, bias: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         full_key = key + (_weights_key(*(s for s in sources if s is not None)),)
@@ -441,15 +447,15 @@ class _BlockHook(_RoutingHook):
         route = self.routing.route(self.index)
         if route is None:
             return self.fn_ref.original_forward(*args, **kwargs)
-        arch = self.routing.arch
-        return route.run(arch, module, *arch.route_args(module, *args, **kwargs))
+        forwards = self.routing.forwards
+        return route.run(forwards, module, *forwards.route_args(module, *args, **kwargs))
 
 
 # --------------------------------------------------------------------------- public API
-def routed_arch(model: nn.Module) -> type[RoutedArch]:
-    """The :class:`RoutedArch` of ``model`` (most specific registered class in its MRO), or
+def routed_forwards(model: nn.Module) -> type[RoutedForwards]:
+    """The :class:`RoutedForwards` of ``model`` (most specific registered class in its MRO), or
     :class:`UsageError`."""
-    from slimdiff.runtime import dynamic_dit, dynamic_pixart  # noqa: F401  (register their adapters)
+    from slimdiff.runtime import dynamic_dit, dynamic_pixart  # noqa: F401  (register their forwards)
 
     for cls in type(model).__mro__:
         if cls in ROUTED:
@@ -468,12 +474,12 @@ def routing_of(model: nn.Module) -> DyDiTRouting:
 
 def default_config(model: nn.Module, **overrides) -> RoutingConfig:
     """Routers for every block: one per head, ``num_heads`` MLP channel groups (as the reference)."""
-    arch = routed_arch(model)
-    blocks = arch.blocks(model)
-    heads = [arch.heads(b) for b in blocks]
+    routed_forwards(model)  # refuse architectures DyDiT cannot route
+    bb = as_backbone(model)
+    heads = [bb.heads(i) for i in range(len(bb.blocks))]
     groups = []
-    for b, h in zip(blocks, heads):
-        width = arch.mlp_width(b)
+    for i, h in enumerate(heads):
+        width = bb.mlp_width(i)
         groups.append(h if width % h == 0 else math.gcd(width, h))
     return RoutingConfig(heads=heads, groups=groups, **overrides)
 
@@ -481,30 +487,32 @@ def default_config(model: nn.Module, **overrides) -> RoutingConfig:
 def apply_dydit(model: nn.Module, config: RoutingConfig) -> DyDiTRouting:
     """Add DyDiT routers (``model.dydit``) and their hooks to ``model`` in place; returns the routing.
 
-    ``model`` is any architecture with a registered :class:`RoutedArch` (our DiT, diffusers
+    ``model`` is any architecture with registered :class:`RoutedForwards` (our DiT, diffusers
     PixArt). Idempotent for the same config. The model keeps its class, modules and weights;
     with the routers all on it computes exactly what it computed before.
     """
-    arch = routed_arch(model)
-    arch.check(model)
-    blocks = arch.blocks(model)
+    forwards = routed_forwards(model)
+    forwards.check(model)
+    bb = as_backbone(model)
+    blocks = bb.blocks
     if len(config.heads) != len(blocks) or len(config.groups) != len(blocks):
         raise UsageError(f"routing config is for {len(config.heads)} blocks, the model has {len(blocks)}")
-    for b, g in zip(blocks, config.groups):
-        if arch.mlp_width(b) % g:
-            raise UsageError(f"MLP width {arch.mlp_width(b)} does not split into {g} channel groups")
+    for i, g in enumerate(config.groups):
+        if bb.mlp_width(i) % g:
+            raise UsageError(f"MLP width {bb.mlp_width(i)} does not split into {g} channel groups")
     existing = getattr(model, "dydit", None)
     if isinstance(existing, DyDiTRouting):
         if asdict(existing.config) == asdict(config):
             return existing
         raise UsageError("the model already has DyDiT routers with another configuration")
-    routing = model.dydit = DyDiTRouting(blocks, arch.temb_dim(model), config, arch).to(next(model.parameters()).device)
+    routing = DyDiTRouting(blocks, bb.time_embedding_dim, config, forwards, type(bb)).to(next(model.parameters()).device)
+    model.dydit = routing
     routing.train(model.training)
     registry = HookRegistry.check_if_exists_or_initialize
-    part = arch.temb_part(model)
+    part = bb.time_embedding_part
     if part is not None:
         registry(part).register_hook(_TimePartHook(routing), HOOK)
-    registry(arch.temb_module(model)).register_hook(_TimeEmbeddingHook(routing), HOOK)
+    registry(bb.time_embedding).register_hook(_TimeEmbeddingHook(routing), HOOK)
     for i, block in enumerate(blocks):
         registry(block).register_hook(_BlockHook(routing, i), HOOK)
     registry(model).register_hook(_CallHook(routing), HOOK)
@@ -530,4 +538,4 @@ def remove_dydit(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["RoutingConfig", "DyDiTRouting", "BlockRouters", "MODES", "CAPACITY_MODES", "HOOK", "apply_dydit",
-           "remove_dydit", "routing_of", "default_config", "routed_arch"]
+           "remove_dydit", "routing_of", "default_config", "routed_forwards"]
