@@ -1,40 +1,31 @@
 """Measure Diff-Pruning (issue 4) and write bench/diff_pruning/results.json (+ PNG plots).
 
-Reproduce (from the repository root; the full run needs the shipped ``digits-dit`` teacher)::
+Reproduce (from the repository root)::
 
     OMP_NUM_THREADS=1 python scripts/measure_diff_pruning.py            # full settings
     OMP_NUM_THREADS=1 python scripts/measure_diff_pruning.py --quick    # tiny settings, ~1 min
 
-1. **Quality at equal compute** (BENCHMARK.md section 1): the teacher pruned to budget 0.5 by
-   ``diff-pruning`` (threshold 0.05 and threshold 0), ``random-width`` and ``magnitude-width``,
-   each followed by the same recovery fine-tuning (``--recover-steps``), then scored with
-   :func:`slimdiff.eval.evaluate.evaluate` (FD, class accuracy, SSIM/PSNR to the teacher on the
-   same noise). Compression cost (gradient pass + search + recovery) in CPU-seconds.
+1. **Quality at equal compute** (BENCHMARK.md section 1): entries of the bench protocol
+   (:class:`slimdiff.bench.Bench`): the teacher (``--teacher``, default the shipped
+   ``digits-dit``) pruned to budget 0.5 by ``diff-pruning`` (threshold 0.05 and threshold 0),
+   ``random-width`` and ``magnitude-width``, each followed by the same recovery fine-tuning
+   (``--recover-steps``), then scored against the teacher's samples from the same noise (FD,
+   class accuracy, SSIM/PSNR). Compression cost (gradient pass + search + recovery) in CPU-seconds.
 2. **Speed** (section 2): :func:`slimdiff.eval.speed.method_speed` -- the one speed bench of
    every method (``slimdiff bench-speed``), restricted to Diff-Pruning, for both head modes.
-
-Without the teacher (``--quick`` on a fresh checkout) section 1 runs on a random-init small
-DiT so the pipeline is exercised; its numbers are then marked ``"teacher": "random-init"``.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from slimdiff.compression.width import HEAD_MODES
-from slimdiff.eval.evaluate import generate, score
 from slimdiff.eval.speed import environment
-from slimdiff.methods import diff_pruning as dp
-from slimdiff.methods import width_baselines as wb
-from slimdiff.methods.base import Context
 
 OUT = Path("bench/diff_pruning")
 FULL = dict(samples=1000, steps=50, cfg=1.5, recover_steps=300, batch_size=64, stride=1,
@@ -43,71 +34,60 @@ QUICK = dict(samples=60, steps=5, cfg=1.5, recover_steps=2, batch_size=16, strid
              repeats=3, budget=0.5, threshold=0.05)
 
 
-def teacher(quick: bool, spec: str = "digits-dit") -> tuple[nn.Module, str]:
+def teacher(spec: str = "digits-dit") -> tuple[nn.Module, str]:
     """The teacher: a slimdiff model name/directory (default the shipped ``digits-dit``), or a
-    ``.safetensors`` EMA state dict of a DiT-T/2 digits model (a training checkpoint, for
-    provisional numbers before the teacher ships); in quick mode without one, a random DiT."""
+    ``.safetensors`` EMA state dict of a DiT-T/2 digits model (a training checkpoint)."""
     import slimdiff
-    from slimdiff.models.registry import shipped_dir
 
-    if spec.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        from slimdiff.models.dit import DiT_models
-
-        model = DiT_models["DiT-T/2"](input_size=8, in_channels=1, num_classes=10, learn_sigma=False)
-        missing, unexpected = model.load_state_dict(load_file(spec), strict=False)
-        if unexpected or set(missing) != {"pos_embed"}:  # EMA files hold parameters; pos_embed is a fixed buffer
-            raise SystemExit(f"{spec} is not a DiT-T/2 digits state dict (missing {missing}, unexpected {unexpected})")
-        return model.eval(), f"checkpoint {spec}"
-    if spec != "digits-dit" or (shipped_dir("digits-dit") / "slimdiff.json").is_file():
+    if not spec.endswith(".safetensors"):
         return slimdiff.load(spec), spec
-    if not quick:
-        raise SystemExit("digits-dit is not shipped yet (slimdiff/weights/digits-dit); run with --quick or wait")
-    from slimdiff.models.dit import DiT
+    from safetensors.torch import load_file
 
-    torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=4, num_heads=4, num_classes=10,
-                learn_sigma=False)
-    with torch.no_grad():  # DiT zero-initialises adaLN and the output layer: make every layer matter
-        for p in model.parameters():
-            p.normal_(0, p.shape[-1] ** -0.5 if p.ndim > 1 else 0.02)
-    return model.eval(), "random-init"
+    from slimdiff.eval.models import build_model
+
+    model = build_model("DiT-T/2", 8, init="none", in_channels=1, num_classes=10, learn_sigma=False)
+    missing, unexpected = model.load_state_dict(load_file(spec), strict=False)
+    if unexpected or set(missing) != {"pos_embed"}:  # EMA files hold parameters; pos_embed is a fixed buffer
+        raise SystemExit(f"{spec} is not a DiT-T/2 digits state dict (missing {missing}, unexpected {unexpected})")
+    return model, f"checkpoint {spec}"
 
 
-def run_method(model: nn.Module, name: str, s: dict, work: Path, **kw) -> tuple[nn.Module, float]:
-    """Compress a copy at the budget with equal recovery; return it and the CPU-seconds spent."""
-    ctx = Context(steps=s["steps"], cfg=1.0, recover_steps=s["recover_steps"], batch_size=s["batch_size"],
-                  work_dir=work / name, progress=False, seed=0, teacher=model)
-    fn = {"random-width": wb.random_width, "magnitude-width": wb.magnitude_width}.get(name.split("@")[0])
-    start = time.process_time()
-    if fn is None:
-        out = dp.diff_pruning(copy.deepcopy(model), s["budget"], ctx, kw.pop("threshold"), stride=s["stride"], **kw)
-    else:
-        out = fn(copy.deepcopy(model), s["budget"], ctx)
-    return out, time.process_time() - start
+def quality(s: dict, work: Path, spec: str) -> dict:
+    """Section 1: FD / accuracy / SSIM of every method and baseline at the same budget.
 
+    Entries of the bench protocol (:class:`slimdiff.bench.Bench`), one bench per Diff-Pruning
+    threshold (a bench passes one set of options to its methods), in ``work``; the students
+    are kept there to read back what each recorded (timestep losses, layer widths)."""
+    import slimdiff
+    from slimdiff.bench import Bench, BenchConfig, entry_key, entry_scores
+    from slimdiff.result import record_of
 
-def quality(s: dict, quick: bool, work: Path, spec: str) -> dict:
-    """Section 1: FD / accuracy / SSIM of every method and baseline at the same budget."""
-    model, source = teacher(quick, spec)
-    ev = dict(steps=s["steps"], cfg=s["cfg"], seed=0)
-    ref_x, ref_y = generate(model, s["samples"], **ev)
-    rows = {"teacher": score(model, ref_x, ref_y, None, **ev)}
-    jobs = {f"diff-pruning@{s['threshold']}": dict(threshold=s["threshold"]), "diff-pruning@0": dict(threshold=0.0),
-            "random-width": {}, "magnitude-width": {}}
-    for name, kw in jobs.items():
-        out, cpu = run_method(model, name, s, work, **kw)
-        x, y = generate(out, s["samples"], **ev)
-        row = score(out, x, y, model, reference_samples=ref_x, **ev)
-        entry = out.slimdiff_meta["method"]["chain"][-1]
-        row.update(compress_cpu_s=cpu, settings=entry["settings"], measured=entry["measured"])
-        extras = (out.slimdiff_meta.get("extras") or {}).get(entry["name"], {})
-        row["timesteps"] = extras.get("timesteps")
-        row["widths"] = extras.get("widths")
+    model, source = teacher(spec)
+    benches: dict[float, Bench] = {}
+
+    def bench(threshold: float) -> Bench:
+        if threshold not in benches:
+            config = BenchConfig(model=source, budgets=[s["budget"]], methods=["diff-pruning"], samples=s["samples"],
+                                 steps=s["steps"], cfg=s["cfg"], recover_steps=s["recover_steps"],
+                                 batch_size=s["batch_size"], options={"threshold": threshold, "stride": s["stride"]},
+                                 progress=False, device="cpu")
+            benches[threshold] = Bench(config, work / f"threshold-{threshold:g}", model, save_models=True)
+        return benches[threshold]
+
+    rows = {"teacher": {k: v for k, v in bench(s["threshold"]).teacher()[1].items() if k != "eval_wall_s"}}
+    jobs = {f"diff-pruning@{s['threshold']}": ("diff-pruning", s["threshold"]),
+            "diff-pruning@0": ("diff-pruning", 0.0),
+            "random-width": ("random-width", s["threshold"]), "magnitude-width": ("magnitude-width", s["threshold"])}
+    for name, (method, threshold) in jobs.items():
+        b, key = bench(threshold), entry_key(method, s["budget"])
+        e = b.run_entries([(method, s["budget"])])[key]
+        entry = e["chain"][-1]
+        extras = record_of(slimdiff.load(b.model_dir(key))).result.extras.get(method, {})
+        row = {**entry_scores(e), "compress_cpu_s": e["compress_cpu_s"], "settings": entry["settings"],
+               "measured": entry["measured"], "timesteps": extras.get("timesteps"), "widths": extras.get("widths")}
         rows[name] = row
-        print(f"{name:22s} FD {row['fd']:.3f}  acc {row['class_acc']}  macs {row['macs_ratio']:.3f}  cpu {cpu:.0f}s",
-              flush=True)
+        print(f"{name:22s} FD {row['fd']:.3f}  acc {row['class_acc']}  macs {row['macs_ratio']:.3f}  "
+              f"cpu {row['compress_cpu_s']:.0f}s", flush=True)
     return {"teacher": source, "settings": s, "rows": rows}
 
 
@@ -157,7 +137,7 @@ def main() -> None:
             res[section] = previous[section]
     if not args.skip_quality:
         with tempfile.TemporaryDirectory(prefix="recover-", dir=out) as work:  # fresh: the trainer resumes
-            res["quality"] = quality(s, args.quick, Path(work), args.teacher)
+            res["quality"] = quality(s, Path(work), args.teacher)
     if not args.skip_speed:
         res["speed"] = speed(s, args.quick)
     res["load_average_end"] = os.getloadavg()

@@ -67,8 +67,10 @@ decorated with ``@register_backbone(ModelClass)``; see the class docstring for w
 in. DyDiT additionally needs the architecture's routed block forwards
 (:class:`slimdiff.runtime.routed.RoutedForwards`), and only if DyDiT should support it.
 
-Also here (from :mod:`slimdiff.models.backbones.sync`): :func:`sync_attention_heads`, the
-attribute fix-up needed after structural pruning.
+Re-exported here: the conditions (:class:`TextCondition`, :func:`cat_conditions`,
+:func:`text_inputs`, from :mod:`slimdiff.models.conditions`) and :func:`sync_attention_heads`
+(from :mod:`slimdiff.models.backbones.sync`), the attribute fix-up after structural pruning.
+(About 500 lines: the base class is the one list of questions every adapter answers.)
 """
 from __future__ import annotations
 
@@ -177,7 +179,11 @@ class Backbone:
     * transformers (``is_transformer = True``): :meth:`block_attention`, :meth:`block_mlp`,
       ``_patch_size()``, and ``_blocks_attr`` + ``_set_depth(n)`` for :meth:`set_blocks`;
     * UNet-like models: ``reuse_mode = "output"``, :meth:`reuse_units`, :meth:`block_readers`
-      and :meth:`width_prunable_layers`.
+      and :meth:`width_prunable_layers`;
+    * where the defaults do not fit: :attr:`in_channels` / :attr:`sample_size` (read from a
+      diffusers-style ``config``), :attr:`num_classes`, :attr:`time_embedding_part`,
+      :meth:`can_drop_block` with :attr:`drop_refusal`, and :meth:`block_input` /
+      :meth:`block_output` / :meth:`with_block_output` for blocks called another way.
 
     The rest (calling, conditions, example inputs, widths, costs, names) is derived here.
     """
