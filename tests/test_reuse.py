@@ -10,6 +10,7 @@ from conftest import TINY_MODELS, tiny_diffusers_dit, tiny_dit, tiny_unet
 from slimdiff.diffusion.sampling import sample
 from slimdiff.errors import UsageError
 from slimdiff.eval.compute import macs_forward, macs_sampling
+from slimdiff.models.backbone import as_backbone
 from slimdiff.runtime.reuse import (
     ReusePlan,
     apply_block_reuse,
@@ -18,7 +19,6 @@ from slimdiff.runtime.reuse import (
     plan_macs,
     remove_block_reuse,
     reuse_blocks,
-    unet_consumers,
 )
 
 STEPS = 4
@@ -84,7 +84,7 @@ def test_reused_unet_block_returns_cached_output_and_skips_producers():
     m = tiny_unet()
     names, blocks, mode = reuse_blocks(m)
     assert mode == "output" and names == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]
-    cons = unet_consumers(m)
+    cons = as_backbone(m).block_readers()
     assert cons["mid_block"] == ["up_blocks.0"] and "up_blocks.0" in cons["down_blocks.1"]
     assert set(cons["down_blocks.0"]) == {"down_blocks.1", "up_blocks.0", "up_blocks.1"}
     c = torch.ones(STEPS, 5, dtype=torch.bool)

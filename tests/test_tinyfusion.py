@@ -343,11 +343,10 @@ def test_depth_specs_hold_the_defaults():
 
 
 def test_speed_student_keeps_the_budget_depth():
-    from types import SimpleNamespace
-
+    from slimdiff.eval.speed import SpeedSettings
     from slimdiff.methods.tinyfusion import speed_student
 
-    settings = SimpleNamespace(budget=0.5, steps=2, seed=0, calibration_batch=4)
+    settings = SpeedSettings(budget=0.5, steps=2, seed=0, calibration_batch=4)
     student = speed_student(FACTORIES["dit"](), settings)
     entry = student.slimdiff_meta["method"]["chain"][0]
     assert len(student.blocks) == 2 and entry["settings"]["note"] == "first option per group"

@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
-from slimdiff.errors import UsageError
 from slimdiff.budget import BUDGET_TOLERANCE
+from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, record, recover, sampling_macs
 from slimdiff.models.backbone import Backbone, as_backbone
 
@@ -263,29 +263,53 @@ def kept_layer_map(kept: Sequence[int]) -> dict[int, int]:
     return {i: int(k) for i, k in enumerate(kept)}
 
 
+@dataclass(frozen=True)
+class DepthCost:
+    """Sampling MACs as a function of the number of kept blocks (a :class:`~slimdiff.budget.CostModel`).
+
+    Sampling MACs are affine in the number of blocks (embedders and output layer + one cost
+    per block), so two measured points give the line: the full model and the model with
+    block 0 only. With blocks of unequal width (a width-pruned input) the per-block cost is
+    their average; the reached budget is measured on the result in any case.
+    """
+
+    full: int  # the model as it is
+    one: int  # the model with block 0 only
+    depth: int
+
+    @property
+    def per_block(self) -> float:
+        return (self.full - self.one) / (self.depth - 1)
+
+    @property
+    def other(self) -> float:
+        return self.one - self.per_block
+
+    def macs(self, blocks: int) -> float:
+        return self.other + blocks * self.per_block
+
+    @classmethod
+    def measure(cls, model: nn.Module, ctx: Context) -> "DepthCost":
+        depth = len(check_depth_prunable(model).blocks)
+        full = sampling_macs(model, ctx)
+        with _only_blocks(model, [0]):
+            one = sampling_macs(model, ctx)
+        return cls(full, one, depth)
+
+
 def depth_for_budget(model: nn.Module, budget: float, ctx: Context) -> tuple[int, dict]:
     """The largest number of blocks whose shallower model fits ``budget`` (a fraction of
     ``model``'s sampling MACs under ``ctx``) up to :data:`BUDGET_TOLERANCE` (3%, as for
     width pruning: 6 of 12 digits-dit blocks cost 0.501 and meet budget 0.5), and the MACs
-    facts it was derived from.
-
-    Sampling MACs are affine in the number of blocks (embedders and output layer + one
-    cost per block), so two measured points give the line: the full model and the model
-    with block 0 only. With blocks of unequal width (a width-pruned input) the per-block
-    cost is their average; the reached budget is measured on the result in any case.
+    facts it was derived from (:class:`DepthCost`).
     """
-    bb = check_depth_prunable(model)
-    depth = len(bb.blocks)
-    full = sampling_macs(model, ctx)
-    with _only_blocks(model, [0]):
-        one = sampling_macs(model, ctx)
-    per_block = (full - one) / (depth - 1)
-    base = one - per_block
+    cost = DepthCost.measure(model, ctx)
+    per_block, base, full = cost.per_block, cost.other, cost.full
     allowed = budget * (1 + BUDGET_TOLERANCE) * full
-    k = min(depth, math.floor((allowed - base) / per_block + 1e-9)) if per_block > 0 else depth
+    k = min(cost.depth, math.floor((allowed - base) / per_block + 1e-9)) if per_block > 0 else cost.depth
     if k < 1:
         raise UsageError(
-            f"budget {budget:g} is below what one block costs ({one / full:.3f} of the sampling MACs); "
+            f"budget {budget:g} is below what one block costs ({cost.one / full:.3f} of the sampling MACs); "
             "raise the budget or chain a method that cuts other work"
         )
     return k, {"macs_full": full, "macs_per_block": per_block, "macs_other": base}

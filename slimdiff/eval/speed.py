@@ -84,6 +84,14 @@ class SpeedSettings:
     calibration_batch: int = 4  # Diff-Pruning's calibration batch
     heads: str = "dims"  # Diff-Pruning's head mode ("dims" narrows heads, "whole" removes heads)
 
+    def context(self):
+        """The compression :class:`~slimdiff.methods.base.Context` every speed student is built
+        under (DDIM at ``steps``, no guidance, no recovery, Diff-Pruning's calibration batch)."""
+        from slimdiff.methods.base import Context
+
+        return Context(sampler="ddim", steps=self.steps, cfg=1.0, seed=self.seed, batch_size=self.calibration_batch,
+                       progress=False, recover_steps=0)
+
     def validate(self) -> "SpeedSettings":
         """Clear errors for bad values (the CLI passes user input straight here)."""
         known = speed_methods()

@@ -75,8 +75,7 @@ def block_influence(model: nn.Module, ctx: Context, samples: int = CALIBRATION_S
 
     def hook(i: int):
         def fn(_m, args, kwargs, output):
-            h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = output[0] if isinstance(output, tuple) else output
+            h_in, h_out = bb.block_input(args, kwargs), bb.block_output(output)
             sums[i] += torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1).sum().double().cpu()
 
         return fn

@@ -191,8 +191,7 @@ def diff_pruning(model: nn.Module, budget: float, ctx: Context | None = None, th
 def speed_student(model: nn.Module, settings: SpeedSettings) -> nn.Module:
     """The speed bench's student: the method itself at the bench's budget, threshold, stride
     and head mode, calibrated on seeded random latents (the pruned shape is what it times)."""
-    ctx = Context(sampler="ddim", steps=settings.steps, cfg=1.0, seed=settings.seed,
-                  batch_size=settings.calibration_batch, progress=False, recover_steps=0)
+    ctx = settings.context()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random calibration latents are intended for a speed bench
         return diff_pruning(model, settings.budget, ctx, settings.threshold, stride=settings.stride,

@@ -95,6 +95,7 @@ from slimdiff.compression.reuse_plans import (
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context
 from slimdiff.methods.spec import MethodSpec, option
+from slimdiff.models.backbone import as_backbone
 from slimdiff.runtime.reuse import (
     BlockCosts,
     ReusePlan,
@@ -105,7 +106,6 @@ from slimdiff.runtime.reuse import (
     remove_block_reuse,
     reuse_blocks,
     soft_reuse,
-    unet_consumers,
 )
 from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from slimdiff.utils import progress
@@ -198,9 +198,9 @@ def supernet_sample(model: nn.Module, keep: torch.Tensor | None, noise: torch.Te
 
     traj = Trajectory(model, sampler=sampler, steps=steps, n=noise.shape[0], cond=labels, cfg=cfg, seed=seed)
     x = traj.start(noise)
-    names, _, mode = reuse_blocks(model)
+    names = reuse_blocks(model)[0]
     n_blocks = len(names)
-    consumers = unet_consumers(model) if mode == "output" else None
+    consumers = as_backbone(model).block_readers()
     step_gated = keep is not None and keep.shape[-1] == n_blocks + 1
     if keep is not None and keep.shape[-1] not in (n_blocks, n_blocks + 1):
         raise UsageError(f"keep gates have {keep.shape[-1]} columns; the model has {n_blocks} blocks "
@@ -449,7 +449,7 @@ def speed_student(model: nn.Module, settings: Any) -> nn.Module:
     """The speed bench's student (``settings``: a :class:`slimdiff.eval.speed.SpeedSettings`):
     DiP-GO's post-processing of seeded random reuse scores and its ``finish`` (the runtime's
     cost does not depend on how the plan was learned)."""
-    ctx = Context(sampler="ddim", steps=settings.steps, seed=settings.seed, progress=False)
+    ctx = settings.context()
     costs = prepare(model, settings.budget, ctx)
     n_calls = len(ReusePlan.full(ctx.sampler, ctx.steps, model).timesteps)
     scores = torch.rand(n_calls, len(costs.blocks), generator=torch.Generator().manual_seed(settings.seed))

@@ -385,8 +385,7 @@ def speed_student(model: nn.Module, settings: Any) -> nn.Module:
     calibration to the budget over the sampling run, per-step tables)."""
     model = as_routable(model)
     _randomize_routers(apply_dydit(model, default_config(model)), settings.seed)
-    ctx = Context(sampler="ddim", steps=settings.steps, cfg=1.0, seed=settings.seed,
-                  batch_size=settings.calibration_batch, progress=False, recover_steps=0)
+    ctx = settings.context()
     cfg = DyDiTConfig(train_steps=0, calibrate_samples=min(settings.batch, 2), calibrate_iters=10)
     return compress(model, settings.budget, ctx, cfg)
 

@@ -271,8 +271,7 @@ def speed_student(model: nn.Module, settings: Any) -> nn.Module:
     """The speed bench's student (``settings``: a :class:`slimdiff.eval.speed.SpeedSettings`):
     the budget's depth and shape, the first option of every group, no search (the runtime
     cost does not depend on which blocks are kept)."""
-    ctx = Context(sampler="ddim", steps=settings.steps, cfg=1.0, seed=settings.seed,
-                  batch_size=settings.calibration_batch, progress=False, recover_steps=0)
+    ctx = settings.context()
     groups, chosen = resolve_depth(model, settings.budget, ctx, None)
     kept = [g.start + int(i) for g in groups for i in torch.nonzero(group_options(g.n, g.m)[0]).flatten()]
     return finish_depth(model, kept, ctx, "tinyfusion", {**chosen, "searched": False, "note": "first option per group"},

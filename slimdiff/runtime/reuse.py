@@ -71,7 +71,7 @@ from slimdiff.models.backbone import Backbone, as_backbone
 __all__ = [
     "ReusePlan", "BlockCosts", "apply_block_reuse", "remove_block_reuse", "get_block_reuse",
     "block_reuse_disabled", "soft_reuse", "SoftFrame", "reuse_blocks",
-    "block_costs", "effective_compute", "plan_macs", "unet_consumers",
+    "block_costs", "effective_compute", "plan_macs",
 ]
 
 ROOT_HOOK = "slimdiff_block_reuse"
@@ -86,12 +86,6 @@ def reuse_blocks(model: nn.Module) -> tuple[list[str], list[nn.Module], str]:
     bb = as_backbone(model)
     units = bb.reuse_units()
     return [n for n, _ in units], [m for _, m in units], bb.reuse_mode
-
-
-def unet_consumers(model: nn.Module) -> dict[str, list[str]] | None:
-    """For each reuse unit, the units that read its output ("output" = the model's output): the
-    Backbone's :meth:`~slimdiff.models.backbone.Backbone.block_readers` (None for transformers)."""
-    return as_backbone(model).block_readers()
 
 
 def effective_compute(compute: torch.Tensor, names: Sequence[str], consumers: dict[str, list[str]] | None) -> torch.Tensor:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from slimdiff.models.backbone import Backbone, as_backbone
+
 KD_MODES = ("none", "output", "hidden", "masked")
 
 
@@ -19,8 +21,6 @@ class HiddenCapture:
     """Forward hooks that keep the outputs of chosen backbone blocks during one forward."""
 
     def __init__(self, model: nn.Module, indices: list[int]):
-        from slimdiff.models.backbone import as_backbone
-
         blocks = as_backbone(model).blocks
         bad = [i for i in indices if not 0 <= i < len(blocks)]
         if bad:
@@ -32,7 +32,7 @@ class HiddenCapture:
 
     def _hook(self, i: int):
         def hook(_module, _inputs, output):
-            self.outputs[i] = output[0] if isinstance(output, tuple) else output
+            self.outputs[i] = Backbone.block_output(output)
 
         return hook
 
