@@ -123,7 +123,22 @@ def entry_list(config: BenchConfig) -> list[tuple[str, str, float]]:
     if not config.budgets:
         raise UsageError("no budgets to bench; pass --budgets 0.5,0.25")
     _check_methods(methods)
+    _check_options(methods, config.options)
     return [(entry_key(m, b), m, b) for b in config.budgets for m in methods]
+
+
+def _check_options(methods: Sequence[str], options: dict[str, Any]) -> None:
+    """Every ``--option`` is declared by some benched method and converts to its type there,
+    before any entry runs (an option no method declares is an error, not silently dropped)."""
+    from slimdiff.methods import get_method, split_chain
+
+    specs = {p: get_method(p) for m in methods for p in split_chain(m)}
+    unknown = set(options) - {o for s in specs.values() for o in s.options}
+    if unknown:
+        raise UsageError(f"option(s) {', '.join(sorted(unknown))} do not apply to any benched method "
+                         f"({', '.join(specs)}); see `slimdiff methods`")
+    for spec in specs.values():
+        spec.make_config({k: v for k, v in options.items() if k in spec.options})
 
 
 def _filename(key: str) -> str:

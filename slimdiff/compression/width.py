@@ -58,7 +58,8 @@ import torch
 import torch.nn as nn
 
 from slimdiff.errors import UsageError
-from slimdiff.methods.base import BUDGET_TOLERANCE, Context, check_budget, record, recover, sampling_macs
+from slimdiff.budget import BUDGET_TOLERANCE
+from slimdiff.methods.base import Context, record, recover, sampling_macs
 
 __all__ = [
     "HEAD_MODES", "HEADS_HELP", "TOLERANCE", "ALIGN", "ALIGN_MIN_WIDTH", "HEAD_ALIGN", "GroupInfo", "Trial",
@@ -339,7 +340,6 @@ def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor",
     from slimdiff.eval.compute import macs_forward
     from slimdiff.models.backbone import as_backbone
 
-    budget = check_budget(budget)
     try:  # trials prune shape-only copies: no memory and no arithmetic, whatever the model size
         shapes = meta_copy(model)
         base, table = macs_forward(shapes), group_table(shapes, heads)
@@ -419,7 +419,6 @@ def width_prune(model: nn.Module, budget: float, ctx: Context, name: str, import
     added); ``prepare(model) -> (settings, extras)`` runs first (Diff-Pruning's gradient pass).
     Budget 1 returns ``model`` unchanged (recorded as an identity).
     """
-    budget = check_budget(budget)
     if heads not in HEAD_MODES:
         raise UsageError(f"heads must be one of {', '.join(HEAD_MODES)}, got {heads!r}")
     settings = {**settings, "heads": heads, "importance": importance, "ranking": "local", "align": ALIGN}

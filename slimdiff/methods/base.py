@@ -28,7 +28,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from slimdiff.budget import BUDGET_TOLERANCE, ForwardCost, chain_step_budget, check_budget  # noqa: F401 (re-exported)
+from slimdiff.budget import ForwardCost, chain_step_budget, check_budget
 from slimdiff.errors import UsageError
 from slimdiff.methods import get_method, split_chain
 from slimdiff.result import record_of, set_record
