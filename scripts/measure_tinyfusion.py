@@ -5,9 +5,11 @@ Writes ``bench/tinyfusion/results.json`` and ``bench/tinyfusion/probabilities.pn
 1. **Quality at equal recovery** on ``digits-dit`` (12 -> 6 blocks, ``keep=1:2``): TinyFusion
    and every depth baseline (bi / first / last / stride / random) are cut and then
    recovered with the same steps, optimiser and loss (``--kd``, default fine-tune only);
-   each is scored with the protocol's FD, class accuracy and SSIM/PSNR to the teacher.
+   each is scored with the protocol's FD, class accuracy and SSIM/PSNR to the teacher: the
+   entries of a bench (:class:`slimdiff.bench.Bench`, in ``OUT/work`` while it runs).
 2. **Recovery losses** for TinyFusion's choice: fine-tune only vs output KD vs hidden KD
-   (unmasked, "plain") vs masked KD, same steps.
+   (unmasked, "plain") vs masked KD, same steps (its kept blocks through the shared depth
+   ending, :func:`slimdiff.compression.depth.finish_depth`, scored with the same protocol).
 3. **Option probabilities over the search**, plotted per group.
 4. **Speed**: :func:`slimdiff.eval.speed.method_speed`, the one speed bench of every method
    (``slimdiff bench-speed``), restricted to TinyFusion.
@@ -33,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES = ("bi-depth", "first-depth", "last-depth", "stride-depth", "random-depth")
 KD_MODES = ("none", "output", "hidden", "masked")
+SCORES = ("fd", "class_acc", "ssim", "psnr", "macs_ratio", "params", "fd_floor")  # the protocol's scores kept
+BUDGET = 1.0  # every entry's: ``keep`` gives the depth
 
 
 def _args() -> argparse.Namespace:
@@ -63,9 +67,11 @@ def _args() -> argparse.Namespace:
 
 
 def _teacher(args) -> torch.nn.Module:
+    """``args.model`` loaded by name, or (``--quick``) a random-init 12-block DiT on 8x8x1 digits."""
     import slimdiff
     from slimdiff.diffusion.schedulers import DiffusionConfig
     from slimdiff.models.dit import DiT
+    from slimdiff.result import ModelRecord, set_record
 
     if args.model != "quick":
         return slimdiff.load(args.model)
@@ -75,60 +81,68 @@ def _teacher(args) -> torch.nn.Module:
     for b in model.blocks:
         torch.nn.init.normal_(b.adaLN_modulation[1].weight, std=0.02)
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)
-    model.slimdiff_meta = {"name": "quick", "diffusion": DiffusionConfig().to_dict()}
-    return model.eval()
+    return set_record(model, ModelRecord("quick", DiffusionConfig().to_dict())).eval()
 
 
-def _ctx(args, work: Path, kd: str, teacher):
-    from slimdiff.methods.base import Context
+def _bench(args, teacher, out: Path, methods: tuple[str, ...], keep: str):
+    """A fresh bench (:class:`slimdiff.bench.Bench`) in ``out`` running ``methods`` with ``keep``
+    (which overrides the budget), keeping each student to read its record."""
+    from slimdiff.bench import Bench, BenchConfig
 
-    return Context(sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed, recover_steps=args.recover_steps,
-                   kd=kd, batch_size=args.batch_size, work_dir=work, progress=False, teacher=teacher)
-
-
-def _score(model, teacher, ref_samples, args, samples=None) -> dict:
-    """Protocol metrics of ``model`` (``samples`` = its own ``(x, y)`` if already generated)."""
-    from slimdiff.eval.evaluate import generate, score
-
-    x, y = samples or generate(model, args.samples, sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed)
-    out = score(model, x, y, teacher, sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                reference_samples=ref_samples)
-    return {k: out[k] for k in ("fd", "class_acc", "ssim", "psnr", "macs_ratio", "params", "fd_floor")}
+    config = BenchConfig(model=args.model, budgets=[BUDGET], methods=list(methods), samples=args.samples,
+                         sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                         recover_steps=args.recover_steps, batch_size=args.batch_size, kd=args.kd,
+                         options={"keep": keep, "search_steps": args.search_steps}, progress=False, device="cpu")
+    return Bench(config, out, teacher, save_models=True, fresh=True)
 
 
-def _entry(model, teacher, ref, args, name: str) -> dict:
-    chain = model.slimdiff_meta["method"]["chain"][-1]
-    extras = model.slimdiff_meta["extras"][name]
-    return {"kept_blocks": extras["kept_blocks"], **chain["measured"], **_score(model, teacher, ref, args)}
+def _row(measured: dict, scores: dict) -> dict:
+    """One table row: the kept blocks, what the method measured, and the protocol's scores
+    (``scores``: a bench entry, or :func:`slimdiff.eval.evaluate.score`'s result)."""
+    return {"kept_blocks": measured["kept_blocks"], **measured, **{k: scores[k] for k in SCORES}}
+
+
+def _entry(bench, method: str) -> tuple[dict, dict]:
+    """The table row of ``method``'s entry (run now, or read back), and what the method
+    recorded in its saved student (``extras``)."""
+    import slimdiff
+    from slimdiff.bench import entry_key
+    from slimdiff.result import record_of
+
+    key = entry_key(method, BUDGET)
+    entry = bench.run_entries([(method, BUDGET)])[key]
+    extras = record_of(slimdiff.load(bench.model_dir(key))).result.extras[method]
+    return _row(entry["chain"][-1]["measured"], entry), extras
 
 
 def quality(args, work: Path) -> tuple[dict, dict]:
-    """Method vs baselines at equal recovery, TinyFusion's KD ablation, and the search log."""
-    from slimdiff.eval.evaluate import generate
-    from slimdiff.methods.base import compress
+    """Method vs baselines at equal recovery (bench entries), TinyFusion's KD ablation (its
+    kept blocks recovered with each loss, scored with the same protocol), and the search log."""
     from slimdiff.compression.depth import finish_depth
+    from slimdiff.eval.evaluate import generate, score
+    from slimdiff.methods.base import Context
+    from slimdiff.result import record_of
 
-    teacher = _teacher(args)
+    bench = _bench(args, _teacher(args), work / "bench", ("tinyfusion", *BASELINES), args.keep)
+    teacher, teacher_scores, ref = bench.teacher()
     depth = len(teacher.blocks) if hasattr(teacher, "blocks") else None
-    ref, labels = generate(teacher, args.samples, sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed)
-    results: dict = {"teacher": {"depth": depth, **_score(teacher, None, None, args, samples=(ref, labels))}}
-    settings = {"keep": args.keep}
-    tf = compress(teacher, "tinyfusion", 1.0, _ctx(args, work / "tf", args.kd, teacher),
-                  {**settings, "search_steps": args.search_steps})
-    results["tinyfusion"] = _entry(tf, teacher, ref, args, "tinyfusion")
-    search = tf.slimdiff_meta["extras"]["tinyfusion"]
+    results: dict = {"teacher": {"depth": depth, **{k: teacher_scores[k] for k in SCORES}}}
+    results["tinyfusion"], search = _entry(bench, "tinyfusion")
     for name in BASELINES:
-        m = compress(teacher, name, 1.0, _ctx(args, work / name, args.kd, teacher), settings)
-        results[name] = _entry(m, teacher, ref, args, name)
+        results[name] = _entry(bench, name)[0]
+    protocol = dict(sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed)
     kd_results = {}
     for kd in KD_MODES:
         if kd == args.kd:
             kd_results[kd] = results["tinyfusion"]
             continue
-        ctx = _ctx(args, work / f"tf-{kd}", kd, teacher)
+        ctx = Context(**protocol, recover_steps=args.recover_steps, kd=kd, batch_size=args.batch_size,
+                      work_dir=work / f"tf-{kd}", progress=False, teacher=teacher)
         m = finish_depth(copy.deepcopy(teacher), results["tinyfusion"]["kept_blocks"], ctx, "tinyfusion",
                          {"keep": args.keep, "kd_ablation": kd}, {})
-        kd_results[kd] = _entry(m, teacher, ref, args, "tinyfusion")
+        x, y = generate(m, args.samples, **protocol)
+        kd_results[kd] = _row(record_of(m).result.chain[-1].measured,
+                              score(m, x, y, teacher, reference_samples=ref, **protocol))
     best_baseline = min(BASELINES, key=lambda n: results[n]["fd"])
     summary = {
         "tinyfusion_fd": results["tinyfusion"]["fd"],
@@ -141,18 +155,14 @@ def quality(args, work: Path) -> tuple[dict, dict]:
 
 
 def other_shapes(args, work: Path) -> dict:
-    """TinyFusion with other group shapes (same depth, recovery and scoring as the main table)."""
-    from slimdiff.eval.evaluate import generate
-    from slimdiff.methods.base import compress
-
+    """TinyFusion with other group shapes (same depth, recovery and scoring as the main table):
+    one bench per shape, since a bench gives its methods one ``keep``."""
     teacher = _teacher(args)
-    ref, _ = generate(teacher, args.samples, sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed)
     out = {}
     for keep in args.shapes.split(";"):
-        m = compress(teacher, "tinyfusion", 1.0, _ctx(args, work / f"tf-{keep.replace(':', 'of')}", args.kd, teacher),
-                     {"keep": keep, "search_steps": args.search_steps})
-        out[f"tinyfusion keep={keep}"] = {**_entry(m, teacher, ref, args, "tinyfusion"),
-                                          "probabilities": m.slimdiff_meta["extras"]["tinyfusion"]["probabilities"],
+        row, extras = _entry(_bench(args, teacher, work / f"tf-{keep.replace(':', 'of')}", ("tinyfusion",), keep),
+                             "tinyfusion")
+        out[f"tinyfusion keep={keep}"] = {**row, "probabilities": extras["probabilities"],
                                           "environment": _environment(args)}
     return out
 

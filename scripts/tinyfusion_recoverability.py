@@ -19,6 +19,12 @@ With a multi-group shape (``--keep 1:2``: six groups of two) only the search's c
 ranked by TinyFusion; first-k may then lie outside the shape's search space, which tells
 whether the shape or the objective loses. ``--sets`` adds explicit block sets.
 
+The candidates are explicit block sets, not methods, so they are not bench entries: each is
+cut and recovered with the package's depth machinery
+(:func:`slimdiff.compression.depth.extract_blocks`, :func:`slimdiff.methods.base.recover`),
+its loss measured in between, and scored with the protocol's
+:func:`~slimdiff.eval.evaluate.generate` / :func:`~slimdiff.eval.evaluate.score`.
+
 Writes ``bench/tinyfusion/recoverability_<k>of<depth>_r<recover steps>.json`` (one group) or
 ``recoverability_<N>of<M>_r<recover steps>.json`` (``--keep N:M`` over several groups).
 
@@ -81,9 +87,9 @@ def main() -> None:
     args = _args()
     import slimdiff
     from slimdiff.bench import write_json
+    from slimdiff.compression.depth import extract_blocks, group_options, parse_keep
     from slimdiff.eval.evaluate import generate, score
     from slimdiff.methods.base import Context, recover
-    from slimdiff.compression.depth import extract_blocks, group_options, parse_keep
     from slimdiff.methods.depth_baselines import select_blocks
     from slimdiff.methods.tinyfusion import SearchConfig, search
     from slimdiff.models.backbone import as_backbone
@@ -109,7 +115,8 @@ def main() -> None:
     sets = {f"set {s}": sorted(int(b) for b in s.split(",")) for s in args.sets}
     for name, kept in sets.items():
         if len(set(kept)) != k or not all(0 <= b < depth for b in kept):
-            raise SystemExit(f"--sets {name[4:]}: give {k} distinct block indices in 0..{depth - 1} (the depth --keep leaves)")
+            raise SystemExit(f"--sets {name[4:]}: give {k} distinct block indices in 0..{depth - 1} "
+                             "(the depth --keep leaves)")
     rng = random.Random(args.seed)
     others = {"first-k": list(range(k)), "stride": select_blocks("stride", depth, k),
               **{f"random {i}": sorted(rng.sample(range(depth), k)) for i in range(args.random)}, **sets}
@@ -141,8 +148,8 @@ def main() -> None:
         after, after_se = heldout_loss(model, args.loss_draws, args.seed)
         x, y = generate(model, args.samples)
         s = score(model, x, y, teacher, reference_samples=ref)
-        row = {"name": name, "kept": kept, "loss_before": before, "loss_after": after, "loss_after_se": after_se, "fd": s["fd"],
-               "class_acc": s["class_acc"], "ssim": s["ssim"], "cpu_s": time.process_time() - t0}
+        row = {"name": name, "kept": kept, "loss_before": before, "loss_after": after, "loss_after_se": after_se,
+               "fd": s["fd"], "class_acc": s["class_acc"], "ssim": s["ssim"], "cpu_s": time.process_time() - t0}
         rows.append(row)
         print(json.dumps(row), flush=True)
         write_json(dest, {**head, "complete": False, "rows": rows})  # after every row: an interrupted run resumes

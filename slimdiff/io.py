@@ -467,7 +467,7 @@ def _structure_for_save(model: nn.Module, arch: str, config: dict, record: Model
         raise UsageError(
             f"cannot save this {arch}: its layout is not a {arch} with changed widths/heads/depth "
             f"(keys not rebuildable from the config: {extra or 'none'}; keys it lacks: {missing or 'none'}); "
-            "save modules added by a method as data in slimdiff_meta['extras'] instead"
+            "save modules added by a method as data in the record's extras (methods.base.record) instead"
         )
     return structure
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimdiff.errors import UsageError
+from slimdiff.result import ModelRecord, set_record
 
 JUDGE_DIR = Path(__file__).resolve().parent.parent / "weights" / "digits-judge"
 TRAIN_COMMAND = "python scripts/train_judge.py"
@@ -158,7 +159,7 @@ def load_judge(path: str | Path | None = None) -> Judge:
     arch = json.loads(meta.read_text()).get("architecture", {})
     judge = Judge(num_classes=arch.get("num_classes", 10), width=arch.get("width", 32))
     judge.load_state_dict(load_file(str(weights)))
-    judge.slimdiff_meta = {"name": "digits-judge", "judge": json.loads(meta.read_text())}
+    set_record(judge, ModelRecord("digits-judge", provenance={"judge": json.loads(meta.read_text())}))
     return judge.eval()
 
 

@@ -1,7 +1,7 @@
 """DiP-GO (Zhu et al., NeurIPS 2024): a few-step-optimised pruner over a (step x block) reuse plan.
 
 The result is the **unchanged model plus a reuse plan** (:mod:`slimdiff.runtime.reuse`),
-saved in ``slimdiff_meta["extras"]["dipgo"]`` and re-applied by ``slimdiff.load``.
+saved in the model record's ``extras["dipgo"]`` and re-applied by ``slimdiff.load``.
 
 1. **SuperNet.** Every block at every step > 0 gets a "backup connection" to its own
    cached contribution from the previous step; a gate mixes fresh and cached values

@@ -66,6 +66,7 @@ from diffusers import DiTTransformer2DModel
 from slimdiff.errors import UsageError
 from slimdiff.models.dit import DiT, Mlp
 from slimdiff.models.dit import Attention as DiTAttention
+from slimdiff.result import record_of, set_record
 
 __all__ = ["dit_to_diffusers", "diffusers_to_dit"]
 
@@ -120,8 +121,8 @@ def _carry_over(src: nn.Module, dst: nn.Module) -> nn.Module:
     if p.dtype != torch.float32:  # built in float32; only cast when needed (diffusers warns on .to)
         dst = dst.to(dtype=p.dtype)
     dst.train(src.training)
-    if hasattr(src, "slimdiff_meta"):
-        dst.slimdiff_meta = copy.deepcopy(src.slimdiff_meta)
+    if hasattr(src, "slimdiff_meta"):  # the record travels with the weights
+        set_record(dst, copy.deepcopy(record_of(src)))
     return dst
 
 
