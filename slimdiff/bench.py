@@ -128,15 +128,16 @@ def entry_list(config: BenchConfig) -> list[tuple[str, str, float]]:
 
 
 def _check_options(methods: Sequence[str], options: dict[str, Any]) -> None:
-    """Every ``--option`` is declared by some benched method and converts to its type there,
-    before any entry runs (an option no method declares is an error, not silently dropped)."""
-    from slimdiff.methods import get_method, split_chain
+    """Before any entry runs: every ``--option`` is an option of some registered method (a typo
+    is an error, not silently dropped) and converts to its type in each benched method that
+    declares it (a benched method that does not declare it ignores it)."""
+    from slimdiff.methods import get_method, registry, split_chain
 
-    specs = {p: get_method(p) for m in methods for p in split_chain(m)}
-    unknown = set(options) - {o for s in specs.values() for o in s.options}
+    unknown = set(options) - {o for s in registry().values() for o in s.options}
     if unknown:
-        raise UsageError(f"option(s) {', '.join(sorted(unknown))} do not apply to any benched method "
-                         f"({', '.join(specs)}); see `slimdiff methods`")
+        raise UsageError(f"option(s) {', '.join(sorted(unknown))} are not an option of any method; "
+                         "see `slimdiff methods`")
+    specs = {p: get_method(p) for m in methods for p in split_chain(m)}
     for spec in specs.values():
         spec.make_config({k: v for k, v in options.items() if k in spec.options})
 

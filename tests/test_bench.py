@@ -152,7 +152,7 @@ def test_bench_reports_a_method_that_does_not_apply(tmp_path):
     (dict(methods=["no-such"]), "unknown method"),
     (dict(methods=["first-depth+nope"]), "unknown method"),
     (dict(samples=0), "--samples"),
-    (dict(options={"no_such": 1}), "no_such do not apply to any benched method"),
+    (dict(options={"no_such": 1}), "no_such are not an option of any method"),
     (dict(options={"opt_steps": "many"}), "opt_steps must be an integer"),
 ])
 def test_bench_bad_settings(kwargs, message, teacher_dir, tmp_path):

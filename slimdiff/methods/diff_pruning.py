@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from slimdiff.compression.calibration import calibration_batch, check_shape
 from slimdiff.compression.width import HEADS_HELP, draw_width, width_prune
+from slimdiff.budget import check_budget
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context
 from slimdiff.methods.spec import MethodSpec, option
@@ -185,7 +186,7 @@ def diff_pruning(model: nn.Module, budget: float, ctx: Context | None = None, th
     overrides the batch drawn from ``ctx.data``.
     """
     config = DIFF_PRUNING.make_config({"threshold": threshold, **options})
-    return compress(model, budget, ctx or Context(), config, calibration=calibration)
+    return compress(model, check_budget(budget), ctx or Context(), config, calibration=calibration)
 
 
 def speed_student(model: nn.Module, settings: SpeedSettings) -> nn.Module:
