@@ -367,8 +367,6 @@ def methods_(as_json: bool = typer.Option(False, "--json", help="print one JSON 
     """List the compression methods and baselines with their options (types, defaults, help)."""
     from dataclasses import asdict
 
-    from rich.table import Table
-
     from slimdiff.methods import registry
 
     if as_json:
@@ -377,13 +375,11 @@ def methods_(as_json: bool = typer.Option(False, "--json", help="print one JSON 
                                      for name, spec in sorted(registry().items())}, default=str) + "\n")
         return
 
-    table = Table(title="slimdiff methods (options: --option NAME=VALUE)", show_lines=True)
-    for col in ("method", "kind", "what", "options (default)"):
-        table.add_column(col, overflow="fold")
+    console = Console(soft_wrap=True, highlight=False)
     for name, spec in sorted(registry().items()):
-        options = "\n".join(f"{o.name}={o.default!s} ({o.type}): {o.help}" for o in spec.option_info())
-        table.add_row(name, spec.kind, spec.help, options or "-")
-    Console().print(table, highlight=False, markup=False)
+        console.print(f"{name:20s} [{spec.kind}] {spec.help}", markup=False)
+        for o in spec.option_info():  # compress / bench: --option NAME=VALUE
+            console.print(f"{'':22s}--option {o.name}={o.default!s} ({o.type}) {o.help}".rstrip(), markup=False)
 
 
 def _parse_options(items: list[str] | None) -> dict:

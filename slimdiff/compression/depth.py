@@ -117,6 +117,11 @@ def group_options(n: int, m: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- extraction
+def depth_prunable(model: nn.Module) -> bool:
+    """Whether depth pruning applies to ``model`` at all (it removes transformer blocks)."""
+    return as_backbone(model).is_transformer
+
+
 def check_depth_prunable(model: nn.Module, what: str = "depth pruning") -> Backbone:
     """The Backbone of ``model`` if its blocks can be removed, else :class:`UsageError`."""
     bb = as_backbone(model)

@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 
 from slimdiff.errors import UsageError
-from slimdiff.budget import BUDGET_TOLERANCE
+from slimdiff.budget import BUDGET_TOLERANCE, check_budget
 from slimdiff.methods.base import Context, record, recover, sampling_macs
 
 __all__ = [
@@ -340,6 +340,7 @@ def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor",
     from slimdiff.eval.compute import macs_forward
     from slimdiff.models.backbone import as_backbone
 
+    budget = check_budget(budget)  # a public entry point of its own
     try:  # trials prune shape-only copies: no memory and no arithmetic, whatever the model size
         shapes = meta_copy(model)
         base, table = macs_forward(shapes), group_table(shapes, heads)

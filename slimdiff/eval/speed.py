@@ -190,17 +190,19 @@ def _runtime_note(student: nn.Module, device: torch.device) -> dict | None:
 def bench_model(name: str, s: SpeedSettings, log: Callable[[str], None] = print) -> list[dict]:
     """Every applicable method on model ``name``: one entry per method."""
     from slimdiff.eval.compute import count_macs, latency_ratio, params
+    from slimdiff.methods import get_method
     from slimdiff.result import record_of
 
     device, dtype = torch.device(s.device), DTYPES[s.dtype]
     teacher = build_model(name, s.latent_size, s.seed).to(device)
     students: dict[str, tuple[nn.Module, float]] = {}
     for method in s.methods:
+        applies = get_method(method).applies
+        if applies is not None and not applies(teacher):  # TinyFusion, DyDiT on a UNet
+            log(f"{name}: {method} skipped (it does not apply to this model)")
+            continue
         log(f"{name}: building {method} at budget {s.budget}")
-        try:
-            students[method] = make_student(teacher, method, s)
-        except UsageError as e:  # the method does not apply to this model (TinyFusion, DyDiT on a UNet)
-            log(f"{name}: {method} skipped ({e})")
+        students[method] = make_student(teacher, method, s)
     teacher = _cast(teacher, dtype)
     entries = []
     for unit in ("forward", "sampling"):

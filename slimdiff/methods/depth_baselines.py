@@ -31,6 +31,7 @@ import torch.nn as nn
 from slimdiff.compression.depth import (
     check_depth_prunable,
     depth_for_budget,
+    depth_prunable,
     draw_depth,
     finish_depth,
     parse_keep,
@@ -154,4 +155,4 @@ _HELP = {
     "random": "keep k random blocks (seeded)",
 }
 SPECS = tuple(MethodSpec(f"{s}-depth", "depth", f"[baseline] {_HELP[s]}", functools.partial(_compress, s),
-                         DepthBaselineConfig, draw=draw_depth) for s in STRATEGIES)
+                         DepthBaselineConfig, draw=draw_depth, applies=depth_prunable) for s in STRATEGIES)

@@ -157,6 +157,16 @@ def cost_model(model: nn.Module, text_len: int | None = None) -> DyDiTCost:
 
 
 # --------------------------------------------------------------------------- backbones
+ROUTABLE = ("dit", "diffusers-dit", "pixart")  # backbone kinds DyDiT routes
+
+
+def routable(model: nn.Module) -> bool:
+    """Whether DyDiT applies to ``model`` (a transformer it has routed forwards for)."""
+    from slimdiff.models.backbone import as_backbone
+
+    return as_backbone(model).kind in ROUTABLE
+
+
 def as_routable(model: nn.Module) -> nn.Module:
     """A model DyDiT can route: our DiT as is, a diffusers DiT converted exactly to our DiT, a
     PixArt as is; a UNet (or anything else) is a clear :class:`UsageError`."""
@@ -392,7 +402,7 @@ def speed_student(model: nn.Module, settings: Any) -> nn.Module:
 
 DYDIT = MethodSpec("dydit", "dynamic",
                    "DyDiT: timestep-wise dynamic heads/MLP groups + per-token MLP skipping (trained routers)",
-                   compress, DyDiTConfig, restore=restore, draw=draw, speed_student=speed_student)
+                   compress, DyDiTConfig, restore=restore, draw=draw, speed_student=speed_student, applies=routable)
 dydit = DYDIT
 """``dydit(model, budget, ctx, config=None, **options)``: the method as a plain call."""
 SPECS = (DYDIT,)

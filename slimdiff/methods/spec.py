@@ -12,7 +12,9 @@ change in place and records what it did with :func:`slimdiff.methods.base.record
 ``restore(model, extras)`` re-applies runtime state on load (a reuse plan, routing tables);
 ``draw(name, extras, model, out, ctx) -> [files]`` draws the method's own picture for reports;
 ``speed_student(model, settings) -> nn.Module`` builds the untrained student the speed bench
-times (``None``: the method is not in the speed bench).
+times (``None``: the method is not in the speed bench); ``applies(model) -> bool`` says whether
+the method applies to a model at all (``None``: to every model), so the speed bench skips what
+does not apply and still fails loudly on a real error.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ class MethodSpec:
     restore: Callable[[nn.Module, Any], None] | None = None
     draw: Callable[..., list[Path]] | None = None
     speed_student: Callable[..., nn.Module] | None = None
+    applies: Callable[[nn.Module], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_ORDER:
@@ -101,7 +104,8 @@ class MethodSpec:
         values = {k: _convert(v, hints.get(k, Any), f"{self.name} option {k}") for k, v in settings.items()}
         return self.config(**values)
 
-    def __call__(self, model: nn.Module, budget: float, ctx: Any = None, config: Any = None, **options) -> nn.Module:
+    def __call__(self, model: nn.Module, budget: float, ctx: Any = None, *, config: Any = None,
+                 **options) -> nn.Module:
         """Run the method on ``model`` (in place) at ``budget``: ``config`` or its defaults, with
         ``options`` applied on top (``spec(model, 0.5, ctx, threshold=0.1)``)."""
         from slimdiff.budget import check_budget

@@ -53,6 +53,7 @@ from slimdiff.compression.depth import (
     Group,
     apply_depth_gates,
     check_depth_prunable,
+    depth_prunable,
     draw_depth,
     finish_depth,
     format_groups,
@@ -280,7 +281,8 @@ def speed_student(model: nn.Module, settings: Any) -> nn.Module:
 
 TINYFUSION = MethodSpec("tinyfusion", "depth",
                         "TinyFusion: learnable N:M depth pruning (Gumbel-softmax + LoRA recoverability)",
-                        compress, TinyFusionConfig, draw=draw_depth, speed_student=speed_student)
+                        compress, TinyFusionConfig, draw=draw_depth, speed_student=speed_student,
+                        applies=depth_prunable)
 tinyfusion = TINYFUSION
 """``tinyfusion(model, budget, ctx, keep=..., search_steps=...)``: the method as a plain call."""
 SPECS = (TINYFUSION,)
