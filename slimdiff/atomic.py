@@ -9,8 +9,9 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 def fsync(path: Path) -> None:
@@ -96,3 +97,32 @@ def _swap(tmp: Path, target: Path, backup: Path) -> None:
         os.rename(backup, target)
         raise
     fsync(target.parent)
+
+
+@contextmanager
+def exclusive(lock: Path, what: str) -> Iterator[None]:
+    """Hold an advisory lock on the file ``lock`` while the block runs, or refuse at once.
+
+    Two slimdiff runs writing into one output would interleave their checkpoints and results;
+    the second is refused at start with a :class:`UsageError` naming ``what``. The lock is
+    released when the block ends or the process dies (``kill -9`` included), so a crashed run
+    never blocks its own resume; the lock file is removed when the block ends.
+    """
+    import fcntl
+
+    from slimdiff.errors import UsageError
+
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"{what} is in use by another slimdiff run (lock {lock}); wait for it to finish, "
+                         "or choose another output") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)

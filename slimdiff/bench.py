@@ -103,10 +103,10 @@ def entry_key(method: str, budget: float) -> str:
 
 def _check_methods(methods: Sequence[str]) -> None:
     """Every method (or chain part) is registered: a :class:`UsageError` with suggestions otherwise."""
-    from slimdiff.methods import get_method
+    from slimdiff.methods import get_method, split_chain
 
     for m in methods:
-        for part in m.split("+"):
+        for part in split_chain(m):
             get_method(part)
 
 
@@ -270,12 +270,12 @@ class Bench:
     def run_entry(self, key: str, method: str, budget: float, teacher: nn.Module, ref: torch.Tensor) -> dict:
         """Compress, score against the teacher, time, draw; returns the entry's record."""
         from slimdiff.eval.evaluate import generate, score
-        from slimdiff.methods import get_method
+        from slimdiff.methods import get_method, split_chain
         from slimdiff.methods.base import compress
         from slimdiff.models.backbone import as_backbone
 
         c = self.config
-        parts = method.split("+")
+        parts = split_chain(method)
         kind = "+".join(get_method(p).kind for p in parts)
         base = {"method": method, "budget": budget, "kind": kind}
         options, recover_steps = self._plan(parts)
@@ -456,7 +456,11 @@ def entry_scores(entry: dict) -> dict:
 
 def run_bench(config: BenchConfig, out: str | Path) -> dict:
     """Run (or resume) a bench into ``out``; returns the results written to ``out/results.json``."""
-    return Bench(config, Path(out)).run()
+    from slimdiff.atomic import exclusive
+
+    out = Path(out)
+    with exclusive(out.parent / f".{out.name}.lock", f"bench directory {out}"):
+        return Bench(config, out).run()
 
 
 def summary_rows(results: dict) -> list[dict]:

@@ -291,6 +291,9 @@ def compress(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Compress a model to a compute budget with one method or a chain, and save the result."""
+    import shutil
+
+    from slimdiff.atomic import exclusive
     from slimdiff.eval.compute import params
     from slimdiff.io import check_output, save
     from slimdiff.result import record_of
@@ -304,15 +307,14 @@ def compress(
     settings = _merge_options({k: v for k, v in flags.items() if v is not None}, _parse_options(option))
     plan_chain(method, settings, recover_steps)  # fail on a typo or a bad option before loading anything
     check_output(out)  # and on an output that cannot take the result
-    m = _model(model, device)
-    work = out.parent / f".{out.name}.work"
-    ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps, kd=kd,
-                  batch_size=batch_size, lr=lr, work_dir=work, progress=not as_json)
-    result = run(m, method, b, ctx, settings)
-    path = save(result, out, overwrite=overwrite)
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)  # resumable work is only needed until the result is saved
+    with exclusive(out.parent / f".{out.name}.lock", f"--out {out}"):  # a second run into --out is refused
+        m = _model(model, device)
+        work = out.parent / f".{out.name}.work"
+        ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps,
+                      kd=kd, batch_size=batch_size, lr=lr, work_dir=work, progress=not as_json)
+        result = run(m, method, b, ctx, settings)
+        path = save(result, out, overwrite=overwrite)
+        shutil.rmtree(work, ignore_errors=True)  # resumable work is only needed until the result is saved
     if export_diffusers is not None:
         from slimdiff.io import export_diffusers as export
 

@@ -94,3 +94,23 @@ def test_recovery_resumes_after_kill(student, tmp_path, monkeypatch, capsys):
     assert cli_main(monkeypatch, *args, "-o", str(tmp_path / "run")) == 0
     assert f"at step {killed}" in capsys.readouterr().out
     _same_result(tmp_path / "ref", tmp_path / "run")
+
+
+def test_a_second_run_into_one_output_is_refused_at_start(student, tmp_path, monkeypatch, capsys):
+    """While a run holds ``--out`` (its lock), another compress or bench into it stops at once
+    with one line (exit 2) and writes nothing; the lock is gone when the holder ends."""
+    from slimdiff.atomic import exclusive
+    from slimdiff.bench import BenchConfig, run_bench
+    from slimdiff.errors import UsageError
+
+    out = tmp_path / "o"
+    lock = tmp_path / ".o.lock"
+    with exclusive(lock, "test holder"):
+        code = cli_main(monkeypatch, "compress", "--method", "first-depth", "--model", student, "-o", str(out))
+        assert code == 2 and "in use by another slimdiff run" in capsys.readouterr().err
+        with pytest.raises(UsageError, match="in use by another slimdiff run"):
+            run_bench(BenchConfig(model=student, methods=["first-depth"], samples=4, steps=2, progress=False), out)
+    assert not out.exists() and not lock.exists()
+    assert cli_main(monkeypatch, "compress", "--method", "first-depth", "--budget", "0.6", "--model", student,
+                    "-o", str(out)) == 0
+    assert not lock.exists() and (out / "slimdiff.json").is_file()
