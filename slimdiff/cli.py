@@ -175,19 +175,27 @@ def train(
 
 
 def _run_training(m, data: str, out: Path, resume: bool, *, diffusion=None, teacher=None, **config):
+    import os
+    from contextlib import nullcontext
+
+    from slimdiff.atomic import exclusive
     from slimdiff.data.datasets import get_dataset
     from slimdiff.io import check_output
     from slimdiff.models.backbone import as_backbone
     from slimdiff.train.checkpoint import find_checkpoint
     from slimdiff.train.trainer import TrainConfig, train
 
-    check_output(out / "model")
-    if not resume and find_checkpoint(out) is not None:  # starting over would overwrite finished steps
-        raise UsageError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it, "
-                         "or choose another --out to start a new run")
-    bb = as_backbone(m)
-    dataset = get_dataset(data, size=bb.sample_size, channels=bb.in_channels)
-    return train(m, dataset, TrainConfig(**config), out, teacher=teacher, resume=resume, diffusion=diffusion)
+    # the first process holds the run directory (the other processes of a multi-process run share it)
+    first = os.environ.get("RANK", "0") == "0"
+    lock = exclusive(out.parent / f".{out.name}.lock", f"--out {out}") if first else nullcontext()
+    with lock:
+        check_output(out / "model")
+        if not resume and find_checkpoint(out) is not None:  # starting over would overwrite finished steps
+            raise UsageError(f"{out} holds a checkpoint of an earlier run; pass --resume to continue it, "
+                             "or choose another --out to start a new run")
+        bb = as_backbone(m)
+        dataset = get_dataset(data, size=bb.sample_size, channels=bb.in_channels)
+        return train(m, dataset, TrainConfig(**config), out, teacher=teacher, resume=resume, diffusion=diffusion)
 
 
 @app.command()

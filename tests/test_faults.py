@@ -97,7 +97,7 @@ def test_recovery_resumes_after_kill(student, tmp_path, monkeypatch, capsys):
 
 
 def test_a_second_run_into_one_output_is_refused_at_start(student, tmp_path, monkeypatch, capsys):
-    """While a run holds ``--out`` (its lock), another compress or bench into it stops at once
+    """While a run holds ``--out`` (its lock), another compress, bench or train into it stops at once
     with one line (exit 2) and writes nothing; the lock is gone when the holder ends."""
     from slimdiff.atomic import exclusive
     from slimdiff.bench import BenchConfig, run_bench
@@ -110,6 +110,8 @@ def test_a_second_run_into_one_output_is_refused_at_start(student, tmp_path, mon
         assert code == 2 and "in use by another slimdiff run" in capsys.readouterr().err
         with pytest.raises(UsageError, match="in use by another slimdiff run"):
             run_bench(BenchConfig(model=student, methods=["first-depth"], samples=4, steps=2, progress=False), out)
+        code = cli_main(monkeypatch, "train", "--data", "digits", "--model", "DiT-M/2", "--steps", "1", "-o", str(out))
+        assert code == 2 and "in use by another slimdiff run" in capsys.readouterr().err
     assert not out.exists() and not lock.exists()
     assert cli_main(monkeypatch, "compress", "--method", "first-depth", "--budget", "0.6", "--model", student,
                     "-o", str(out)) == 0
