@@ -119,7 +119,8 @@ def info(
 @app.command()
 def train(
     data: str = typer.Option("digits", help="'digits', an image folder, or a .npz/.safetensors latents file"),
-    model: str = typer.Option("DiT-T/2", help="a DiT size name (random init) or a model to continue from"),
+    model: str = typer.Option("DiT-T/2", help="a DiT size name (random init) or a model to continue from (a "
+                                               "directory or shipped name: it keeps its own size and diffusion config)"),
     input_size: Optional[int] = typer.Option(None, help="image/latent size (default: from --data; digits = 8)"),
     in_channels: Optional[int] = typer.Option(None, help="channels (default: from --data; digits = 1)"),
     num_classes: Optional[int] = typer.Option(None, help="classes (default: from --data; digits = 10)"),
@@ -144,6 +145,7 @@ def train(
     from slimdiff.data.datasets import get_dataset
     from slimdiff.diffusion.schedulers import DiffusionConfig
     from slimdiff.io import save
+    from slimdiff.models.registry import takes_options
     from slimdiff.result import record_of, set_record
 
     probe = get_dataset(data, size=input_size or 8)
@@ -159,9 +161,13 @@ def train(
     import torch
 
     torch.manual_seed(seed)  # the random init is part of the recipe
-    m = _model(model, device, **kwargs)
+    fresh = takes_options(model)  # a size name or .pt is built for the data; a saved model is continued as it is
+    m = _model(model, device, **(kwargs if fresh else {}))
     record = record_of(m)
-    record.diffusion = diffusion.to_dict()
+    if fresh or record.diffusion is None:
+        record.diffusion = diffusion.to_dict()
+    else:
+        diffusion = DiffusionConfig.from_dict(record.diffusion)
     set_record(m, record)
     m = _run_training(m, data, out, resume, diffusion=diffusion, steps=steps, batch_size=batch_size, lr=lr,
                       warmup_steps=warmup, lr_schedule=schedule, ema_decay=ema, cfg_dropout=cfg_dropout,

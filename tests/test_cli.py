@@ -95,3 +95,13 @@ def test_finetune_with_output_kd_saves_a_loadable_model(tiny_digits_model, tmp_p
     assert tuned.slimdiff_meta["finetune"]["kd"] == "output"
     before = slimdiff.load(tiny_digits_model)
     assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), tuned.state_dict().values()))
+
+
+def test_train_continues_a_saved_model(tiny_digits_model, tmp_path):
+    """``train --model DIR`` continues that model (its size and diffusion config), not a fresh one."""
+    run("train", "--data", "digits", "--model", str(tiny_digits_model), "--steps", "2", "--batch-size", "8",
+        "--warmup", "1", "--ema", "0", "-o", str(tmp_path / "run"))
+    before, after = slimdiff.load(str(tiny_digits_model)), slimdiff.load(str(tmp_path / "run" / "model"))
+    assert before.state_dict().keys() == after.state_dict().keys()
+    assert any(not torch.equal(before.state_dict()[k], v) for k, v in after.state_dict().items())
+    assert after.slimdiff_meta["diffusion"] == before.slimdiff_meta["diffusion"]

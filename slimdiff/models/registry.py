@@ -48,6 +48,18 @@ def available_names() -> list[str]:
     return shipped + list(DiT_models)
 
 
+def takes_options(path_or_name: str | os.PathLike) -> bool:
+    """Whether :func:`load_model` builds ``path_or_name`` from options (a DiT size name or an
+    official ``.pt`` checkpoint) rather than loading a complete model (a directory or a shipped name)."""
+    from slimdiff.models.dit import DiT_models
+
+    spec = os.fspath(path_or_name)
+    path = Path(spec).expanduser()
+    if path.is_dir() or (spec and "/" not in spec and (shipped_dir(spec) / "slimdiff.json").is_file()):
+        return False
+    return _size_name(spec, DiT_models) is not None or path.suffix.lower() == ".pt"
+
+
 def load_model(path_or_name: str | os.PathLike, *, allow_hub: bool = False, **kwargs) -> nn.Module:
     """Load a model from a local directory, a shipped name, a DiT size name, an official
     DiT ``.pt`` checkpoint or (opt-in) a Hub name; see the module docs for the order.
