@@ -100,8 +100,9 @@ def _swap(tmp: Path, target: Path, backup: Path) -> None:
 
 
 @contextmanager
-def exclusive(lock: Path, what: str) -> Iterator[None]:
-    """Hold an advisory lock on the file ``lock`` while the block runs, or refuse at once.
+def exclusive(target: Path, what: str) -> Iterator[None]:
+    """Hold an advisory lock on the output ``target`` (the file ``.<name>.lock`` beside it)
+    while the block runs, or refuse at once.
 
     Two slimdiff runs writing into one output would interleave their checkpoints and results;
     the second is refused at start with a :class:`UsageError` naming ``what``. The lock is
@@ -112,7 +113,8 @@ def exclusive(lock: Path, what: str) -> Iterator[None]:
 
     from slimdiff.errors import UsageError
 
-    lock = Path(lock)
+    target = Path(target)
+    lock = target.parent / f".{target.name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -459,7 +459,7 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
     from slimdiff.atomic import exclusive
 
     out = Path(out)
-    with exclusive(out.parent / f".{out.name}.lock", f"bench directory {out}"):
+    with exclusive(out, f"bench directory {out}"):
         return Bench(config, out).run()
 
 

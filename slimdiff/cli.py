@@ -193,7 +193,7 @@ def _run_training(m, data: str, out: Path, resume: bool, *, diffusion=None, teac
 
     # the first process holds the run directory (the other processes of a multi-process run share it)
     first = os.environ.get("RANK", "0") == "0"
-    lock = exclusive(out.parent / f".{out.name}.lock", f"--out {out}") if first else nullcontext()
+    lock = exclusive(out, f"--out {out}") if first else nullcontext()
     with lock:
         check_output(out / "model")
         if not resume and find_checkpoint(out) is not None:  # starting over would overwrite finished steps
@@ -311,10 +311,10 @@ def compress(
 
     from slimdiff.atomic import exclusive
     from slimdiff.eval.compute import params
-    from slimdiff.io import check_output, save
-    from slimdiff.result import record_of
     from slimdiff.budget import check_budget
+    from slimdiff.io import check_output, save
     from slimdiff.methods.base import Context, plan_chain
+    from slimdiff.result import record_of
     from slimdiff.methods.base import compress as run
 
     b = check_budget(budget)
@@ -323,7 +323,7 @@ def compress(
     settings = _merge_options({k: v for k, v in flags.items() if v is not None}, _parse_options(option))
     plan_chain(method, settings, recover_steps)  # fail on a typo or a bad option before loading anything
     check_output(out)  # and on an output that cannot take the result
-    with exclusive(out.parent / f".{out.name}.lock", f"--out {out}"):  # a second run into --out is refused
+    with exclusive(out, f"--out {out}"):  # a second run into --out is refused
         m = _model(model, device)
         work = out.parent / f".{out.name}.work"
         ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps,

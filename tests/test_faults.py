@@ -105,7 +105,8 @@ def test_a_second_run_into_one_output_is_refused_at_start(student, tmp_path, mon
 
     out = tmp_path / "o"
     lock = tmp_path / ".o.lock"
-    with exclusive(lock, "test holder"):
+    with exclusive(out, "test holder"):
+        assert lock.exists()
         code = cli_main(monkeypatch, "compress", "--method", "first-depth", "--model", student, "-o", str(out))
         assert code == 2 and "in use by another slimdiff run" in capsys.readouterr().err
         with pytest.raises(UsageError, match="in use by another slimdiff run"):

@@ -31,8 +31,8 @@ import torch.nn as nn
 from slimdiff.budget import ForwardCost, chain_step_budget, check_budget
 from slimdiff.errors import UsageError
 from slimdiff.methods import get_method, split_chain
-from slimdiff.result import record_of, set_record
 from slimdiff.methods.spec import KIND_ORDER, MethodSpec
+from slimdiff.result import record_of, set_record
 
 
 @dataclass
@@ -141,11 +141,11 @@ def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Con
     plan = plan_chain(methods, settings, ctx.recover_steps)
     ctx.teacher = ctx.teacher or model
     original = sampling_macs(model, ctx)
-    result = copy.deepcopy(model)
+    result, macs = copy.deepcopy(model), original
     for i, (spec, config) in enumerate(plan):
-        step_budget = chain_step_budget(budget, sampling_macs(result, ctx) / original, len(plan) - i)
+        step_budget = chain_step_budget(budget, macs / original, len(plan) - i)
         result = spec.compress(result, step_budget, ctx, config)
-    macs = sampling_macs(result, ctx)
+        macs = sampling_macs(result, ctx)  # what the chain has reached so far (end to end)
     rec = record_of(result)
     rec.result.measured = {**rec.result.measured, "budget": budget, "macs_sampling": macs,
                            "macs_ratio": macs / original, "original_macs_sampling": original,
