@@ -74,7 +74,7 @@ def quality(s: dict, work: Path, spec: str) -> dict:
             benches[threshold] = Bench(config, work / f"threshold-{threshold:g}", model, save_models=True)
         return benches[threshold]
 
-    rows = {"teacher": {k: v for k, v in bench(s["threshold"]).teacher()[1].items() if k != "eval_wall_s"}}
+    rows = {"teacher": entry_scores(bench(s["threshold"]).teacher()[1])}
     jobs = {f"diff-pruning@{s['threshold']}": ("diff-pruning", s["threshold"]),
             "diff-pruning@0": ("diff-pruning", 0.0),
             "random-width": ("random-width", s["threshold"]), "magnitude-width": ("magnitude-width", s["threshold"])}

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import slimdiff
-from slimdiff.bench import Bench, BenchConfig, entry_key
+from slimdiff.bench import Bench, BenchConfig, entry_key, entry_scores
 from slimdiff.eval.models import build_model
 from slimdiff.eval.report import reuse_plan
 from slimdiff.eval.speed import environment
@@ -45,7 +45,7 @@ def quality(args, out: Path) -> dict:
                          steps=args.steps, cfg=args.cfg, recover_steps=0, options={"opt_steps": args.opt_steps},
                          progress=False, device="cpu")
     bench = Bench(config, out / "bench", model, fresh=True)
-    teacher_scores = {k: v for k, v in bench.teacher()[1].items() if k != "eval_wall_s"}
+    teacher_scores = entry_scores(bench.teacher()[1])
     entries = bench.run_entries()
     res: dict = {"teacher": name, "sampler": "ddim", "steps": args.steps, "cfg": args.cfg, "samples": args.samples,
                  "budgets": {}, "teacher_scores": teacher_scores}

@@ -64,10 +64,11 @@ def quality(args, out: Path) -> dict:
         return record_of(slimdiff.load(bench.model_dir(entry_key(entry["method"], entry["budget"])))).result.measured
 
     dyn = bench.run_entries()[entry_key("dydit", args.budget)]
-    ratio = measured(dyn)["macs_ratio"]
+    dyn_measured = measured(dyn)
+    ratio = dyn_measured["macs_ratio"]
     res = {"teacher": name, "budget": args.budget, "train_steps": args.train_steps, "tune": args.tune,
-           "teacher_eval": {k: v for k, v in bench.teacher()[1].items() if k != "eval_wall_s"},
-           "dydit": {**entry_scores(dyn), "measured": measured(dyn), "cpu_seconds": dyn["compress_cpu_s"]}}
+           "teacher_eval": entry_scores(bench.teacher()[1]),
+           "dydit": {**entry_scores(dyn), "measured": dyn_measured, "cpu_seconds": dyn["compress_cpu_s"]}}
     static = None
     for method in STATIC:
         try:

@@ -102,17 +102,21 @@ def _row(measured: dict, scores: dict) -> dict:
     return {"kept_blocks": measured["kept_blocks"], **measured, **{k: scores[k] for k in SCORES}}
 
 
-def _entry(bench, method: str) -> tuple[dict, dict]:
-    """The table row of ``method``'s entry (run now, or read back), and what the method
-    recorded in its saved student (``extras``)."""
+def _entry(bench, method: str) -> dict:
+    """The table row of ``method``'s entry (run now, or read back)."""
+    from slimdiff.bench import entry_key
+
+    entry = bench.run_entries([(method, BUDGET)])[entry_key(method, BUDGET)]
+    return _row(entry["chain"][-1]["measured"], entry)
+
+
+def _extras(bench, method: str) -> dict:
+    """What ``method`` recorded in its saved student (``extras``: TinyFusion's search log)."""
     import slimdiff
     from slimdiff.bench import entry_key
     from slimdiff.result import record_of
 
-    key = entry_key(method, BUDGET)
-    entry = bench.run_entries([(method, BUDGET)])[key]
-    extras = record_of(slimdiff.load(bench.model_dir(key))).result.extras[method]
-    return _row(entry["chain"][-1]["measured"], entry), extras
+    return record_of(slimdiff.load(bench.model_dir(entry_key(method, BUDGET)))).result.extras[method]
 
 
 def quality(args, work: Path) -> tuple[dict, dict]:
@@ -127,9 +131,9 @@ def quality(args, work: Path) -> tuple[dict, dict]:
     teacher, teacher_scores, ref = bench.teacher()
     depth = len(teacher.blocks) if hasattr(teacher, "blocks") else None
     results: dict = {"teacher": {"depth": depth, **{k: teacher_scores[k] for k in SCORES}}}
-    results["tinyfusion"], search = _entry(bench, "tinyfusion")
+    results["tinyfusion"], search = _entry(bench, "tinyfusion"), _extras(bench, "tinyfusion")
     for name in BASELINES:
-        results[name] = _entry(bench, name)[0]
+        results[name] = _entry(bench, name)
     protocol = dict(sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed)
     kd_results = {}
     for kd in KD_MODES:
@@ -160,8 +164,8 @@ def other_shapes(args, work: Path) -> dict:
     teacher = _teacher(args)
     out = {}
     for keep in args.shapes.split(";"):
-        row, extras = _entry(_bench(args, teacher, work / f"tf-{keep.replace(':', 'of')}", ("tinyfusion",), keep),
-                             "tinyfusion")
+        shape_bench = _bench(args, teacher, work / f"tf-{keep.replace(':', 'of')}", ("tinyfusion",), keep)
+        row, extras = _entry(shape_bench, "tinyfusion"), _extras(shape_bench, "tinyfusion")
         out[f"tinyfusion keep={keep}"] = {**row, "probabilities": extras["probabilities"],
                                           "environment": _environment(args)}
     return out

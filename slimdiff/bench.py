@@ -101,13 +101,20 @@ def entry_key(method: str, budget: float) -> str:
     return f"{method}@{budget:g}"
 
 
-def _check_methods(methods: Sequence[str]) -> None:
-    """Every method (or chain part) is registered: a :class:`UsageError` with suggestions otherwise."""
-    from slimdiff.methods import get_method, split_chain
+def _check(methods: Sequence[str], options: dict[str, Any]) -> None:
+    """Before any entry runs: every method (or chain part) is registered (a :class:`UsageError`
+    with suggestions otherwise); every ``--option`` is an option of some registered method (a
+    typo is an error, not silently dropped) and converts to its type in each benched method that
+    declares it (a benched method that does not declare it ignores it)."""
+    from slimdiff.methods import get_method, registry, split_chain
 
-    for m in methods:
-        for part in split_chain(m):
-            get_method(part)
+    specs = {p: get_method(p) for m in methods for p in split_chain(m)}
+    unknown = set(options) - {o for s in registry().values() for o in s.options}
+    if unknown:
+        raise UsageError(f"option(s) {', '.join(sorted(unknown))} are not an option of any method; "
+                         "see `slimdiff methods`")
+    for spec in specs.values():
+        spec.make_config({k: v for k, v in options.items() if k in spec.options})
 
 
 def entry_list(config: BenchConfig) -> list[tuple[str, str, float]]:
@@ -122,24 +129,8 @@ def entry_list(config: BenchConfig) -> list[tuple[str, str, float]]:
         raise UsageError("no methods to bench; pass --methods (see `slimdiff methods`)")
     if not config.budgets:
         raise UsageError("no budgets to bench; pass --budgets 0.5,0.25")
-    _check_methods(methods)
-    _check_options(methods, config.options)
+    _check(methods, config.options)
     return [(entry_key(m, b), m, b) for b in config.budgets for m in methods]
-
-
-def _check_options(methods: Sequence[str], options: dict[str, Any]) -> None:
-    """Before any entry runs: every ``--option`` is an option of some registered method (a typo
-    is an error, not silently dropped) and converts to its type in each benched method that
-    declares it (a benched method that does not declare it ignores it)."""
-    from slimdiff.methods import get_method, registry, split_chain
-
-    unknown = set(options) - {o for s in registry().values() for o in s.options}
-    if unknown:
-        raise UsageError(f"option(s) {', '.join(sorted(unknown))} are not an option of any method; "
-                         "see `slimdiff methods`")
-    specs = {p: get_method(p) for m in methods for p in split_chain(m)}
-    for spec in specs.values():
-        spec.make_config({k: v for k, v in options.items() if k in spec.options})
 
 
 def _filename(key: str) -> str:
@@ -341,7 +332,7 @@ class Bench:
         if entries is None:
             todo = self.entries
         else:
-            _check_methods([m for m, _ in entries])
+            _check([m for m, _ in entries], self.config.options)
             todo = [(entry_key(m, b), m, b) for m, b in ((m, check_budget(b)) for m, b in entries)]
         teacher, _, ref = self.teacher()
         done: dict[str, dict] = {}

@@ -98,12 +98,10 @@ def recover(model: nn.Module, ctx: Context, tag: str, **train_kwargs) -> nn.Modu
     """
     if ctx.recover_steps <= 0:
         return model
-    from slimdiff.data.datasets import get_dataset
-    from slimdiff.models.backbone import as_backbone
+    from slimdiff.compression.calibration import model_dataset
     from slimdiff.train.trainer import TrainConfig, train
 
-    bb = as_backbone(model)
-    dataset = get_dataset(ctx.data, size=bb.sample_size, channels=bb.in_channels)
+    dataset = model_dataset(model, ctx)
     cfg = TrainConfig(steps=ctx.recover_steps, batch_size=ctx.batch_size, lr=ctx.lr, lr_schedule="constant",
                       kd=ctx.kd, seed=ctx.seed, checkpoint_every=max(1, ctx.recover_steps // 4), **train_kwargs)
     work = Path(ctx.work_dir or "runs/compress") / f"recover-{tag}-{fingerprint(model)[:12]}"

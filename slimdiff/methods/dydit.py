@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from slimdiff.errors import UsageError
+from slimdiff.compression.calibration import model_dataset
 from slimdiff.compression.lora import add_lora, merge_lora
 from slimdiff.methods.base import Context, record, recover
 from slimdiff.methods.spec import MethodSpec, option
@@ -172,15 +173,15 @@ def as_routable(model: nn.Module) -> nn.Module:
     PixArt as is; a UNet (or anything else) is a clear :class:`UsageError`."""
     from slimdiff.models.backbone import as_backbone
 
-    bb = as_backbone(model)
-    if bb.kind in ("dit", "pixart"):
-        return model
-    if bb.kind == "diffusers-dit":
+    kind = as_backbone(model).kind
+    if not routable(model):
+        raise UsageError(f"DyDiT routes attention heads, MLP channels and tokens of a transformer; a {kind} UNet "
+                         "has none: use diff-pruning or dipgo for UNets")
+    if kind == "diffusers-dit":
         from slimdiff.models.convert import diffusers_to_dit
 
         return diffusers_to_dit(model)
-    raise UsageError(f"DyDiT routes attention heads, MLP channels and tokens of a transformer; a {bb.kind} UNet "
-                     "has none: use diff-pruning or dipgo for UNets")
+    return model
 
 
 # --------------------------------------------------------------------------- training
@@ -208,14 +209,14 @@ def _add_lora(model: nn.Module, rank: int) -> None:
 
 def train_routers(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfig, cost: DyDiTCost) -> nn.Module:
     """Train the dynamic model toward ``budget`` with the shared trainer (see the module docs)."""
-    from slimdiff.data.datasets import get_dataset, text_shape
+    from slimdiff.data.datasets import text_shape
     from slimdiff.diffusion.losses import diffusion_loss
     from slimdiff.models.backbone import as_backbone
     from slimdiff.train.trainer import TrainConfig, check_conditioning, train
 
     routing = routing_of(model)
     bb = as_backbone(model)
-    dataset = get_dataset(ctx.data, size=bb.sample_size, channels=bb.in_channels)
+    dataset = model_dataset(model, ctx)
     check_conditioning(bb, dataset)  # before any work: text models need caption embeddings of the right width
     shape = text_shape(dataset) if bb.conditioning == "text" else None
     if shape is not None and shape[0] != bb.text_len:  # cross-attention cost follows the caption length

@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from slimdiff.models.backbone import Backbone, as_backbone
-
 KD_MODES = ("none", "output", "hidden", "masked")
 
 
@@ -21,6 +19,9 @@ class HiddenCapture:
     """Forward hooks that keep the outputs of chosen backbone blocks during one forward."""
 
     def __init__(self, model: nn.Module, indices: list[int]):
+        from slimdiff.models.backbone import Backbone, as_backbone  # lazy: the CLI imports the trainer at start
+
+        self._block_output = Backbone.block_output
         blocks = as_backbone(model).blocks
         bad = [i for i in indices if not 0 <= i < len(blocks)]
         if bad:
@@ -32,7 +33,7 @@ class HiddenCapture:
 
     def _hook(self, i: int):
         def hook(_module, _inputs, output):
-            self.outputs[i] = Backbone.block_output(output)
+            self.outputs[i] = self._block_output(output)
 
         return hook
 
