@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -39,6 +40,14 @@ OPT_STEPS = 150
 optimisation). On digits-dit at budget 0.5 (DDIM 50, 2000 samples) 30 DiP-GO steps left long
 stale reuse runs (FD 8.9, SSIM 0.985 to the teacher, bench/digits); 150 steps gave FD 5.8,
 SSIM 0.997 (bench/dipgo/opt_steps_150.json). The reference runs 500."""
+
+
+def check_opt_steps(opt_steps: Any) -> int:
+    """A learned planner's optimisation steps, checked (``None``: :data:`OPT_STEPS`)."""
+    steps = OPT_STEPS if opt_steps is None else opt_steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise UsageError(f"--opt-steps must be a non-negative integer, got {opt_steps!r}")
+    return steps
 
 
 # --------------------------------------------------------------------------- post-processing

@@ -82,6 +82,7 @@ from torch.utils.checkpoint import checkpoint
 
 from slimdiff.compression.reuse_plans import (
     OPT_STEPS,
+    check_opt_steps,
     check_postprocess,
     draw_plan,
     finish,
@@ -394,10 +395,7 @@ def _check_options(opt_steps: Any, loss: Any) -> tuple[int, str]:
     loss = "ssim" if loss is None else str(loss).lower()
     if loss not in LOSSES:
         raise UsageError(f"unknown --loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    steps = OPT_STEPS if opt_steps is None else opt_steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise UsageError(f"--opt-steps must be a non-negative integer, got {opt_steps!r}")
-    return steps, loss
+    return check_opt_steps(opt_steps), loss
 
 
 # --------------------------------------------------------------------------- method

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from slimdiff.compression.reuse_plans import (
     OPT_STEPS,
+    check_opt_steps,
     draw_plan,
     finish,
     prepare,
@@ -163,9 +164,7 @@ class L2CConfig:
 def _l2c(model: nn.Module, budget: float, ctx: Context, config: L2CConfig) -> nn.Module:
     """Train the router, threshold it to ``budget`` with DiP-GO's post-processing."""
     batch, lam = config.batch, config.lam
-    opt_steps = OPT_STEPS if config.opt_steps is None else config.opt_steps  # None: the default, as for DiP-GO
-    if not isinstance(opt_steps, int) or opt_steps < 0:
-        raise UsageError(f"--opt-steps must be a non-negative integer, got {opt_steps!r}")
+    opt_steps = check_opt_steps(config.opt_steps)
     costs = prepare(model, budget, ctx)
     start = time.process_time()
     apply_block_reuse(model, ReusePlan.full(ctx.sampler, ctx.steps, model))

@@ -48,16 +48,29 @@ def available_names() -> list[str]:
     return shipped + list(DiT_models)
 
 
+def _source(spec: str) -> str | None:
+    """What :func:`load_model` reads ``spec`` as, in its order: ``dir``, ``shipped``, ``size``,
+    ``pt`` or ``hub`` (``None``: nothing it can load)."""
+    from slimdiff.models.dit import DiT_models
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "dir"
+    if spec and "/" not in spec and (shipped_dir(spec) / "slimdiff.json").is_file():
+        return "shipped"
+    if _size_name(spec, DiT_models) is not None:
+        return "size"
+    if path.suffix.lower() == ".pt":
+        return "pt"
+    if _HUB_NAME.match(spec) and not path.exists():
+        return "hub"
+    return None
+
+
 def takes_options(path_or_name: str | os.PathLike) -> bool:
     """Whether :func:`load_model` builds ``path_or_name`` from options (a DiT size name or an
     official ``.pt`` checkpoint) rather than loading a complete model (a directory or a shipped name)."""
-    from slimdiff.models.dit import DiT_models
-
-    spec = os.fspath(path_or_name)
-    path = Path(spec).expanduser()
-    if path.is_dir() or (spec and "/" not in spec and (shipped_dir(spec) / "slimdiff.json").is_file()):
-        return False
-    return _size_name(spec, DiT_models) is not None or path.suffix.lower() == ".pt"
+    return _source(os.fspath(path_or_name)) in ("size", "pt")
 
 
 def load_model(path_or_name: str | os.PathLike, *, allow_hub: bool = False, **kwargs) -> nn.Module:
@@ -72,25 +85,26 @@ def load_model(path_or_name: str | os.PathLike, *, allow_hub: bool = False, **kw
 
     spec = os.fspath(path_or_name)
     path = Path(spec).expanduser()
-    if path.is_dir():
+    source = _source(spec)
+    if source == "dir":
         _no_kwargs(spec, kwargs, "a model directory")
         return _load_dir(path)
-    if spec and "/" not in spec and (shipped_dir(spec) / "slimdiff.json").is_file():
+    if source == "shipped":
         _no_kwargs(spec, kwargs, "a shipped model")
         model = _load_dir(shipped_dir(spec)).float()  # shipped weights are stored in fp16 to stay small
         return set_record(model, replace(record_of(model), name=spec))
-    size = _size_name(spec, DiT_models)
-    if size is not None:
+    if source == "size":
+        size = _size_name(spec, DiT_models)
         try:
             model = DiT_models[size](**kwargs)
         except TypeError as e:
             raise UsageError(f"bad options for {size}: {e}; pass DiTConfig fields such as input_size=8, in_channels=1, num_classes=10") from e
         return set_record(model, ModelRecord(size, DiffusionConfig().to_dict())).eval()
-    if path.suffix.lower() == ".pt":
+    if source == "pt":
         if not path.is_file():
             raise UsageError(f"{path}: no such checkpoint file; pass the path of an official DiT .pt file")
         return _load_official(path, load_official, kwargs)
-    if _HUB_NAME.match(spec) and not path.exists():
+    if source == "hub":
         return _load_hub(spec, allow_hub, kwargs)
     close = difflib.get_close_matches(spec, available_names(), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""

@@ -326,9 +326,9 @@ class DyDiTRouting(nn.Module):
     def build_tables(self, model: nn.Module, timesteps: Iterable[float], info: dict | None = None) -> None:
         """Precompute the width decisions at every timestep of a sampling schedule."""
         self.tables = {}
+        bb, device = as_backbone(model), next(model.parameters()).device
         for tv in timesteps:
-            t = torch.tensor([float(tv)], device=next(model.parameters()).device)
-            temb = as_backbone(model).embed_timesteps(t)
+            temb = bb.embed_timesteps(torch.tensor([float(tv)], device=device))
             self.tables[float(tv)] = [self._decide(r, temb.float()) for r in self.routers]
         self.table_info = dict(info or {})
         self._memo = {}

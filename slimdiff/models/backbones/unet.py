@@ -61,23 +61,24 @@ class UNetBackbone(DiffusersBackbone):
         return [m for m in self.module.modules()
                 if isinstance(m, (nn.Linear, nn.Conv2d)) and m is not self.module.conv_out]
 
+    def _stages(self) -> tuple[list[str], list[str], list[str]]:
+        """Names of the down stages, the mid block (if any) and the up stages."""
+        m = self.module
+        downs = [f"down_blocks.{i}" for i in range(len(m.down_blocks))]
+        mid = ["mid_block"] if getattr(m, "mid_block", None) is not None else []
+        return downs, mid, [f"up_blocks.{i}" for i in range(len(m.up_blocks))]
+
     def reuse_units(self) -> list[tuple[str, nn.Module]]:
         """The stages ``down_blocks.i``, ``mid_block``, ``up_blocks.i`` (the granularity of DiP-GO's SD code)."""
-        m = self.module
-        names = [f"down_blocks.{i}" for i in range(len(m.down_blocks))]
-        if getattr(m, "mid_block", None) is not None:
-            names.append("mid_block")
-        names += [f"up_blocks.{i}" for i in range(len(m.up_blocks))]
-        return [(n, m.get_submodule(n)) for n in names]
+        downs, mid, ups = self._stages()
+        return [(n, self.module.get_submodule(n)) for n in downs + mid + ups]
 
     def block_readers(self) -> dict[str, list[str]]:
         """Down block ``i`` feeds the next down block (or the mid block) and, through its
         ``len(resnets) + downsamplers`` skip features, the up blocks that pop them from the end
         of the skip stack (``len(resnets)`` each) -- exactly diffusers' UNet forward."""
         m = self.module
-        downs = [f"down_blocks.{i}" for i in range(len(m.down_blocks))]
-        ups = [f"up_blocks.{i}" for i in range(len(m.up_blocks))]
-        mid = ["mid_block"] if getattr(m, "mid_block", None) is not None else []
+        downs, mid, ups = self._stages()
         chain = downs + mid + ups
         readers: dict[str, list[str]] = {n: [chain[i + 1]] for i, n in enumerate(chain[:-1])}
         readers[chain[-1]] = ["output"]
