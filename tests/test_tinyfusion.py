@@ -100,6 +100,20 @@ def test_depth_for_budget_is_the_largest_depth_within_budget(budget, tmp_path):
         depth_for_budget(model, 0.01, ctx)
 
 
+def test_depth_cost_model_is_the_measured_line(tmp_path):
+    """``DepthCost.macs(k)`` (the cost model of depth pruning) equals the measured sampling MACs
+    of the first ``k`` blocks for every ``k`` of a uniform DiT."""
+    from slimdiff.budget import CostModel
+    from slimdiff.compression.depth import DepthCost
+
+    model, ctx = FACTORIES["dit"](), _ctx(tmp_path)
+    cost = DepthCost.measure(model, ctx)
+    assert isinstance(cost, CostModel)
+    for k in range(1, cost.depth + 1):
+        measured = sampling_macs(extract_blocks(copy.deepcopy(model), list(range(k))), ctx)
+        assert cost.macs(k) == pytest.approx(measured, rel=1e-9)
+
+
 # --------------------------------------------------------------------------- extraction
 @pytest.mark.parametrize("kind", sorted(FACTORIES))
 def test_extracted_equals_masked_exactly(kind):
