@@ -9,13 +9,32 @@ labels, and scores each against the teacher's samples from the same noise. It wr
   the same settings keeps them and computes only what is missing (an interrupted entry's
   recovery resumes from its trainer checkpoint under ``work/``);
 - ``results.json`` (every number, library versions, seeds, machine, git commit),
-  ``report.md``, ``pareto.png`` (MACs vs FD, every point labelled), ``samples.png``
+  ``report.md`` (with the paired verdicts), ``pareto.png`` (MACs vs FD, every point labelled), ``samples.png``
   (teacher and every student from the same noise) and ``pictures/<key>/`` (each method's
   own picture).
 
 Scripts run their own lists of entries with :meth:`Bench.run_entries` (``(method, budget)``
 pairs, against ``config.model`` or a model passed in; ``save_models`` keeps each student)
 and read the records (:func:`entry_key`, :func:`entry_scores`).
+
+Seeds (``seeds``, default 5): every entry is scored on several seeds -- each its own noise and
+its own assignment of the balanced class labels to the noises (seed 0 keeps the classic
+protocol: label ``i % K``, so a 1-seed bench is the old one) -- each paired with the teacher's
+samples from the same seed. An entry records ``fd_seeds``, ``class_acc_seeds``, ``ssim_seeds``,
+``psnr_seeds``, their mean as ``fd`` etc. and the half-width of the 95% interval as
+``fd_ci95`` etc.; ``results.json`` holds paired differences for named pairs
+(:func:`pair_verdicts`) and the report prints a claim only where the paired interval excludes
+zero. The teacher's samples of every seed are cached in the bench directory and reused by every
+entry and every later invocation.
+
+Recovery length: with ``long_recover_steps`` (about ten times ``recover_steps``) every static
+entry (width, depth, dynamic) is also run with that recovery, keyed ``method@budget/rN``, in the
+same table, so that a reader sees which rankings flip with recovery length.
+
+Realised compute: ``macs_ratio`` is measured on one sampling call (seed 0);
+``macs_ratio_realised`` is counted over the bench's own first ``realised_samples`` samples of
+seed 0 (the noise and labels the entry is scored on), which is what a routed or input-dependent
+model really costs on data the calibration did not see.
 
 Equal recovery: weight-changing methods get ``recover_steps`` fine-tuning steps. DyDiT
 trains its routers *with* the weights, so it gets ``train_steps = recover_steps`` in place
@@ -44,10 +63,15 @@ from slimdiff.utils import resolve_device
 DEMO_METHODS = ("diff-pruning", "tinyfusion", "dydit", "dipgo")
 DEFAULT_CHAINS = ("tinyfusion+dipgo",)
 ENTRY_FIELDS = ("method", "budget", "kind", "skipped", "options", "recover_steps", "wall_ratio", "compress_cpu_s",
-                "compress_wall_s", "eval_wall_s", "chain", "extras", "pictures")
+                "compress_wall_s", "eval_wall_s", "chain", "extras", "pictures", "kept_blocks")
 """The fields :meth:`Bench.run_entry` records around the scores (:func:`entry_scores`)."""
 PROTOCOL = ("model", "sampler", "steps", "cfg", "seed", "samples", "recover_steps", "batch_size", "lr", "kd", "data",
-            "options")
+            "options", "seeds", "long_recover_steps", "realised_samples")
+LEGACY_PROTOCOL = {"seeds": 1, "long_recover_steps": None, "realised_samples": None}
+"""What a ``bench.json`` written before these settings existed was run with."""
+SEED_STRIDE = 100_003  # seed i of a bench is seed + i * SEED_STRIDE (generate() uses seed + 1000 * batch)
+SEED_METRICS = ("fd", "class_acc", "ssim", "psnr")
+STATIC_KINDS = {"depth", "width", "dynamic"}
 
 
 @dataclass
@@ -62,12 +86,16 @@ class BenchConfig:
     steps: int = 50
     cfg: float = 1.0
     seed: int = 0
+    seeds: int = 5  # scored on this many seeds, each paired with the teacher's samples from the same seed
     recover_steps: int = 300
+    long_recover_steps: int | None = None  # static entries also at this recovery length (about 10x)
+    realised_samples: int = 64  # samples of seed 0 over which macs_ratio_realised is counted
     batch_size: int = 64
     lr: float = 2e-4
     kd: str = "none"
     data: str = "digits"
     options: dict[str, Any] = field(default_factory=dict)  # method options, given to the methods that declare them
+    pairs: list[str] = field(default_factory=list)  # extra verdict pairs "A@0.5:B@0.5" (entry keys)
     latency_batch: int = 16
     latency_repeats: int = 3
     grid: int = 10
@@ -80,9 +108,24 @@ class BenchConfig:
             raise UsageError(f"--samples must be >= 1, got {self.samples}")
         if self.recover_steps < 0:
             raise UsageError(f"--recover-steps must be >= 0, got {self.recover_steps}")
+        if self.seeds < 1:
+            raise UsageError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.realised_samples < 1:
+            raise UsageError(f"realised_samples must be >= 1, got {self.realised_samples}")
+        if self.long_recover_steps is not None and self.long_recover_steps <= self.recover_steps:
+            raise UsageError(f"--long-recover-steps ({self.long_recover_steps}) must be larger than --recover-steps "
+                             f"({self.recover_steps}); about 10x is the point")
+        for pair in self.pairs:
+            if pair.count(":") != 1 or not all(pair.split(":")):
+                raise UsageError(f"a verdict pair is two entry keys 'A@0.5:B@0.5', got {pair!r}")
 
     def protocol(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k in PROTOCOL}
+
+    def seed_list(self) -> list[tuple[int, int | None]]:
+        """``(noise seed, label seed)`` of every bench seed; seed 0 keeps the labels ``i % K``."""
+        return [(self.seed + i * SEED_STRIDE, None if i == 0 else self.seed + i * SEED_STRIDE)
+                for i in range(self.seeds)]
 
 
 def demo_config(**overrides) -> BenchConfig:
@@ -91,14 +134,15 @@ def demo_config(**overrides) -> BenchConfig:
     TinyFusion keeps its default 500 search steps (about 3 CPU-minutes): with 50, its search
     learned poor block sets at both ``6:12`` and ``3:6`` (demo FD 214 and 303, against 10 for the
     500-step search's choice in the full bench)."""
-    base = dict(budgets=[0.5], methods=list(DEMO_METHODS), samples=500, recover_steps=50,
+    base = dict(budgets=[0.5], methods=list(DEMO_METHODS), samples=500, recover_steps=50, seeds=1,
                 options={"opt_steps": 10})
     return BenchConfig(**{**base, **overrides})
 
 
-def entry_key(method: str, budget: float) -> str:
-    """The key of a bench entry: ``tinyfusion+dipgo@0.25``."""
-    return f"{method}@{budget:g}"
+def entry_key(method: str, budget: float, recover_steps: int | None = None) -> str:
+    """The key of a bench entry: ``tinyfusion+dipgo@0.25``; ``diff-pruning@0.5/r3000`` for a
+    static entry run with the long recovery (``recover_steps``)."""
+    return f"{method}@{budget:g}" + (f"/r{recover_steps}" if recover_steps is not None else "")
 
 
 def _check(methods: Sequence[str], options: dict[str, Any]) -> None:
@@ -117,8 +161,15 @@ def _check(methods: Sequence[str], options: dict[str, Any]) -> None:
         spec.make_config({k: v for k, v in options.items() if k in spec.options})
 
 
-def entry_list(config: BenchConfig) -> list[tuple[str, str, float]]:
-    """``(key, method-or-chain, budget)`` for every entry; keys look like ``tinyfusion+dipgo@0.25``."""
+def _static(method: str) -> bool:
+    from slimdiff.methods import get_method, split_chain
+
+    return any(get_method(p).kind in STATIC_KINDS for p in split_chain(method))
+
+
+def entry_list(config: BenchConfig) -> list[tuple[str, str, float, int | None]]:
+    """``(key, method-or-chain, budget, long recovery or None)`` for every entry; keys look like
+    ``tinyfusion+dipgo@0.25`` (and ``diff-pruning@0.5/r3000`` with ``long_recover_steps``)."""
     from slimdiff.methods import KIND_ORDER, registry
 
     specs = registry()
@@ -130,7 +181,11 @@ def entry_list(config: BenchConfig) -> list[tuple[str, str, float]]:
     if not config.budgets:
         raise UsageError("no budgets to bench; pass --budgets 0.5,0.25")
     _check(methods, config.options)
-    return [(entry_key(m, b), m, b) for b in config.budgets for m in methods]
+    long = config.long_recover_steps
+    entries = [(entry_key(m, b), m, b, None) for b in config.budgets for m in methods]
+    if long is not None:
+        entries += [(entry_key(m, b, long), m, b, long) for b in config.budgets for m in methods if _static(m)]
+    return entries
 
 
 def _filename(key: str) -> str:
@@ -177,10 +232,13 @@ class Bench:
     script's random stand-in; ``config.model`` then only names it). ``save_models``: also save
     each new entry's student to ``models/<key>/`` (:meth:`model_dir`). ``fresh``: remove an
     earlier bench in ``out`` first (a measurement that must not read back old entries).
+    ``sample_cache``: a directory where the teacher's sample sets are kept, keyed by the
+    teacher's weights and the sampling settings, so that several bench directories (a script
+    runs one per option value) sample the teacher once (default: ``out`` itself).
     """
 
     def __init__(self, config: BenchConfig, out: Path, teacher: nn.Module | None = None, *, save_models: bool = False,
-                 fresh: bool = False):
+                 fresh: bool = False, sample_cache: Path | None = None):
         from rich.console import Console
 
         self.config, self.out = config, Path(out)
@@ -189,7 +247,8 @@ class Bench:
         self.console = Console(stderr=True, quiet=not config.progress)
         self.entries = entry_list(config)
         self.save_models = save_models
-        self._model, self._teacher = teacher, None
+        self.sample_cache = Path(sample_cache) if sample_cache is not None else None
+        self._model, self._teacher, self._teacher_macs = teacher, None, None
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -197,7 +256,7 @@ class Bench:
         path = self.out / "bench.json"
         mine = json.loads(json.dumps(self.config.protocol()))
         if path.exists():
-            theirs = json.loads(path.read_text())
+            theirs = {**LEGACY_PROTOCOL, **json.loads(path.read_text())}
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             if diff:
                 raise UsageError(f"{self.out} holds bench results made with other settings ({', '.join(diff)}); "
@@ -209,30 +268,57 @@ class Bench:
                 raise UsageError(f"cannot write the bench directory {self.out} ({e.strerror}); pass a writable -o") from None
 
     # -- the teacher -----------------------------------------------------------------
-    def teacher(self) -> tuple[nn.Module, dict, torch.Tensor]:
-        """The teacher, its scores and its samples (computed once, then read back)."""
+    def teacher(self) -> tuple[nn.Module, dict, list[torch.Tensor]]:
+        """The teacher, its scores (over every seed) and its samples of every seed (computed
+        once, then read back)."""
         if self._teacher is None:
             self._teacher = self._load_teacher()
         return self._teacher
 
-    def _load_teacher(self) -> tuple[nn.Module, dict, torch.Tensor]:
+    def _teacher_samples(self, model: nn.Module, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's samples of bench seed ``i``: read from the cache, or sampled and cached."""
+        from slimdiff.eval.evaluate import generate
+
+        c = self.config
+        seed, label_seed = c.seed_list()[i]
+        if self.sample_cache is None:
+            path = self.out / ("teacher_samples.safetensors" if i == 0 else f"teacher_samples_s{i}.safetensors")
+        else:
+            import hashlib
+
+            from slimdiff.methods.base import fingerprint
+
+            settings = json.dumps([fingerprint(model), c.sampler, c.steps, c.cfg, c.samples, seed, label_seed])
+            path = self.sample_cache / f"teacher-{hashlib.sha256(settings.encode()).hexdigest()[:20]}.safetensors"
+        if path.exists():
+            t = load_tensors(path)
+            return t["x"], t.get("y")
+        x, y = generate(model, c.samples, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=seed, progress=c.progress,
+                        label_seed=label_seed)
+        save_tensors(path, {"x": x, **({"y": y} if y is not None else {})})
+        return x, y
+
+    def _load_teacher(self) -> tuple[nn.Module, dict, list[torch.Tensor]]:
         from slimdiff import load
-        from slimdiff.eval.evaluate import generate, score
+        from slimdiff.eval.evaluate import score
 
         c = self.config
         model = (self._model if self._model is not None else load(c.model)).to(resolve_device(c.device))
         model.eval()
-        path, scores = self.out / "teacher_samples.safetensors", self.out / "entries" / "teacher.json"
-        if path.exists() and scores.exists():
-            return model, json.loads(scores.read_text()), load_tensors(path)["x"]
-        self.console.print(f"[bold]teacher[/bold] {c.model}: {c.samples} samples")
+        scores = self.out / "entries" / "teacher.json"
+        if scores.exists():
+            return model, json.loads(scores.read_text()), [self._teacher_samples(model, i)[0] for i in range(c.seeds)]
+        self.console.print(f"[bold]teacher[/bold] {c.model}: {c.samples} samples x {c.seeds} seeds")
         start = time.perf_counter()
-        x, y = generate(model, c.samples, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed, progress=c.progress)
-        result = score(model, x, y, None, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed)
+        refs, per_seed = [], []
+        for i, (seed, _) in enumerate(c.seed_list()):
+            x, y = self._teacher_samples(model, i)
+            per_seed.append(score(model, x, y, None, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=seed))
+            refs.append(x)
+        result = seed_scores(per_seed)
         result["eval_wall_s"] = time.perf_counter() - start
-        save_tensors(path, {"x": x, **({"y": y} if y is not None else {})})
         write_json(scores, result)
-        return model, result, x
+        return model, result, refs
 
     # -- one entry -------------------------------------------------------------------
     def _context(self, key: str, teacher: nn.Module, recover_steps: int):
@@ -243,23 +329,26 @@ class Bench:
                        recover_steps=recover_steps, kd=c.kd, batch_size=c.batch_size, lr=c.lr,
                        work_dir=self.out / "work" / _filename(key), progress=c.progress, teacher=teacher)
 
-    def _plan(self, parts: list[str]) -> tuple[dict, int]:
-        """The options each method declares, and the recovery steps: ``recover_steps`` when a
-        static (depth/width) method changes weights; dynamic methods train that many steps
-        instead; reuse methods keep the weights."""
+    def _plan(self, parts: list[str], recover: int | None = None) -> tuple[dict, int]:
+        """The options each method declares, and the recovery steps: ``recover_steps`` (or the
+        long ``recover``) when a static (depth/width) method changes weights; dynamic methods
+        train that many steps instead; reuse methods keep the weights."""
         from slimdiff.methods import get_method
 
         entries = [get_method(p) for p in parts]
         declared = {o for e in entries for o in e.options}
         options = {k: v for k, v in self.config.options.items() if k in declared}
         kinds = {e.kind for e in entries}
+        steps = self.config.recover_steps if recover is None else recover
         if "dynamic" in kinds:
-            options.setdefault("train_steps", self.config.recover_steps)
+            options.setdefault("train_steps", steps)
             return options, 0
-        return options, self.config.recover_steps if kinds & {"depth", "width"} else 0
+        return options, steps if kinds & {"depth", "width"} else 0
 
-    def run_entry(self, key: str, method: str, budget: float, teacher: nn.Module, ref: torch.Tensor) -> dict:
-        """Compress, score against the teacher, time, draw; returns the entry's record."""
+    def run_entry(self, key: str, method: str, budget: float, teacher: nn.Module, refs: list[torch.Tensor],
+                  recover: int | None = None) -> dict:
+        """Compress, score against the teacher on every seed, time, draw; returns the entry's
+        record. ``refs``: the teacher's samples of every seed; ``recover``: the long recovery."""
         from slimdiff.eval.evaluate import generate, score
         from slimdiff.methods import get_method, split_chain
         from slimdiff.methods.base import compress
@@ -269,7 +358,7 @@ class Bench:
         parts = split_chain(method)
         kind = "+".join(get_method(p).kind for p in parts)
         base = {"method": method, "budget": budget, "kind": kind}
-        options, recover_steps = self._plan(parts)
+        options, recover_steps = self._plan(parts, recover)
         ctx = self._context(key, teacher, recover_steps)
         cpu, wall = time.process_time(), time.perf_counter()
         try:
@@ -279,12 +368,18 @@ class Bench:
         compress_cpu, compress_wall = time.process_time() - cpu, time.perf_counter() - wall
         student.eval()
         start = time.perf_counter()
-        x, y = generate(student, c.samples, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed,
-                        progress=c.progress)
-        scores = score(student, x, y, teacher, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed,
-                       reference_samples=ref)
+        per_seed = []
+        for i, ((seed, label_seed), ref) in enumerate(zip(c.seed_list(), refs)):
+            x, y = generate(student, c.samples, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=seed,
+                            progress=c.progress, label_seed=label_seed)
+            per_seed.append(score(student, x, y, teacher, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=seed,
+                                  reference_samples=ref))
+            if i == 0:
+                save_tensors(self.out / "samples" / f"{_filename(key)}.safetensors", {"x": x[: c.grid]})
+        scores = seed_scores(per_seed)
+        scores["params_ratio"] = scores["params"] / scores["reference_params"]
+        scores["macs_ratio_realised"] = self.realised_ratio(teacher, student)
         eval_wall = time.perf_counter() - start
-        save_tensors(self.out / "samples" / f"{_filename(key)}.safetensors", {"x": x[: c.grid]})
         pictures = method_pictures(student, self.out / "pictures" / _filename(key), steps=c.steps, cfg=c.cfg,
                                    depth=len(as_backbone(teacher).blocks))
         if self.save_models:
@@ -292,7 +387,9 @@ class Bench:
 
             save(student, self.model_dir(key), overwrite=True)
         result = record_of(student).result
+        kept = [e.measured["kept_blocks"] for e in result.chain if (e.measured or {}).get("kept_blocks") is not None]
         return {**base, **scores, "options": options, "recover_steps": ctx.recover_steps,
+                **({"kept_blocks": kept[-1]} if kept else {}),
                 "wall_ratio": self.wall_ratio(teacher, student),
                 "compress_cpu_s": compress_cpu, "compress_wall_s": compress_wall, "eval_wall_s": eval_wall,
                 "chain": [e.to_dict() for e in result.chain],
@@ -303,6 +400,24 @@ class Bench:
     def model_dir(self, key: str) -> Path:
         """Where ``save_models`` keeps the student of entry ``key``."""
         return self.out / "models" / _filename(key)
+
+    def realised_ratio(self, teacher: nn.Module, student: nn.Module) -> float:
+        """MACs of sampling the bench's first ``realised_samples`` samples of seed 0 (its own
+        noise and labels) with the student / the teacher's, counted by
+        ``torch.utils.flop_counter``: what an input-dependent model (routing, caches) costs on
+        samples its calibration did not see."""
+        from slimdiff.eval.compute import count_macs
+        from slimdiff.eval.evaluate import generate
+
+        c = self.config
+        n = min(c.realised_samples, c.samples)
+
+        def macs(m: nn.Module) -> int:
+            return count_macs(generate, m, n, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=c.seed)
+
+        if self._teacher_macs is None:
+            self._teacher_macs = macs(teacher)
+        return macs(student) / self._teacher_macs
 
     def wall_ratio(self, teacher: nn.Module, student: nn.Module) -> float:
         """Sampling wall time of the student / the teacher's: interleaved repeats, same process."""
@@ -324,26 +439,30 @@ class Bench:
         return timing["student"]["ratio"]
 
     # -- the whole run ---------------------------------------------------------------
-    def run_entries(self, entries: Sequence[tuple[str, float]] | None = None, *,
+    def run_entries(self, entries: Sequence[tuple] | None = None, *,
                     after: Callable[[dict[str, dict]], None] | None = None) -> dict[str, dict]:
-        """Run ``entries`` -- ``(method or chain, budget)`` pairs; default: the config's -- and
-        return their records by key (:func:`entry_key`). A finished entry is read back from
-        ``entries/<key>.json``; ``after(done so far)`` runs after each newly computed one."""
+        """Run ``entries`` -- ``(method or chain, budget)`` pairs, or ``(method, budget,
+        recover_steps)`` for a static entry with another recovery length; default: the
+        config's -- and return their records by key (:func:`entry_key`). A finished entry is read
+        back from ``entries/<key>.json``; ``after(done so far)`` runs after each newly computed one."""
         if entries is None:
             todo = self.entries
         else:
-            _check([m for m, _ in entries], self.config.options)
-            todo = [(entry_key(m, b), m, b) for m, b in ((m, check_budget(b)) for m, b in entries)]
-        teacher, _, ref = self.teacher()
+            _check([e[0] for e in entries], self.config.options)
+            todo = []
+            for m, b, *rest in entries:
+                recover = rest[0] if rest else None
+                todo.append((entry_key(m, check_budget(b), recover), m, check_budget(b), recover))
+        teacher, _, refs = self.teacher()
         done: dict[str, dict] = {}
-        for i, (key, method, budget) in enumerate(todo, 1):
+        for i, (key, method, budget, recover) in enumerate(todo, 1):
             path = self.out / "entries" / f"{_filename(key)}.json"
             if path.exists():
                 done[key] = json.loads(path.read_text())
                 self.console.print(f"[dim][{i}/{len(todo)}] {key}: done earlier[/dim]")
                 continue
             self.console.print(f"[bold][{i}/{len(todo)}] {key}[/bold]")
-            record = self.run_entry(key, method, budget, teacher, ref)
+            record = self.run_entry(key, method, budget, teacher, refs, recover)
             write_json(path, record)
             shutil.rmtree(self.out / "work" / _filename(key), ignore_errors=True)
             done[key] = record
@@ -366,16 +485,17 @@ class Bench:
         from slimdiff.eval.report import markdown, pareto, sample_rows
 
         c = self.config
-        pending = [key for key, _, _ in self.entries if key not in done]
+        pending = [key for key, *_ in self.entries if key not in done]
         results = {"config": asdict(c), "environment": environment(), "teacher": teacher_scores, "entries": done,
                    "pending": pending,
                    "chains": chain_verdicts(done),
+                   "pairs": pair_verdicts(done, c.pairs),
                    "pictures": {k: e["pictures"] for k, e in done.items() if e.get("pictures")}}
         points = {k: (e["macs_ratio"], e["fd"]) for k, e in done.items() if not e.get("skipped")}
         points["teacher"] = (1.0, teacher_scores["fd"])
         pareto(points, self.out / "pareto.png", reference_fd=teacher_scores["fd"], floor=teacher_scores["fd_floor"],
                title=f"{c.model}: {c.sampler} x{c.steps}, {c.samples} samples, recovery {c.recover_steps} steps")
-        rows = {"teacher": load_tensors(self.out / "teacher_samples.safetensors")["x"][: c.grid]}
+        rows = {"teacher": self.teacher()[2][0][: c.grid]}
         for key in done:
             f = self.out / "samples" / f"{_filename(key)}.safetensors"
             if f.exists():
@@ -397,6 +517,56 @@ def chain_verdicts(entries: dict[str, dict]) -> dict[str, dict]:
         best = min(singles, key=singles.get) if singles else None
         out[key] = {"budget": e["budget"], "fd": e["fd"], "best_single": best,
                     "best_single_fd": singles.get(best), "beats_every_single": bool(singles) and e["fd"] < min(singles.values())}
+    return out
+
+
+def seed_scores(per_seed: list[dict]) -> dict:
+    """One record from :func:`slimdiff.eval.evaluate.score`'s per-seed results: the first
+    seed's record, with ``fd_seeds`` (etc.: :data:`SEED_METRICS`) the per-seed values, ``fd``
+    their mean and ``fd_ci95`` the half-width of its 95% interval (``None`` for one seed), and
+    ``seeds`` the noise seeds."""
+    from slimdiff.eval.stats import summary
+
+    out = dict(per_seed[0])
+    out["seeds"] = [r["seed"] for r in per_seed]
+    for metric in SEED_METRICS:
+        values = [r.get(metric) for r in per_seed]
+        if any(v is None for v in values):
+            continue
+        stats = summary(values)
+        out.update({f"{metric}_seeds": values, metric: stats["mean"], f"{metric}_ci95": stats["ci95"]})
+    return out
+
+
+def default_pairs(entries: dict[str, dict]) -> list[tuple[str, str]]:
+    """The pairs the report judges, at each budget and recovery length: every paper method
+    (:data:`DEMO_METHODS`) against every baseline of its kind, and every chain against every
+    single method."""
+    pairs = []
+    live = {k: e for k, e in entries.items() if not e.get("skipped") and e.get("fd_seeds")}
+    for a, ea in live.items():
+        for b, eb in live.items():
+            if a == b or ea["budget"] != eb["budget"] or ("/r" in a) != ("/r" in b):  # same recovery length
+                continue
+            chain = "+" in ea["method"] and "+" not in eb["method"]
+            paper = ea["method"] in DEMO_METHODS and ea["kind"] == eb["kind"] and eb["method"] not in DEMO_METHODS
+            if chain or paper:
+                pairs.append((a, b))
+    return pairs
+
+
+def pair_verdicts(entries: dict[str, dict], extra: Sequence[str] = ()) -> dict[str, dict]:
+    """Seed-paired FD differences (:func:`slimdiff.eval.stats.paired`) for :func:`default_pairs`
+    and the ``extra`` pairs ``"A:B"``; each with its one-line verdict."""
+    from slimdiff.eval.stats import paired, verdict
+
+    out = {}
+    for a, b in [*default_pairs(entries), *(tuple(p.split(":")) for p in extra)]:
+        ea, eb = entries.get(a), entries.get(b)
+        if not ea or not eb or not ea.get("fd_seeds") or not eb.get("fd_seeds") or ea["seeds"] != eb["seeds"]:
+            continue
+        pair = paired(ea["fd_seeds"], eb["fd_seeds"], "fd")
+        out[f"{a} vs {b}"] = {**pair, "a": a, "b": b, "verdict": verdict(a, b, pair)}
     return out
 
 
@@ -445,13 +615,14 @@ def entry_scores(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if k not in ENTRY_FIELDS}
 
 
-def run_bench(config: BenchConfig, out: str | Path) -> dict:
-    """Run (or resume) a bench into ``out``; returns the results written to ``out/results.json``."""
+def run_bench(config: BenchConfig, out: str | Path, sample_cache: str | Path | None = None) -> dict:
+    """Run (or resume) a bench into ``out``; returns the results written to ``out/results.json``.
+    ``sample_cache``: see :class:`Bench`."""
     from slimdiff.atomic import exclusive
 
     out = Path(out)
     with exclusive(out, f"bench directory {out}"):
-        return Bench(config, out).run()
+        return Bench(config, out, sample_cache=Path(sample_cache) if sample_cache else None).run()
 
 
 def summary_rows(results: dict) -> list[dict]:
@@ -459,7 +630,9 @@ def summary_rows(results: dict) -> list[dict]:
     rows = [{"entry": "teacher", "macs_ratio": 1.0, "fd": results["teacher"]["fd"],
              "class_acc": results["teacher"]["class_acc"]}]
     for key, e in results["entries"].items():
-        rows.append({"entry": key, "macs_ratio": e.get("macs_ratio"), "fd": e.get("fd"), "class_acc": e.get("class_acc"),
+        rows.append({"entry": key, "macs_ratio": e.get("macs_ratio"), "macs_ratio_realised": e.get("macs_ratio_realised"),
+                     "params_ratio": e.get("params_ratio"), "fd": e.get("fd"), "fd_ci95": e.get("fd_ci95"),
+                     "class_acc": e.get("class_acc"),
                      "ssim": e.get("ssim"), "wall_ratio": e.get("wall_ratio"), "compress_cpu_s": e.get("compress_cpu_s"),
                      **({"skipped": e["skipped"]} if e.get("skipped") else {})})
     return rows

@@ -466,6 +466,13 @@ def bench(
     kd: str = typer.Option("none", help="recovery loss: none | output | hidden | masked"),
     option: Optional[list[str]] = typer.Option(None, help="method option NAME=VALUE, repeatable (e.g. opt_steps=30)"),
     seed: int = typer.Option(0),
+    seeds: int = typer.Option(5, help="score every entry on this many seeds (noise and labels), paired with the "
+                                      "teacher's samples of the same seed; verdicts need the interval to exclude 0"),
+    long_recover_steps: Optional[int] = typer.Option(None, help="also run every static (width/depth/dynamic) entry "
+                                                                "with this recovery length (about 10x --recover-steps)"),
+    pair: Optional[list[str]] = typer.Option(None, help="an extra verdict pair of entry keys A@0.5:B@0.5, repeatable"),
+    sample_cache: Optional[Path] = typer.Option(None, help="folder where the teacher's sample sets are kept across "
+                                                           "bench directories (default: the output folder)"),
     out: Path = BENCH_OUT,
     device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -478,8 +485,9 @@ def bench(
                          methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                          samples=samples, sampler=sampler, steps=steps, cfg=cfg, recover_steps=recover_steps,
                          batch_size=batch_size, lr=lr, kd=kd, options=_parse_options(option), seed=seed,
+                         seeds=seeds, long_recover_steps=long_recover_steps, pairs=list(pair or []),
                          progress=not as_json, device=device)
-    _bench_table(run_bench(config, out), as_json, out)
+    _bench_table(run_bench(config, out, sample_cache=sample_cache), as_json, out)
 
 
 @app.command()

@@ -21,7 +21,7 @@ from slimdiff.errors import UsageError
 
 METHODS = ["magnitude-width", "first-depth", "dipgo", "first-depth+dipgo"]
 FAST = dict(budgets=[0.5], samples=20, steps=3, recover_steps=2, batch_size=8, latency_batch=2, latency_repeats=1,
-            options={"opt_steps": 2}, progress=False)
+            options={"opt_steps": 2}, progress=False, seeds=2)
 NUMBERS = ("macs_ratio", "fd", "class_acc", "ssim", "psnr", "params", "macs_sampling")
 
 
@@ -174,7 +174,7 @@ def test_cli_bench_json_reads_back_a_finished_run(teacher_dir, uninterrupted):
     results, out = uninterrupted
     cli = CliRunner().invoke(app, ["bench", "--model", str(teacher_dir), "--budgets", "0.5", "--methods",
                                    ",".join(METHODS), "--samples", "20", "--steps", "3", "--recover-steps", "2",
-                                   "--batch-size", "8", "--option", "opt_steps=2", "-o", str(out), "--json"])
+                                   "--batch-size", "8", "--option", "opt_steps=2", "--seeds", "2", "-o", str(out), "--json"])
     assert cli.exit_code == 0, cli.output
     rows = {r["entry"]: r for r in json.loads(cli.stdout.strip().splitlines()[-1])["rows"]}
     assert rows["dipgo@0.5"]["fd"] == results["entries"]["dipgo@0.5"]["fd"]
@@ -191,3 +191,55 @@ def test_readme_bench_section_is_generated_from_the_committed_results():
     text = (root / "README.md").read_text()
     block = text[text.index(README_START): text.index(README_END) + len(README_END)]
     assert block == readme_block(json.loads(committed.read_text()), "bench/digits")
+
+
+def test_entries_are_scored_on_paired_seeds(uninterrupted):
+    """Every entry holds its per-seed values, their mean and interval; the teacher's samples of
+    every seed are cached; the named pairs carry seed-paired differences and a verdict line."""
+    from slimdiff.eval.stats import summary
+
+    results, out = uninterrupted
+    assert results["teacher"]["seeds"] == [0, 100_003] and (out / "teacher_samples_s1.safetensors").exists()
+    for key, e in results["entries"].items():
+        assert e["seeds"] == results["teacher"]["seeds"], key
+        assert len(e["fd_seeds"]) == 2 and e["fd"] == pytest.approx(summary(e["fd_seeds"])["mean"]), key
+        assert e["fd_ci95"] == pytest.approx(summary(e["fd_seeds"])["ci95"]) and e["fd_ci95"] > 0, key
+        assert 0 < e["macs_ratio_realised"] <= 0.5 * 1.1 and 0 < e["params_ratio"] <= 1, key
+    pair = results["pairs"]["first-depth+dipgo@0.5 vs dipgo@0.5"]
+    chain, single = results["entries"]["first-depth+dipgo@0.5"], results["entries"]["dipgo@0.5"]
+    assert pair["diff_seeds"] == pytest.approx([a - b for a, b in zip(chain["fd_seeds"], single["fd_seeds"])])
+    assert "dipgo@0.5 vs magnitude-width@0.5" not in results["pairs"]  # not the same kind
+    assert results["entries"]["first-depth@0.5"]["kept_blocks"] == [0, 1]
+    report = (out / "report.md").read_text()
+    assert "## Verdicts (FD, paired over 2 seeds" in report and pair["verdict"] in report
+
+
+def test_seed_zero_is_the_single_seed_protocol(teacher_dir, uninterrupted, tmp_path):
+    """A 1-seed bench scores exactly the first seed of a multi-seed one (labels i % K, same noise)."""
+    results, _ = uninterrupted
+    one = run_bench(BenchConfig(model=str(teacher_dir), methods=["dipgo"], **{**FAST, "seeds": 1}), tmp_path / "one")
+    assert one["entries"]["dipgo@0.5"]["fd"] == results["entries"]["dipgo@0.5"]["fd_seeds"][0]
+    assert one["entries"]["dipgo@0.5"]["fd_ci95"] is None
+
+
+def test_long_recovery_entries_and_shared_sample_cache(teacher_dir, tmp_path):
+    """With long_recover_steps a static entry runs twice (keyed /rN), a reuse entry once; a
+    shared sample cache serves the teacher's samples to a second bench directory."""
+    from slimdiff.bench import Bench
+
+    config = BenchConfig(model=str(teacher_dir), methods=["first-depth", "dipgo"], long_recover_steps=3,
+                         **{**FAST, "seeds": 1})
+    cache = tmp_path / "cache"
+    results = run_bench(config, tmp_path / "a", sample_cache=cache)
+    assert set(results["entries"]) == {"first-depth@0.5", "first-depth@0.5/r3", "dipgo@0.5"}
+    assert results["entries"]["first-depth@0.5/r3"]["recover_steps"] == 3
+    assert results["entries"]["first-depth@0.5"]["recover_steps"] == 2
+    cached = sorted(cache.iterdir())
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    Bench(config, tmp_path / "b", sample_cache=cache).teacher()
+    assert cached[0].stat().st_mtime_ns == stamp and not (tmp_path / "b" / "teacher_samples.safetensors").exists()
+    with pytest.raises(UsageError, match="long-recover-steps"):
+        BenchConfig(recover_steps=5, long_recover_steps=5)
+    with pytest.raises(UsageError, match="--seeds"):
+        BenchConfig(seeds=0)

@@ -1,8 +1,9 @@
 """The evaluation protocol of BENCHMARK.md section 1, for one model against a reference.
 
-Samples are balanced over classes (label ``i % K`` for sample ``i``) and drawn in fixed
-batches whose noise depends only on ``seed`` and the batch index, so a student and its
-teacher are compared on exactly the same noise and labels.
+Samples are balanced over classes (label ``i % K`` for sample ``i``; with ``label_seed`` a
+seeded permutation of those labels, so that each bench seed draws its own assignment of the
+balanced labels to noises) and drawn in fixed batches whose noise depends only on ``seed`` and
+the batch index, so a student and its teacher are compared on exactly the same noise and labels.
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ BATCH = 250
 
 @torch.no_grad()
 def generate(model: nn.Module, n: int, *, sampler: str = "ddim", steps: int = 50, cfg: float = 1.0,
-             seed: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+             seed: int = 0, progress: bool = False, label_seed: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``n`` samples (and their class labels) with the protocol's labels and per-batch noise seeds.
+
+    ``label_seed``: permute the balanced labels with this seed (``None``: label ``i % K``).
 
     ``cfg != 1`` on an unconditional model is a :class:`UsageError`, as in ``sample``.
     """
@@ -29,11 +33,14 @@ def generate(model: nn.Module, n: int, *, sampler: str = "ddim", steps: int = 50
         raise UsageError(f"number of samples must be >= 1, got {n}")
     bb = as_backbone(model)
     k = bb.num_classes if bb.conditioning == "class" else None
+    order = list(range(n))
+    if k and label_seed is not None:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(label_seed)).tolist()
     out, labels = [], []
     starts = progress_bar(range(0, n, BATCH), f"sampling {n}", progress)
     for b, start in enumerate(starts):
         m = min(BATCH, n - start)
-        cls = [(start + i) % k for i in range(m)] if k else None
+        cls = [order[start + i] % k for i in range(m)] if k else None
         out.append(sample(model, sampler=sampler, steps=steps, num_samples=m, classes=cls, cfg=cfg, seed=seed + 1000 * b))
         if cls:
             labels.append(torch.tensor(cls))

@@ -227,23 +227,49 @@ def _fmt(v, spec: str = ".3g") -> str:
     return format(v, spec) if isinstance(v, float) else str(v)
 
 
+def _with_interval(e: dict, metric: str) -> str:
+    """``mean +- half-width`` when the entry was scored on several seeds, else the value."""
+    half = e.get(f"{metric}_ci95")
+    return _fmt(e.get(metric)) if half is None else f"{_fmt(e.get(metric))} +- {_fmt(half, '.2g')}"
+
+
+def _params_ratio(e: dict) -> float | None:
+    if e.get("params_ratio") is not None:
+        return e["params_ratio"]
+    return e["params"] / e["reference_params"] if e.get("reference_params") else None
+
+
 def budget_tables(results: dict) -> list[str]:
-    """One markdown table per budget, rows sorted by FD (lower first); skipped entries say why."""
-    head = ("| entry | kind | MACs ratio | FD | class acc | SSIM | PSNR | params | wall ratio | compress CPU-s |",
-            "|---|---|---|---|---|---|---|---|---|---|")
+    """One markdown table per budget, rows sorted by FD (lower first); skipped entries say why.
+    With several seeds, FD and SSIM read ``mean +- 95% interval``; "realised MACs" is the ratio
+    counted over the bench's own samples (input-dependent models), "params" the parameter ratio."""
+    head = ("| entry | kind | MACs ratio | realised MACs | params | FD | class acc | SSIM | PSNR | wall ratio | "
+            "compress CPU-s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = []
     for budget in results["config"]["budgets"]:
         rows = [(k, e) for k, e in results["entries"].items() if e["budget"] == budget]
         lines += [f"### Budget {budget}", "", *head]
         for key, e in sorted(rows, key=lambda kv: (kv[1].get("fd") is None, kv[1].get("fd") or 0)):
             if e.get("skipped"):
-                lines.append(f"| {key} | {e['kind']} | - | skipped: {e['skipped']} | | | | | | |")
+                lines.append(f"| {key} | {e['kind']} | - | - | - | skipped: {e['skipped']} | | | | | |")
                 continue
-            lines.append(f"| {key} | {e['kind']} | {_fmt(e['macs_ratio'])} | {_fmt(e['fd'])} | {_fmt(e['class_acc'])} | "
-                         f"{_fmt(e['ssim'])} | {_fmt(e['psnr'])} | {e['params']:,} | {_fmt(e['wall_ratio'])} | "
+            lines.append(f"| {key} | {e['kind']} | {_fmt(e['macs_ratio'])} | {_fmt(e.get('macs_ratio_realised'))} | "
+                         f"{_fmt(_params_ratio(e))} | {_with_interval(e, 'fd')} | {_fmt(e['class_acc'])} | "
+                         f"{_with_interval(e, 'ssim')} | {_fmt(e['psnr'])} | {_fmt(e['wall_ratio'])} | "
                          f"{_fmt(e['compress_cpu_s'], '.0f')} |")
         lines.append("")
     return lines
+
+
+def verdict_lines(results: dict) -> list[str]:
+    """The seed-paired verdicts (``results["pairs"]``): a claim only where the interval excludes zero."""
+    pairs = results.get("pairs") or {}
+    if not pairs:
+        return []
+    seeds = len(results["teacher"].get("seeds") or [1])
+    return [f"## Verdicts (FD, paired over {seeds} seeds, 95% intervals)", "",
+            *(f"- {p['verdict']}" for p in pairs.values()), ""]
 
 
 def markdown(results: dict) -> str:
@@ -251,15 +277,19 @@ def markdown(results: dict) -> str:
     cfg, teacher = results["config"], results["teacher"]
     lines = [f"# slimdiff bench: {cfg['model']}", "",
              f"Sampler {cfg['sampler']} x{cfg['steps']}, cfg {cfg['cfg']}, {cfg['samples']} samples (balanced labels, "
-             f"seed {cfg['seed']}; every model sees the same noise), recovery {cfg['recover_steps']} steps "
+             f"seeds {cfg.get('seeds', 1)} from {cfg['seed']}; every model sees the teacher's noise of each seed), "
+             f"recovery {cfg['recover_steps']} steps"
+             + (f" and {cfg['long_recover_steps']} (entries `/r{cfg['long_recover_steps']}`)"
+                if cfg.get("long_recover_steps") else "") + " "
              f"(batch {cfg['batch_size']}, lr {cfg['lr']}, kd {cfg['kd']}). Git {results['environment'].get('git_commit')}.",
-             "", f"Teacher: FD {_fmt(teacher['fd'])} (real-data floor {_fmt(teacher['fd_floor'])}; "
+             "", f"Teacher: FD {_with_interval(teacher, 'fd')} (real-data floor {_fmt(teacher['fd_floor'])}; "
              f"subsample floor {_fmt(teacher['fd_floor_subsample_mean'])} +- {_fmt(teacher['fd_floor_subsample_std'])}), "
              f"class accuracy {_fmt(teacher['class_acc'])}, {teacher['params']:,} parameters.", ""]
     if results.get("pending"):
         lines += [f"**Unfinished**: {len(results['pending'])} entries still to run ({', '.join(results['pending'])}); "
                   "rerun the same command to resume.", ""]
     lines += budget_tables(results)
+    lines += verdict_lines(results)
     if results.get("chains"):
         lines += ["## Chains", ""]
         for key, c in results["chains"].items():
@@ -289,6 +319,7 @@ def readme_block(results: dict, directory: str) -> str:
     if results.get("pending"):
         lines += [f"Unfinished: {len(results['pending'])} entries still to run (rerun the command to resume).", ""]
     lines += budget_tables(results)
+    lines += verdict_lines(results)
     for key, c in (results.get("chains") or {}).items():
         verdict = "beats" if c["beats_every_single"] else "does not beat"
         lines.append(f"- `{key}` {verdict} every single method at its budget (best single `{c['best_single']}`).")
