@@ -19,6 +19,7 @@ from slimdiff.eval.compute import (
     macs_forward,
     macs_sampling,
     params,
+    params_ratio,
 )
 from slimdiff.models.dit import DiT
 
@@ -126,3 +127,14 @@ def test_latency_ratio_rejects_bad_arguments():
         latency_ratio({"a": lambda: None}, reference="b")
     with pytest.raises(UsageError, match="repeats"):
         latency_ratio({"a": lambda: None}, reference="a", repeats=0)
+
+
+def test_params_ratio_counts_shared_parameters_once_and_refuses_empty_reference():
+    small, big = tiny_dit(depth=1), tiny_dit()
+    assert params_ratio(big, big) == 1.0
+    assert params_ratio(small, big) == pytest.approx(params(small) / params(big)) and params_ratio(small, big) < 1
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight  # one tensor, two layers
+    assert params_ratio(tied, nn.Sequential(nn.Linear(4, 4))) == pytest.approx(24 / 20)
+    with pytest.raises(UsageError, match="no parameters"):
+        params_ratio(small, nn.ReLU())

@@ -256,3 +256,37 @@ def test_converters_reject_wrong_types():
         dit_to_diffusers(tiny_diffusers_dit())
     with pytest.raises(UsageError):
         diffusers_to_dit(tiny_dit())
+
+
+# ---- forward_with_cfg: standard (all epsilon channels) vs the official default (3 channels)
+def _cfg_parts(m: DiT, guidance_channels):
+    x, t, _ = _inputs(2)
+    half = x[:1]
+    y = torch.tensor([7, m.num_classes])  # [cond; null]
+    with torch.no_grad():
+        out = m.forward_with_cfg(torch.cat([half, half]), t[:1].repeat(2), y, 4.0, guidance_channels=guidance_channels)
+        cond = m(half, t[:1], y[:1])
+        uncond = m(half, t[:1], y[1:])
+    return out, cond, uncond
+
+
+def test_forward_with_cfg_default_guides_every_epsilon_channel():
+    m = tiny_dit()  # learned sigma: 8 output channels
+    out, c, u = _cfg_parts(m, None)
+    want = u[:, :4] + 4.0 * (c[:, :4] - u[:, :4])
+    torch.testing.assert_close(out[:1, :4], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1:, :4], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:1, 4:], c[:, 4:], rtol=1e-5, atol=1e-5)  # each half's own sigma values
+    torch.testing.assert_close(out[1:, 4:], u[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_with_cfg_official_three_channels():
+    """facebookresearch/DiT models.py 262: eps, rest = model_out[:, :3], model_out[:, 3:]."""
+    m = tiny_dit()
+    out, c, u = _cfg_parts(m, 3)
+    torch.testing.assert_close(out[:1, :3], u[:, :3] + 4.0 * (c[:, :3] - u[:, :3]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:1, 3:], c[:, 3:], rtol=1e-5, atol=1e-5)  # the half sample.py keeps
+    torch.testing.assert_close(out[1:, 3:], u[:, 3:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[:1, 3], _cfg_parts(m, None)[0][:1, 3], atol=1e-3)
+    with pytest.raises(UsageError, match="guidance_channels"):
+        m.forward_with_cfg(torch.zeros(2, 4, 8, 8), torch.zeros(2), torch.tensor([1, 10]), 4.0, guidance_channels=9)

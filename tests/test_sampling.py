@@ -124,3 +124,39 @@ def test_losses_targets(objective):
         torch.testing.assert_close(b.target, a.sqrt() * noise - (1 - a).sqrt() * x0)
     assert diffusion_loss(b.target, b) == 0
     assert proc.sample_timesteps(1000).max() < 1000
+
+
+# ---- guidance_channels: diffusers' convention (all channels) vs the official DiT's (first 3)
+def _guided(m, guidance_channels):
+    labels = torch.tensor([1, 2])
+    traj = Trajectory(m, sampler="ddim", steps=2, n=2, cond=labels, cfg=4.0, guidance_channels=guidance_channels)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), traj.timesteps[0]
+    with torch.no_grad():
+        c = traj.bb(x, t, labels).float()
+        u = traj.bb(x, t, traj.bb.null_cond(labels, 2)).float()
+        return traj.guided(x, t), c, u
+
+
+def test_guidance_channels_none_guides_every_channel():
+    g, c, u = _guided(tiny_dit(), None)
+    assert g.shape[1] == 4
+    torch.testing.assert_close(g, u + 4.0 * (c - u), rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_channels_3_is_the_official_dit():
+    """Official forward_with_cfg: channels 0-2 guided, channel 3 is the conditional prediction."""
+    g, c, u = _guided(tiny_dit(), 3)
+    torch.testing.assert_close(g[:, :3], u[:, :3] + 4.0 * (c[:, :3] - u[:, :3]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g[:, 3:], c[:, 3:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(g[:, 3:], (u + 4.0 * (c - u))[:, 3:], atol=1e-3)  # guidance would change it
+
+
+def test_guidance_channels_change_samples_and_are_validated():
+    m = tiny_dit()
+    a = sample(m, steps=3, classes=[1, 2], cfg=4.0, seed=2)
+    b = sample(m, steps=3, classes=[1, 2], cfg=4.0, seed=2, guidance_channels=3)
+    assert not torch.allclose(a, b)
+    assert torch.equal(a, sample(m, steps=3, classes=[1, 2], cfg=4.0, seed=2, guidance_channels=4))
+    for bad in (0, 5, 2.5, True):
+        with pytest.raises(UsageError, match="guidance_channels"):
+            sample(m, steps=2, classes=[1], cfg=4.0, guidance_channels=bad)

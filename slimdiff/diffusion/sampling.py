@@ -99,6 +99,22 @@ def initial_noise(bb, n: int, seed: int, device: torch.device | str = "cpu") -> 
     return torch.randn(n, bb.in_channels, bb.sample_size, bb.sample_size, generator=gen).to(device)
 
 
+def guide(cond: torch.Tensor, uncond: torch.Tensor, cfg: float, channels: int | None = None) -> torch.Tensor:
+    """Classifier-free guidance ``u + cfg (c - u)`` of conditional/unconditional predictions
+    ``(N, C, H, W)`` on the first ``channels`` channels; the rest are the conditional prediction.
+
+    ``channels=None`` guides every channel (diffusers' ``DiTPipeline``: all latent channels).
+    ``channels=3`` is the official DiT's ``forward_with_cfg`` (facebookresearch/DiT
+    ``models.py`` 258-266, "for exact reproducibility reasons"): it guides channels 0-2 only
+    and passes ``model_out[:, 3:]`` through, and ``sample.py`` 64 keeps the conditional half,
+    so channel 3 of the epsilon and the learned-sigma values are the conditional prediction's.
+    """
+    if channels is None:
+        return uncond + cfg * (cond - uncond)
+    mixed = uncond[:, :channels] + cfg * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([mixed, cond[:, channels:]], dim=1)
+
+
 class Trajectory:
     """The fixed parts of one sampling run and its one loop.
 
@@ -112,12 +128,14 @@ class Trajectory:
     """
 
     def __init__(self, model: nn.Module, *, sampler: str, steps: int, n: int, cond: Any = None, cfg: float = 1.0,
-                 seed: int = 0, diffusion: DiffusionConfig | None = None):
-        """``cond``: class labels, caption embeddings (random ones when None on a text model) or None."""
+                 seed: int = 0, diffusion: DiffusionConfig | None = None, guidance_channels: int | None = None):
+        """``cond``: class labels, caption embeddings (random ones when None on a text model) or None;
+        ``guidance_channels``: see :func:`sample` (validated there)."""
         from slimdiff.models.backbone import as_backbone, cat_conditions
 
         self.bb = as_backbone(model)
         self.sampler, self.steps, self.cfg = sampler, steps, cfg
+        self.guidance_channels = guidance_channels
         self.use_cfg = cfg != 1.0
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -139,12 +157,13 @@ class Trajectory:
         return torch.cat([inp, inp]) if self.use_cfg else inp
 
     def guided(self, inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The model's prediction at ``inp``, with classifier-free guidance."""
+        """The model's prediction at ``inp``, with classifier-free guidance on the first
+        :attr:`guidance_channels` channels (None: all); the others are the conditional prediction."""
         out = self.bb(self.batch(inp), t, self.cond).float()
         if not self.use_cfg:
             return out
         c, u = out.chunk(2)
-        return u + self.cfg * (c - u)
+        return guide(c, u, self.cfg, self.guidance_channels)
 
     def predict(self, inp: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         """The default model function: :meth:`guided`, with ``t`` published to runtimes
@@ -193,6 +212,7 @@ def sample(
     on_step_begin: Callable[[int, torch.Tensor], None] | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     progress: bool = False,
+    guidance_channels: int | None = None,
 ) -> torch.Tensor:
     """Run a full sampling trajectory and return the final samples ``(N, C, H, W)``.
 
@@ -202,6 +222,11 @@ def sample(
     backbone's null condition; on an unconditional model any ``cfg != 1`` is a
     :class:`UsageError` (never silently dropped). The model's own :class:`DiffusionConfig` is used unless
     ``diffusion`` overrides it.
+
+    ``guidance_channels`` (:func:`guide`): None (default) guides every predicted channel, as
+    diffusers' ``DiTPipeline`` does; 3 reproduces the official DiT's ``forward_with_cfg``, which
+    guides channels 0-2 only and takes the rest from the conditional prediction (needed to match
+    official DiT samples and FIDs exactly). Between 1 and the model's input channels.
     """
     from slimdiff.models.backbone import as_backbone
 
@@ -212,10 +237,14 @@ def sample(
         raise UsageError(f"guidance scale must be a finite number >= 0 (1 = off), got {cfg!r}")
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise UsageError(f"number of samples must be a positive integer, got {num_samples!r}")
+    if guidance_channels is not None and (isinstance(guidance_channels, bool) or not isinstance(guidance_channels, int)
+                                          or not 1 <= guidance_channels <= bb.in_channels):
+        raise UsageError(f"guidance_channels must be None (all channels) or an integer in 1..{bb.in_channels} "
+                         f"(3 = the official DiT's), got {guidance_channels!r}")
     if cfg != 1.0 and bb.conditioning is None:
         raise UsageError("guidance (cfg != 1) needs a conditional model; this one is unconditional: use --cfg 1")
     n, labels = resolve_classes(bb, num_samples if cond is None else len(cond), classes)
     traj = Trajectory(model, sampler=sampler, steps=steps, n=n, cond=labels if bb.conditioning == "class" else cond,
-                      cfg=cfg, seed=seed, diffusion=diffusion)
+                      cfg=cfg, seed=seed, diffusion=diffusion, guidance_channels=guidance_channels)
     x = traj.start(initial_noise(bb, n, seed, traj.device) if noise is None else noise)
     return traj.run(x, on_step_begin=on_step_begin, callback=callback, progress=progress)

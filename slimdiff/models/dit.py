@@ -16,6 +16,8 @@ Differences from the official code, all opt-in or structural only:
 * ``freq_shift`` (default 0 = official) reproduces diffusers' timestep embedding, which
   divides the frequency exponent by ``half - 1`` instead of ``half``; models converted
   from diffusers set it to 1 so the conversion is exact.
+* ``forward_with_cfg`` guides all ``C`` epsilon channels by default (the standard approach,
+  diffusers' convention); ``guidance_channels=3`` is the official default (first 3 channels).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from slimdiff.errors import UsageError
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -276,11 +280,26 @@ class DiT(nn.Module):
             tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """Classifier-free guidance on the first ``C`` (epsilon) channels; batch = [cond; uncond]."""
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guidance_channels: int | None = None) -> torch.Tensor:
+        """Classifier-free guidance in one batch ``[cond; uncond]`` (the first half of ``x`` is used
+        for both halves; ``y`` holds the labels, then the null labels).
+
+        ``guidance_channels`` = None (default) guides the first ``C`` (epsilon) channels: the
+        standard approach, the line the official code leaves commented out
+        (facebookresearch/DiT ``models.py`` 261) and diffusers' ``DiTPipeline``. 3 is the
+        official default (``models.py`` 262, "for exact reproducibility reasons"): channels 0-2
+        guided, everything from channel 3 on (the last epsilon channel and the learned-sigma
+        values) left as each half's own prediction; the official ``sample.py`` then keeps the
+        conditional half.
+        """
+        k = self.in_channels if guidance_channels is None else guidance_channels
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.out_channels:
+            raise UsageError(f"guidance_channels must be None or an integer in 1..{self.out_channels} "
+                             f"(3 = the official DiT's), got {guidance_channels!r}")
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half]), t, y)
-        eps, rest = out[:, : self.in_channels], out[:, self.in_channels :]
+        eps, rest = out[:, :k], out[:, k:]
         cond_eps, uncond_eps = eps.chunk(2)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -10,7 +11,25 @@ from slimdiff.models.backbone import AttentionLayout, Backbone, MlpLayers, regis
 from slimdiff.models.dit import DiT
 from slimdiff.models.dit import Attention as DiTAttention
 
-__all__ = ["DiTBackbone"]
+__all__ = ["DiTBackbone", "ResidualWidthLayout"]
+
+
+class ResidualWidthLayout(NamedTuple):
+    """Where a DiT's hidden size ``D`` lives, for residual-width pruning
+    (:mod:`slimdiff.compression.residual_width`).
+
+    ``layers``: linear/conv layers whose *outputs* are ``D`` wide (residual writers, embedders);
+    ``chunked``: adaLN modulation layers whose outputs are ``chunks[i]`` chunks of ``D`` each;
+    ``patch_embed``: the patch embedding (a ``proj`` conv; its outputs are ``D`` wide);
+    ``position``: ``(owner module, buffer name)`` of the fixed position table added to the
+    patch embedding's output (last dimension ``D``).
+    """
+
+    layers: list[nn.Module]
+    chunked: list[nn.Linear]
+    chunks: list[int]
+    patch_embed: nn.Module
+    position: tuple[nn.Module, str]
 
 
 @register_backbone(DiT)
@@ -73,6 +92,19 @@ class DiTBackbone(Backbone):
     @classmethod
     def block_mlp(cls, block):
         return MlpLayers(block.mlp.fc1, block.mlp.fc2)
+
+    def residual_width_layout(self) -> ResidualWidthLayout:
+        """The hidden size's layers: every block's ``attn.proj`` and ``mlp.fc2`` (residual
+        writers), the timestep MLP (``t_embedder.mlp.0`` and ``.2``: the conditioning width is
+        ``D`` too), the 6-chunk adaLN layer of every block and the 2-chunk one of the final
+        layer, the patch embedding ``x_embedder`` and the ``pos_embed`` buffer."""
+        m = self.module
+        writers = [layer for blk in m.blocks for layer in (blk.attn.proj, blk.mlp.fc2)]
+        ada = [blk.adaLN_modulation[-1] for blk in m.blocks] + [m.final_layer.adaLN_modulation[-1]]
+        return ResidualWidthLayout(
+            layers=writers + [m.t_embedder.mlp[0], m.t_embedder.mlp[2]], chunked=ada,
+            chunks=[6] * len(m.blocks) + [2], patch_embed=m.x_embedder, position=(m, "pos_embed"),
+        )
 
     def _patch_size(self) -> int:
         return int(self.module.patch_size)
