@@ -17,10 +17,13 @@ from slimdiff.compression.depth import (
     MAX_OPTIONS,
     depth_for_budget,
     extract_blocks,
+    group_end_layer_map,
     group_options,
     kept_layer_map,
+    layer_map,
     masked_blocks,
     parse_keep,
+    search_space_of,
     shape_for_depth,
 )
 from slimdiff.methods.depth_baselines import block_influence, select_blocks
@@ -73,16 +76,37 @@ def test_unet_is_refused(tmp_path):
         compress(tiny_unet(), "stride-depth", 0.5, _ctx(tmp_path), {"keep": "1:2"})
 
 
-def test_shape_for_depth():
-    assert shape_for_depth(12, 6) == "6:12"  # one group: 924 options, first-k is among them
-    assert shape_for_depth(12, 9) == "9:12"
-    assert shape_for_depth(12, 3) == "3:12"
-    assert shape_for_depth(12, 12) == "1:1"
-    assert shape_for_depth(28, 14) == "2:4"  # 14:28 and 7:14 have too many options
+def test_shape_for_depth_is_the_finest_local_shape_by_default():
+    """The paper's search space: 1:2 for half the blocks, 1:4 for a quarter, 3:4 for three quarters."""
+    assert shape_for_depth(12, 6) == "1:2"
+    assert shape_for_depth(28, 14) == "1:2"  # the paper's TinyDiT-D14 preset DiT-XL-1-2
+    assert shape_for_depth(12, 3) == "1:4"
+    assert shape_for_depth(12, 9) == "3:4"
     assert shape_for_depth(28, 21) == "3:4"
-    mixed = shape_for_depth(28, 13)  # 13:28 would have 37M options
+    assert shape_for_depth(12, 4) == "1:3"
+    assert shape_for_depth(12, 12) == "1:1"
+    mixed = shape_for_depth(28, 13)  # no uniform local shape keeps 13 of 28: groups of 4, spread evenly
     groups = parse_keep(mixed, 28)
+    assert sum(g.n for g in groups) == 13 and {g.m for g in groups} == {4} and {g.n for g in groups} == {1, 2}
+    assert shape_for_depth(12, 1) == "1:12"  # fewer kept blocks than the smallest groups: one group
+    assert shape_for_depth(7, 3) == "3:7"  # a prime depth has no local shape
+    for depth, k in [(12, 5), (12, 11), (28, 13), (28, 7), (10, 3)]:
+        groups = parse_keep(shape_for_depth(depth, k), depth)
+        assert sum(g.n for g in groups) == k and len(groups) > 1, (depth, k)
+    with pytest.raises(UsageError, match="search space"):
+        shape_for_depth(12, 6, "wide")
+
+
+def test_shape_for_depth_global_is_the_widest_shape():
+    """search_space="global" (beyond the paper): one group over every block where it fits."""
+    assert shape_for_depth(12, 6, "global") == "6:12"  # 924 options, first-k is among them
+    assert shape_for_depth(12, 9, "global") == "9:12"
+    assert shape_for_depth(12, 3, "global") == "3:12"
+    assert shape_for_depth(28, 14, "global") == "2:4"  # 14:28 and 7:14 have too many options
+    groups = parse_keep(shape_for_depth(28, 13, "global"), 28)  # 13:28 would have 37M options
     assert sum(g.n for g in groups) == 13 and all(math.comb(g.m, g.n) <= MAX_OPTIONS for g in groups)
+    assert search_space_of(parse_keep("6:12", 12)) == "global"
+    assert search_space_of(parse_keep("1:2", 12)) == search_space_of(parse_keep("2:2", 4)) == "local"
 
 
 @pytest.mark.parametrize("budget", [0.6, 0.5])
@@ -144,8 +168,24 @@ def test_untied_diffusers_embedders_keep_block_0():
     assert len(extract_blocks(model, [0, 2]).transformer_blocks) == 2
 
 
+def test_group_end_layer_map_is_the_references():
+    """The reference's hard-coded maps (train_masked_kd.py ~185-193) follow from the groups."""
+    d14 = group_end_layer_map([2 * i + (i % 2) for i in range(14)], parse_keep("1:2", 28))
+    assert d14 == {i: 2 * i + 1 for i in range(14)}  # whichever block of each pair was kept
+    per_group = [3, 3, 2, 3, 2, 3, 3]  # D19 from groups of 4: the last kept block of each group
+    kept = [4 * j + i for j, n in enumerate(per_group) for i in range(n)]
+    d19 = group_end_layer_map(kept, parse_keep(",".join(f"{n}:4" for n in per_group), 28))
+    assert d19 == dict(zip([2, 5, 7, 10, 12, 15, 18], [3, 7, 11, 15, 19, 23, 27]))
+    assert group_end_layer_map([0, 1], parse_keep("1:2", 4)) == {1: 1}  # a group without kept blocks has no pair
+    assert layer_map([0, 3], parse_keep("1:2", 4)) == {0: 1, 1: 3}
+    with pytest.raises(UsageError, match="KD layer map"):
+        layer_map([0, 3], parse_keep("1:2", 4), "nearest")
+
+
 def test_kept_layer_map():
+    """kd_map="kept" (deviation): student block i <- the teacher block it was cut from."""
     assert kept_layer_map([1, 3, 4]) == {0: 1, 1: 3, 2: 4}
+    assert layer_map([0, 3], parse_keep("1:2", 4), "kept") == {0: 0, 1: 3}
 
 
 # --------------------------------------------------------------------------- the search
@@ -239,7 +279,7 @@ def test_tinyfusion_end_to_end_with_masked_kd_and_save_load(tmp_path):
     kept = extras["kept_blocks"]
     assert len(result.blocks) == 2 and result.config.depth == 2
     assert all(g * 2 <= k < g * 2 + 2 for g, k in enumerate(kept))  # one block of each 1:2 group
-    assert extras["layer_map"] == {"0": kept[0], "1": kept[1]}
+    assert extras["layer_map"] == {"0": 1, "1": 3} and extras["kd_map"] == "group-end"  # the reference's map
     assert len(extras["probability_history"]["steps"]) == len(extras["probability_history"]["values"]) == 4
     assert meta["measured"]["macs_ratio"] < 0.55
     x = _inputs(result)
@@ -249,13 +289,16 @@ def test_tinyfusion_end_to_end_with_masked_kd_and_save_load(tmp_path):
     assert loaded.slimdiff_meta["method"]["name"] == "tinyfusion"
 
 
-def test_budget_picks_the_shape(tmp_path):
+@pytest.mark.parametrize("space,shape", [("local", "1:2"), ("global", "2:4")])
+def test_budget_picks_the_shape(space, shape, tmp_path):
     model = FACTORIES["dit"]()
     model.slimdiff_meta = {}
-    result = compress(model, "tinyfusion", 0.6, _ctx(tmp_path), {"search_steps": 1})
+    result = compress(model, "tinyfusion", 0.6, _ctx(tmp_path), {"search_steps": 1, "search_space": space})
     settings = result.slimdiff_meta["method"]["chain"][0]["settings"]
-    assert settings["keep"] == "2:4" and settings["keep_from"] == "budget 0.6"  # one group of the 4 blocks
+    assert settings["keep"] == shape and settings["keep_from"] == "budget 0.6" and settings["search_space"] == space
     assert len(result.blocks) == 2
+    explicit = compress(FACTORIES["dit"](), "tinyfusion", 1.0, _ctx(tmp_path), {"search_steps": 1, "keep": "2:4"})
+    assert explicit.slimdiff_meta["method"]["chain"][0]["settings"]["search_space"] == "global"
 
 
 def test_depth_pruned_diffusers_dit_exports(tmp_path):
@@ -347,13 +390,24 @@ def test_depth_specs_hold_the_defaults():
     from slimdiff.methods.tinyfusion import TinyFusionConfig
 
     spec = get_method("tinyfusion")
-    assert spec.kind == "depth" and spec.options == ("keep", "search_steps")
-    assert spec.make_config() == TinyFusionConfig(None, SearchConfig.steps)
-    assert spec.make_config({"search_steps": 7, "keep": "1:2"}) == TinyFusionConfig("1:2", 7)
+    assert spec.kind == "depth"
+    assert spec.options == ("keep", "search_space", "search_steps", "lora_targets", "delta_w", "kd_map")
+    assert spec.make_config() == TinyFusionConfig(None, "local", SearchConfig.steps, "all", False, "group-end")
+    assert spec.make_config({"search_steps": 7, "keep": "1:2"}) == TinyFusionConfig("1:2", search_steps=7)
+    assert spec.make_config({"delta_w": "true"}).delta_w is True
+    helps = {o.name: o.help for o in spec.option_info()}
+    for name in ("search_space", "lora_targets", "kd_map"):
+        assert "reference default" in helps[name] and ("deviation" in helps[name] or "beyond the paper" in helps[name])
+    assert "one data epoch at batch 128" in helps["search_steps"]
+    for bad in ({"search_space": "wide"}, {"lora_targets": "mlp"}, {"kd_map": "nearest"}):
+        with pytest.raises(UsageError, match=next(iter(bad))):
+            spec.make_config(bad)
     assert spec.draw is not None and spec.speed_student is not None
     for name in ("bi-depth", "first-depth", "last-depth", "stride-depth", "random-depth"):
         spec = get_method(name)
-        assert spec.kind == "depth" and spec.make_config() == DepthBaselineConfig(None) and spec.draw is not None
+        config = spec.make_config()
+        assert spec.kind == "depth" and isinstance(config, DepthBaselineConfig) and config.keep is None
+        assert config == spec.config() and spec.draw is not None
 
 
 def test_speed_student_keeps_the_budget_depth():

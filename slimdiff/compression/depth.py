@@ -7,7 +7,8 @@ groups; ``"2:4,1:2"`` on 12 blocks is ``2:4, 1:2, 2:4, 1:2`` (the pattern covers
 twice); a pattern listing every group (``"2:4,1:2,1:2,2:4"``) is used as is. ``N = M``
 keeps a group whole. Each of a group's ``C(M, N)`` keep-patterns
 (``itertools.combinations``) is one *option* (:func:`group_options`). Without ``keep`` the
-budget picks the depth (:func:`depth_for_budget`) and the shape (:func:`shape_for_depth`).
+budget picks the depth (:func:`depth_for_budget`) and the shape (:func:`shape_for_depth`:
+by default the finest *local* shape, e.g. ``1:2`` for half the blocks, as in the paper).
 
 **Extraction** (:func:`extract_blocks`): the dropped blocks are deleted from the module
 list and the config's depth is updated, so the result is a plain, shallower model.
@@ -17,8 +18,9 @@ list and the config's depth is updated, so the result is a plain, shallower mode
 ``m_i * block(h) + (1 - m_i) * h``, a dropped block being the identity on the residual
 stream while every block is still computed; for searches and tests, never for sampling.
 
-**Ending** (:func:`finish_depth`): cut to the kept blocks, run the shared recovery with the
-kept-block KD layer map (student block ``i`` <- teacher block ``kept[i]``), record.
+**Ending** (:func:`finish_depth`): cut to the kept blocks, run the shared recovery with a
+KD layer map (:func:`layer_map`; by default the reference's group-end map: a group's last
+kept student block <- the teacher block at the end of the group), record the kept blocks.
 """
 from __future__ import annotations
 
@@ -42,8 +44,8 @@ from slimdiff.models.backbone import Backbone, as_backbone
 __all__ = [
     "MAX_OPTIONS", "Group", "parse_keep", "format_groups", "group_options", "check_depth_prunable",
     "extract_blocks", "DepthGateConfig", "apply_depth_gates", "remove_depth_gates", "masked_blocks",
-    "kept_layer_map", "depth_for_budget", "shape_for_depth", "resolve_depth", "finish_depth",
-    "draw_depth",
+    "KD_MAPS", "kept_layer_map", "group_end_layer_map", "layer_map", "depth_for_budget", "SEARCH_SPACES",
+    "search_space_of", "shape_for_depth", "resolve_depth", "finish_depth", "draw_depth",
 ]
 
 MAX_OPTIONS = 1024
@@ -262,12 +264,44 @@ def masked_blocks(model: nn.Module, keep_mask: Sequence[float] | torch.Tensor) -
         remove_depth_gates(model)
 
 
-# --------------------------------------------------------------------------- shape for a budget
+# --------------------------------------------------------------------------- KD layer maps
+KD_MAPS = ("group-end", "kept")
+"""Student -> teacher block maps for hidden / masked KD (:func:`layer_map`)."""
+
+
 def kept_layer_map(kept: Sequence[int]) -> dict[int, int]:
-    """KD layer map of a depth-pruned student: student block ``i`` -> teacher block ``kept[i]``."""
+    """KD map ``"kept"`` (a deviation): student block ``i`` -> teacher block ``kept[i]``, the
+    block it was cut from; that teacher state lacks the dropped blocks that follow it."""
     return {i: int(k) for i, k in enumerate(kept)}
 
 
+def group_end_layer_map(kept: Sequence[int], groups: Sequence[Group]) -> dict[int, int]:
+    """KD map ``"group-end"`` (the reference's): for every group, the student's last kept
+    block in it -> the teacher's last block of the group, so the student is pulled toward the
+    teacher's state *after* the whole group, dropped blocks included. This is the rule behind
+    the reference's hard-coded maps (``train_masked_kd.py`` ~185-193): D14 from 1:2 groups maps
+    ``i -> 2i + 1``; D19 from groups of 4 maps student ``[2, 5, 7, 10, 12, 15, 18]`` (the last
+    kept block of each group) -> teacher ``[3, 7, ..., 27]``. A group without kept blocks (a
+    baseline's choice) has no pair."""
+    pos = {int(b): i for i, b in enumerate(kept)}
+    out = {}
+    for g in groups:
+        inside = [pos[b] for b in range(g.start, g.start + g.m) if b in pos]
+        if inside:
+            out[inside[-1]] = g.start + g.m - 1
+    return out
+
+
+def layer_map(kept: Sequence[int], groups: Sequence[Group], kd_map: str = "group-end") -> dict[int, int]:
+    """The KD layer map ``kd_map`` (one of :data:`KD_MAPS`) of a student cut to ``kept``."""
+    if kd_map == "group-end":
+        return group_end_layer_map(kept, groups)
+    if kd_map == "kept":
+        return kept_layer_map(kept)
+    raise UsageError(f"unknown KD layer map {kd_map!r}; choose one of {', '.join(KD_MAPS)}")
+
+
+# --------------------------------------------------------------------------- shape for a budget
 @dataclass(frozen=True)
 class DepthCost:
     """Sampling MACs as a function of the number of kept blocks (a :class:`~slimdiff.budget.CostModel`).
@@ -320,58 +354,121 @@ def depth_for_budget(model: nn.Module, budget: float, ctx: Context) -> tuple[int
     return k, {"macs_full": full, "macs_per_block": per_block, "macs_other": base}
 
 
-def shape_for_depth(depth: int, k: int) -> str:
-    """A ``keep`` pattern that keeps ``k`` of ``depth`` blocks: the uniform shape with the
-    fewest groups, i.e. the widest search space, whose group has at most :data:`MAX_OPTIONS`
-    options (6 of 12 -> ``6:12``, 14 of 28 -> ``2:4``); otherwise groups of the smallest size
-    ``M`` dividing the depth with at least one kept block each, the ``k`` kept blocks spread
-    as evenly as possible (13 of 28 -> ``2:4`` x 6 with one ``1:4``).
+SEARCH_SPACES = ("local", "global")
+"""How a budget picks the shape (:func:`shape_for_depth`): the paper's, or beyond it."""
 
-    Why the widest: a local shape can exclude the best sub-network. On ``digits-dit`` (12
-    blocks) the first six blocks recover far better than any one-of-each-pair choice (bench
-    FD 10.1 for first-k against 78 to 84 for TinyFusion's and the stride baseline's ``1:2``
-    choices), and a ``6:12`` search learns exactly blocks 0-5. The paper's ablation on
-    DiT-XL/2 found ``1:2`` and ``2:4`` close and ``7:14`` harder to optimise; the option limit
-    keeps DiT-XL/2 at ``2:4``. Pass ``keep`` for the paper's ``1:2``.
-    """
-    if not 1 <= k <= depth:
-        raise UsageError(f"cannot keep {k} of {depth} blocks; keep between 1 and {depth}")
-    if k == depth:
-        return "1:1"
-    g = math.gcd(depth, k)
-    for groups in (d for d in range(1, g + 1) if g % d == 0):
-        n, m = k // groups, depth // groups
-        if math.comb(m, n) <= MAX_OPTIONS:
-            return f"{n}:{m}"
-    for m in range(2, depth + 1):
+
+def search_space_of(groups: Sequence[Group]) -> str:
+    """``"global"`` when one group spans every block and drops some (e.g. ``6:12`` on 12
+    blocks: any ``N`` of the blocks may be kept), else ``"local"`` (the name reports use)."""
+    return "global" if len(groups) == 1 and groups[0].n < groups[0].m else "local"
+
+
+def _local_shape(depth: int, k: int) -> str | None:
+    """The finest local pattern keeping exactly ``k`` of ``depth`` blocks, or ``None``."""
+    divisors = [m for m in range(2, depth) if depth % m == 0]  # group sizes of more than one group
+    for m in divisors:  # a uniform N:M shape: the paper's kind (1:2, 2:4, 3:4, 1:4)
+        if (k * m) % depth == 0 and math.comb(m, k * m // depth) <= MAX_OPTIONS:
+            return f"{k * m // depth}:{m}"
+    for m in divisors:  # groups of the smallest size with a kept block each, k spread evenly
         groups = depth // m
-        if depth % m or k < groups:
+        if k < groups:
             continue
         base, extra = divmod(k, groups)
         ns = [base + ((j + 1) * extra // groups - j * extra // groups) for j in range(groups)]
         if max(ns) <= m and all(math.comb(m, x) <= MAX_OPTIONS for x in ns):
             return ",".join(f"{x}:{m}" for x in ns)
-    raise UsageError(f"no N:M pattern with <= {MAX_OPTIONS} options per group keeps {k} of {depth} blocks; pass keep")
+    return None
 
 
-def resolve_depth(model: nn.Module, budget: float, ctx: Context, keep: str | None) -> tuple[list[Group], dict]:
-    """Groups from ``keep``, or from the budget (then the chosen shape is reported)."""
+def _global_shape(depth: int, k: int) -> str | None:
+    """The uniform shape with the fewest groups (the widest search) whose group has at most
+    :data:`MAX_OPTIONS` options, or ``None``."""
+    g = math.gcd(depth, k)
+    for groups in (d for d in range(1, g + 1) if g % d == 0):
+        n, m = k // groups, depth // groups
+        if math.comb(m, n) <= MAX_OPTIONS:
+            return f"{n}:{m}"
+    return None
+
+
+def shape_for_depth(depth: int, k: int, space: str = "local") -> str:
+    """A ``keep`` pattern that keeps exactly ``k`` of ``depth`` blocks (``k`` is the largest
+    depth that meets the budget, :func:`depth_for_budget`).
+
+    ``space="local"`` (default; the paper's search space, whose headline is ``1:2`` for
+    halving the depth): the uniform ``N:M`` shape with the smallest group size ``M`` (``M``
+    dividing the depth, more than one group), i.e. the finest: 6 of 12 -> ``1:2``, 3 of 12
+    -> ``1:4``, 9 of 12 -> ``3:4``, 14 of 28 -> ``1:2``. When no uniform shape keeps ``k``
+    (13 of 28), groups of the smallest size that gives every group a kept block, the ``k``
+    kept blocks spread as evenly as possible (``2:4`` x 6 and one ``1:4``). Else (a prime
+    depth, or fewer kept blocks than groups of any size: 1 of 12) one group ``k:depth``.
+
+    ``space="global"`` (beyond the paper): the uniform shape with the fewest groups (the
+    widest search) with at most :data:`MAX_OPTIONS` options per group (6 of 12 -> ``6:12``;
+    14 of 28 -> ``2:4``), else the local rule. A local shape can exclude the best sub-network
+    (on ``digits-dit`` the first six blocks recover far better than any 1:2 choice, and a
+    ``6:12`` search finds them); the paper's ablation on DiT-XL/2 found ``1:2`` and ``2:4``
+    close and ``7:14`` harder to optimise. An explicit ``keep`` chooses any shape.
+    """
+    if space not in SEARCH_SPACES:
+        raise UsageError(f"unknown search space {space!r}; choose one of {', '.join(SEARCH_SPACES)}")
+    if not 1 <= k <= depth:
+        raise UsageError(f"cannot keep {k} of {depth} blocks; keep between 1 and {depth}")
+    if k == depth:
+        return "1:1"
+    shape = (_global_shape(depth, k) if space == "global" else None) or _local_shape(depth, k)
+    if shape is None and math.comb(depth, k) <= MAX_OPTIONS:
+        shape = f"{k}:{depth}"
+    if shape is None:
+        raise UsageError(f"no N:M pattern with <= {MAX_OPTIONS} options per group keeps {k} of {depth} blocks; pass keep")
+    return shape
+
+
+def resolve_depth(model: nn.Module, budget: float, ctx: Context, keep: str | None,
+                  space: str = "local") -> tuple[list[Group], dict]:
+    """Groups from ``keep``, or from the budget and ``space`` (:func:`shape_for_depth`); and
+    the settings to record: the shape (``keep``), where it came from and ``search_space``
+    (``"global"`` for one group over every block, else ``"local"``)."""
     depth = len(check_depth_prunable(model).blocks)
     if keep is not None:
-        return parse_keep(str(keep), depth), {"keep": str(keep), "keep_from": "keep"}
+        groups = parse_keep(str(keep), depth)
+        return groups, {"keep": str(keep), "keep_from": "keep", "search_space": search_space_of(groups)}
     k, facts = depth_for_budget(model, budget, ctx)
-    shape = shape_for_depth(depth, k)
-    return parse_keep(shape, depth), {"keep": shape, "keep_from": f"budget {budget:g}", **facts}
+    shape = shape_for_depth(depth, k, space)
+    groups = parse_keep(shape, depth)
+    return groups, {"keep": shape, "keep_from": f"budget {budget:g}", "search_space": search_space_of(groups), **facts}
 
 
 # --------------------------------------------------------------------------- ending
+def _groups_of(keep: str | None, depth: int, k: int) -> list[Group]:
+    """The groups of pattern ``keep``, else of the local shape keeping ``k`` of ``depth``
+    blocks, else (no such shape within :data:`MAX_OPTIONS`) one group of every block."""
+    if keep is not None:
+        return parse_keep(str(keep), depth)
+    try:
+        return parse_keep(shape_for_depth(depth, k), depth)
+    except UsageError:
+        return [Group(k, depth, 0)]
+
+
 def finish_depth(model: nn.Module, kept: Sequence[int], ctx: Context, name: str, settings: dict,
-                 extras: dict, cost_s: float = 0.0) -> nn.Module:
-    """Cut ``model`` to the blocks ``kept``, run the shared recovery with the kept-block
-    layer map, and record the method; the common ending of every depth method."""
+                 extras: dict, cost_s: float = 0.0, groups: Sequence[Group] | None = None,
+                 kd_map: str = "group-end") -> nn.Module:
+    """Cut ``model`` to the blocks ``kept``, run the shared recovery with the ``kd_map`` layer
+    map (:func:`layer_map`) and record the method; the common ending of every depth method.
+
+    ``groups``: the N:M groups ``kept`` was chosen in; by default those of ``settings["keep"]``
+    when recorded, else the local shape of ``len(kept)`` blocks, so that the depth baselines
+    get the group-end map of TinyFusion at the same shape. The kept block indices go to the
+    measurements (so to every chain and bench entry) and to the extras, with the layer map.
+    """
     depth = len(as_backbone(model).blocks)
+    kept = [int(i) for i in kept]
+    if groups is None:
+        groups = _groups_of(settings.get("keep"), depth, len(kept))
     teacher = ctx.teacher
-    layer_map = kept_layer_map(kept)
+    pairs = layer_map(kept, groups, kd_map)
     if ctx.kd in ("hidden", "masked") and teacher is not None and len(as_backbone(teacher).blocks) != depth:
         raise UsageError(
             f"{ctx.kd} KD maps student blocks to the teacher's by index, but the teacher has "
@@ -383,12 +480,11 @@ def finish_depth(model: nn.Module, kept: Sequence[int], ctx: Context, name: str,
         # that served as ctx.teacher in an earlier call arrives here frozen.
         model.requires_grad_(True)
     start = time.process_time()
-    tag = f"{name}-{'-'.join(map(str, kept))}-{ctx.kd}-n{ctx.recover_steps}-s{ctx.seed}"  # a resume key
-    model = recover(model, ctx, tag, layer_map=layer_map)
-    kept = list(map(int, kept))
+    tag = f"{name}-{'-'.join(map(str, kept))}-{ctx.kd}-{kd_map}-n{ctx.recover_steps}-s{ctx.seed}"  # a resume key
+    model = recover(model, ctx, tag, layer_map=pairs)
     measured = {"depth": len(kept), "original_depth": depth, "kept_blocks": kept, "compress_cpu_s": cost_s,
                 "recover_cpu_s": time.process_time() - start, "recover_steps": ctx.recover_steps, "kd": ctx.kd}
-    extras = {"kept_blocks": kept, "layer_map": {str(k): v for k, v in layer_map.items()}, **extras}
+    extras = {"kept_blocks": kept, "kd_map": kd_map, "layer_map": {str(k): v for k, v in pairs.items()}, **extras}
     return record(model, name, settings, measured, extras)
 
 

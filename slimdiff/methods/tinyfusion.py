@@ -4,35 +4,53 @@
 group-shape syntax of ``keep`` and the budget's choice of shape are
 :mod:`slimdiff.compression.depth`'s); each of a group's ``C(M, N)`` keep-patterns is one
 *option* with one learnable logit (fp32, initialised to the constant 0.02, i.e. uniform).
-The shape chosen is recorded in the settings.
+By default the budget picks the finest *local* shape that keeps the most blocks within it
+(``1:2`` for 0.5, ``1:4`` for 0.25, ``3:4`` for 0.75; the rule is
+:func:`~slimdiff.compression.depth.shape_for_depth`'s), the paper's search space (its
+headline TinyDiT-D14 is ``1:2`` over DiT-XL/2's 28 blocks, reference preset ``DiT-XL-1-2``).
+``search_space="global"`` (beyond the paper) picks the widest shape instead (one group over
+every block where the option count allows, e.g. ``6:12``); an explicit ``keep`` chooses any
+shape. The settings record ``keep`` and ``search_space`` (``"global"``: one group over every
+block, else ``"local"``).
 
 **Search** (paper Sec. 3; reference ``models_with_layer_pruning.py`` / ``prune_by_learning.py``):
 for every training example and every group, a hard straight-through Gumbel-softmax picks
 one option from ``logits * scaling`` (scaling = 100, the reference's constant MaskLLM
 factor, so that small logit steps move the distribution); the temperature is annealed
 linearly from 4 to 0.1 over the search. A dropped block is the identity on the residual
-stream (``h = m * block(h) + (1 - m) * h``, the shared depth gates). LoRA adapters (peft;
-rank 8, alpha 16, on every ``nn.Linear`` inside the blocks) are trained jointly with the
-logits on the diffusion loss, so the options whose sub-networks *recover* best win.
-Optimiser: AdamW, lr 1e-4 for LoRA and 10x (1e-3) for the logits, constant lr, gradient
-clip 1.0, EMA 0.999, through the shared trainer (``param_groups`` for the two learning
-rates, ``on_step_begin`` for the temperature schedule and the probability log). The search
-still computes every block (masks are for training only).
+stream (``h = m * block(h) + (1 - m) * h``, the shared depth gates). The weights' ability to
+*recover* is co-optimised with the logits on the diffusion loss, so the options whose
+sub-networks recover best win: by default LoRA (peft; rank 8, alpha 16) on **every**
+``nn.Linear`` of the model, embedders and final layer included (the README's ``--delta-w
+--lora``: ``prune_by_learning.py`` ~39-53 wraps every ``nn.Linear``, ~239-242);
+``delta_w=True`` trains the full weights instead (``--delta-w`` without ``--lora``);
+``lora_targets="blocks"`` (deviation) adapts only the blocks' linear layers. The LoRA
+initialisation is drawn from ``ctx.seed`` (not the global RNG), so a search is reproducible
+across processes. Optimiser: AdamW, lr 1e-4 for LoRA / weights and 10x (1e-3) for the
+logits, constant lr, gradient clip 1.0, EMA 0.999, through the shared trainer
+(``param_groups`` for the two learning rates, ``on_step_begin`` for the temperature schedule
+and the probability log). The search still computes every block (masks are for training only).
+The loss is slimdiff's diffusion loss (epsilon MSE; the reference adds the VB term for
+learned sigma, which slimdiff never trains).
 
-Deviations from the reference, on purpose: LoRA goes on the blocks' linear layers only (the
-issue's default; the reference also adapts the embedders and final layer), and the loss
-is slimdiff's diffusion loss (epsilon MSE; the reference adds the VB term for learned
-sigma, which slimdiff never trains).
+**Length.** The reference searches one data epoch of ImageNet at global batch 128 (README;
+1.28M images, about 10K steps). Our default is ``search_steps=500`` at the context's batch
+(64 by default): 32K examples, 1/20 of the reference's steps and 2.5% of its examples, which
+is about 22 epochs of the 1,437 ``digits`` training images. For a large model and dataset,
+set ``search_steps`` to ``len(dataset) / batch`` for the reference's one epoch.
 
 **Decision.** The most probable option per group under the (EMA) logits. The LoRA
-deltas are discarded and the shallower model is cut from the *original* weights: the
-dropped blocks are removed from the module list (and the config's depth updated), so they
-are not computed at all.
+deltas (or trained weights) are discarded and the shallower model is cut from the
+*original* weights: the dropped blocks are removed from the module list (and the config's
+depth updated), so they are not computed at all.
 
 **Recovery** is the shared ending of every depth method
 (:func:`slimdiff.compression.depth.finish_depth`: fine-tuning, or output / hidden / masked
-KD from the teacher) with the layer map derived from the kept blocks: student block ``i``
-<- teacher block ``kept[i]`` (the reference hard-codes ``2i + 1``).
+KD from the teacher). The KD layer map defaults to the reference's (``kd_map="group-end"``,
+``train_masked_kd.py`` ~185-193): for each group, the student's last kept block <- the
+teacher block at the end of the group (``2i + 1`` for ``1:2``). ``kd_map="kept"`` (deviation)
+maps student block ``i`` <- teacher block ``kept[i]``, whose output misses the dropped
+blocks' contribution.
 """
 from __future__ import annotations
 
@@ -49,6 +67,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimdiff.compression.depth import (
+    KD_MAPS,
+    SEARCH_SPACES,
     DepthGateConfig,
     Group,
     apply_depth_gates,
@@ -73,9 +93,14 @@ __all__ = ["SearchConfig", "DepthGates", "SearchResult", "search", "TinyFusionCo
 
 
 # --------------------------------------------------------------------------- search
+LORA_TARGETS = ("all", "blocks")
+"""Where the search's LoRA goes: every ``nn.Linear`` (the reference) or the blocks' only."""
+
+
 @dataclass
 class SearchConfig:
-    """Search settings (defaults: the TinyFusion reference code)."""
+    """Search settings (defaults: the TinyFusion reference code; ``steps`` is scaled in
+    length, see the module docs)."""
 
     steps: int = 500
     lr: float = 1e-4
@@ -84,9 +109,10 @@ class SearchConfig:
     tau_end: float = 0.1
     scaling: float = 100.0
     init_logit: float = 0.02
-    lora_rank: int = 8
+    lora_rank: int = 8  # 0 with delta_w=False: only the logits train (the reference without --delta-w)
     lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] | None = None  # None: every nn.Linear inside the blocks
+    lora_targets: str | tuple[str, ...] = "all"  # "all", "blocks" or nn.Linear module names
+    delta_w: bool = False  # train every weight instead of LoRA (the reference's --delta-w alone)
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     log_points: int = 200  # probabilities are recorded at about this many steps
@@ -98,6 +124,9 @@ class SearchConfig:
             raise UsageError("Gumbel-softmax temperatures must be > 0")
         if self.lora_rank < 0:
             raise UsageError(f"LoRA rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
+        if isinstance(self.lora_targets, str) and self.lora_targets not in LORA_TARGETS:
+            raise UsageError(f"unknown lora_targets {self.lora_targets!r}; choose one of {', '.join(LORA_TARGETS)} "
+                             "(or pass nn.Linear module names)")
 
     def tau(self, step: int) -> float:
         """Linear annealing from ``tau_start`` (step 0) to ``tau_end`` (last step)."""
@@ -178,13 +207,18 @@ class SearchResult:
     cpu_s: float
 
 
-def _add_lora(model: nn.Module, config: SearchConfig) -> list[nn.Parameter]:
-    """Freeze ``model`` and add the search's LoRA adapters (``config.lora_targets``, by default
-    every ``nn.Linear`` inside the blocks); returns the adapter parameters."""
+def _trainable(model: nn.Module, config: SearchConfig, seed: int) -> list[nn.Parameter]:
+    """Make ``model``'s recoverability parameters trainable and return them: every weight
+    (``delta_w``), else LoRA adapters on ``config.lora_targets`` initialised from ``seed``."""
+    if config.delta_w:  # prune_by_learning.py ~239-246: --delta-w without --lora trains every non-gate weight
+        model.requires_grad_(True)
+        return list(model.parameters())
     targets = config.lora_targets
-    if targets is None:
+    if targets == "all":
+        targets = linear_layers(model)
+    elif targets == "blocks":
         targets = linear_layers(model, as_backbone(model).block_names)
-    return add_lora(model, targets, config.lora_rank, config.lora_alpha)
+    return add_lora(model, targets, config.lora_rank, config.lora_alpha, seed=seed)
 
 
 def _work_dir(ctx: Context, tag: str) -> Path:
@@ -195,7 +229,7 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
            dataset=None) -> SearchResult:
     """Learn which blocks to keep (``model`` is not changed; the search runs on a copy).
 
-    Trains :class:`DepthGates` logits jointly with LoRA adapters through
+    Trains :class:`DepthGates` logits jointly with LoRA adapters (or every weight) through
     :func:`slimdiff.train.trainer.train` for ``config.steps`` steps on ``ctx.data`` (or
     ``dataset``) with batch ``ctx.batch_size``, then decides by the argmax of the EMA logits.
     Checkpoints go to ``ctx.work_dir/search-tinyfusion-<shape>-n<steps>-s<seed>-<model fingerprint>``
@@ -206,7 +240,7 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
     config = config or SearchConfig()
     start = time.process_time()
     work = copy.deepcopy(model)
-    lora = _add_lora(work, config)
+    weights = _trainable(work, config, ctx.seed)
     gates = DepthGates(groups, config.scaling, config.init_logit).to(as_backbone(work).device)
     gates.attach(work)
     every = max(1, config.steps // config.log_points)
@@ -220,8 +254,8 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
             history.append(gates.probabilities())
 
     groups_ = [{"params": list(gates.logits), "lr": config.lr * config.gate_lr_mult}]
-    if lora:
-        groups_.insert(0, {"params": lora, "lr": config.lr})
+    if weights:
+        groups_.insert(0, {"params": weights, "lr": config.lr})
     tcfg = TrainConfig(steps=config.steps, batch_size=ctx.batch_size, lr=config.lr, lr_schedule="constant",
                        ema_decay=config.ema_decay, grad_clip=config.grad_clip, seed=ctx.seed,
                        checkpoint_every=max(1, config.steps // 4), log_every=max(1, min(50, config.steps)))
@@ -240,32 +274,58 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
 # --------------------------------------------------------------------------- the method
 @dataclass(frozen=True)
 class TinyFusionConfig:
-    """TinyFusion's options (the search's other settings: :class:`SearchConfig`)."""
+    """TinyFusion's options (the search's other settings: :class:`SearchConfig`). Defaults are
+    the reference's (``prune_by_learning.py`` / ``train_masked_kd.py``); options marked
+    "deviation" or "beyond the paper" are off by default."""
 
-    keep: str | None = option(None, "N:M group shape(s), e.g. 1:2 or 2:4,1:2 (default: chosen from the budget)")
-    search_steps: int = option(SearchConfig.steps, "search steps")
+    keep: str | None = option(None, "N:M group shape(s), e.g. 1:2 or 2:4,1:2 or the global 6:12 "
+                                    "(default: chosen from the budget by search_space)")
+    search_space: str = option("local", "how the budget picks the shape: 'local' = the finest N:M groups "
+                                        "(reference default: 1:2 for 0.5, 1:4 for 0.25); 'global' = beyond the "
+                                        "paper: the widest shape, e.g. 6:12 on 12 blocks")
+    search_steps: int = option(SearchConfig.steps, "search steps at the context batch (default 500 x 64: scaled "
+                                                   "length; the reference searches one data epoch at batch 128, "
+                                                   "about 10K steps on ImageNet)")
+    lora_targets: str = option("all", "LoRA r8/alpha16 targets: 'all' = every nn.Linear incl. embedders and final "
+                                      "layer (reference default); 'blocks' = deviation: the blocks' linears only")
+    delta_w: bool = option(False, "train every weight instead of LoRA during the search: the reference's "
+                                  "--delta-w without --lora, a reference option (off = the README's LoRA recipe)")
+    kd_map: str = option("group-end", "hidden/masked-KD layer map: 'group-end' = a group's last kept student "
+                                      "block <- the teacher block ending the group (reference default, "
+                                      "train_masked_kd.py); 'kept' = deviation: student i <- teacher kept[i]")
+
+    def __post_init__(self) -> None:
+        if self.search_space not in SEARCH_SPACES:
+            raise UsageError(f"unknown search_space {self.search_space!r}; choose one of {', '.join(SEARCH_SPACES)}")
+        if self.lora_targets not in LORA_TARGETS:
+            raise UsageError(f"unknown lora_targets {self.lora_targets!r}; choose one of {', '.join(LORA_TARGETS)}")
+        if self.kd_map not in KD_MAPS:
+            raise UsageError(f"unknown kd_map {self.kd_map!r}; choose one of {', '.join(KD_MAPS)}")
 
 
 def compress(model: nn.Module, budget: float, ctx: Context, config: TinyFusionConfig) -> nn.Module:
     """Depth-prune ``model`` with TinyFusion; ``config.keep`` (an N:M pattern) overrides the budget."""
     check_depth_prunable(model, "tinyfusion")
-    groups, chosen = resolve_depth(model, budget, ctx, config.keep)
-    search_config = SearchConfig(steps=int(config.search_steps))
-    settings = {**chosen, "search_steps": search_config.steps, "groups": [g.shape for g in groups]}
+    groups, chosen = resolve_depth(model, budget, ctx, config.keep, config.search_space)
+    search_config = SearchConfig(steps=int(config.search_steps), lora_targets=config.lora_targets,
+                                 delta_w=bool(config.delta_w))
+    settings = {**chosen, "search_steps": search_config.steps, "groups": [g.shape for g in groups],
+                "lora_targets": config.lora_targets, "delta_w": search_config.delta_w, "kd_map": config.kd_map}
+    finish = {"groups": groups, "kd_map": config.kd_map}
     if all(g.n == g.m for g in groups):  # one option per group: nothing to search
         kept = list(range(len(as_backbone(model).blocks)))
-        return finish_depth(model, kept, ctx, "tinyfusion", settings, {"searched": False})
+        return finish_depth(model, kept, ctx, "tinyfusion", settings, {"searched": False}, **finish)
     result = search(model, groups, ctx, search_config)
     extras = {
         "searched": True,
-        "search": {k: v for k, v in dataclasses.asdict(search_config).items() if k != "lora_targets"},
+        "search": dataclasses.asdict(search_config),
         "groups": [{"shape": g.shape, "start": g.start,
                     "options": [[g.start + int(i) for i in torch.nonzero(r).flatten()] for r in group_options(g.n, g.m)]}
                    for g in groups],
         "probabilities": result.probabilities,
         "probability_history": {"steps": result.history_steps, "values": result.history},
     }
-    return finish_depth(model, result.kept, ctx, "tinyfusion", settings, extras, cost_s=result.cpu_s)
+    return finish_depth(model, result.kept, ctx, "tinyfusion", settings, extras, cost_s=result.cpu_s, **finish)
 
 
 def speed_student(model: nn.Module, settings: Any) -> nn.Module:
@@ -276,7 +336,7 @@ def speed_student(model: nn.Module, settings: Any) -> nn.Module:
     groups, chosen = resolve_depth(model, settings.budget, ctx, None)
     kept = [g.start + int(i) for g in groups for i in torch.nonzero(group_options(g.n, g.m)[0]).flatten()]
     return finish_depth(model, kept, ctx, "tinyfusion", {**chosen, "searched": False, "note": "first option per group"},
-                        {"searched": False})
+                        {"searched": False}, groups=groups)
 
 
 TINYFUSION = MethodSpec("tinyfusion", "depth",
@@ -284,5 +344,5 @@ TINYFUSION = MethodSpec("tinyfusion", "depth",
                         compress, TinyFusionConfig, draw=draw_depth, speed_student=speed_student,
                         applies=depth_prunable)
 tinyfusion = TINYFUSION
-"""``tinyfusion(model, budget, ctx, keep=..., search_steps=...)``: the method as a plain call."""
+"""``tinyfusion(model, budget, ctx, keep=..., search_steps=..., ...)``: the method as a plain call."""
 SPECS = (TINYFUSION,)

@@ -5,7 +5,11 @@ with ``alpha = 0.9`` and ``beta`` decaying linearly from ``feat_beta`` to 0 over
 The masked feature loss ignores activations far from their mean, which dominate the
 MSE in DiT hidden states: per sample, ``m = |h - mu| < k sigma`` (``mu``, ``sigma`` over
 tokens and channels, ``k = 2``), computed separately for student and teacher, and
-``feat = mean((m_s h_s - m_t h_t)^2)`` averaged over the mapped layer pairs.
+``feat = mean((m_s h_s - m_t h_t)^2)`` averaged over the mapped layer pairs. The pairs
+(``TrainConfig.layer_map``, student block -> teacher block) come from the caller; the depth
+methods pass the reference's group-end map by default (a group's last kept student block ->
+the teacher block ending the group, ``train_masked_kd.py`` ~185-193), see
+:func:`slimdiff.compression.depth.layer_map`.
 """
 from __future__ import annotations
 
