@@ -144,8 +144,12 @@ def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Con
         step_budget = chain_step_budget(budget, macs / original, len(plan) - i)
         result = spec.compress(result, step_budget, ctx, config)
         macs = sampling_macs(result, ctx)  # what the chain has reached so far (end to end)
+    from slimdiff.eval.compute import params, params_ratio
+
     rec = record_of(result)
     rec.result.measured = {**rec.result.measured, "budget": budget, "macs_sampling": macs,
                            "macs_ratio": macs / original, "original_macs_sampling": original,
+                           "params": params(result), "original_params": params(model),
+                           "params_ratio": params_ratio(result, model),
                            "sampler": ctx.sampler, "steps": ctx.steps, "cfg": ctx.cfg}
     return set_record(result, rec)
