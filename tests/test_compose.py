@@ -27,7 +27,7 @@ def _ctx(tmp_path, **kw) -> Context:
 
 @pytest.mark.parametrize("chain, budget, order, options", [
     ("dipgo,tinyfusion", 0.25, ["tinyfusion", "dipgo"], {"search_steps": 2, "opt_steps": 2}),
-    ("deepcache,magnitude-width,first-depth", 0.3, ["first-depth", "magnitude-width", "deepcache"], {}),
+    ("deepcache-style,magnitude-width,first-depth", 0.3, ["first-depth", "magnitude-width", "deepcache-style"], {}),
 ])
 def test_chain_meets_the_budget_end_to_end_and_loads_whole(chain, budget, order, options, tmp_path):
     model = _digits_dit()

@@ -4,19 +4,23 @@ Every reuse method yields the unchanged model plus a (step x block) :class:`Reus
 the runtime of :mod:`slimdiff.runtime.reuse`. This module holds what they have in common:
 
 * **post-processing** of per-(step, block) reuse scores to a table meeting the budget
-  exactly (:func:`threshold_plan`: the DiP-GO paper's ranked search, or the reference code's
-  greedy sweep), with optional whole-step scores and steps that reuse every block skipping
-  the model call (:func:`split_plan`, :func:`called_steps`), and the MACs of a table;
+  (:func:`threshold_plan`: our ranked search, within one block below the budget, or the DiP-GO
+  reference code's greedy sweep, which ends just above it), with optional whole-step scores,
+  and steps that reuse every block skipping the model call (:func:`split_plan`,
+  :func:`called_steps`; every reuse method offers it as ``skip_reused_steps``, off by default,
+  so that comparisons are fair), and the MACs of a table;
 * **set-up and result**: :func:`prepare` (one reuse method per model, block MACs, a
   reachable budget), :func:`finish` (install the plan, record it), :func:`restore_plan` (the
-  restorer of every reuse method) and :func:`draw_plan` (their report picture);
+  restorer of every reuse method; :func:`with_legacy_block_plans` for the pre-rename names) and
+  :func:`draw_plan` (their report picture);
 * **data**: :func:`teacher_batch`, seeded noise and the original model's samples from it,
   the data-free training signal of the learned planners (DiP-GO, L2C), which share
   :data:`OPT_STEPS`.
 """
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Callable
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +35,23 @@ from slimdiff.runtime.reuse import (
     apply_block_reuse,
     block_costs,
     block_reuse_disabled,
+    effective_compute,
     get_block_reuse,
     remove_block_reuse,
+    reuse_blocks,
 )
 
 OPT_STEPS = 150
-"""Default optimisation steps of the learned planners (DiP-GO, and L2C so that both get equal
-optimisation). On digits-dit at budget 0.5 (DDIM 50, 2000 samples) 30 DiP-GO steps left long
-stale reuse runs (FD 8.9, SSIM 0.985 to the teacher, bench/digits); 150 steps gave FD 5.8,
-SSIM 0.997 (bench/dipgo/opt_steps_150.json). The reference runs 500."""
+"""Default optimisation steps of the block-level L2C router (``l2c-block``), 8 trajectories each:
+1200 teacher trajectories, about DiP-GO's reference recipe (500 steps x 2 = 1000,
+:data:`slimdiff.methods.dipgo.OPT_STEPS_DIPGO`), so the two learned planners get about equal
+optimisation. (DiP-GO's earlier Adam recipe ran 150 x 8: on digits-dit at budget 0.5, DDIM 50,
+30 steps left long stale reuse runs, FD 8.9, and 150 gave FD 5.8, bench/dipgo/opt_steps_150.json.)"""
 
 
-def check_opt_steps(opt_steps: Any) -> int:
-    """A learned planner's optimisation steps, checked (``None``: :data:`OPT_STEPS`)."""
-    steps = OPT_STEPS if opt_steps is None else opt_steps
+def check_opt_steps(opt_steps: Any, default: int = OPT_STEPS) -> int:
+    """A learned planner's optimisation steps, checked (``None``: ``default``)."""
+    steps = default if opt_steps is None else opt_steps
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise UsageError(f"--opt-steps must be a non-negative integer, got {opt_steps!r}")
     return steps
@@ -94,18 +101,27 @@ def check_reachable(costs: BlockCosts, steps: int, budget: float, step_skips: bo
         )
 
 
+POSTPROCESS = ("search", "greedy")
+"""Post-processings of :func:`threshold_plan`: ``search`` (ours, the default: rank and bisect to
+within one block *below* the budget) and ``greedy`` (the reference code's sweep, which stops
+*above* it)."""
+
+
 def threshold_plan(p_reuse: torch.Tensor, costs: BlockCosts, budget: float, method: str = "search",
                    skip_reused_steps: bool = False) -> torch.Tensor:
     """Table meeting ``budget`` (fraction of the all-compute MACs) from scores ``p_reuse``
     (S, N), or (S, N + 1) whose last column scores skipping the whole step (see
     :func:`split_plan`); ``skip_reused_steps``: steps that reuse every block cost nothing.
 
-    The plan's MACs are within one block's MACs below the budget, plus one step's non-block
-    MACs when a last reused block empties a step (``skip_reused_steps``); UNets: plus the
-    producers a block frees. With step scores, when the bisection's last reused entry is a
-    whole step, the plan instead keeps that step and reuses the next-ranked *block* entries
-    as far as the budget needs, if that lands closer to it; if no block entries can, the
-    shortfall may reach one step's non-block MACs.
+    ``method="search"`` (default): rank the (step > 0, entry) scores and bisect on how many of
+    the top ones are reused, for the fewest that meet the budget. The plan's MACs are within one
+    block's MACs below the budget, plus one step's non-block MACs when a last reused block empties
+    a step (``skip_reused_steps``); UNets: plus the producers a block frees. With step scores, when
+    the bisection's last reused entry is a whole step, the plan instead keeps that step and reuses
+    the next-ranked *block* entries as far as the budget needs, if that lands closer to it; if no
+    block entries can, the shortfall may reach one step's non-block MACs.
+
+    ``method="greedy"``: the reference code's sweep (:func:`_greedy`); it ends *above* the budget.
     """
     steps, n = p_reuse.shape[0], len(costs.blocks)
     gated = p_reuse.shape[1] == n + 1
@@ -113,8 +129,8 @@ def threshold_plan(p_reuse: torch.Tensor, costs: BlockCosts, budget: float, meth
     target = budget * table_cost(costs, torch.ones(p_reuse.shape, dtype=torch.bool))
     cost = partial(table_cost, costs, skip_reused_steps=skip_reused_steps)
     check_postprocess(method, gated)
-    if method == "sweep":
-        return _sweep(p_reuse, cost, target)
+    if method == "greedy":
+        return _greedy(p_reuse, costs, cost, target)
     order = torch.argsort(p_reuse[1:].flatten(), descending=True, stable=True)
 
     def table(reused: torch.Tensor) -> torch.Tensor:
@@ -147,26 +163,43 @@ def threshold_plan(p_reuse: torch.Tensor, costs: BlockCosts, budget: float, meth
 
 def check_postprocess(method: str, step_gates: bool) -> None:
     """UsageError unless ``method`` is a post-processing :func:`threshold_plan` can run."""
-    if method not in ("search", "sweep"):
-        raise UsageError(f"unknown post-processing {method!r}; use 'search' (paper) or 'sweep' (reference code)")
-    if method == "sweep" and step_gates:
-        raise UsageError("postprocess 'sweep' is not available with step gates: they need postprocess='search' "
+    if method not in POSTPROCESS:
+        raise UsageError(f"unknown post-processing {method!r}; use 'search' (ours, within one block below the "
+                         "budget) or 'greedy' (the reference code's sweep)")
+    if method == "greedy" and step_gates:
+        raise UsageError("postprocess 'greedy' is not available with step gates: they need postprocess='search' "
                          "(the reference's sweep ranks blocks only)")
 
 
-def _sweep(p_reuse: torch.Tensor, cost, target: float) -> torch.Tensor:
-    """The reference code's greedy sweep (``prune(expected_ratio, prune_threshold=0.95)``)."""
+def _greedy(p_reuse: torch.Tensor, costs: BlockCosts, cost, target: float) -> torch.Tensor:
+    """The reference code's greedy sweep (dip-go ``src/DiPGO/extension/unethelper.py``
+    ``UNetHelper.prune(expected_ratio, prune_threshold=0.95)``, ~1030-1132).
+
+    For each threshold 0.95, 0.90, ..., 0.05, 0 and each block in reverse order: visit that
+    block's steps > 0 by falling ``p_reuse``; reuse those above the threshold, with the
+    producers they leave unread (the reference's cascade nodes), unless that would reach the
+    budget -- then stop this block and go on with the next. The reference checks the pruned
+    fraction with ``>= expected_ratio`` before adding, so the plan never reaches the budget: it
+    ends *above* it, by less than the smallest entry it could still reuse. (The reference's
+    ``while actual < expected`` and its break after a block never fire for that reason: it
+    always runs every threshold.) We measure MACs with :func:`table_cost` instead of the
+    reference's per-block FLOPs ratios averaged over steps (the same up to the non-block layers,
+    which SD-1.5 hardly has).
+    """
     c = torch.ones(p_reuse.shape, dtype=torch.bool)
-    thr = 0.95
-    while thr > -1e-9:
+    for level in range(19, -1, -1):  # thresholds 0.95 .. 0.0 in steps of 0.05 (the reference stops below 0)
+        thr = level * 0.05
         for b in reversed(range(p_reuse.shape[1])):
             for t in torch.argsort(p_reuse[1:, b], descending=True, stable=True).tolist():
-                if p_reuse[t + 1, b] > thr and c[t + 1, b]:
-                    c[t + 1, b] = False
-                    if cost(c) <= target:
-                        return c
-        thr -= 0.05
-    c[1:] = False
+                s = t + 1
+                if not c[s, b] or p_reuse[s, b] <= thr:
+                    continue
+                trial = c.clone()
+                trial[s, b] = False
+                trial[s] = effective_compute(trial[s], costs.names, costs.consumers)  # the cascade, marked
+                if cost(trial) <= target:
+                    break  # would reach the budget: the reference stops this block here
+                c = trial
     return c
 
 
@@ -197,6 +230,20 @@ def restore_plan(model: nn.Module, extras: dict | None) -> None:
     if not extras:
         raise UsageError("the model's metadata names a reuse method but holds no plan; compress the model again")
     apply_block_reuse(model, ReusePlan.from_dict(extras))
+
+
+def with_legacy_block_plans(restore: Callable[[nn.Module, Any], None]) -> Callable[[nn.Module, Any], None]:
+    """``restore``, except for a block-reuse plan recorded under the same method name before the
+    rename (``deepcache`` -> ``deepcache-style``, ``l2c`` -> ``l2c-block``; extras whose ``blocks``
+    are the model's reuse blocks), which :func:`restore_plan` re-applies. The published DeepCache
+    and Learning-to-Cache, registered under the old names, wrap their restorers with it."""
+    def restorer(model: nn.Module, extras: dict | None) -> None:
+        if extras and list(extras.get("blocks") or []) == reuse_blocks(model)[0]:
+            restore_plan(model, extras)
+        else:
+            restore(model, extras)
+
+    return wraps(restore)(restorer)
 
 
 def draw_plan(name: str, extras: dict, model: nn.Module, out: Path, ctx: dict) -> list[Path]:

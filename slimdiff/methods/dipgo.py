@@ -11,39 +11,51 @@ saved in the model record's ``extras["dipgo"]`` and re-applied by ``slimdiff.loa
    step's inputs (x, the previous prediction and the block caches) are kept. On UNets the
    gates are made *effective* first, as the runtime's cascade does: a block whose readers
    are all reused is not computed, ``eff_b = g_b * (1 - prod_readers (1 - eff_r))``.
-2. **Pruner.** One learnable query per (step, block); one self-attention + FFN encoder
-   layer over all queries (``nn.TransformerEncoderLayer``; its output *is* used -- the
-   reference code discards it, the paper does not); a separate 3-layer MLP head per
-   query giving [reuse, keep] logits, last layer zero with bias [0, 1], so all gates start
-   at "keep"; hard straight-through gates (forward one-hot argmax, backward softmax).
+2. **Pruner.** One learnable query per (step, block); one encoder layer (the reference's:
+   single-head self-attention with q/k at ``dim / 4``, then an FFN) that attends *within each
+   step* over its blocks, as the paper describes (``pruner_attention="step"``; ``"all"``, over
+   all (step, block) queries at once, is a deviation kept as an option). Its output *is* used:
+   the reference code discards it (a bug, see :class:`EncoderLayer`). A separate 3-layer MLP
+   head per query gives [reuse, keep] logits, last layer zero with bias [0, 1], so all gates
+   start at "keep"; hard straight-through gates (forward one-hot argmax, backward softmax).
 3. **Losses.** Consistency between the SuperNet's final samples and the original model's
    from the same noise: ``1 - SSIM`` (default, as the paper's ablation and the reference
    code) or L1 / L2, on the samples the sampler returns (pixels for pixel models; latents
-   for latent models, as slimdiff ships no VAE). Plus ``alpha`` x the MACs-weighted
-   sparsity ``mean_t sum_b g_keep(t, b) * macs_b / macs_forward``; as in the reference's
-   "sparsity early stop", the sparsity term is dropped while the hard gates already meet
-   the budget. ``alpha`` defaults to :data:`ALPHA` (0.1), not the reference's 1 (see there).
-   On digits-dit (8x8 images, so a 3-pixel SSIM window) L1 reached a higher SSIM than the
-   SSIM loss in three of four settings but collapsed in the fourth (DDIM 25, budget 0.25):
-   no loss won everywhere, so the paper's SSIM stays the default (README diagnostics).
-4. **Post-processing** to the exact budget from the learned ``p_reuse``. Default: the
-   paper's search -- rank (step > 0, block) by ``p_reuse`` and bisect on the threshold
-   (the count of top entries reused) for the cheapest threshold that meets the budget, so
-   the plan's MACs are within one block's MACs (UNets: one block plus the producers it
-   frees) below the budget. ``postprocess="sweep"`` is the reference code's greedy sweep
-   (blocks in reverse order, falling threshold from 0.95 in steps of 0.05). Both live in
+   for latent models, as slimdiff ships no VAE; the window mapping is in
+   :func:`consistency_loss`: 5 px on 8 x 8 digits). Plus ``alpha`` (1, the reference's) x the
+   sparsity ``mean_t sum_b g_keep(t, b) * w_b / macs_forward``, where ``w_b`` is the block's
+   *cascade* cost as in the reference (``sparsity_cost="cascade"``: on UNets a block's MACs
+   plus those of the producers only it feeds, :func:`cascade_macs`; ``"own"``, the block's own
+   MACs, is a deviation kept as an option; on transformers the two agree). As the reference's
+   "sparsity early stop", the sparsity term is dropped while the hard gates already meet the
+   budget (:func:`dipgo_loss`). On digits-dit L1 reached a higher SSIM than the SSIM loss in
+   three of four settings but collapsed in the fourth (DDIM 25, budget 0.25; measured with
+   the earlier Adam recipe): no loss won everywhere, so the paper's SSIM stays the default.
+4. **Post-processing** to the budget from the learned ``p_reuse``. The reference code's greedy
+   sweep (``postprocess="greedy"``: blocks in reverse order, thresholds falling from 0.95 by
+   0.05, :func:`slimdiff.compression.reuse_plans._greedy`) never reaches the budget: it stops
+   each block *before* the pruned fraction would reach the target, so its plan ends above the
+   budget by up to the smallest entry it could still reuse. With few steps and blocks that
+   is more than slimdiff's :data:`slimdiff.budget.BUDGET_TOLERANCE` (3%): on a 4-block DiT
+   at 4 steps one entry is about 1/16 of the MACs, 12% of a budget of 0.5 (tested). **The
+   default is therefore a deviation**, ``postprocess="search"``: rank (step > 0, block) by
+   ``p_reuse`` and bisect on how many top entries are reused, for the fewest that meet the
+   budget, so the plan lands within one block's MACs (UNets: one block plus the producers it
+   frees) *below* the budget, which every method of a comparison must meet. Both live in
    :mod:`slimdiff.compression.reuse_plans`, shared with the step-reuse baselines.
 5. **A step that reuses every block reuses the model's output** (``skip_reused_steps``,
-   default on): the model is not called at that step. The reference reuses each block's
-   *output* (the hidden state after it), so when every block reuses, the output layers see
-   the previous step's last hidden state and return about the previous output. Our runtime
-   reuses a transformer block's *residual contribution*, as the issue asks and as L2C does,
-   which at such a step adds stale contributions to the fresh input embedding instead. With
-   DDIM, a reused output leaves the predicted x0 unchanged, so the step becomes an exact step
-   skip (what the fewer-steps baseline does). The post-processing counts those steps' MACs
-   as 0 when it meets the budget. The SuperNet does not model the conversion: it applies to
-   the final plan only. Measured on digits-dit at DDIM 25, budget 0.25, on one learned plan:
-   FD 13.1 without, 10.0 with (``bench/dipgo/skip_reused_steps.json``).
+   *beyond the paper*, off by default; every reuse baseline has the same option with the same
+   conversion, so compare like with like): the model is not called at that step. The
+   reference reuses each block's *output* (the hidden state after it), so when every block
+   reuses, the output layers see the previous step's last hidden state and return about the
+   previous output. Our runtime reuses a transformer block's *residual contribution*, as the
+   issue asks and as L2C does, which at such a step adds stale contributions to the fresh
+   input embedding instead. With DDIM, a reused output leaves the predicted x0 unchanged, so
+   the step becomes an exact step skip (what the fewer-steps baseline does). The
+   post-processing counts those steps' MACs as 0 when it meets the budget. The SuperNet does
+   not model the conversion: it applies to the final plan only. Measured on digits-dit at
+   DDIM 25, budget 0.25, on one learned plan: FD 13.1 without, 10.0 with
+   (``bench/dipgo/skip_reused_steps.json``).
 6. **Step gates** (``step_gates=True``, off by default; *beyond the paper*). One more gate
    per step (a column after the blocks: the pruner has ``steps x (blocks + 1)`` queries)
    mixes the step's fresh prediction with the previous step's, and the block caches with
@@ -55,16 +67,26 @@ saved in the model record's ``extras["dipgo"]`` and re-applied by ``slimdiff.loa
    converts such steps after the search). Measured on digits-dit it did not beat the
    default (see the README's diagnostics), so it is off by default.
 
+Optimisation (the reference's ``scripts/train_sd15.sh`` / ``train_sd15.py``): SGD, lr 0.2
+(its 0.1 x 2 from ``--scale_lr`` with gradient accumulation 2), weight decay 1e-4, 10 warm-up
+steps then cosine decay, gradient clipping at 1, :data:`OPT_STEPS_DIPGO` = 500 steps of
+:data:`BATCH` = 2 trajectories (its batch of 1 prompt x accumulation 2), ``alpha`` 1: not
+scaled (1000 trajectories, about what the earlier 150 x 8 Adam recipe cost). It works on small
+models: on a random 4-block DiT at budget 0.5 the hard gates reached the budget within about 60
+of 200 SGD steps (DDIM 6) and settled there at 0.47 (the early stop holding them), where the
+earlier recipe, Adam lr 0.05 with ``alpha`` 0.1 (``optimizer="adam"``, a deviation kept as an
+option), overshot to 0.12 and settled at 0.21 (DDIM 10, 40 steps). The digits-dit numbers quoted
+below and in the README were measured with that earlier recipe. Still a deviation: a 64-wide
+pruner with 32-wide heads instead of 512 / 128 (CPU budgets).
+
 Resume: with ``ctx.work_dir`` set (``slimdiff compress`` sets it), the optimisation
 checkpoints pruner, optimiser, lr schedule, RNG state and history atomically
 (:mod:`slimdiff.train.checkpoint`) into ``<work_dir>/dipgo-<model fingerprint>``; a rerun
 after a crash continues from there and ends bit-identical to an uninterrupted run, and a
 checkpoint written with other settings is refused.
 
-Deviations, for CPU budgets: Adam (lr 0.05, cosine with warm-up, grad-clip 1) instead of
-SGD lr 0.2 for 500 steps; a default of :data:`OPT_STEPS` (150) optimisation steps of 8
-trajectories each; a 64-wide pruner instead of 512; with Adam, sparsity weight
-:data:`ALPHA` = 0.1 instead of 1.
+(Over 500 lines: the SuperNet, the pruner, the losses and the optimisation share one gate
+layout and one recipe; about 90 lines are this docstring.)
 """
 from __future__ import annotations
 
@@ -81,7 +103,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from slimdiff.compression.reuse_plans import (
-    OPT_STEPS,
     check_opt_steps,
     check_postprocess,
     draw_plan,
@@ -112,28 +133,69 @@ from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_che
 from slimdiff.utils import progress
 
 LOSSES = ("ssim", "l1", "l2")
-ALPHA = 0.1
-"""Default sparsity weight. The reference's 1 (with SGD) overshoots under our Adam: on digits-dit
-at DDIM 25 and budget 0.5 the hard gates fell to 0.29 of the MACs before the early stop could act,
-so the post-processing ranked saturated probabilities. With 0.1 they settle at the budget, and
-SSIM to the teacher (the method's objective) and FD improve at both budgets and both step counts:
-DDIM 50 SSIM 0.9974 -> 0.9975 and 0.9845 -> 0.9917, FD 5.78 -> 5.45 and 7.64 -> 6.26 (budgets
-0.5, 0.25; bench/digits); DDIM 25 FD 5.87 -> 5.72 and 9.96 -> 7.71 (bench/digits_ddim25). Chosen
-on the same teacher and protocol that scores it."""
+OPT_STEPS_DIPGO = 500
+"""Default optimisation steps: the reference's 500 (``scripts/train_sd15.sh``), not scaled."""
+BATCH = 2
+"""Teacher trajectories per step: the reference's batch of 1 with gradient accumulation 2."""
+LR = 0.2
+"""The reference's learning rate: ``--learning_rate 0.1`` x 2 from ``--scale_lr`` (accumulation 2)."""
+ALPHA = 1.0
+"""Default sparsity weight, the reference's ``--sparse_scale 1`` (with its SGD). With the Adam
+deviation (``optimizer="adam"``, lr 0.05) use 0.1: there 1 overshot (on digits-dit at DDIM 25 and
+budget 0.5 the hard gates fell to 0.29 of the MACs before the early stop could act) and 0.1
+measured better FD and SSIM at both budgets and DDIM 50 / 25 (bench/digits, bench/digits_ddim25)."""
 
 
 # --------------------------------------------------------------------------- pruner
+ATTENTIONS = ("step", "all")
+
+
+class EncoderLayer(nn.Module):
+    """The reference's pruner encoder layer (dip-go ``src/DiPGO/extension/unethelper.py``:
+    ``Attention`` 12-36, ``EncoderLayer`` 121-205 with ``pre_self_step-post_mlp``, ``model_wise``):
+    single-head self-attention with queries and keys projected to ``dim / 4`` (values projected
+    after the attention), then an FFN ``dim -> dim / 4 -> dim``, each with a residual, a
+    post-LayerNorm and dropout 0.1. Input (groups, queries, dim): attention runs within a group.
+
+    The reference's ``EncoderLayer.forward`` (246-254) calls ``self.model_wise_forward(x)``, drops
+    its result and returns ``x``, so its encoder is a no-op: a bug. We return the encoded
+    queries, as the paper describes.
+    """
+
+    def __init__(self, dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.q = nn.Linear(dim, dim // 4, bias=False)
+        self.k = nn.Linear(dim, dim // 4, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, dim // 4), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim // 4, dim))
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k = self.q(x), self.k(x)
+        attn = (q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])).softmax(-1)
+        x = self.norm1(x + self.drop1(self.v(attn @ x)))
+        return self.norm2(x + self.drop2(self.ffn(x)))
+
+
 class DiPGOPruner(nn.Module):
     """Queries -> SA+FFN encoder -> per-query MLP heads -> [reuse, keep] logits (S, N, 2);
-    ``blocks`` counts gate columns (the model's blocks, plus one with step gates)."""
+    ``blocks`` counts gate columns (the model's blocks, plus one with step gates).
 
-    def __init__(self, steps: int, blocks: int, dim: int = 64, heads: int = 4, hidden: int = 32):
+    ``attention="step"`` (the paper, and the reference's ``pre_self_step``): the encoder attends
+    within each step over its ``blocks`` queries; ``"all"`` (a deviation: slimdiff's earlier
+    pruner): over all ``steps x blocks`` queries at once. Both use the same layer.
+    """
+
+    def __init__(self, steps: int, blocks: int, dim: int = 64, hidden: int = 32, attention: str = "step"):
         super().__init__()
-        self.steps, self.blocks = steps, blocks
+        if attention not in ATTENTIONS:
+            raise UsageError(f"unknown pruner_attention {attention!r}; use 'step' (within each step, the paper) "
+                             "or 'all' (over all (step, block) queries)")
+        self.steps, self.blocks, self.attention = steps, blocks, attention
         q = steps * blocks
         self.queries = nn.Embedding(q, dim)
-        self.encoder = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=max(4, dim // 4), dropout=0.1,
-                                                  batch_first=True)
+        self.encoder = EncoderLayer(dim)
         self.w1 = nn.Parameter(torch.randn(q, dim, hidden) / math.sqrt(dim))
         self.b1 = nn.Parameter(torch.zeros(q, hidden))
         self.w2 = nn.Parameter(torch.randn(q, hidden, hidden) / math.sqrt(hidden))
@@ -142,7 +204,8 @@ class DiPGOPruner(nn.Module):
         self.b3 = nn.Parameter(torch.tensor([0.0, 1.0]).repeat(q, 1))
 
     def forward(self) -> torch.Tensor:
-        h = self.encoder(self.queries.weight.unsqueeze(0))[0]
+        groups = (self.steps, self.blocks) if self.attention == "step" else (1, self.steps * self.blocks)
+        h = self.encoder(self.queries.weight.view(*groups, -1)).reshape(self.steps * self.blocks, -1)
         h = F.relu(torch.einsum("qd,qdh->qh", h, self.w1) + self.b1)
         h = F.relu(torch.einsum("qd,qdh->qh", h, self.w2) + self.b2)
         return (torch.einsum("qd,qdh->qh", h, self.w3) + self.b3).view(self.steps, self.blocks, 2)
@@ -286,7 +349,17 @@ def _unflatten(leaves: list[torch.Tensor], spec: Any) -> Any:
 
 
 def consistency_loss(x: torch.Tensor, target: torch.Tensor, kind: str = "ssim") -> torch.Tensor:
-    """1 - SSIM (window fitted to small images), L1 or L2 between samples and the teacher's."""
+    """1 - SSIM, L1 or L2 between samples and the teacher's.
+
+    SSIM maps the reference's (``src/utils.py`` ``ssim_loss``: an 11 x 11 Gaussian window,
+    sigma 1.5, on the VAE-decoded 512 x 512 pixels) to what our sampler returns: pixels for
+    pixel models, latents for latent models (slimdiff ships no VAE; one SD latent pixel is 8
+    decoded pixels, so the same window covers 8x more of the image there). pytorch_msssim's
+    Gaussian (sigma 1.5) runs without padding, so the window is the largest odd size up to 11
+    that fits twice into the image, ``min(11, max(3, (min(H, W) // 2) | 1))``: 11 from 20 px
+    up (CIFAR's 32), 9 at 16 px, **5 px on 8 x 8 images** (digits). The data range is the
+    teacher batch's value range (the reference's constants assume a range of 1).
+    """
     if kind == "l1":
         return F.l1_loss(x, target)
     if kind == "l2":
@@ -299,11 +372,39 @@ def consistency_loss(x: torch.Tensor, target: torch.Tensor, kind: str = "ssim") 
     return 1 - ssim(x - lo, target - lo, data_range=rng, size_average=True, win_size=win)
 
 
-def sparsity_loss(keep: torch.Tensor, costs: BlockCosts) -> torch.Tensor:
-    """Mean over steps > 0 of the step's MACs share ``sum_b keep(t, b) * macs_b / macs_forward``;
-    with a step-gate column, ``g(t) * (macs_fixed / macs_forward + that sum)``."""
+SPARSITY_COSTS = ("cascade", "own")
+
+
+def cascade_macs(costs: BlockCosts) -> list[int]:
+    """The reference's cascade cost of each block (unethelper.py ``get_cascade_nodes`` 661-694,
+    ``get_cascade_flops`` 1016-1028): its own MACs plus those of the producers that reusing it
+    alone leaves unread, recursively (the runtime's :func:`effective_compute`). On a UNet,
+    reusing ``up_0`` also frees the mid block and the down block only it reads; a transformer
+    block's cascade cost is its own MACs."""
     n = len(costs.blocks)
-    w = torch.tensor(costs.blocks, dtype=keep.dtype) / costs.forward
+    out = []
+    for b in range(n):
+        row = torch.ones(n, dtype=torch.bool)
+        row[b] = False
+        eff = effective_compute(row, costs.names, costs.consumers).tolist()
+        out.append(sum(m for m, on in zip(costs.blocks, eff) if not on))
+    return out
+
+
+def sparsity_loss(keep: torch.Tensor, costs: BlockCosts, weights: str = "cascade") -> torch.Tensor:
+    """Mean over steps > 0 of ``sum_b keep(t, b) * w_b / macs_forward``; with a step-gate
+    column, ``g(t) * (macs_fixed / macs_forward + that sum)``.
+
+    ``weights="cascade"`` (the reference's ``sparse_lossv2``, unethelper.py 718-733): ``w_b`` is
+    the block's :func:`cascade_macs`, so reusing a UNet up block is credited with the producers
+    it frees; ``"own"`` (a deviation): the block's own MACs. The two agree on transformers. Like
+    the reference, the raw gates are weighed (the cascade is in the weights, not the gates).
+    Step 0 always computes, so it is left out (the reference's mean includes its constant term).
+    """
+    if weights not in SPARSITY_COSTS:
+        raise UsageError(f"unknown sparsity_cost {weights!r}; use 'cascade' (the reference) or 'own' (own-block MACs)")
+    n = len(costs.blocks)
+    w = torch.tensor(cascade_macs(costs) if weights == "cascade" else costs.blocks, dtype=keep.dtype) / costs.forward
     per = (keep[1:, :n] * w).sum(-1)
     if keep.shape[-1] == n + 1:
         per = keep[1:, n] * (per + costs.fixed / costs.forward)
@@ -314,26 +415,43 @@ def sparsity_loss(keep: torch.Tensor, costs: BlockCosts) -> torch.Tensor:
 def dipgo_loss(model: nn.Module, pruner: DiPGOPruner, costs: BlockCosts, noise: torch.Tensor,
                labels: torch.Tensor | None, target: torch.Tensor, *, sampler: str, steps: int, cfg: float,
                budget: float, loss: str = "ssim", alpha: float = ALPHA, seed: int = 0,
-               memory: str = "flat") -> tuple[torch.Tensor, dict]:
-    """Total DiP-GO loss for one batch, and its parts."""
+               memory: str = "flat", sparsity: str = "cascade") -> tuple[torch.Tensor, dict]:
+    """Total DiP-GO loss for one batch, and its parts.
+
+    The sparsity term is dropped while the hard gates already meet the budget: the reference's
+    "sparsity early stop" (``train_sd15.py`` ~1779-1788, ``evaluate_sparsity`` < ``stop_threshold``).
+    Its ``stop_threshold=0.2`` is the remaining-FLOPs fraction that its evaluated ``prune_ratio``
+    0.8 leaves, i.e. its budget; ours is the budget, measured in exact sampling MACs.
+    """
     keep = ste_keep(pruner())
     x = supernet_sample(model, keep, noise, labels, sampler=sampler, steps=steps, cfg=cfg, seed=seed, memory=memory)
     cons = consistency_loss(x, target, loss)
-    sparse = sparsity_loss(keep, costs)
+    sparse = sparsity_loss(keep, costs, sparsity)
     frac = table_cost(costs, keep.detach() > 0.5) / table_cost(costs, torch.ones(keep.shape, dtype=torch.bool))
     total = cons + alpha * sparse if frac > budget else cons
     return total, {"consistency": float(cons.detach()), "sparsity": float(sparse.detach()), "macs_fraction": frac}
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *, opt_steps: int, loss: str,
-             batch: int = 8, lr: float = 0.05, alpha: float = ALPHA, dim: int = 64, step_gates: bool = False,
+             batch: int = BATCH, lr: float = LR, alpha: float = ALPHA, dim: int = 64, step_gates: bool = False,
+             optimizer: str = "sgd", attention: str = "step", sparsity: str = "cascade",
              checkpoint_every: int | None = None) -> tuple[DiPGOPruner, list[dict]]:
     """Few-step gradient optimisation of a fresh pruner (the model must carry a reuse plan);
     ``step_gates`` adds one gate column per step (see the module docs).
 
+    ``optimizer="sgd"``: the reference's (``train_sd15.py`` ~1483-1497, ``scripts/train_sd15.sh``):
+    SGD with weight decay 1e-4; ``"adam"`` (a deviation): Adam without weight decay. Both with
+    a linear warm-up over ``min(10, opt_steps // 10)`` steps (the reference's 10), cosine decay
+    and gradient clipping at 1, as the reference.
+
     With ``ctx.work_dir`` it checkpoints every ``checkpoint_every`` steps (default: about
     20 checkpoints per run) and resumes from the last one (see the module docs).
     """
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {optimizer!r}; use 'sgd' (the reference) or 'adam'")
     n_calls = len(get_block_reuse(model).timesteps)
     run = None
     if ctx.work_dir is not None:
@@ -342,10 +460,11 @@ def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *
         run = Path(ctx.work_dir) / f"dipgo-{fingerprint(model)[:12]}"
     key = {"budget": budget, "sampler": ctx.sampler, "steps": ctx.steps, "cfg": ctx.cfg, "seed": ctx.seed,
            "opt_steps": opt_steps, "loss": loss, "batch": batch, "lr": lr, "alpha": alpha, "dim": dim,
-           "step_gates": step_gates}
+           "step_gates": step_gates, "optimizer": optimizer, "attention": attention, "sparsity": sparsity}
     torch.manual_seed(ctx.seed)
-    pruner = DiPGOPruner(n_calls, len(costs.blocks) + step_gates, dim=dim).train()
-    opt = torch.optim.Adam(pruner.parameters(), lr=lr)
+    pruner = DiPGOPruner(n_calls, len(costs.blocks) + step_gates, dim=dim, attention=attention).train()
+    opt = (torch.optim.SGD(pruner.parameters(), lr=lr, weight_decay=1e-4) if optimizer == "sgd"
+           else torch.optim.Adam(pruner.parameters(), lr=lr))
     warm = max(1, min(10, opt_steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / max(1, opt_steps))))
@@ -359,7 +478,8 @@ def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *
         noise, labels, target = teacher_batch(model, batch, ctx.seed + 7919 * (s + 1), sampler=ctx.sampler,
                                               steps=ctx.steps, cfg=ctx.cfg)
         total, parts = dipgo_loss(model, pruner, costs, noise, labels, target, sampler=ctx.sampler, steps=ctx.steps,
-                                  cfg=ctx.cfg, budget=budget, loss=loss, alpha=alpha, seed=ctx.seed + 7919 * (s + 1))
+                                  cfg=ctx.cfg, budget=budget, loss=loss, alpha=alpha, seed=ctx.seed + 7919 * (s + 1),
+                                  sparsity=sparsity)
         opt.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(pruner.parameters(), 1.0)
@@ -395,21 +515,48 @@ def _check_options(opt_steps: Any, loss: Any) -> tuple[int, str]:
     loss = "ssim" if loss is None else str(loss).lower()
     if loss not in LOSSES:
         raise UsageError(f"unknown --loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    return check_opt_steps(opt_steps), loss
+    return check_opt_steps(opt_steps, OPT_STEPS_DIPGO), loss
 
 
 # --------------------------------------------------------------------------- method
 @dataclass(frozen=True)
 class DiPGOConfig:
-    """DiP-GO's options; the defaults are the recipe (see the module docs for the deviations)."""
+    """DiP-GO's options; the defaults are the reference recipe, scaled in length (see the module
+    docs), except ``postprocess`` (a documented deviation)."""
 
-    opt_steps: int = option(OPT_STEPS, "pruner optimisation steps (the reference runs 500)")
-    loss: str = option("ssim", "consistency loss: ssim | l1 | l2")
-    postprocess: str = option("search", "post-processing to the budget: search (paper) | sweep (reference code)")
-    batch: int = option(8, "teacher trajectories per optimisation step")
-    alpha: float = option(ALPHA, "sparsity loss weight")
-    skip_reused_steps: bool = option(True, "steps that reuse every block skip the model call (reuse its output)")
+    opt_steps: int = option(OPT_STEPS_DIPGO, "pruner optimisation steps (the reference's 500, not scaled)")
+    loss: str = option("ssim", "consistency loss: ssim (the paper) | l1 | l2")
+    postprocess: str = option(
+        "search", "post-processing to the budget: search (deviation: rank and bisect, within one block below the "
+        "budget) | greedy (the reference code's sweep from 0.95 down by 0.05; ends above the budget, on small "
+        "plans by more than the 3% budget tolerance)")
+    batch: int = option(BATCH, "teacher trajectories per optimisation step (the reference: 1 prompt x gradient "
+                               "accumulation 2)")
+    alpha: float = option(ALPHA, "sparsity loss weight (the reference's 1)")
+    optimizer: str = option("sgd", "sgd (the reference, weight decay 1e-4) | adam (deviation)")
+    lr: float = option(LR, "learning rate (the reference: 0.1 x 2 from --scale_lr with gradient accumulation 2)")
+    pruner_attention: str = option("step", "pruner encoder attention: step (within each step over its blocks, the "
+                                           "paper) | all (over all (step, block) queries; deviation)")
+    sparsity_cost: str = option("cascade", "sparsity weight of a block: cascade (the reference: its MACs plus the "
+                                           "producers only it feeds, UNets) | own (its own MACs; deviation)")
+    skip_reused_steps: bool = option(False, "beyond the paper: a step that reuses every block skips the model call "
+                                            "(reuses its output); every reuse baseline has the same option")
     step_gates: bool = option(False, "also learn whole-step reuse (beyond the paper)")
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    """A boolean option (1 / 0 from ``--option name=1`` too), checked."""
+    if value not in (True, False):
+        raise UsageError(f"{name} must be true or false (1 or 0), got {value!r}")
+    return bool(value)
+
+
+def _check_number(name: str, what: str, value: Any, positive: bool = False) -> float:
+    """A finite number >= 0 (> 0 with ``positive``), checked."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            or (positive and value == 0)):
+        raise UsageError(f"{name} ({what}) must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+    return float(value)
 
 
 def compress(model: nn.Module, budget: float, ctx: Context, config: DiPGOConfig) -> nn.Module:
@@ -417,20 +564,24 @@ def compress(model: nn.Module, budget: float, ctx: Context, config: DiPGOConfig)
     unchanged model with the plan applied and recorded. ``step_gates``: also learn which
     whole steps reuse the model output (beyond the paper; see the module docs)."""
     opt_steps, loss = _check_options(config.opt_steps, config.loss)
-    postprocess, batch, alpha = config.postprocess, config.batch, config.alpha
-    skip_reused_steps, step_gates = config.skip_reused_steps, config.step_gates
-    if step_gates not in (True, False):  # 1 / 0 from ``--option step_gates=1``
-        raise UsageError(f"step_gates must be true or false (1 or 0), got {step_gates!r}")
-    step_gates = bool(step_gates)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
-        raise UsageError(f"alpha (the sparsity loss weight) must be a finite number >= 0, got {alpha!r}")
+    postprocess, batch = config.postprocess, config.batch
+    alpha = _check_number("alpha", "the sparsity loss weight", config.alpha)
+    lr = _check_number("lr", "the learning rate", config.lr, positive=True)
+    skip_reused_steps = _check_bool("skip_reused_steps", config.skip_reused_steps)
+    step_gates = _check_bool("step_gates", config.step_gates)
+    for name, choices in (("optimizer", OPTIMIZERS), ("pruner_attention", ATTENTIONS),
+                          ("sparsity_cost", SPARSITY_COSTS)):  # checked before the optimisation runs
+        if getattr(config, name) not in choices:
+            raise UsageError(f"unknown {name} {getattr(config, name)!r}; use one of {', '.join(choices)} "
+                             "(the first is the reference's)")
     check_postprocess(postprocess, step_gates)
     costs = prepare(model, budget, ctx, step_gates or skip_reused_steps)
     start = time.process_time()
     apply_block_reuse(model, ReusePlan.full(ctx.sampler, ctx.steps, model))
     try:
         pruner, history = optimise(model, costs, budget, ctx, opt_steps=opt_steps, loss=loss, batch=batch, alpha=alpha,
-                                   step_gates=step_gates)
+                                   lr=lr, step_gates=step_gates, optimizer=config.optimizer,
+                                   attention=config.pruner_attention, sparsity=config.sparsity_cost)
     finally:
         remove_block_reuse(model)
     table = threshold_plan(reuse_probability(pruner), costs, budget, postprocess, skip_reused_steps)
@@ -439,7 +590,9 @@ def compress(model: nn.Module, budget: float, ctx: Context, config: DiPGOConfig)
                 "final_loss": history[-1]["loss"] if history else None}
     return finish(model, "dipgo", compute, ctx, costs,
                   {"opt_steps": opt_steps, "loss": loss, "postprocess": postprocess, "batch": batch, "alpha": alpha,
-                   "skip_reused_steps": skip_reused_steps, "step_gates": step_gates},
+                   "optimizer": config.optimizer, "lr": lr, "pruner_attention": config.pruner_attention,
+                   "sparsity_cost": config.sparsity_cost, "skip_reused_steps": skip_reused_steps,
+                   "step_gates": step_gates},
                   measured, step_compute=step_compute)
 
 

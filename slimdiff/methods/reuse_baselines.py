@@ -2,25 +2,28 @@
 
 Each yields the unchanged model plus a :class:`ReusePlan` meeting the budget, recorded in
 ``extras`` and re-applied by ``slimdiff.load``, through the plan machinery shared with DiP-GO
-(:mod:`slimdiff.compression.reuse_plans`); this module holds only how each builds its plan:
+(:mod:`slimdiff.compression.reuse_plans`); this module holds only how each builds its plan.
+These are *today's* variants, named for what they are: the published DeepCache (UNets) and
+Learning-to-Cache are separate methods.
 
-* ``deepcache`` -- DeepCache-style uniform reuse (Ma et al., CVPR 2024): every ``k``-th
-  step computes everything; the steps between reuse a *centred* run of ``r`` blocks and
-  compute the shallow blocks around it (for a UNet ``down_0 .. up_last`` order that run is
-  the deep part: DeepCache's skip branch; for a transformer, the middle blocks). The
-  smallest interval that can meet the budget is chosen (DeepCache's quality ordering),
-  then the fewest reused blocks that meet it.
-* ``l2c`` -- Learning-to-Cache-style router (Ma et al., NeurIPS 2024): one learnable
-  score per (step, block) through a sigmoid, trained *locally*: the previous step is
-  computed in full (filling the caches), then at the step itself every block's output is
-  ``s * fresh + (1 - s) * cached``; loss = MSE to the full output + ``lam`` x MACs-weighted
-  sum of ``s``. Thresholded to the budget with DiP-GO's post-processing. Deviations: the
-  inputs are the teacher's own trajectory states (data-free, like DiP-GO, so the two
-  differ only in local vs. whole-trajectory optimisation), block granularity instead of
-  separate attention/MLP branches, and any step may reuse (the paper's Algorithm 2; the
-  released code alternates full and cache steps). It trains for as many optimisation steps
-  as DiP-GO (:data:`slimdiff.compression.reuse_plans.OPT_STEPS`), so the two learned planners get
-  equal optimisation.
+* ``deepcache-style`` -- DeepCache-style uniform reuse (after Ma et al., CVPR 2024): every
+  ``k``-th step computes everything; the steps between reuse a *centred* run of ``r`` blocks
+  and compute the shallow blocks around it (for a UNet ``down_0 .. up_last`` order that run is
+  the deep part, close to DeepCache's skip branch but at block, not layer, granularity; for a
+  transformer, where no DeepCache is published, the middle blocks). The smallest interval
+  that can meet the budget is chosen (DeepCache's quality ordering), then the fewest reused
+  blocks that meet it.
+* ``l2c-block`` -- a block-level, data-free Learning-to-Cache-style router (after Ma et al.,
+  NeurIPS 2024): one learnable score per (step, block) through a sigmoid, trained *locally*:
+  the previous step is computed in full (filling the caches), then at the step itself every
+  block's output is ``s * fresh + (1 - s) * cached``; loss = MSE to the full output + ``lam``
+  x MACs-weighted sum of ``s``. Thresholded to the budget with DiP-GO's post-processing.
+  Differences from the paper: the inputs are the teacher's own trajectory states (data-free,
+  like DiP-GO, so the two differ only in local vs. whole-trajectory optimisation), block
+  granularity instead of separate attention/MLP branches, and any step may reuse (the
+  paper's Algorithm 2; the released code alternates full and cache steps). It trains for
+  :data:`slimdiff.compression.reuse_plans.OPT_STEPS` steps of 8 trajectories, about as many
+  trajectories as DiP-GO's recipe.
 * ``fewer-steps`` -- simply fewer sampler steps at the same MACs: ``k = floor(budget * S)``
   model calls. It is stored as a plan whose ``step_compute`` keeps the ``k`` steps of the
   ``S``-step schedule nearest to the ``k``-step schedule's timesteps (the skipped steps
@@ -28,6 +31,19 @@ Each yields the unchanged model plus a :class:`ReusePlan` meeting the budget, re
   epsilon leaves the predicted x0 unchanged, so this *is* k-step DDIM (exactly so when
   ``k`` divides ``S``; tested); for multistep samplers (DPM-Solver++, PLMS) it is not, and
   ``sampling_steps`` is what to pass as ``--steps`` for true fewer-step sampling.
+
+**Step skips, fairly.** ``skip_reused_steps`` (DiP-GO's option, *beyond the paper*, off by
+default) turns a planned step that reuses every block into a skipped model call (its output
+reused, its non-block MACs saved; :func:`~slimdiff.compression.reuse_plans.split_plan`).
+``deepcache-style`` and ``l2c-block`` take the same option with the same conversion, so a
+comparison gives all of them the mechanism or none. ``fewer-steps`` has no such option: it
+*is* that mechanism alone -- every step it does not skip computes every block, and every
+other step is a skipped call, exactly what ``skip_reused_steps`` makes of a step reusing
+every block (``deepcache-style`` with ``r`` = all blocks and the option on is the uniform
+special case, every ``k``-th step).
+
+Models saved before the rename record the methods as ``deepcache`` / ``l2c``: their plans still
+load (:data:`LEGACY_NAMES`).
 """
 from __future__ import annotations
 
@@ -46,6 +62,8 @@ from slimdiff.compression.reuse_plans import (
     finish,
     prepare,
     restore_plan,
+    split_plan,
+    table_cost,
     teacher_batch,
     threshold_plan,
 )
@@ -76,25 +94,48 @@ def deepcache_table(steps: int, blocks: int, interval: int, reused: int) -> torc
     return c
 
 
-def deepcache_search(costs: BlockCosts, steps: int, budget: float) -> tuple[torch.Tensor, int, int]:
-    """(table, interval, reused): smallest interval, then fewest reused blocks, meeting ``budget``."""
+def deepcache_search(costs: BlockCosts, steps: int, budget: float,
+                     skip_reused_steps: bool = False) -> tuple[torch.Tensor, int, int]:
+    """(table, interval, reused): smallest interval, then fewest reused blocks, meeting ``budget``
+    (``skip_reused_steps``: a step reusing every block costs nothing)."""
     n = len(costs.blocks)
     full = costs.macs(torch.ones(steps, n, dtype=torch.bool))
     for k in range(2, steps + 1):
         for r in range(1, n + 1):
             c = deepcache_table(steps, n, k, r)
-            if costs.macs(c) <= budget * full:
+            if table_cost(costs, c, skip_reused_steps) <= budget * full:
                 return c, k, r
     raise UsageError(f"budget {budget:g} is below what DeepCache-style uniform reuse reaches for {steps} steps; "
-                     "use a larger budget or more steps")
+                     "use a larger budget or more steps" + ("" if skip_reused_steps else
+                                                            ", or --option skip_reused_steps=1"))
 
 
-def _deepcache(model: nn.Module, budget: float, ctx: Context, config: NoOptions) -> nn.Module:
+SKIP_HELP = ("beyond the paper: a step that reuses every block skips the model call (reuses its output), as "
+             "DiP-GO's option of the same name")
+
+
+@dataclass(frozen=True)
+class DeepCacheStyleConfig:
+    """deepcache-style's option (the schedule itself is chosen from the budget)."""
+
+    skip_reused_steps: bool = option(False, SKIP_HELP)
+
+
+def _check_skip(value: object) -> bool:
+    if value not in (True, False):
+        raise UsageError(f"skip_reused_steps must be true or false (1 or 0), got {value!r}")
+    return bool(value)
+
+
+def _deepcache_style(model: nn.Module, budget: float, ctx: Context, config: DeepCacheStyleConfig) -> nn.Module:
     """DeepCache-style uniform reuse at ``budget`` (see the module docs)."""
-    costs = prepare(model, budget, ctx)
+    skip = _check_skip(config.skip_reused_steps)
+    costs = prepare(model, budget, ctx, skip)
     steps = len(schedule_timesteps(ctx.sampler, ctx.steps, model))
-    table, k, r = deepcache_search(costs, steps, budget)
-    return finish(model, "deepcache", table, ctx, costs, {"interval": k, "reused_blocks": r}, {})
+    table, k, r = deepcache_search(costs, steps, budget, skip)
+    compute, step_compute = split_plan(table, len(costs.blocks), skip)
+    return finish(model, "deepcache-style", compute, ctx, costs,
+                  {"interval": k, "reused_blocks": r, "skip_reused_steps": skip}, {}, step_compute=step_compute)
 
 
 # --------------------------------------------------------------------------- L2C
@@ -153,19 +194,21 @@ def l2c_train(model: nn.Module, costs: BlockCosts, ctx: Context, opt_steps: int,
 
 
 @dataclass(frozen=True)
-class L2CConfig:
-    """L2C's options (the router's optimisation as long as DiP-GO's: equal optimisation)."""
+class L2CBlockConfig:
+    """l2c-block's options (the router's optimisation about as long as DiP-GO's)."""
 
-    opt_steps: int = option(OPT_STEPS, "router optimisation steps (DiP-GO's default)")
+    opt_steps: int = option(OPT_STEPS, "router optimisation steps (8 trajectories each: about DiP-GO's 500 x 2)")
     batch: int = option(8, "teacher trajectories per optimisation step")
     lam: float = option(1e-3, "weight of the MACs-weighted sparsity term")
+    skip_reused_steps: bool = option(False, SKIP_HELP)
 
 
-def _l2c(model: nn.Module, budget: float, ctx: Context, config: L2CConfig) -> nn.Module:
+def _l2c_block(model: nn.Module, budget: float, ctx: Context, config: L2CBlockConfig) -> nn.Module:
     """Train the router, threshold it to ``budget`` with DiP-GO's post-processing."""
     batch, lam = config.batch, config.lam
     opt_steps = check_opt_steps(config.opt_steps)
-    costs = prepare(model, budget, ctx)
+    skip = _check_skip(config.skip_reused_steps)
+    costs = prepare(model, budget, ctx, skip)
     start = time.process_time()
     apply_block_reuse(model, ReusePlan.full(ctx.sampler, ctx.steps, model))
     for p in model.parameters():
@@ -174,9 +217,11 @@ def _l2c(model: nn.Module, budget: float, ctx: Context, config: L2CConfig) -> nn
         p_reuse, losses = l2c_train(model, costs, ctx, opt_steps, batch=batch, lam=lam)
     finally:
         remove_block_reuse(model)
-    table = threshold_plan(p_reuse, costs, budget)
-    return finish(model, "l2c", table, ctx, costs, {"opt_steps": opt_steps, "batch": batch, "lam": lam},
-                  {"search_cpu_s": time.process_time() - start, "losses": losses[-5:]})
+    compute, step_compute = split_plan(threshold_plan(p_reuse, costs, budget, skip_reused_steps=skip),
+                                       len(costs.blocks), skip)
+    return finish(model, "l2c-block", compute, ctx, costs,
+                  {"opt_steps": opt_steps, "batch": batch, "lam": lam, "skip_reused_steps": skip},
+                  {"search_cpu_s": time.process_time() - start, "losses": losses[-5:]}, step_compute=step_compute)
 
 
 # --------------------------------------------------------------------------- fewer steps
@@ -207,12 +252,21 @@ def _fewer_steps(model: nn.Module, budget: float, ctx: Context, config: NoOption
 
 
 _REUSE = dict(restore=restore_plan, draw=draw_plan)
-DEEPCACHE = MethodSpec("deepcache", "reuse", "DeepCache-style uniform block reuse (every k-th step full)", _deepcache,
-                       **_REUSE)
-L2C = MethodSpec("l2c", "reuse", "Learning-to-Cache-style learned per-step block router", _l2c, L2CConfig, **_REUSE)
+DEEPCACHE_STYLE = MethodSpec("deepcache-style", "reuse",
+                             "DeepCache-style uniform reuse of a centred block run (every k-th step full)",
+                             _deepcache_style, DeepCacheStyleConfig, **_REUSE)
+L2C_BLOCK = MethodSpec("l2c-block", "reuse", "block-level, data-free Learning-to-Cache-style per-step router",
+                       _l2c_block, L2CBlockConfig, **_REUSE)
 FEWER_STEPS = MethodSpec("fewer-steps", "reuse", "simply fewer sampler steps at the same MACs", _fewer_steps, **_REUSE)
-SPECS = (DEEPCACHE, L2C, FEWER_STEPS)
-deepcache, l2c, fewer_steps = DEEPCACHE, L2C, FEWER_STEPS
+SPECS = (DEEPCACHE_STYLE, L2C_BLOCK, FEWER_STEPS)
+deepcache_style, l2c_block, fewer_steps = DEEPCACHE_STYLE, L2C_BLOCK, FEWER_STEPS
 
-__all__ = ["deepcache", "l2c", "fewer_steps", "deepcache_table", "deepcache_search", "fewer_steps_mask", "l2c_train",
-           "SPECS", "L2CConfig"]
+LEGACY_NAMES = {"deepcache": "deepcache-style", "l2c": "l2c-block"}
+"""Names these methods were saved under before the rename (old name -> current). A saved chain
+names its method and :func:`slimdiff.io.load` restores by that name, which now belongs to the
+published DeepCache / Learning-to-Cache: their restorers hand such a recorded block plan to
+:func:`~slimdiff.compression.reuse_plans.restore_plan`
+(:func:`~slimdiff.compression.reuse_plans.with_legacy_block_plans`)."""
+
+__all__ = ["deepcache_style", "l2c_block", "fewer_steps", "deepcache_table", "deepcache_search", "fewer_steps_mask",
+           "l2c_train", "SPECS", "L2CBlockConfig", "DeepCacheStyleConfig", "LEGACY_NAMES"]
