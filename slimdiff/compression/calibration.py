@@ -2,21 +2,25 @@
 
 A calibration batch is ``(x0, cond)``: ``x0`` clean samples of ``ctx.data`` (or of a given
 dataset) at the model's input shape, drawn without replacement with a seeded generator, and
-the matching condition (labels, caption embeddings, or ``None``). What a model gets when the
-data lacks its conditioning is the caller's choice (``missing``):
+the matching condition (labels, caption embeddings, or ``None``). Samples of another shape
+than the model's input are a :class:`UsageError` naming the fix (``--data`` of that shape);
+they are never replaced by random inputs. What a model gets when the data lacks its
+conditioning is the caller's choice (``missing``):
 
-* ``"random"`` -- class models need valid labels (an error otherwise); text models without
-  caption embeddings get random embeddings (Diff-Pruning's importance pass).
+* ``"labels"`` -- class models need valid labels (an error otherwise); text models without
+  caption embeddings get the null prompt (Diff-Pruning's importance pass).
 * ``"null"`` -- the unconditional input of classifier-free guidance: the null class for
   unlabelled data, the null prompt for text models (Block Influence of the depth baselines).
 
+The null prompt is :meth:`~slimdiff.models.backbone.Backbone.null_cond`: zero embeddings, the
+unconditional input slimdiff's guidance and its trainer's caption dropout use (slimdiff ships no
+text encoder; data with the empty prompt's real encoding should carry it as its captions).
+
 :func:`calibration_batches` yields batches of one draw (noise them with the same generator
-between batches, as the depth baselines do); :func:`calibration_batch` is the one-batch form,
-with a seeded random fallback for the default digits data on a model of another shape.
+between batches, as the depth baselines do); :func:`calibration_batch` is the one-batch form.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Iterator
 
 import torch
@@ -27,7 +31,7 @@ from slimdiff.methods.base import Context
 
 __all__ = ["calibration_batch", "calibration_batches", "model_dataset", "check_shape", "MISSING", "DIGITS_SHAPE"]
 
-MISSING = ("random", "null")
+MISSING = ("labels", "null")
 DIGITS_SHAPE = (1, 8, 8)  # the default ``--data digits``
 
 
@@ -48,7 +52,7 @@ def check_shape(x0: torch.Tensor, bb, what: str) -> None:
                          f"{want}: pass --data with images/latents of that shape")
 
 
-def _cond_for(bb, labels: torch.Tensor | None, n: int, gen: torch.Generator, missing: str) -> torch.Tensor | None:
+def _cond_for(bb, labels: torch.Tensor | None, n: int, missing: str) -> torch.Tensor | None:
     """The condition of ``n`` samples with ``labels`` (``None``: the data has none), see the module docstring."""
     if bb.conditioning == "class":
         if labels is not None and labels.min() >= 0 and labels.max() < bb.num_classes:
@@ -58,11 +62,11 @@ def _cond_for(bb, labels: torch.Tensor | None, n: int, gen: torch.Generator, mis
         raise UsageError(f"the model is class-conditional ({bb.num_classes} classes) but the calibration data "
                          "has no valid labels: use labelled data (class sub-folders or a 'labels' array)")
     if bb.conditioning == "text":
-        return bb.null_cond(None, n) if missing == "null" else bb.example_cond(n, gen)
+        return bb.null_cond(None, n)
     return None
 
 
-def _condition(bb, conds: list[Any], gen: torch.Generator, missing: str) -> Any:
+def _condition(bb, conds: list[Any], missing: str) -> Any:
     """The condition of a batch from its items' second fields (labels or caption embeddings)."""
     from slimdiff.models.backbone import TextCondition
 
@@ -71,18 +75,18 @@ def _condition(bb, conds: list[Any], gen: torch.Generator, missing: str) -> Any:
             cond = TextCondition.stack(conds)
             bb.check_text_width(cond)
             return cond
-        return _cond_for(bb, None, len(conds), gen, missing)
-    return _cond_for(bb, torch.stack([torch.as_tensor(c) for c in conds]), len(conds), gen, missing)
+        return _cond_for(bb, None, len(conds), missing)
+    return _cond_for(bb, torch.stack([torch.as_tensor(c) for c in conds]), len(conds), missing)
 
 
 def calibration_batches(model: nn.Module, ctx: Context, samples: int, batch: int, *, dataset=None,
                         generator: torch.Generator | None = None,
-                        missing: str = "random") -> Iterator[tuple[torch.Tensor, Any]]:
+                        missing: str = "labels") -> Iterator[tuple[torch.Tensor, Any]]:
     """Yield ``(x0, cond)`` batches of at most ``batch`` of ``samples`` samples drawn without replacement.
 
     ``dataset`` defaults to :func:`model_dataset`; ``generator`` (default seeded with
-    ``ctx.seed``) draws the sample order once, up front, and random text embeddings
-    (``missing="random"``); the caller may draw from it between batches. ``x0`` is float32
+    ``ctx.seed``) draws the sample order once, up front; the caller may draw from it between
+    batches. ``x0`` is float32
     on the CPU; samples of another shape than the model's input are a :class:`UsageError`.
     """
     from slimdiff.models.backbone import as_backbone
@@ -90,6 +94,11 @@ def calibration_batches(model: nn.Module, ctx: Context, samples: int, batch: int
     if missing not in MISSING:
         raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")
     bb = as_backbone(model)
+    shape = (bb.in_channels, bb.sample_size, bb.sample_size)
+    if dataset is None and ctx.data == "digits" and shape != DIGITS_SHAPE:
+        raise UsageError(f"calibration data 'digits' has samples of shape {DIGITS_SHAPE} but the model takes {shape}: "
+                         "pass --data with images/latents of that shape (an image folder, or a .npz/.safetensors "
+                         "latents file)")
     data = dataset if dataset is not None else model_dataset(model, ctx)
     gen = generator if generator is not None else torch.Generator().manual_seed(ctx.seed)
     idx = torch.randperm(len(data), generator=gen)[:samples]
@@ -97,33 +106,18 @@ def calibration_batches(model: nn.Module, ctx: Context, samples: int, batch: int
         items = [data[int(i)] for i in idx[start : start + batch]]
         x0 = torch.stack([it[0] for it in items]).float()
         check_shape(x0, bb, repr(ctx.data))
-        yield x0, _condition(bb, [it[1] for it in items], gen, missing)
+        yield x0, _condition(bb, [it[1] for it in items], missing)
 
 
 def calibration_batch(model: nn.Module, ctx: Context, size: int | None = None, *, dataset=None,
-                      missing: str = "random") -> tuple[torch.Tensor, Any, str]:
-    """The fixed calibration batch ``(x0, cond, source)`` for ``model``.
-
-    ``size`` samples (default ``ctx.batch_size``) of ``ctx.data`` (or ``dataset``) drawn with
-    ``ctx.seed``. With the default ``ctx.data == "digits"``, no ``dataset`` and a model that
-    is not 1x8x8 (e.g. a latent DiT), seeded random example inputs of the right shape are used
-    instead, with a warning (fine for compute measurements; a real model should get real
-    ``--data``); ``source`` is then ``"random"``, else ``str(ctx.data)``. Any other data of
-    the wrong shape is a :class:`UsageError`.
+                      missing: str = "labels") -> tuple[torch.Tensor, Any, str]:
+    """The fixed calibration batch ``(x0, cond, source)`` for ``model``: ``size`` samples
+    (default ``ctx.batch_size``) of ``ctx.data`` (or ``dataset``) drawn with ``ctx.seed``;
+    ``source`` is ``str(ctx.data)``. Data of the wrong shape is a :class:`UsageError`.
     """
-    from slimdiff.models.backbone import as_backbone
-
-    bb = as_backbone(model)
     n = int(size or ctx.batch_size)
     if n < 1:
         raise UsageError(f"calibration batch size must be >= 1, got {n}")
     gen = torch.Generator().manual_seed(ctx.seed)
-    shape = (bb.in_channels, bb.sample_size, bb.sample_size)
-    if dataset is None and ctx.data == "digits" and shape != DIGITS_SHAPE:
-        warnings.warn(f"calibration: the digits data does not fit a {shape} model; using seeded random inputs "
-                      "(pass --data with real images/latents for a meaningful importance)", stacklevel=2)
-        x0 = torch.randn(n, *shape, generator=gen)
-        labels = bb.example_cond(n, gen) if bb.conditioning == "class" else None
-        return x0, _cond_for(bb, labels, n, gen, missing), "random"
     x0, cond = next(calibration_batches(model, ctx, n, n, dataset=dataset, generator=gen, missing=missing))
     return x0, cond, str(ctx.data)

@@ -3,8 +3,14 @@ Diff-Pruning (:mod:`slimdiff.methods.diff_pruning`) and its width baselines
 (:mod:`slimdiff.methods.width_baselines`) share, so that only the channel importance differs.
 
 * **Structural pruning**, *local* ranking (the same ratio in every group, as in Diff-Pruning's
-  reference), one shot, with importance ``taylor`` (needs gradients on the model), ``magnitude``
-  (group L2) or ``random``:
+  reference), one shot, with importance (:data:`IMPORTANCES`) ``taylor-paper`` (``ddpm_exp``'s,
+  :class:`~slimdiff.compression.importance.PaperTaylorImportance`), ``taylor`` (torch-pruning's
+  ``TaylorImportance(multivariable=False)``), ``taylor-multivariable`` (the Taylor baseline's), all
+  three needing gradients on the model, ``magnitude`` (group L2) or ``random``. Inside GroupNorm
+  groups and heads, channels are ranked per group (``group_ranking="separate"``, the fork behind
+  the paper's tables, :func:`~slimdiff.compression.importance.prune_separately`) or with
+  torch-pruning 1.6's shared slots (``"shared"``, ``ddpm_prune.py``); ``residual=True`` (DiT)
+  lets :mod:`slimdiff.compression.residual_width` open the residual width too:
 
   * UNet2DModel / UNet2DConditionModel: every conv/linear channel group (GroupNorm groups
     and skip connections are handled by the graph); only ``conv_out`` is kept whole.
@@ -57,14 +63,15 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from slimdiff.compression.importance import GROUP_RANKINGS, kept_per_group, prune_separately, ratio_keeping
 from slimdiff.errors import UsageError
 from slimdiff.budget import BUDGET_TOLERANCE, check_budget
 from slimdiff.methods.base import Context, record, recover, sampling_macs
 
 __all__ = [
     "HEAD_MODES", "HEADS_HELP", "TOLERANCE", "ALIGN", "ALIGN_MIN_WIDTH", "HEAD_ALIGN", "GroupInfo", "Trial",
-    "meta_copy", "record_importance", "group_table", "group_roots", "aligned_ratios", "prune_with_ratio",
-    "prune_to_budget", "width_prune", "draw_width",
+    "IMPORTANCES", "GROUP_RANKINGS", "GROUP_RANKING_HELP", "RESIDUAL_HELP", "meta_copy", "record_importance",
+    "group_table", "group_roots", "aligned_ratios", "prune_with_ratio", "prune_to_budget", "width_prune", "draw_width",
 ]
 
 HEAD_MODES = ("dims", "whole")
@@ -75,6 +82,12 @@ ALIGN_MIN_WIDTH = 256  # narrower layers are not aligned (small models keep fine
 HEAD_ALIGN = 8  # kept width per head: fused attention kernels (flash SDPA) need head dims in multiples of 8
 MAX_RATIO = 0.9  # the largest torch-pruning ratio tried (keeps >= 10% of every group)
 MAX_TRIALS = 24
+IMPORTANCES = ("taylor", "taylor-paper", "taylor-multivariable", "magnitude", "random")  # "taylor": torch-pruning's
+GROUP_RANKING_HELP = ("how channels inside GroupNorm groups / heads are ranked: separate = each group on its own, "
+                      "(C - int(C (1-r))) // G channels per group (ddpm_exp's pruner behind the paper's tables); "
+                      "shared = torch-pruning 1.6's mean over groups, the same slots in every group (ddpm_prune.py)")
+RESIDUAL_HELP = ("DiT only: also prune the residual (hidden) width (patch embedding, pos_embed, adaLN, every block, "
+                 "final layer), beyond the paper's UNet experiments")
 
 
 # --------------------------------------------------------------------------- pruner
@@ -88,15 +101,23 @@ def _ignored_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _importance(kind: str):
+    """The torch-pruning importance of ``kind`` (one of :data:`IMPORTANCES`)."""
     import torch_pruning as tp
 
-    if kind == "taylor":
-        return tp.importance.TaylorImportance(multivariable=False)
-    if kind == "magnitude":
-        return tp.importance.MagnitudeImportance()
-    if kind == "random":
-        return tp.importance.RandomImportance()
-    raise UsageError(f"unknown importance {kind!r}; use taylor, magnitude or random")
+    from slimdiff.compression.importance import PaperTaylorImportance
+
+    makers = {"taylor": lambda: tp.importance.TaylorImportance(multivariable=False),
+              "taylor-paper": PaperTaylorImportance,
+              "taylor-multivariable": lambda: tp.importance.TaylorImportance(multivariable=True),
+              "magnitude": tp.importance.MagnitudeImportance, "random": tp.importance.RandomImportance}
+    if kind not in makers:
+        raise UsageError(f"unknown importance {kind!r}; use one of {', '.join(IMPORTANCES)}")
+    return makers[kind]()
+
+
+def _check_ranking(group_ranking: str) -> None:
+    if group_ranking not in GROUP_RANKINGS:
+        raise UsageError(f"group_ranking must be one of {', '.join(GROUP_RANKINGS)}, got {group_ranking!r}")
 
 
 def _copy_with_grads(model: nn.Module) -> nn.Module:
@@ -141,10 +162,11 @@ class RecordedImportance:
         return self.table[key]
 
 
-def record_importance(model: nn.Module, importance: str, heads: str = "dims", seed: int = 0) -> dict:
+def record_importance(model: nn.Module, importance: str, heads: str = "dims", seed: int = 0, *,
+                      residual: bool = False) -> dict:
     """Every group's importance on ``model`` (Taylor needs its gradients), nothing pruned."""
     table: dict = {}
-    pruner = _make_pruner(model, 0.5, importance, heads, scores=table, record=True)
+    pruner = _make_pruner(model, 0.5, importance, heads, scores=table, record=True, residual=residual)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # RandomImportance draws from the global generator
         for _ in pruner.step(interactive=True):  # computes every group's importance; we prune nothing
@@ -153,11 +175,13 @@ def record_importance(model: nn.Module, importance: str, heads: str = "dims", se
 
 
 def _make_pruner(m: nn.Module, ratio: float, importance: str, heads: str, overrides: dict[str, float] | None = None,
-                 scores: dict | None = None, record: bool = False):
+                 scores: dict | None = None, record: bool = False, residual: bool = False):
     """torch-pruning's ``BasePruner`` over ``m`` with slimdiff's groups, heads and ignored layers.
 
     ``overrides`` maps group-root layer names (see :func:`group_roots`) to their own ratio.
     ``scores`` replays importance from :func:`record_importance` (``record``: fill it instead).
+    ``residual`` (DiT) merges in :func:`slimdiff.compression.residual_width.pruner_kwargs`
+    (its ``ignored_layers`` replace the default ones), so the residual width is pruned too.
     """
     import torch_pruning as tp
 
@@ -180,14 +204,19 @@ def _make_pruner(m: nn.Module, ratio: float, importance: str, heads: str, overri
     imp = _importance(importance)
     if scores is not None:
         imp = RecordedImportance(scores, {mod: n for n, mod in m.named_modules()}, imp if record else None)
-    return tp.pruner.BasePruner(
-        m, example, importance=imp, pruning_ratio=ratio, pruning_ratio_dict=per_layer or None,
+    kwargs = dict(
         ignored_layers=_ignored_layers(m), num_heads=num_heads,
         in_channel_groups={}, out_channel_groups={},  # fresh dicts: torch-pruning mutates its defaults
         prune_num_heads=whole, prune_head_dims=not whole, head_pruning_ratio=ratio if whole else 0.0,
         head_pruning_ratio_dict={a.module: head_ratio(a) for a in attn if a.heads > 1} if whole else None,
         forward_fn=lambda mod, inp: as_backbone(mod)(*inp),
     )
+    if residual:
+        from slimdiff.compression.residual_width import pruner_kwargs
+
+        kwargs.update(pruner_kwargs(m))
+    return tp.pruner.BasePruner(m, example, importance=imp, pruning_ratio=ratio, pruning_ratio_dict=per_layer or None,
+                                **kwargs)
 
 
 @dataclass(frozen=True)
@@ -201,9 +230,9 @@ class GroupInfo:
     attention: bool
 
 
-def group_table(model: nn.Module, heads: str = "dims") -> list[GroupInfo]:
+def group_table(model: nn.Module, heads: str = "dims", *, residual: bool = False) -> list[GroupInfo]:
     """Every prunable group of ``model`` in dependency-graph order (see :func:`group_roots`)."""
-    pruner = _make_pruner(model, 0.5, "magnitude", heads)
+    pruner = _make_pruner(model, 0.5, "magnitude", heads, residual=residual)
     names = {m: n for n, m in model.named_modules()}
     table = []
     groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types)
@@ -226,7 +255,8 @@ def group_roots(model: nn.Module, heads: str = "dims",
     """Prunable groups and the ratio range: ``(root layer names in dependency-graph order, max ratio)``.
 
     The max ratio (at most 0.9) still keeps >= 1 channel in every channel group: torch-pruning
-    keeps ``int(g * (1 - ratio))`` of a group of ``g`` channels (per GroupNorm group / head);
+    keeps ``int(g * (1 - ratio))`` of a group of ``g`` channels (per GroupNorm group / head;
+    separate ranking keeps at least as many, :func:`~slimdiff.compression.importance.kept_per_group`);
     past ``1 - 1/g`` it would empty the group and then skip pruning it altogether, so MACs
     would jump *up*. Whole-head mode clamps heads per attention instead. No groups: ``([], 0.0)``.
     """
@@ -238,7 +268,7 @@ def group_roots(model: nn.Module, heads: str = "dims",
 
 
 def aligned_ratios(table: list[GroupInfo], ratio: float, overrides: dict[str, float] | None = None, *,
-                   heads: str = "dims", align: int = ALIGN) -> dict[str, float]:
+                   heads: str = "dims", align: int = ALIGN, group_ranking: str = "separate") -> dict[str, float]:
     """Per-group ratios whose kept widths are multiples of ``align`` (where a layer is at least
     :data:`ALIGN_MIN_WIDTH` wide); the kept count is rounded to the nearest such width.
 
@@ -250,7 +280,8 @@ def aligned_ratios(table: list[GroupInfo], ratio: float, overrides: dict[str, fl
     ``dims`` mode also keep a multiple of :data:`HEAD_ALIGN` per head: measured on an H200
     (DiT-XL/2, batch 32, bf16), heads of width 36 fell off the flash-attention kernel and the
     pruned model realised 0.56 of its theoretical speedup. Whole-head attention groups are
-    left as they are (their head width does not change).
+    left as they are (their head width does not change). ``group_ranking`` picks the count
+    rule the ratios are set for (torch-pruning's, or the fork's :func:`kept_per_group`).
     """
     overrides = overrides or {}
     out: dict[str, float] = {}
@@ -263,41 +294,48 @@ def aligned_ratios(table: list[GroupInfo], ratio: float, overrides: dict[str, fl
         step = align // math.gcd(align, g.channel_groups)
         if g.attention:
             step = math.lcm(step, HEAD_ALIGN)
-        kept = int(g.size * (1 - r))  # torch-pruning's count (local ranking)
+        separate = group_ranking == "separate"
+        kept = kept_per_group(g.size, g.channel_groups, r) if separate else int(g.size * (1 - r))
         kept = max(step, min(g.size, round(kept / step) * step))
-        out[g.root] = max(0.0, 1 - (kept + 0.5) / g.size)
+        out[g.root] = ratio_keeping(g.size, g.channel_groups, kept) if separate else max(0.0, 1 - (kept + 0.5) / g.size)
     return out
 
 
-def prune_with_ratio(model: nn.Module, ratio: float, importance: str = "taylor", *, heads: str = "dims",
+def prune_with_ratio(model: nn.Module, ratio: float, importance: str = "taylor-paper", *, heads: str = "dims",
                      seed: int = 0, overrides: dict[str, float] | None = None, inplace: bool = False,
-                     align: int = 1, table: list[GroupInfo] | None = None,
-                     scores: dict | None = None) -> tuple[nn.Module, list]:
+                     align: int = 1, table: list[GroupInfo] | None = None, scores: dict | None = None,
+                     group_ranking: str = "separate", residual: bool = False) -> tuple[nn.Module, list]:
     """Prune a copy of ``model`` (or ``model`` itself with ``inplace``) at torch-pruning ratio
     ``ratio`` (``overrides``: per-group ratios by root layer name) with local ranking; return it
     and torch-pruning's history ``[(layer name, is_output_channels, removed indices), ...]``.
 
     ``align > 1`` rounds kept widths to multiples of ``align`` (:func:`aligned_ratios`; pass
-    ``table`` = :func:`group_table` to avoid rebuilding it). ``importance="taylor"`` needs
+    ``table`` = :func:`group_table` to avoid rebuilding it). The ``taylor*`` importances need
     gradients on ``model`` (Diff-Pruning's :func:`~slimdiff.methods.diff_pruning.accumulate_gradients`)
     unless ``scores`` (from :func:`record_importance`) are replayed; then the copy carries no
     gradients. Head counts and sampler channels are synced afterwards (:func:`sync_attention_heads`).
+    ``group_ranking``: :data:`GROUP_RANKING_HELP`; ``residual``: see :func:`_make_pruner`.
     """
     from slimdiff.models.backbone import sync_attention_heads
 
+    _check_ranking(group_ranking)
     copy_of = copy.deepcopy if scores is not None else _copy_with_grads
     if ratio <= 0 and not overrides:
         return (model if inplace else copy_of(model)), []
     if align > 1:
-        overrides = aligned_ratios(group_table(model, heads) if table is None else table, ratio, overrides,
-                                   heads=heads, align=align)
+        table = group_table(model, heads, residual=residual) if table is None else table
+        overrides = aligned_ratios(table, ratio, overrides, heads=heads, align=align, group_ranking=group_ranking)
     m = model if inplace else copy_of(model)
-    if scores is None and importance == "taylor" and any(p.grad is None for p in m.parameters() if p.requires_grad):
+    needs_grads = importance.startswith("taylor")
+    if scores is None and needs_grads and any(p.grad is None for p in m.parameters() if p.requires_grad):
         raise UsageError("Taylor importance needs gradients: run accumulate_gradients(model, ...) first")
-    pruner = _make_pruner(m, ratio, importance, heads, overrides, scores)
+    pruner = _make_pruner(m, ratio, importance, heads, overrides, scores, residual=residual)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # RandomImportance draws from the global generator
-        pruner.step()
+        if group_ranking == "separate":
+            prune_separately(pruner, whole_heads=heads == "whole")
+        else:
+            pruner.step()
     sync_attention_heads(m, pruner.num_heads)
     m.zero_grad(set_to_none=True)
     return m, [tuple(h) for h in pruner.pruning_history()]
@@ -315,9 +353,9 @@ class Trial:
     overrides: dict[str, float] = field(default_factory=dict, repr=False)
 
 
-def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor", *, heads: str = "dims",
-                    seed: int = 0, tolerance: float = TOLERANCE,
-                    align: int = ALIGN) -> tuple[Trial, list[tuple[float, float, int]]]:
+def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor-paper", *, heads: str = "dims",
+                    seed: int = 0, tolerance: float = TOLERANCE, align: int = ALIGN, group_ranking: str = "separate",
+                    residual: bool = False) -> tuple[Trial, list[tuple[float, float, int]]]:
     """Search torch-pruning's ratio until the forward-MACs ratio is within ``tolerance``
     (relative) of ``budget``. Returns the chosen :class:`Trial` and every trial as
     ``(ratio, macs_ratio, groups at the higher ratio)``.
@@ -343,17 +381,18 @@ def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor",
     budget = check_budget(budget)  # a public entry point of its own
     try:  # trials prune shape-only copies: no memory and no arithmetic, whatever the model size
         shapes = meta_copy(model)
-        base, table = macs_forward(shapes), group_table(shapes, heads)
+        base, table = macs_forward(shapes), group_table(shapes, heads, residual=residual)
     except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
         warnings.warn(f"budget search on real copies (a layer does not run on the meta device: {e})", stacklevel=2)
-        shapes, base, table = model, macs_forward(model), group_table(model, heads)
+        shapes, base, table = model, macs_forward(model), group_table(model, heads, residual=residual)
     roots, top = group_roots(shapes, heads, table)
-    scores = record_importance(model, importance, heads, seed) if roots else {}
+    scores = record_importance(model, importance, heads, seed, residual=residual) if roots else {}
+    same = dict(heads=heads, seed=seed, align=align, table=table, scores=scores, group_ranking=group_ranking,
+                residual=residual)
     tried: list[tuple[float, float, int]] = []
 
     def trial(r: float, overrides: dict[str, float] | None = None) -> Trial:
-        pruned, history = prune_with_ratio(shapes, r, importance, heads=heads, seed=seed, overrides=overrides,
-                                           align=align, table=table, scores=scores)
+        pruned, history = prune_with_ratio(shapes, r, importance, overrides=overrides, **same)
         t = Trial(r, macs_forward(pruned) / base, pruned, history, dict(overrides or {}))
         tried.append((r, t.macs_ratio, len(t.overrides)))
         return t
@@ -387,9 +426,8 @@ def prune_to_budget(model: nn.Module, budget: float, importance: str = "taylor",
                          f"{best.macs_ratio:.3f} at ratio {best.ratio:.4f}; channel groups are too coarse); "
                          "try a nearby budget")
     if shapes is not model:  # the chosen trial, now on real weights (same scores, so the same channels)
-        best.model, best.history = prune_with_ratio(model, best.ratio, importance, heads=heads, seed=seed,
-                                                    overrides=best.overrides or None, align=align, table=table,
-                                                    scores=scores)
+        best.model, best.history = prune_with_ratio(model, best.ratio, importance, overrides=best.overrides or None,
+                                                    **same)
         reached = macs_forward(best.model) / macs_forward(model)
         if abs(reached - best.macs_ratio) > 1e-9:
             raise RuntimeError(f"pruned model reaches {reached:.6f} of the MACs, its shape-only trial {best.macs_ratio:.6f}")
@@ -411,25 +449,29 @@ def _layer_widths(before: nn.Module, after: nn.Module) -> dict[str, list[int]]:
 
 
 def width_prune(model: nn.Module, budget: float, ctx: Context, name: str, importance: str, *,
-                heads: str, settings: dict,
+                heads: str, settings: dict, group_ranking: str = "separate", residual: bool = False,
                 prepare: Callable[[nn.Module], tuple[dict, dict]] | None = None) -> nn.Module:
     """Width-prune ``model`` to ``budget`` with ``importance`` and record it as method ``name``:
     search, measure, recover, record (the body of every width method).
 
-    ``settings`` are the method's own (``heads``, ``importance``, ``ranking`` and ``align`` are
-    added); ``prepare(model) -> (settings, extras)`` runs first (Diff-Pruning's gradient pass).
+    ``settings`` are the method's own (``heads``, ``importance``, ``ranking``, ``group_ranking``,
+    ``residual`` and ``align`` are added); ``prepare(model) -> (settings, extras)`` runs first
+    (Diff-Pruning's gradient pass).
     Budget 1 returns ``model`` unchanged (recorded as an identity).
     """
     if heads not in HEAD_MODES:
         raise UsageError(f"heads must be one of {', '.join(HEAD_MODES)}, got {heads!r}")
-    settings = {**settings, "heads": heads, "importance": importance, "ranking": "local", "align": ALIGN}
+    _check_ranking(group_ranking)
+    settings = {**settings, "heads": heads, "importance": importance, "ranking": "local",
+                "group_ranking": group_ranking, "residual": residual, "align": ALIGN}
     if budget >= 1.0:
         return record(model, name, settings, {"budget": 1.0, "macs_ratio": 1.0, "pruning_ratio": 0.0},
                       {"identity": True})
     more, extras = prepare(model) if prepare else ({}, {})
     settings.update(more)
     original = sampling_macs(model, ctx)
-    chosen, tried = prune_to_budget(model, budget, importance, heads=heads, seed=ctx.seed)
+    chosen, tried = prune_to_budget(model, budget, importance, heads=heads, seed=ctx.seed, group_ranking=group_ranking,
+                                    residual=residual)
     model.zero_grad(set_to_none=True)
     result = chosen.model
     reached = sampling_macs(result, ctx) / original

@@ -5,7 +5,11 @@ the baselines of :mod:`slimdiff.methods.width_baselines`), in order:
 
 1. **Calibration** -- one fixed batch ``x0`` (``ctx.batch_size`` samples of ``ctx.data``,
    drawn with ``ctx.seed``: :func:`slimdiff.compression.calibration.calibration_batch`) and
-   one fixed noise tensor, reused at every timestep.
+   one fixed noise tensor, reused at every timestep. Data of another shape than the model's
+   input is a :class:`~slimdiff.errors.UsageError` (never replaced by random inputs); a text
+   model whose data has no captions gets the null prompt's embedding (slimdiff's null
+   condition, the one its guidance and label dropout use); a model whose objective is not
+   epsilon gets a warning (the reference's threshold is defined on the epsilon loss).
 2. **Gradients over thresholded timesteps** -- the diffusion loss ``L_t`` (the model's own
    objective, mean squared error as in the reference's ``ddpm_prune.py``) is evaluated at
    ``t = 0, s, 2s, ...`` upward (stride ``s``, default 1 = all 1000 training steps, as in the
@@ -16,14 +20,25 @@ the baselines of :mod:`slimdiff.methods.width_baselines`), in order:
    kept steps (``L_t / L_max > T``) leave the stopping step *out*; ``ddpm_prune.py``
    back-propagates first, so the stopping step is *in*. We follow the paper by default
    (``backprop_stop_step=False``) and offer the other with ``backprop_stop_step=True``.
-3. **Scores** -- ``torch_pruning.importance.TaylorImportance(multivariable=False)``:
-   per channel ``sum_k |w_k * sum_t g_t,k|`` reduced over its dependency group (the
-   reference's choice; the plain "taylor" baseline would be ``multivariable=True``).
+3. **Scores** -- ``importance="paper"`` (default): the importance of the ``ddpm_exp`` code that
+   produced the paper's tables (:mod:`slimdiff.compression.importance`): per channel, the sum
+   over the dependency group of ``sum_k (w_k g_k)^2`` (conv/linear out- and in-channels, ``g``
+   the timestep-summed gradient) plus ``|w g|`` of GroupNorm affine weights, no normalisation,
+   and every GroupNorm group (head) ranked on its own (``ddpm_exp/torch_pruning/importance.py``
+   ~376-425, ``.../metapruner.py`` ~237-246). ``importance="taylor-tp"``: the repository's
+   diffusers script ``ddpm_prune.py`` with pip torch-pruning 1.6:
+   ``TaylorImportance(multivariable=False)`` (``sum_k |w_k g_k|``, mean over the group, no
+   GroupNorm term) with the same slots removed in every GroupNorm group; it keeps exactly the
+   channels that script keeps. The paper is the default because its numbers come from the
+   former; at one ratio the two give different shapes (ratio 0.3 on 32 channels in 8 GroupNorm
+   groups keeps 24 vs 16), which the budget search absorbs. The "Taylor" baseline
+   (``multivariable=True``, every timestep) is :data:`slimdiff.methods.width_baselines.TAYLOR_WIDTH`.
 4. **Pruning to the budget and recovery** -- :func:`slimdiff.compression.width.width_prune`:
    local ranking through torch-pruning's dependency graph (attention inner width and MLP
    hidden channels of transformers, every channel group of UNets; ``heads="dims"`` narrows
    heads, ``"whole"`` removes them), the ratio searched until the MACs are within 3% of the
-   budget, then the shared recovery.
+   budget, then the shared recovery. ``residual_width=True`` (DiT, beyond the paper) also
+   prunes the residual width (:mod:`slimdiff.compression.residual_width`).
 """
 from __future__ import annotations
 
@@ -35,7 +50,7 @@ import torch
 import torch.nn as nn
 
 from slimdiff.compression.calibration import calibration_batch, check_shape
-from slimdiff.compression.width import HEADS_HELP, draw_width, width_prune
+from slimdiff.compression.width import HEADS_HELP, RESIDUAL_HELP, draw_width, width_prune
 from slimdiff.budget import check_budget
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context
@@ -45,7 +60,10 @@ if TYPE_CHECKING:
     from slimdiff.eval.speed import SpeedSettings
 
 __all__ = ["TimestepTrace", "check_threshold", "taylor_timesteps", "accumulate_gradients", "DiffPruningConfig",
-           "compress", "diff_pruning", "speed_student", "DIFF_PRUNING", "SPECS"]
+           "IMPORTANCE_MODES", "gradient_pass", "compress", "diff_pruning", "speed_student", "DIFF_PRUNING", "SPECS"]
+
+# option value -> (slimdiff.compression.width importance, group ranking)
+IMPORTANCE_MODES = {"paper": ("taylor-paper", "separate"), "taylor-tp": ("taylor", "shared")}
 
 # --------------------------------------------------------------------------- timesteps
 @dataclass
@@ -114,6 +132,10 @@ def accumulate_gradients(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor 
 
     bb = as_backbone(model)
     check_shape(x0, bb, "(x0)")
+    objective = diffusion_config_of(model).objective
+    if objective != "epsilon":
+        warnings.warn(f"Diff-Pruning's threshold was defined on the epsilon loss; this model's objective is "
+                      f"{objective!r}, so the timesteps it keeps may differ from the paper's", stacklevel=2)
     if not isinstance(stride, int) or stride < 1:
         raise UsageError(f"timestep stride must be a positive integer, got {stride!r}")
     process = ForwardProcess(diffusion_config_of(model))
@@ -145,16 +167,37 @@ def accumulate_gradients(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor 
     return trace
 
 
+def gradient_pass(ctx: Context, *, threshold: float, stride: int, backprop_stop_step: bool = False,
+                  calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                  ) -> Callable[[nn.Module], tuple[dict, dict]]:
+    """:func:`accumulate_gradients` on the calibration batch, as :func:`width_prune`'s ``prepare``
+    (Diff-Pruning's and the Taylor baseline's): records the batch's source and size, and the trace.
+    ``calibration`` = ``(x0, cond)`` overrides the batch drawn from ``ctx.data``."""
+
+    def prepare(m: nn.Module) -> tuple[dict, dict]:
+        x0, cond, source = (*calibration, "given") if calibration is not None else calibration_batch(m, ctx)
+        trace = accumulate_gradients(m, x0, cond, threshold=threshold, stride=stride,
+                                     backprop_stop_step=backprop_stop_step, seed=ctx.seed, progress=ctx.progress)
+        return {"calibration": source, "calibration_size": int(len(x0))}, {"timesteps": trace.to_dict()}
+
+    return prepare
+
+
 # --------------------------------------------------------------------------- method
 @dataclass(frozen=True)
 class DiffPruningConfig:
     """Diff-Pruning's options; the defaults are the paper's recipe (threshold: the reference's CIFAR-10 value)."""
 
     threshold: float = option(0.05, "relative-loss threshold: gradients stop at the first timestep with "
-                                    "L_t < threshold * L_max (0 = all timesteps)")
+                                    "L_t < threshold * L_max (0 = all timesteps); the paper used 0.05 on CIFAR-10, "
+                                    "0 on CelebA-HQ, 0.01 on LSUN Church/Bedroom, 0.1 for the ImageNet LDM")
     stride: int = option(1, "timestep stride of the gradient pass (1 = every training timestep, as in the paper)")
     backprop_stop_step: bool = option(False, "back-propagate the stopping step too (ddpm_prune.py's convention)")
     heads: str = option("dims", HEADS_HELP)
+    importance: str = option("paper", "channel scores: paper = ddpm_exp's (sum of (w*dw)^2 + GroupNorm |w*dw|, each "
+                                      "GroupNorm group ranked on its own; the paper's tables); taylor-tp = "
+                                      "ddpm_prune.py's torch-pruning TaylorImportance (the same slots in every group)")
+    residual_width: bool = option(False, RESIDUAL_HELP)
 
 
 def compress(model: nn.Module, budget: float, ctx: Context, config: DiffPruningConfig, *,
@@ -164,24 +207,23 @@ def compress(model: nn.Module, budget: float, ctx: Context, config: DiffPruningC
     ``calibration`` = ``(x0, cond)`` overrides the batch drawn from ``ctx.data``.
     """
     threshold = check_threshold(config.threshold)
+    if config.importance not in IMPORTANCE_MODES:
+        raise UsageError(f"importance must be one of {', '.join(IMPORTANCE_MODES)}, got {config.importance!r}")
+    importance, ranking = IMPORTANCE_MODES[config.importance]
     settings = {"threshold": threshold, "stride": config.stride, "backprop_stop_step": config.backprop_stop_step}
 
-    def prepare(m: nn.Module) -> tuple[dict, dict]:
-        x0, cond, source = (*calibration, "given") if calibration is not None else calibration_batch(m, ctx)
-        trace = accumulate_gradients(m, x0, cond, threshold=threshold, stride=config.stride,
-                                     backprop_stop_step=config.backprop_stop_step, seed=ctx.seed,
-                                     progress=ctx.progress)
-        return {"calibration": source, "calibration_size": int(len(x0))}, {"timesteps": trace.to_dict()}
-
-    return width_prune(model, budget, ctx, "diff-pruning", "taylor", heads=config.heads, settings=settings,
-                       prepare=prepare)
+    prepare = gradient_pass(ctx, threshold=threshold, stride=config.stride,
+                            backprop_stop_step=config.backprop_stop_step, calibration=calibration)
+    return width_prune(model, budget, ctx, "diff-pruning", importance, heads=config.heads, settings=settings,
+                       group_ranking=ranking, residual=config.residual_width, prepare=prepare)
 
 
 def diff_pruning(model: nn.Module, budget: float, ctx: Context | None = None, threshold: float | None = None, *,
                  calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None, **options) -> nn.Module:
     """The Python entry point: ``diff_pruning(model, 0.5, ctx, 0.05, stride=10, heads="whole")``.
 
-    ``threshold`` and ``options`` (``stride``, ``backprop_stop_step``, ``heads``) override
+    ``threshold`` and ``options`` (``stride``, ``backprop_stop_step``, ``heads``, ``importance``,
+    ``residual_width``) override
     :class:`DiffPruningConfig`'s defaults (``None``: the default); ``calibration`` = ``(x0, cond)``
     overrides the batch drawn from ``ctx.data``.
     """
@@ -191,12 +233,16 @@ def diff_pruning(model: nn.Module, budget: float, ctx: Context | None = None, th
 
 def speed_student(model: nn.Module, settings: SpeedSettings) -> nn.Module:
     """The speed bench's student: the method itself at the bench's budget, threshold, stride
-    and head mode, calibrated on seeded random latents (the pruned shape is what it times)."""
+    and head mode, calibrated on seeded random example inputs, passed explicitly (the pruned
+    shape is what it times, and with local ranking the shape does not depend on the scores)."""
+    from slimdiff.models.backbone import as_backbone
+
     ctx = settings.context()
+    x0, _, cond = as_backbone(model).example_inputs(ctx.batch_size, torch.Generator().manual_seed(ctx.seed))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random calibration latents are intended for a speed bench
+        warnings.simplefilter("ignore")  # a non-epsilon objective does not change the shape this times
         return diff_pruning(model, settings.budget, ctx, settings.threshold, stride=settings.stride,
-                            heads=settings.heads)
+                            heads=settings.heads, calibration=(x0, cond))
 
 
 DIFF_PRUNING = MethodSpec("diff-pruning", "width",
