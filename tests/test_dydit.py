@@ -26,14 +26,17 @@ def _inputs(model, batch=3, seed=1, t=None):
     return x, (tt if t is None else torch.full((batch,), t)), y
 
 
+def _linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
 @torch.no_grad()
 def _randomize_routers(routing: DyDiTRouting, seed: int = 0) -> None:
     """Routers that keep some heads/groups and different tokens per sample."""
     g = torch.Generator().manual_seed(seed)
-    for r in routing.routers:
-        for lin in (r.head, r.group, r.token):
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
-            lin.bias.copy_(0.3 * torch.randn(lin.bias.shape, generator=g))
+    for lin in _linears(routing):
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
+        lin.bias.copy_(0.3 * torch.randn(lin.bias.shape, generator=g))
 
 
 def _dynamic(seed=0, **kw):
@@ -74,7 +77,7 @@ def _cond(arch: str, labels: torch.Tensor, batch: int):
 
 
 ARCHS = ("dit", "pixart")
-FAST = DyDiTConfig(train_steps=2, calibrate_samples=2, calibrate_iters=4)
+FAST = DyDiTConfig(train_steps=2, heldout_samples=2)
 
 
 # --------------------------------------------------------------------------- equivalences
@@ -139,7 +142,7 @@ def test_training_decisions_pass_gradients_to_every_router(arch):
     x, t, y = _inputs(model, batch=4)
     as_backbone(model)(x, t, _cond(arch, y, 4)).pow(2).mean().backward()
     for r in routing.routers:
-        for lin in (r.head, r.group, r.token):
+        for lin in _linears(r):  # the token router's hidden layer too
             assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
 
 
@@ -248,14 +251,14 @@ def test_token_capacity_modes_edited_routers_and_block_reuse():
     routing.set_token_capacity("on")
     ref, _, _ = _run_sampling(model, "dit")
     learned = dict(routing._token_frac)
-    routing.routers[0].token.bias.sub_(2.0)  # an in-place edit (calibration, an optimizer step)
+    routing.routers[0].token_out.bias.sub_(2.0)  # an in-place edit (calibration, an optimizer step)
     edited, counter, calls = _run_sampling(model, "dit")
     assert counter.nonzero >= len(routing.routers) * calls  # stale fractions are not used: exact path
     first = (next(iter(learned))[0], 0)  # block 0 at the first timestep
     assert routing._token_frac[first] < learned[first]  # learned afresh
     assert not torch.equal(edited, ref)
     # a block-reuse plan (chain with DiP-GO): a recomputation would replay the plan's step, so exact path
-    routing.routers[0].token.bias.add_(2.0)
+    routing.routers[0].token_out.bias.add_(2.0)
     full = ReusePlan.full("ddim", 3, model)
     compute = full.compute.clone()
     compute[1:, 1] = False
@@ -300,7 +303,7 @@ def test_routing_is_a_set_of_model_hooks_that_remove_cleanly():
     routing = apply_dydit(model, default_config(model))
     assert all(type(b) is DiTBlock for b in model.blocks)  # no class swapping
     assert set(model.state_dict()) - keys == {f"dydit.routers.{i}.{r}.{p}" for i in range(3)
-                                              for r in ("head", "group", "token") for p in ("weight", "bias")}
+                                              for r in ("head", "group", "token.0", "token.2") for p in ("weight", "bias")}
     _randomize_routers(routing)
     routed = model(x, t, y)
     assert not torch.equal(routed, ref)
@@ -317,9 +320,13 @@ def test_routing_is_a_set_of_model_hooks_that_remove_cleanly():
 def test_flops_loss_pushes_routers_toward_the_budget(tmp_path):
     model = tiny_dit(depth=2, num_heads=2, in_channels=1)
     ctx = _ctx(tmp_path)
-    out = dydit(model, 0.4, ctx, config=DyDiTConfig(train_steps=3, calibrate=False, complete_model_loss=True))
-    biases = torch.cat([r.head.bias for r in out.dydit.routers] + [r.token.bias for r in out.dydit.routers])
-    assert (biases < 4.0).all()  # moved from the all-on init toward fewer heads/tokens
+    out = dydit(model, 0.4, ctx, config=DyDiTConfig(train_steps=3, router_lr=1.0, complete_model_loss=True))
+    routers = out.dydit.routers
+    assert torch.cat([torch.cat([r.head.bias, r.group.bias]) for r in routers]).mean() < 15.0  # from the init (15)
+    assert (torch.cat([r.token_out.bias for r in routers]) < 35.0).all()  # toward fewer tokens (35)
+    from slimdiff.result import record_of
+
+    assert record_of(out).result.chain[0].measured["realised_ratio_heldout"] < 0.9  # all on at init (~1), toward 0.4
 
 
 def test_other_settings_never_resume_a_finished_training(tmp_path):
@@ -327,10 +334,10 @@ def test_other_settings_never_resume_a_finished_training(tmp_path):
     weight trains afresh (sharing it would return the first run's routers)."""
     model = tiny_dit(depth=2, num_heads=2, in_channels=1)
     ctx = _ctx(tmp_path)
-    runs = [dydit(copy.deepcopy(model), 0.5, ctx, config=DyDiTConfig(train_steps=2, calibrate=False, flops_weight=w))
+    runs = [dydit(copy.deepcopy(model), 0.5, ctx, config=DyDiTConfig(train_steps=2, flops_weight=w, heldout_samples=0))
             for w in (2.0, 50.0)]
     assert len([p for p in (tmp_path / "work").iterdir() if p.name.startswith("dydit-train")]) == 2
-    a, b = (torch.cat([r.token.bias for r in m.dydit.routers]) for m in runs)
+    a, b = (torch.cat([r.token_out.bias for r in m.dydit.routers]) for m in runs)
     assert not torch.equal(a, b)
 
 
@@ -344,21 +351,39 @@ def test_lora_mode_trains_routers_and_merges_adapters(tmp_path):
     assert torch.equal(out.blocks[1].adaLN_modulation[1].weight, tiny_dit(depth=2, num_heads=2, in_channels=1).blocks[1].adaLN_modulation[1].weight)
 
 
-def test_compress_meets_budget_and_save_load_roundtrip(tmp_path):
+# |realised - budget| on 8 samples nothing saw: 20 steps of the reference recipe gave 0.569-0.657 over 5 model
+# seeds (seed 0: 0.616); one image (the chain's macs_ratio) varies more: 0.509-0.666
+HELD_OUT_TOL, ONE_IMAGE_TOL = 0.07, 0.1
+
+
+def test_compress_meets_budget_on_held_out_samples_and_save_load_roundtrip(tmp_path):
+    """The reference recipe (no calibration) trained 20 steps meets 0.6 on fresh noise and labels:
+    what users get, measured by flop_counter over whole sampling runs."""
     from typer.testing import CliRunner
 
     from slimdiff.cli import app
+    from slimdiff.methods.dydit import realised_macs
+    from slimdiff.result import record_of
 
     model = tiny_dit(depth=3, num_heads=4, in_channels=1)
     model.slimdiff_meta = {"name": "tiny"}
     ctx = _ctx(tmp_path)
-    out = compress(model, "dydit", 0.6, ctx, {"train_steps": 2, "tune": "full"})
-    assert out.slimdiff_meta["measured"]["macs_ratio"] <= 0.75
+    out = compress(model, "dydit", 0.6, ctx, {"train_steps": 20, "tune": "full"})
+    entry = record_of(out).result.chain[0]
+    assert entry.settings["calibrate"] is False and entry.measured["calibration"] == {}
+    held = entry.measured["heldout"]
+    assert held["seed"] != ctx.seed and len(held["classes"]) == 8  # not the calibration's samples (seed 0, 0..7)
+    recorded = entry.measured["realised_ratio_heldout"]
+    assert recorded == realised_macs(out, steps=3, samples=8, seed=held["seed"], classes=held["classes"])
+    fresh = realised_macs(out, steps=3, samples=8, seed=123, classes=[9, 3, 5, 5, 1, 0, 7, 2])
+    assert abs(recorded - 0.6) <= HELD_OUT_TOL and abs(fresh - 0.6) <= HELD_OUT_TOL, (recorded, fresh)
+    assert abs(out.slimdiff_meta["measured"]["macs_ratio"] - 0.6) <= ONE_IMAGE_TOL
     tables = out.dydit.tables
     assert len(tables) == 3 and all(len(v) == 3 for v in tables.values())
     path = slimdiff.save(out, tmp_path / "dydit")
     loaded = slimdiff.load(str(path))
     assert isinstance(loaded, DiT) and loaded.dydit.tables == tables
+    assert isinstance(loaded.dydit.routers[0].token, torch.nn.Sequential)  # the reference's MLP router
     x, t, y = _inputs(loaded, t=int(next(iter(tables))))
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), out(x, t, y))
@@ -447,7 +472,9 @@ def test_pixart_compress_meets_budget_save_load_and_sampling(tmp_path):
     model = tiny_pixart()
     model.slimdiff_meta = {"name": "tiny-pixart"}
     ctx = _ctx(tmp_path, data=_caption_data(tmp_path), recover_steps=1)
-    out = compress(model, "dydit", 0.5, ctx, {"train_steps": 2})
+    # the options beyond the paper: calibration to the budget, recovery with the routers frozen
+    out = compress(model, "dydit", 0.5, ctx, {"train_steps": 2, "calibrate": True, "calibrate_iters": 8,
+                                             "frozen_router_recovery": True})
     assert type(out) is PixArtTransformer2DModel and isinstance(out.dydit, DyDiTRouting)
     assert out.dydit.config.heads == [2, 2] and len(out.dydit.tables) == 3
     # end to end, counted by flop_counter on the calibration samples (8 images, seed 0)

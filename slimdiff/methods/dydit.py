@@ -1,26 +1,43 @@
 """DyDiT (Zhao et al., ICLR 2025): timestep-wise dynamic width + spatial-wise dynamic tokens.
 
-``slimdiff compress --method dydit --budget 0.5 [--train-steps N] [--tune full|lora]``:
+``slimdiff compress --method dydit --budget 0.5 [--train-steps N] [--tune full|lora]``. The
+defaults are the reference recipe (alibaba-damo-academy/DyDiT ``train.py``, ``train0.5.sh``)
+scaled in length:
 
-1. install the routers (:func:`slimdiff.runtime.routing.apply_dydit`): per block a head router and an MLP
-   channel-group router on the timestep embedding, a token router on the tokens; all on;
-2. train with ``slimdiff.train.trainer.train``: diffusion loss of the dynamic model (hard
-   straight-through decisions) + diffusion loss of the complete model (stabiliser, on by
-   default) + FLOPs loss ``w (mean_batch(ratio) - target)^2``, the target held at 1, then
-   warmed up linearly to the budget. ``tune="full"`` trains every weight; ``tune="lora"``
-   trains routers + LoRA adapters (peft) on the blocks' qkv/proj/fc1/fc2, merged afterwards;
-3. calibrate: one shift of every router bias (bisection) so that the routed sampling run
-   under ``ctx.sampler``/``ctx.steps``/``ctx.cfg`` spends at most the budget (short trainings
-   do not reach the target exactly; the reference trains 200K steps);
-4. per-step tables of the width decisions for that schedule; then the shared recovery
-   fine-tuning (``recover``) with the routers frozen and masked deterministic routing, after
-   which step 3 and the tables are redone (recovery changes the tokens the token routers
-   read, so the calibrated budget would otherwise drift).
+1. install the routers (:func:`slimdiff.runtime.routing.apply_dydit`): per block a head router
+   and an MLP channel-group router (one Linear each) on the timestep embedding, a token router
+   (the reference's MLP ``D -> D/16 -> ReLU -> 1``) on the tokens after attention; Xavier
+   weights and biases 15 / 35, so every route starts on (``models.py`` 417-419);
+2. train every weight and the routers together (``slimdiff.train.trainer.train``): diffusion
+   loss of the dynamic model (hard straight-through Gumbel-sigmoid decisions, ``tau = 5``) +
+   diffusion loss of the complete model (all routes on) + FLOPs loss
+   ``2 (mean_batch(ratio) - target)^2``; timesteps stratified over four bins of ``[0, T)``
+   (:func:`stratified_timesteps`); the target held at 1, then falling linearly to the budget
+   (:func:`target_schedule`);
+3. per-step tables of the width decisions for ``ctx.sampler``/``ctx.steps``, and the realised
+   MACs ratio of a sampling run on noise and labels that nothing before saw
+   (:func:`realised_macs`, recorded as ``measured["realised_ratio_heldout"]``).
 
-The ratio the FLOPs loss drives is end to end (:class:`DyDiTCost`), so the budget is the
-same currency as every other method. The reference code's differences are listed in
-:mod:`slimdiff.runtime.routing`; here: the reference stratifies training timesteps over four
-bins (our shared trainer draws them uniformly) and trains far longer, so we add step 3.
+**Length scaling.** The reference trains 200K steps at batch 256 (λ=0.5: 30K with the complete
+model's loss, then 170K without it) with one lr (1e-4) for weights and routers. We train
+``train_steps`` (default 200) with the shared ``ctx.lr`` for weights; the FLOPs target's hold
+(100 steps) and warm-up (1000 steps, ``train.py`` default ``--warmup_step`` that ``train0.5.sh``
+keeps) are the same *fractions* of the run (``hold_frac``, ``warmup_frac``); the routers' lr is
+scaled so that Adam can move them as far as the reference's (1e-4 x 200K = 20 logit units:
+``router_lr`` = min(1, 20 / ``train_steps``) unless given), since the biases must travel from 15
+toward 0.
+The complete-model loss stays on for the whole (short) run.
+
+**Beyond the paper** (named options, off by default): ``calibrate`` (one bisected shift of every
+router's bias so that a routed sampling run meets the budget: short trainings miss it) and
+``frozen_router_recovery`` (``--recover-steps`` as a fine-tuning with routers frozen and
+deterministic masked routing; without it recovery steps are more of step 2, as the paper trains
+weights and routers together); ``t_sampling="uniform"``; the gates and router of this project's
+earlier versions (``gate_tau=1``, ``width_init_bias=4``, ``token_init_bias=4``,
+``token_router="linear"``, ``router_init="zeros"``). Other differences from the reference
+code: removed work is really not computed at inference, and the FLOPs ratio is end to end
+(:class:`DyDiTCost`, see :mod:`slimdiff.runtime.routing`); the reference's second stage without
+the complete-model loss is not run.
 
 Backbones: our DiT; a diffusers ``DiTTransformer2DModel`` is converted to our DiT exactly
 (:func:`slimdiff.models.convert.diffusers_to_dit`) and the result is a DiT; a diffusers
@@ -29,22 +46,24 @@ the self-attention, channel groups of the feed-forward, tokens skipping the feed
 cross-attention always runs) and stays a PixArt. UNets raise :class:`UsageError` (no heads,
 MLP groups or tokens to route).
 
-PixArt is text-conditional: router training and recovery need caption embeddings in the
-``--data`` latents file (``encoder_hidden_states``, see :func:`slimdiff.data.datasets.latents`).
-Its cost model is measured with the Backbone's example caption length (8 tokens, what
-``sample``/``macs_sampling`` use when no caption is given); the FLOPs loss during training uses
-a cost model at the data's caption length, since cross-attention (fixed cost) grows with it.
+PixArt is text-conditional: router training needs caption embeddings in the ``--data`` latents
+file (``encoder_hidden_states``, see :func:`slimdiff.data.datasets.latents`). Its cost model is
+measured with the Backbone's example caption length (8 tokens, what ``sample``/``macs_sampling``
+use when no caption is given); the FLOPs loss during training uses a cost model at the data's
+caption length, since cross-attention (fixed cost) grows with it.
 
 Options (``--option k=v``; ``--train-steps`` / ``--tune`` are the CLI's own flags for the first
 two) are the fields of :class:`DyDiTConfig`; the spec is :data:`DYDIT` (``dydit(model, budget,
-ctx, **options)``).
+ctx, **options)``). (Over 500 lines: the recipe, its options and the measurements users get are
+one unit.)
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -54,36 +73,88 @@ from slimdiff.compression.calibration import model_dataset
 from slimdiff.compression.lora import add_lora, merge_lora
 from slimdiff.methods.base import Context, record, recover
 from slimdiff.methods.spec import MethodSpec, option
-from slimdiff.runtime.routing import DyDiTRouting, RoutingConfig, apply_dydit, default_config, routing_of
+from slimdiff.runtime.routing import (
+    ROUTER_INITS,
+    TOKEN_ROUTERS,
+    DyDiTRouting,
+    RoutingConfig,
+    apply_dydit,
+    default_config,
+    routing_of,
+)
 
 TUNE_MODES = ("full", "lora")
+T_SAMPLING = ("stratified", "uniform")
+T_BINS = 4  # reference train.py 237-250: bins [0, 250), [250, 500), [500, 750), [750, 1000)
+ROUTER_TRAVEL = 1e-4 * 200_000  # reference lr x steps: how far Adam may move a router parameter
+MAX_AUTO_ROUTER_LR = 1.0  # runs shorter than 20 steps get this, not ROUTER_TRAVEL / steps
+MAX_SHIFT = 2.0**14  # the calibration's largest bias shift (logits of trained routers can exceed 64)
+HELDOUT_SEED = 1_000_003  # offset of the held-out run's seed from ctx.seed (calibration uses ctx.seed)
 
 
 @dataclass(frozen=True)
 class DyDiTConfig:
-    """Every coefficient of a DyDiT run (defaults follow the reference where it fits a CPU budget)."""
+    """Every coefficient of a DyDiT run: defaults are the reference's, scaled in length (module docs)."""
 
-    train_steps: int = option(200, "router training steps")
-    tune: str = option("full", "what trains with the routers: full (every weight) | lora (LoRA adapters, merged after)")
-    # routers move from +init_bias to ~0: 10-50x the weight lr (reference: 15 -> 0 over 200K steps)
-    router_lr: float = option(1e-2, "learning rate of the routers")
-    flops_weight: float = option(2.0, "weight w of the FLOPs loss w (ratio - target)^2")  # reference: 2.0
-    # reference train.py: on (its second stage drops it)
-    complete_model_loss: bool = option(True, "add the complete (unrouted) model's diffusion loss as a stabiliser")
-    hold_frac: float = option(0.05, "fraction of the steps the FLOPs target is held at 1")  # reference: first 100 steps
-    # then linear 1 -> budget over this fraction of the steps (reference: 5000 of 150K steps). On digits-dit at
-    # budget 0.5 (bench settings) 0.25 and 0.1 beat 0.5: bench/dydit/warmup.jsonl, scripts/dydit_ablation.py
-    warmup_frac: float = option(0.25, "fraction of the steps the FLOPs target falls linearly from 1 to the budget")
+    train_steps: int = option(200, "router training steps (reference: 200K at batch 256)")
+    tune: str = option("full", "what trains with the routers: full (every weight, reference) | lora (LoRA adapters, "
+                               "merged after; beyond the paper)")
+    router_lr: float | None = option(None, "learning rate of the routers (default: min(1, 20 / train_steps): the "
+                                           "distance the reference's lr 1e-4 moves them in 200K steps, in ours)")
+    flops_weight: float = option(2.0, "weight w of the FLOPs loss w (ratio - target)^2 (reference: 2.0)")
+    complete_model_loss: bool = option(True, "add the complete (unrouted) model's diffusion loss (reference "
+                                             "train.py; its second stage drops it)")
+    t_sampling: str = option("stratified", "training timesteps: stratified (reference train.py --t_sample: sample "
+                                           "i of a batch draws t in bin i mod 4 of [0, T)) | uniform (deviation)")
+    hold_frac: float = option(0.0005, "fraction of the steps the FLOPs target is held at 1 (reference: 100 of 200K)")
+    warmup_frac: float = option(0.005, "fraction of the steps over which the FLOPs target falls linearly from 1 to "
+                                       "the budget, counted from step 0 (reference: 1000 of 200K, train0.5.sh)")
+    token_router: str = option("mlp", "token router: mlp (reference, D -> D/16 -> ReLU -> 1) | linear (deviation: "
+                                      "one Linear, this project's earlier router)")
+    gate_tau: float = option(5.0, "Gumbel-sigmoid temperature of the training gates (reference 5; 1 = deviation, "
+                                  "this project's earlier value)")
+    width_init_bias: float = option(15.0, "initial bias of the head/group routers (reference 15; 4 = deviation)")
+    token_init_bias: float = option(35.0, "initial bias of the token routers (reference 35; 4 = deviation)")
+    router_init: str = option("xavier", "router weights: xavier (reference) | zeros (deviation: the logit layers "
+                                        "start at 0, all on for any input scale)")
     lora_rank: int = option(8, "LoRA rank (tune=lora)")
-    calibrate: bool = option(True, "shift the router biases so the routed sampling run meets the budget")
-    calibrate_samples: int = option(8, "images per calibration sampling run")
-    calibrate_iters: int = option(12, "bisection steps of the calibration")
+    calibrate: bool = option(False, "beyond the paper: after training, shift every router bias by one scalar "
+                                    "(bisection) so a routed sampling run meets the budget")
+    calibrate_samples: int = option(8, "images per calibration sampling run (calibrate)")
+    calibrate_iters: int = option(12, "bisection steps of the calibration (calibrate)")
+    frozen_router_recovery: bool = option(False, "beyond the paper: --recover-steps fine-tune the weights with the "
+                                                 "routers frozen (deterministic masked routing), then calibrate again; "
+                                                 "off: recovery steps are more joint training, as the paper")
+    heldout_samples: int = option(8, "images of the held-out sampling run (fresh noise and labels) whose realised "
+                                     "MACs ratio is recorded; 0: none")
 
     def __post_init__(self) -> None:
-        if self.tune not in TUNE_MODES:
-            raise UsageError(f"unknown --tune {self.tune!r}; use one of {', '.join(TUNE_MODES)}")
+        for name, value, allowed in (("tune", self.tune, TUNE_MODES), ("t_sampling", self.t_sampling, T_SAMPLING),
+                                     ("token_router", self.token_router, TOKEN_ROUTERS),
+                                     ("router_init", self.router_init, ROUTER_INITS)):
+            if value not in allowed:
+                flag = "--tune" if name == "tune" else f"--option {name}"
+                raise UsageError(f"unknown {flag} {value!r}; use one of {', '.join(allowed)}")
         if self.train_steps < 0:
             raise UsageError(f"--train-steps must be >= 0, got {self.train_steps}")
+        if not (0 <= self.hold_frac <= 1 and 0 <= self.warmup_frac <= 1):
+            raise UsageError(f"hold_frac and warmup_frac are fractions of the run in [0, 1], got {self.hold_frac} "
+                             f"and {self.warmup_frac}")
+        if not self.gate_tau > 0 or (self.router_lr is not None and not self.router_lr > 0):
+            raise UsageError(f"gate_tau and router_lr must be > 0, got {self.gate_tau} and {self.router_lr}")
+        if self.heldout_samples < 0:
+            raise UsageError(f"heldout_samples must be >= 0, got {self.heldout_samples}")
+
+    def routing(self, model: nn.Module) -> RoutingConfig:
+        """The routers these options build on ``model``."""
+        return default_config(model, tau=self.gate_tau, init_bias=self.width_init_bias,
+                              token_init_bias=self.token_init_bias, token_router=self.token_router,
+                              router_init=self.router_init)
+
+    def lr_of_routers(self, steps: int) -> float:
+        """``router_lr``, or the reference's router travel spread over ``steps`` (at most 1: a
+        larger Adam step throws the Xavier-initialised weights far past any useful logit)."""
+        return self.router_lr if self.router_lr is not None else min(MAX_AUTO_ROUTER_LR, ROUTER_TRAVEL / max(1, steps))
 
 
 # --------------------------------------------------------------------------- compute model
@@ -94,7 +165,7 @@ class DyDiTCost:
     ``fixed`` is everything the routers do not touch (embedders, adaLN, final layer), measured
     by running the complete model under FlopCounterMode; per block ``head`` = MACs of one
     head (qkv, ``QK^T``, ``AV``, proj), ``group_token`` = MACs of one MLP channel group on one
-    token, ``router`` = token-router MACs. ``full`` = the original model.
+    token, ``router`` = token-router MACs (all tokens). ``full`` = the original model.
     """
 
     fixed: int
@@ -141,10 +212,9 @@ def cost_model(model: nn.Module, text_len: int | None = None) -> DyDiTCost:
     n = bb.token_grid[0] * bb.token_grid[1]
     head, gt, router = [], [], []
     for i, g in enumerate(routing.config.groups):
-        mlp = bb.mlp(i)
         head.append(bb.attention_layout(i).head_macs(n))
-        gt.append(mlp.group_token_macs(g))
-        router.append(n * mlp.fc1.in_features if routing.config.tokens else 0)  # Linear(D, 1) on each token
+        gt.append(bb.mlp(i).group_token_macs(g))
+        router.append(n * routing.routers[i].token_macs())
     mode = routing.mode
     routing.set_mode("off")
     try:
@@ -186,15 +256,30 @@ def as_routable(model: nn.Module) -> nn.Module:
 
 # --------------------------------------------------------------------------- training
 def target_schedule(budget: float, steps: int, cfg: DyDiTConfig) -> Callable[[int], float]:
-    """FLOPs target at a step: 1 for ``hold_frac``, then linear to ``budget`` over ``warmup_frac``."""
-    hold, warm = int(cfg.hold_frac * steps), max(1, int(cfg.warmup_frac * steps))
+    """FLOPs target at a step, as the reference (``train.py`` 261-267) at our length: 1 for the
+    first ``round(hold_frac * steps)`` steps; else ``1 - (1 - budget) * min(1, step / warm)``
+    with ``warm = max(1, round(warmup_frac * steps))``, the warm-up counted from step 0."""
+    hold, warm = round(cfg.hold_frac * steps), max(1, round(cfg.warmup_frac * steps))
 
     def target(step: int) -> float:
         if step < hold:
             return 1.0
-        return 1.0 + (budget - 1.0) * min(1.0, (step - hold + 1) / warm)
+        return 1.0 - (1.0 - budget) * min(1.0, step / warm)
 
     return target
+
+
+def stratified_timesteps(n: int, generator: torch.Generator | None = None, *, num_timesteps: int,
+                         continuous: bool = False) -> torch.Tensor:
+    """Timesteps of one batch, stratified as the reference (``train.py`` 237-250, ``--t_sample``):
+    sample ``i`` draws uniformly from bin ``i mod 4`` of ``[0, T)`` (four equal bins), so every
+    batch covers the whole schedule. ``continuous``: real ``t`` in the bin (flow matching)."""
+    k = torch.arange(n) % T_BINS
+    if continuous:
+        return (k + torch.rand(n, generator=generator)) * (num_timesteps / T_BINS)
+    edges = torch.tensor([num_timesteps * j // T_BINS for j in range(T_BINS + 1)])
+    width = (edges[1:] - edges[:-1])[k]
+    return edges[k] + (torch.rand(n, generator=generator) * width).long().clamp_(max=width - 1)
 
 
 def _add_lora(model: nn.Module, rank: int) -> None:
@@ -207,13 +292,18 @@ def _add_lora(model: nn.Module, rank: int) -> None:
         p.requires_grad_("lora_" in name or name.startswith("dydit."))
 
 
-def train_routers(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfig, cost: DyDiTCost) -> nn.Module:
-    """Train the dynamic model toward ``budget`` with the shared trainer (see the module docs)."""
+def train_routers(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfig, cost: DyDiTCost,
+                  steps: int | None = None) -> nn.Module:
+    """Train the dynamic model toward ``budget`` with the shared trainer for ``steps`` (default
+    ``cfg.train_steps``; see the module docs)."""
     from slimdiff.data.datasets import text_shape
     from slimdiff.diffusion.losses import diffusion_loss
+    from slimdiff.diffusion.schedulers import diffusion_config_of
+    from slimdiff.methods.base import fingerprint, settings_key
     from slimdiff.models.backbone import as_backbone
     from slimdiff.train.trainer import TrainConfig, check_conditioning, train
 
+    steps = cfg.train_steps if steps is None else steps
     routing = routing_of(model)
     bb = as_backbone(model)
     dataset = model_dataset(model, ctx)
@@ -225,8 +315,9 @@ def train_routers(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfi
         _add_lora(model, cfg.lora_rank)
     routers = [p for p in routing.parameters() if p.requires_grad]
     others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("dydit.")]
-    groups = [{"params": routers, "lr": cfg.router_lr}] + ([{"params": others, "lr": ctx.lr}] if others else [])
-    target = target_schedule(budget, cfg.train_steps, cfg)
+    groups = ([{"params": routers, "lr": cfg.lr_of_routers(steps)}]
+              + ([{"params": others, "lr": ctx.lr}] if others else []))
+    target = target_schedule(budget, steps, cfg)
     state = {"target": 1.0}
 
     def on_step_begin(step: int) -> None:
@@ -243,15 +334,16 @@ def train_routers(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfi
                 routing.set_mode("dynamic")
         return loss.float()
 
-    tc = TrainConfig(steps=cfg.train_steps, batch_size=ctx.batch_size, lr=ctx.lr, lr_schedule="constant",
-                     seed=ctx.seed, checkpoint_every=max(1, cfg.train_steps // 4), log_every=max(1, min(50, cfg.train_steps)))
-    from slimdiff.methods.base import fingerprint, settings_key
-
+    diffusion = diffusion_config_of(model)
+    timesteps = (partial(stratified_timesteps, num_timesteps=diffusion.num_train_timesteps,
+                         continuous=diffusion.objective == "flow") if cfg.t_sampling == "stratified" else None)
+    tc = TrainConfig(steps=steps, batch_size=ctx.batch_size, lr=ctx.lr, lr_schedule="constant",
+                     seed=ctx.seed, checkpoint_every=max(1, steps // 4), log_every=max(1, min(50, steps)))
     # a resume key: a rerun resumes only the same model, budget and settings
-    work = (ctx.work_dir or Path("runs/compress")) / (f"dydit-train-{cfg.tune}-b{budget:g}-n{cfg.train_steps}"
+    work = (ctx.work_dir or Path("runs/compress")) / (f"dydit-train-{cfg.tune}-b{budget:g}-n{steps}"
                                                        f"-s{ctx.seed}-{settings_key(cfg)}-{fingerprint(model)[:12]}")
     model = train(model, dataset, tc, work, resume=True, progress=ctx.progress, param_groups=groups,
-                  extra_loss=extra_loss, on_step_begin=on_step_begin)
+                  extra_loss=extra_loss, on_step_begin=on_step_begin, sample_timesteps=timesteps)
     if cfg.tune == "lora":
         merge_lora(model)
     return model.eval()
@@ -281,16 +373,16 @@ def routed_ratio(model: nn.Module, cost: DyDiTCost, sampler: str, steps: int, cf
 
 @torch.no_grad()
 def shift_routers(routing: DyDiTRouting, delta: float) -> None:
-    """Subtract ``delta`` from every router bias (positive: fewer heads, groups and tokens)."""
+    """Subtract ``delta`` from every router's logit bias (positive: fewer heads, groups and tokens)."""
     for r in routing.routers:
-        for lin in (r.head, r.group, r.token):
-            if lin is not None:
-                lin.bias.sub_(delta)
+        for lin in r.outputs():
+            lin.bias.sub_(delta)
 
 
 def calibrate(model: nn.Module, budget: float, cost: DyDiTCost, ctx: Context, cfg: DyDiTConfig) -> dict:
-    """Shift all router biases by one scalar (bisection) so the routed sampling run costs at
-    most ``budget`` of the original, as close to it as the decisions allow."""
+    """Beyond the paper: shift all router biases by one scalar (bisection; the bracket doubles
+    from 64 while even its end is over budget) so the routed sampling run costs at most
+    ``budget`` of the original, as close to it as the decisions allow."""
     routing = routing_of(model)
     model.eval()
 
@@ -303,6 +395,8 @@ def calibrate(model: nn.Module, budget: float, cost: DyDiTCost, ctx: Context, cf
 
     before = ratio_at(0.0)
     lo, hi = (0.0, 64.0) if before > budget else (-64.0, 0.0)
+    while before > budget and hi < MAX_SHIFT and ratio_at(hi) > budget:  # large logits: widen the bracket
+        lo, hi = hi, 2 * hi
     best = 0.0 if before <= budget else hi
     for _ in range(cfg.calibrate_iters):
         mid = (lo + hi) / 2
@@ -314,6 +408,55 @@ def calibrate(model: nn.Module, budget: float, cost: DyDiTCost, ctx: Context, cf
     return {"shift": best, "ratio_before": before, "ratio_after": ratio_at(0.0)}
 
 
+@torch.no_grad()
+def realised_macs(model: nn.Module, *, sampler: str = "ddim", steps: int = 50, cfg: float = 1.0, samples: int = 8,
+                  seed: int = 0, classes: Sequence[int] | None = None, cond: Any = None,
+                  noise: torch.Tensor | None = None) -> float:
+    """MACs of one routed sampling run over those of the same run unrouted (routing ``"off"``).
+
+    Both runs are counted by ``torch.utils.flop_counter`` (:func:`slimdiff.eval.compute.count_macs`
+    of :func:`slimdiff.diffusion.sampling.sample`, as ``macs_sampling``) with the given noise
+    (``seed`` or ``noise``), labels (``classes``) or captions (``cond``), so this is the compute
+    users get on those samples, whatever the routers decide for them. The width decisions of the
+    schedule's timesteps are looked up first (per-step tables, else decided and memoised), so
+    neither run counts the width routers: per-step data, as in any sampling run with tables.
+    """
+    from slimdiff.diffusion.sampling import sample, schedule_timesteps
+    from slimdiff.eval.compute import count_macs
+    from slimdiff.models.backbone import as_backbone
+
+    routing = routing_of(model)
+    bb, device = as_backbone(model), next(model.parameters()).device
+    for tv in schedule_timesteps(sampler, steps, model):
+        routing.decisions(float(tv), bb.embed_timesteps(torch.tensor([float(tv)], device=device)))
+    kwargs = dict(sampler=sampler, steps=steps, cfg=cfg, seed=seed, noise=noise, classes=classes, cond=cond,
+                  num_samples=None if cond is not None else samples)
+    routed = count_macs(sample, model, **kwargs)
+    mode = routing.mode
+    routing.set_mode("off")
+    try:
+        full = count_macs(sample, model, **kwargs)
+    finally:
+        routing.set_mode(mode)
+    return routed / full
+
+
+def heldout_ratio(model: nn.Module, ctx: Context, samples: int) -> dict:
+    """:func:`realised_macs` under ``ctx``'s sampler, steps and guidance on ``samples`` images whose
+    noise (seed ``ctx.seed + HELDOUT_SEED``) and class labels (drawn from that seed) neither
+    training nor calibration saw; text models use the Backbone's example captions."""
+    from slimdiff.models.backbone import as_backbone
+
+    seed = ctx.seed + HELDOUT_SEED
+    bb = as_backbone(model)
+    classes = None
+    if bb.conditioning == "class":
+        classes = torch.randint(bb.num_classes, (samples,), generator=torch.Generator().manual_seed(seed)).tolist()
+    ratio = realised_macs(model, sampler=ctx.sampler, steps=ctx.steps, cfg=ctx.cfg, samples=samples, seed=seed,
+                          classes=classes)
+    return {"realised_ratio_heldout": ratio, "heldout": {"seed": seed, "samples": samples, "classes": classes}}
+
+
 # --------------------------------------------------------------------------- method
 def routing_extras(routing: DyDiTRouting) -> dict:
     """JSON data a saved DyDiT model needs: router config and per-step width tables."""
@@ -323,14 +466,30 @@ def routing_extras(routing: DyDiTRouting) -> dict:
 
 
 def restore(model: nn.Module, extras: dict | None) -> None:
-    """Re-install routers and per-step tables on a freshly built DiT or PixArt (before its weights load)."""
+    """Re-install routers and per-step tables on a freshly built DiT or PixArt (before its weights
+    load); a model saved before the token-router type was recorded gets its linear routers."""
     if not extras or "config" not in extras:
         raise UsageError("this saved DyDiT model lacks its routing config in slimdiff.json; re-save it")
-    routing = apply_dydit(model, RoutingConfig(**extras["config"]))
+    routing = apply_dydit(model, RoutingConfig.from_saved(extras["config"]))
     tables = extras.get("tables") or {}
     routing.tables = {float(e["t"]): [(tuple(h), tuple(g)) for h, g in zip(e["heads"], e["groups"])]
                       for e in tables.get("entries", [])}
     routing.table_info = {k: v for k, v in tables.items() if k != "entries"}
+
+
+def _frozen_router_recovery(model: nn.Module, budget: float, cost: DyDiTCost, ctx: Context, cfg: DyDiTConfig,
+                            calib: dict) -> tuple[nn.Module, dict]:
+    """Beyond the paper: recovery with the routers frozen and deterministic masked routing; then
+    the calibration again (recovery moved the tokens the token routers read)."""
+    routing = routing_of(model)
+    routing.requires_grad_(False)
+    routing.set_mode("masked")
+    model = recover(model, ctx, "dydit")
+    routing.set_mode("dynamic")
+    routing.requires_grad_(True)
+    if cfg.calibrate:
+        calib = {**calibrate(model, budget, cost, ctx, cfg), "before_recovery": calib}
+    return model, calib
 
 
 def compress(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfig) -> nn.Module:
@@ -340,25 +499,25 @@ def compress(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfig) ->
         return model
     start = time.process_time()
     model = as_routable(model)
-    routing = apply_dydit(model, default_config(model))
+    with torch.random.fork_rng(devices=[]):  # seeded Xavier router weights: a rerun resumes the same training
+        torch.manual_seed(ctx.seed)
+        routing = apply_dydit(model, cfg.routing(model))
     cost = cost_model(model)
-    if cfg.train_steps > 0:
-        model = train_routers(model, budget, ctx, cfg, cost)
+    # without the frozen-router recovery, recovery steps are more joint training (the paper has no other phase)
+    steps = cfg.train_steps + (0 if cfg.frozen_router_recovery else ctx.recover_steps)
+    if steps > 0:
+        model = train_routers(model, budget, ctx, cfg, cost, steps)
     model.eval()
     calib = calibrate(model, budget, cost, ctx, cfg) if cfg.calibrate else {}
-    build_tables(model, ctx.sampler, ctx.steps)
-    if ctx.recover_steps > 0:
-        routing.requires_grad_(False)
-        routing.set_mode("masked")
-        model = recover(model, ctx, "dydit")
-        routing.set_mode("dynamic")
-        routing.requires_grad_(True)
-        if cfg.calibrate:  # recovery moved the tokens the token routers read: meet the budget again
-            calib = {**calibrate(model, budget, cost, ctx, cfg), "before_recovery": calib}
-            build_tables(model, ctx.sampler, ctx.steps)
+    if cfg.frozen_router_recovery and ctx.recover_steps > 0:
+        model, calib = _frozen_router_recovery(model, budget, cost, ctx, cfg, calib)
     model.eval()
-    measured = {"expected_ratio": calib.get("ratio_after"), "calibration": calib,
-                "cpu_seconds": time.process_time() - start, "full_macs_forward": cost.full}
+    build_tables(model, ctx.sampler, ctx.steps)
+    measured = {"expected_ratio": calib.get("ratio_after"), "calibration": calib, "train_steps": steps,
+                "router_lr": cfg.lr_of_routers(steps), "full_macs_forward": cost.full}
+    if cfg.heldout_samples > 0:
+        measured.update(heldout_ratio(model, ctx, cfg.heldout_samples))
+    measured["cpu_seconds"] = time.process_time() - start
     return record(model, "dydit", {**asdict(cfg), "budget": budget}, measured, routing_extras(routing))
 
 
@@ -383,21 +542,21 @@ def draw(name: str, extras: dict, model: nn.Module | None, out: Path, ctx: dict)
 def _randomize_routers(routing: DyDiTRouting, seed: int) -> None:
     """Seeded random DyDiT router weights (trained routers differ per timestep and token)."""
     g = torch.Generator().manual_seed(seed)
-    for r in routing.routers:
-        for lin in (r.head, r.group, r.token):
-            if lin is not None:
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 4 / lin.in_features**0.5)
-                lin.bias.copy_(torch.randn(lin.bias.shape, generator=g))
+    for lin in (m for m in routing.modules() if isinstance(m, nn.Linear)):
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 4 / lin.in_features**0.5)
+        lin.bias.copy_(torch.randn(lin.bias.shape, generator=g))
 
 
 def speed_student(model: nn.Module, settings: Any) -> nn.Module:
     """The speed bench's student (``settings``: a :class:`slimdiff.eval.speed.SpeedSettings`): the
-    routers with seeded random weights, then the method itself with ``train_steps=0`` (bias
-    calibration to the budget over the sampling run, per-step tables)."""
+    routers with seeded random weights, then the method itself with ``train_steps=0`` and the bias
+    calibration to the budget over the sampling run (``calibrate``: untrained routers have no
+    budget of their own), per-step tables."""
     model = as_routable(model)
-    _randomize_routers(apply_dydit(model, default_config(model)), settings.seed)
+    cfg = DyDiTConfig(train_steps=0, calibrate=True, calibrate_samples=min(settings.batch, 2), calibrate_iters=10,
+                      heldout_samples=0)
+    _randomize_routers(apply_dydit(model, cfg.routing(model)), settings.seed)
     ctx = settings.context()
-    cfg = DyDiTConfig(train_steps=0, calibrate_samples=min(settings.batch, 2), calibrate_iters=10)
     return compress(model, settings.budget, ctx, cfg)
 
 
@@ -410,4 +569,4 @@ SPECS = (DYDIT,)
 
 __all__ = ["DyDiTConfig", "DyDiTCost", "cost_model", "as_routable", "dydit", "DYDIT", "SPECS", "compress", "restore",
            "draw", "speed_student", "calibrate", "build_tables", "routed_ratio", "shift_routers", "target_schedule",
-           "routing_extras", "train_routers"]
+           "routing_extras", "train_routers", "realised_macs", "heldout_ratio", "stratified_timesteps"]

@@ -33,6 +33,9 @@ CAPACITY_SLACK = 0.1  # capacity rows = largest kept fraction seen x (1 + slack)
 def hard_gate(logits: torch.Tensor, tau: float, noise: bool) -> torch.Tensor:
     """Straight-through Gumbel-sigmoid: value ``1[logits + noise > 0]``, gradient of ``sigmoid(./tau)``.
 
+    The reference's ``_gumbel_sigmoid`` (DyDiT ``dynamic_model.py`` 18-47): ``noise`` is the
+    difference of two Gumbel(0, 1) draws, i.e. logistic, added before dividing by ``tau``; its
+    hard value ``sigmoid((logits + noise) / tau) > 0.5`` is the same as ``logits + noise > 0``.
     The value is exactly 0 or 1 (``hard + (soft - soft.detach())``), so all-on masks leave a
     forward bit-identical to the unmasked one.
     """
@@ -51,7 +54,7 @@ class MaskRoute:
 
     heads: torch.Tensor  # (B, H) in {0, 1} with straight-through gradients
     groups: torch.Tensor  # (B, G)
-    token: nn.Linear | None
+    token: nn.Module | None  # the token router (logits per token)
     tau: float
     noise: bool
     kept_tokens: torch.Tensor | None = None  # (B,) differentiable count, set by the block
@@ -82,7 +85,7 @@ class TokenSelect:
     no sync) is set and the routing recomputes the model call on the exact path.
     """
 
-    router: nn.Linear
+    router: nn.Module
     frac: float | None = None
     overflow: torch.Tensor | None = None  # 0-d bool, shared by the blocks of one model call
 

@@ -15,10 +15,12 @@ feed-forward routed, cross-attention always runs); :func:`routed_forwards` impor
 
 * ``model.dydit`` (:class:`DyDiTRouting`): per block a **head router** and an **MLP
   channel-group router** (one ``nn.Linear`` each on the timestep embedding, never on the class
-  or text embedding, so width depends on ``t`` only) and a **token router** (one ``nn.Linear``
-  on each token of the residual stream entering the MLP). Head 0 and group 0 have no router
-  and are always on. Router weights start at zero and biases at ``+init_bias``: every route
-  starts on, for any input scale.
+  or text embedding, so width depends on ``t`` only) and a **token router** on each token of
+  the residual stream entering the MLP (the reference's ``TokenSelect``, a two-layer MLP
+  ``D -> D/16 -> ReLU -> 1``; ``token_router="linear"``: one ``nn.Linear``). Head 0 and group 0
+  have no router and are always on. Initialisation (:class:`RoutingConfig`) follows the
+  reference: Xavier-uniform weights, output biases 15 (width) / 35 (tokens), so every route
+  starts on.
 * ``ModelHook`` s named :data:`HOOK`: on the timestep embedder (it sees the model's timesteps
   and their embedding, and decides every block's route for the call), on every block (its
   forward becomes the routed forward of the call's route; its own without one, i.e. routing
@@ -52,17 +54,21 @@ Per-step tables: :meth:`DyDiTRouting.build_tables` stores the width decisions of
 timestep of a sampler schedule; an eval call at a tabled ``t`` evaluates no width router.
 Unknown ``t`` are routed on the fly and memoised (not saved).
 
-Differences from the reference code (alibaba-damo-academy/DyDiT), following the paper:
+Gates follow the reference (``dynamic_model.py`` 18-47): in training, logistic noise (the
+difference of two Gumbels) is added to the logits, the value is hard at 0.5 after
+``sigmoid(./tau)`` and the gradient is the soft one's (straight-through), ``tau = 5``; in eval,
+``sigmoid(logit) > 0.5`` without noise.
+
+Differences from the reference code (alibaba-damo-academy/DyDiT):
 
 * the reference DiT multiplies by masks at inference; here removed work is not computed;
-* the reference token router is a 2-layer MLP (D -> D/16 -> 1); the paper and our brief use a
-  linear router, which we follow;
-* reference router weights use PyTorch's default init with biases 15 (width) / 35 (tokens)
-  and ``tau = 5``; we zero the weights (all-on for any input scale) and default to a smaller
-  bias and ``tau = 1`` so that short CPU trainings can move the routers (see
-  :class:`RoutingConfig`);
 * the FLOPs ratio counts the whole model (embedders, adaLN, final layer, routers), so the
-  budget is end to end; the reference divides block attention+MLP costs only.
+  budget is end to end; the reference divides block attention+MLP costs only;
+* options beyond the reference (:class:`RoutingConfig`; off by default): a linear token
+  router (``token_router="linear"``), zero-initialised router output weights
+  (``router_init="zeros"``: all on for any input scale), and any other ``tau`` and initial
+  biases (this project's earlier defaults were ``tau = 1``, bias 4, linear, zeros: what models
+  saved before the reference defaults load as, :meth:`RoutingConfig.from_saved`).
 """
 from __future__ import annotations
 
@@ -96,16 +102,47 @@ HOOK = "slimdiff_dydit"
 """The name of every DyDiT hook (one per hooked module: the model, its timestep embedder, each block)."""
 
 
+TOKEN_ROUTERS = ("mlp", "linear")
+ROUTER_INITS = ("xavier", "zeros")
+LEGACY = {"token_router": "linear", "router_init": "zeros"}
+"""What a config saved before these fields existed was built with (its ``init_bias`` also set the token router's)."""
+
+
 @dataclass
 class RoutingConfig:
-    """Shape and coefficients of the routers (stored in the saved model's extras)."""
+    """Shape and coefficients of the routers (stored in the saved model's extras).
+
+    Defaults are the reference's: ``tau`` (``dynamic_model.py`` ``Router``/``TokenSelect``,
+    ``tau=5``, never changed), biases 15 / 35 (``models.py`` 417-419), the token router a
+    ``D -> D/16 -> ReLU -> 1`` MLP (``dynamic_model.py`` 63-66), every router ``nn.Linear``
+    Xavier-uniform with zero bias before those biases (``models.py`` ``_basic_init``).
+    """
 
     heads: list[int] = field(default_factory=list)  # heads per block
     groups: list[int] = field(default_factory=list)  # MLP channel groups per block
     tokens: bool = True  # spatial-wise dynamic tokens (SDT) on the MLP
-    tau: float = 1.0  # Gumbel-sigmoid temperature in training
-    init_bias: float = 4.0  # all-on start: logits = +init_bias (eval: exactly all on)
+    tau: float = 5.0  # Gumbel-sigmoid temperature in training
+    init_bias: float = 15.0  # head/group routers' bias: all-on start (logit ~ +15)
+    token_init_bias: float = 35.0  # token router's output bias
+    token_router: str = "mlp"  # "mlp" (reference) | "linear" (deviation)
+    router_init: str = "xavier"  # "xavier" (reference) | "zeros": the logit layer's weights start at 0 (deviation)
     cache_size: int = 16  # cached sliced weight sets per block and branch (LRU)
+
+    def __post_init__(self) -> None:
+        if self.token_router not in TOKEN_ROUTERS:
+            raise UsageError(f"unknown token router {self.token_router!r}; use one of {', '.join(TOKEN_ROUTERS)}")
+        if self.router_init not in ROUTER_INITS:
+            raise UsageError(f"unknown router init {self.router_init!r}; use one of {', '.join(ROUTER_INITS)}")
+        if not self.tau > 0:
+            raise UsageError(f"the gate temperature tau must be > 0, got {self.tau}")
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> RoutingConfig:
+        """The config a saved model was built with; one saved before the token-router type was
+        recorded had linear token routers (:data:`LEGACY`) and one bias for all routers."""
+        if "token_router" in saved:
+            return cls(**saved)
+        return cls(**{**LEGACY, "token_init_bias": saved.get("init_bias", 4.0), **saved})
 
 
 def _with_always_on(gates: torch.Tensor) -> torch.Tensor:
@@ -113,18 +150,47 @@ def _with_always_on(gates: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.ones_like(gates[:, :1]), gates], dim=1)
 
 
+def token_router(dim: int, kind: str) -> nn.Module:
+    """The per-token router: the reference's MLP ``D -> max(1, D/16) -> ReLU -> 1`` or one Linear."""
+    if kind == "linear":
+        return nn.Linear(dim, 1)
+    hidden = max(1, dim // 16)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+
 class BlockRouters(nn.Module):
     """The three routers of one block: heads and groups on ``t_emb``, tokens on the tokens."""
 
-    def __init__(self, dim: int, heads: int, groups: int, tokens: bool, init_bias: float):
+    def __init__(self, dim: int, heads: int, groups: int, config: RoutingConfig):
         super().__init__()
         self.head = nn.Linear(dim, heads - 1) if heads > 1 else None
         self.group = nn.Linear(dim, groups - 1) if groups > 1 else None
-        self.token = nn.Linear(dim, 1) if tokens else None
-        for lin in (self.head, self.group, self.token):
-            if lin is not None:
-                nn.init.zeros_(lin.weight)
-                nn.init.constant_(lin.bias, init_bias)
+        self.token = token_router(dim, config.token_router) if config.tokens else None
+        for m in self.modules():
+            if isinstance(m, nn.Linear):  # reference models.py _basic_init
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for out, bias in ((self.head, config.init_bias), (self.group, config.init_bias),
+                          (self.token_out, config.token_init_bias)):
+            if out is not None:
+                nn.init.constant_(out.bias, bias)
+                if config.router_init == "zeros":
+                    nn.init.zeros_(out.weight)
+
+    @property
+    def token_out(self) -> nn.Linear | None:
+        """The token router's logit layer (its bias is the offset calibration shifts)."""
+        return self.token[-1] if isinstance(self.token, nn.Sequential) else self.token
+
+    def outputs(self) -> list[nn.Linear]:
+        """The logit layers of this block's routers (head, group, token; those that exist)."""
+        return [m for m in (self.head, self.group, self.token_out) if m is not None]
+
+    def token_macs(self) -> int:
+        """MACs of the token router on one token (0 without one)."""
+        if self.token is None:
+            return 0
+        return sum(m.in_features * m.out_features for m in self.token.modules() if isinstance(m, nn.Linear))
 
     def width_logits(self, temb: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Head and group logits ``(B, n-1)`` (None where a block has a single unit)."""
@@ -156,7 +222,7 @@ class DyDiTRouting(nn.Module):
         self.forwards = forwards  # the architecture's routed block forwards
         self.backbone = backbone  # its Backbone class: per block, the attention and MLP layouts
         self.routers = nn.ModuleList(
-            BlockRouters(dim, h, g, config.tokens, config.init_bias) for h, g in zip(config.heads, config.groups)
+            BlockRouters(dim, h, g, config) for h, g in zip(config.heads, config.groups)
         )
         self._blocks = list(blocks)
         self.mode = "dynamic"
@@ -537,5 +603,5 @@ def remove_dydit(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["RoutingConfig", "DyDiTRouting", "BlockRouters", "MODES", "CAPACITY_MODES", "HOOK", "apply_dydit",
+__all__ = ["RoutingConfig", "DyDiTRouting", "BlockRouters", "token_router", "TOKEN_ROUTERS", "ROUTER_INITS", "LEGACY", "MODES", "CAPACITY_MODES", "HOOK", "apply_dydit",
            "remove_dydit", "routing_of", "default_config", "routed_forwards"]
