@@ -26,7 +26,7 @@ from slimdiff.eval.models import build_model
 from slimdiff.eval.report import reuse_plan
 from slimdiff.eval.speed import environment
 
-METHODS = ("dipgo", "deepcache", "l2c", "fewer-steps")
+METHODS = ("dipgo", "deepcache-style", "l2c-block", "fewer-steps")
 
 
 def teacher(quick: bool):

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, record
+from slimdiff.runtime.branch_cache import check_no_plan
 from slimdiff.runtime.reuse import (
     BlockCosts,
     ReusePlan,
@@ -36,7 +37,6 @@ from slimdiff.runtime.reuse import (
     block_costs,
     block_reuse_disabled,
     effective_compute,
-    get_block_reuse,
     remove_block_reuse,
     reuse_blocks,
 )
@@ -218,8 +218,7 @@ def finish(model: nn.Module, name: str, compute: torch.Tensor, ctx: Context, cos
 
 def prepare(model: nn.Module, budget: float, ctx: Context, step_skips: bool = False) -> BlockCosts:
     """Refuse a model that already has a plan; measure block MACs; check the budget is reachable."""
-    if get_block_reuse(model) is not None:
-        raise UsageError("the model already carries a reuse plan: chain at most one reuse method")
+    check_no_plan(model)  # block reuse or a branch cache (DeepCache, Learning-to-Cache)
     costs = block_costs(model)
     check_reachable(costs, len(ReusePlan.full(ctx.sampler, ctx.steps, model).timesteps), budget, step_skips)
     return costs

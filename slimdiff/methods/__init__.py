@@ -41,11 +41,12 @@ def _builtin() -> None:
     if _BUILTIN_LOADED:
         return
     _BUILTIN_LOADED = True
-    from slimdiff.methods import (depth_baselines, diff_pruning, dipgo, dydit, reuse_baselines, tinyfusion,
-                                  width_baselines)
+    from slimdiff.methods import (deepcache, depth_baselines, diff_pruning, diffusers_caches, dipgo, dydit,
+                                  learning_to_cache, retrain, reuse_baselines, tinyfusion, width_baselines)
 
     for spec in (*diff_pruning.SPECS, *width_baselines.SPECS, *tinyfusion.SPECS, *depth_baselines.SPECS,
-                 *dydit.SPECS, *dipgo.SPECS, *reuse_baselines.SPECS):
+                 *dydit.SPECS, *dipgo.SPECS, *reuse_baselines.SPECS, *retrain.SPECS, *diffusers_caches.SPECS,
+                 *deepcache.SPECS, *learning_to_cache.SPECS):
         register(spec)
 
 

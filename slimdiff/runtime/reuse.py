@@ -265,7 +265,7 @@ class SoftFrame:
     caches_out: list[Any] = field(default_factory=list)
 
 
-class _State:
+class ReuseState:
     """Per-trajectory state shared by the root and block hooks."""
 
     def __init__(self, plan: ReusePlan, eff: torch.Tensor):
@@ -293,7 +293,7 @@ class BlockReuseRootHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, state: _State, t_index: int, t_name: str):
+    def __init__(self, state: ReuseState, t_index: int, t_name: str):
         super().__init__()
         self.state, self.t_index, self.t_name = state, t_index, t_name
         self.module: nn.Module | None = None
@@ -382,7 +382,7 @@ def _map(fn, *xs):
 class BlockReuseBlockHook(ModelHook):
     """Per-block hook: compute (and cache) or reuse, as the plan says for the current step."""
 
-    def __init__(self, state: _State, index: int, mode: str, backbone: type[Backbone]):
+    def __init__(self, state: ReuseState, index: int, mode: str, backbone: type[Backbone]):
         super().__init__()
         self.state, self.index, self.mode = state, index, mode
         self._input = backbone.block_input  # how the unit is called: where its input is
@@ -435,7 +435,7 @@ def apply_block_reuse(model: nn.Module, plan: ReusePlan) -> nn.Module:
                          f"model has {len(names)} ({', '.join(names[:3])}, ...): make the plan for this model")
     plan.validate()
     eff = effective_compute(plan.compute, names, bb.block_readers())
-    state = _State(plan, eff)
+    state = ReuseState(plan, eff)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(BlockReuseRootHook(state, *bb.timestep_argument()),
                                                                     ROOT_HOOK)
     for i, blk in enumerate(blocks):
@@ -464,7 +464,7 @@ def get_block_reuse(model: nn.Module) -> ReusePlan | None:
     return hook.state.plan if hook is not None else None
 
 
-def _state(model: nn.Module) -> _State | None:
+def _state(model: nn.Module) -> ReuseState | None:
     hook = _root_hook(model)
     return hook.state if hook is not None else None
 
