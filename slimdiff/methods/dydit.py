@@ -282,12 +282,13 @@ def stratified_timesteps(n: int, generator: torch.Generator | None = None, *, nu
     return edges[k] + (torch.rand(n, generator=generator) * width).long().clamp_(max=width - 1)
 
 
-def _add_lora(model: nn.Module, rank: int) -> None:
+def _add_lora(model: nn.Module, rank: int, seed: int) -> None:
     """LoRA (peft) on every block's attention/MLP Linears (DiT: qkv/proj/fc1/fc2; PixArt: attn1
-    to_q/to_k/to_v/to_out.0 and ff); freezes all else but the routers."""
+    to_q/to_k/to_v/to_out.0 and ff); freezes all else but the routers. Seeded: a rerun (or a
+    resumed run) starts from the same adapters."""
     from slimdiff.models.backbone import as_backbone
 
-    add_lora(model, as_backbone(model).attention_mlp_names(), rank, 2 * rank)
+    add_lora(model, as_backbone(model).attention_mlp_names(), rank, 2 * rank, seed=seed)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("dydit."))
 
@@ -312,7 +313,7 @@ def train_routers(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfi
     if shape is not None and shape[0] != bb.text_len:  # cross-attention cost follows the caption length
         cost = cost_model(model, text_len=shape[0])
     if cfg.tune == "lora":
-        _add_lora(model, cfg.lora_rank)
+        _add_lora(model, cfg.lora_rank, ctx.seed)
     routers = [p for p in routing.parameters() if p.requires_grad]
     others = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("dydit.")]
     groups = ([{"params": routers, "lr": cfg.lr_of_routers(steps)}]

@@ -233,7 +233,10 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
     :func:`slimdiff.train.trainer.train` for ``config.steps`` steps on ``ctx.data`` (or
     ``dataset``) with batch ``ctx.batch_size``, then decides by the argmax of the EMA logits.
     Checkpoints go to ``ctx.work_dir/search-tinyfusion-<shape>-n<steps>-s<seed>-<model fingerprint>``
-    and an interrupted search resumes there (its probability history then starts at the resumed step).
+    and an interrupted search resumes there bit-identically: the trainer restores the logits,
+    LoRA, optimiser, EMA, data order and the RNG the Gumbel noise is drawn from (the global
+    torch RNG of the search's device), and the probability history travels in the
+    checkpoint's ``log``, so it holds every point of an uninterrupted search.
     """
     from slimdiff.train.trainer import TrainConfig, train
 
@@ -244,14 +247,13 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
     gates = DepthGates(groups, config.scaling, config.init_logit).to(as_backbone(work).device)
     gates.attach(work)
     every = max(1, config.steps // config.log_points)
-    steps_log: list[int] = []
-    history: list[list[list[float]]] = []
+    log: dict[str, list] = {"probability_steps": [], "probabilities": []}  # restored by train() on resume
 
     def on_step_begin(step: int) -> None:
         gates.tau = config.tau(step)
         if step % every == 0:
-            steps_log.append(step)
-            history.append(gates.probabilities())
+            log["probability_steps"].append(step)
+            log["probabilities"].append(gates.probabilities())
 
     groups_ = [{"params": list(gates.logits), "lr": config.lr * config.gate_lr_mult}]
     if weights:
@@ -263,12 +265,12 @@ def search(model: nn.Module, groups: Sequence[Group], ctx: Context, config: Sear
     out = _work_dir(ctx, f"search-tinyfusion-{shapes}-n{config.steps}-s{ctx.seed}-{settings_key(config)}-"
                          f"{fingerprint(model)[:12]}")
     train(work, dataset if dataset is not None else model_dataset(model, ctx), tcfg, out, resume=True,
-          progress=ctx.progress, param_groups=groups_, on_step_begin=on_step_begin)
-    steps_log.append(config.steps)
-    history.append(gates.probabilities())  # EMA logits: train() copies the EMA weights back
+          progress=ctx.progress, param_groups=groups_, on_step_begin=on_step_begin, log=log)
+    final = gates.probabilities()  # EMA logits: train() copies the EMA weights back
     kept = gates.decide()
     gates.detach_from(work)
-    return SearchResult(kept, gates.probabilities(), steps_log, history, time.process_time() - start)
+    return SearchResult(kept, final, log["probability_steps"] + [config.steps], log["probabilities"] + [final],
+                        time.process_time() - start)
 
 
 # --------------------------------------------------------------------------- the method

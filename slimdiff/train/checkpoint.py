@@ -1,10 +1,11 @@
 """Atomic, pickle-free training checkpoints.
 
-A checkpoint is a directory ``<run>/checkpoint`` with ``state.json`` (step, config, lr
-scheduler, param groups) and safetensors files for model, EMA, optimiser tensors and RNG
-states. It is written into a temporary sibling and swapped in with renames, so a crash
-at any point leaves either the previous or the new checkpoint complete
-(:func:`slimdiff.atomic.write_dir`).
+A checkpoint is a directory ``<run>/checkpoint`` with ``state.json`` (step, lr scheduler,
+param groups and the caller's JSON ``info``: for the trainer its config, EMA step, loss scale
+and logged histories) and safetensors files for model, EMA, optimiser tensors and RNG states
+(every generator the run draws from, the GPU's included: :func:`rng_states`). It is
+written into a temporary sibling and swapped in with renames, so a crash at any point
+leaves either the previous or the new checkpoint complete (:func:`slimdiff.atomic.write_dir`).
 """
 from __future__ import annotations
 
@@ -61,6 +62,26 @@ def save_checkpoint(run_dir: Path, *, step: int, model: dict, optimizer: dict, l
         (tmp / "state.json").write_text(json.dumps(state))
 
     return write_dir(run_dir / NAME, write, backup=run_dir / OLD)
+
+
+def rng_states(device: torch.device, **generators: torch.Generator) -> dict[str, torch.Tensor]:
+    """The RNG states a checkpoint keeps: torch's global CPU RNG (``torch``), the global RNG
+    of ``device`` when it is a GPU (``cuda``: dropout or Gumbel noise drawn there), and each
+    of ``generators`` by its name."""
+    states = {name: g.get_state() for name, g in generators.items()}
+    states["torch"] = torch.get_rng_state()
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor], device: torch.device, **generators: torch.Generator) -> None:
+    """Put back what :func:`rng_states` saved (a checkpoint written on the CPU sets no GPU state)."""
+    for name, g in generators.items():
+        g.set_state(states[name])
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:

@@ -10,6 +10,16 @@ timesteps and CFG label-drop mask from one shared seeded generator and keeps its
 so a run on 2 processes sees exactly the data of a 1-process run with the same global
 batch (DDP averages the gradients). Batches are drawn with replacement.
 
+Exact resume: a checkpoint holds everything a step depends on, so a run killed at any point
+(even ``kill -9`` mid-step) and resumed ends bit-identical to an uninterrupted one (same
+device and thread count): weights, optimiser, lr schedule, EMA, the mixed-precision loss
+scale, the data generator (batch order, noise, timesteps, label drops), the global torch
+RNG of the CPU and of the training GPU (whatever a model or hook draws there, e.g.
+TinyFusion's Gumbel noise), and the run's ``log`` (the loss curve and whatever the caller's
+hooks record, e.g. a search's probability history). Every checkpoint is also a log point,
+so no loss is pending when one is written. The RNG states are put back just before the
+first resumed step, after the set-up, so nothing the set-up draws can shift them.
+
 Conditions: class-conditional models train on labelled data; text-conditional models
 (PixArt, ``UNet2DConditionModel``) on latents with pre-computed caption embeddings
 (:func:`slimdiff.data.datasets.latents`), passed through the Backbone view with their
@@ -33,7 +43,7 @@ from torch.utils.data import Dataset
 from slimdiff.diffusion.losses import ForwardProcess, NoisyBatch, diffusion_loss
 from slimdiff.diffusion.schedulers import DiffusionConfig, diffusion_config_of
 from slimdiff.errors import UsageError
-from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from slimdiff.train.distill import KD_MODES, HiddenCapture, distill_loss
 
 
@@ -200,6 +210,8 @@ def train(
     param_groups: list[dict] | None = None,
     extra_loss: Callable[[int, NoisyBatch, torch.Tensor | None, torch.Tensor], torch.Tensor] | None = None,
     on_step_begin: Callable[[int], None] | None = None,
+    sample_timesteps: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+    log: dict[str, list] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place and return it (with EMA weights when EMA is on).
 
@@ -212,7 +224,14 @@ def train(
     Hooks for methods that train more than weights (search, routers): ``param_groups``
     replaces the optimiser's groups (e.g. a higher lr for logits; every trainable parameter
     must be in one), ``extra_loss(step, batch, cond, pred)`` is added to the loss, and
-    ``on_step_begin(step)`` runs first in every step (temperature or target schedules).
+    ``on_step_begin(step)`` runs first in every step (temperature or target schedules);
+    ``sample_timesteps(n, generator)`` draws the global batch's timesteps (default: the forward
+    process's uniform draw; DyDiT stratifies them).
+
+    ``log`` (optional, JSON-serialisable lists by name): the run's record. The trainer
+    appends ``[step, mean loss, lr]`` to ``log["loss"]`` at every log point; hooks may append
+    their own (e.g. per-step probabilities). It is saved in every checkpoint and, on resume,
+    its lists are replaced in place by the checkpoint's, so it ends as in an uninterrupted run.
     """
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
@@ -249,7 +268,9 @@ def train(
     names = {id(p): n for n, p in model.named_parameters()}
     trainable_names = [names[id(p)] for p in trainable]
 
-    start = 0
+    log = {} if log is None else log
+    log.setdefault("loss", [])
+    start, state = 0, None
     ckpt = find_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt)
@@ -260,13 +281,15 @@ def train(
         if ema is not None and state["ema"] is not None:
             ema.shadow_params = [state["ema"][n].clone() for n in trainable_names]
             ema.optimization_step = state["info"]["ema_step"]
-        data_gen.set_state(state["rng"]["data"])
-        torch.set_rng_state(state["rng"]["torch"])
+        for name, values in state["info"].get("log", {}).items():
+            log.setdefault(name, [])[:] = values
         start = state["step"]
         accelerator.print(f"resumed from {ckpt} at step {start}")
 
     denoiser, optimizer = accelerator.prepare(Denoiser(model), optimizer)
     device = accelerator.device
+    if state is not None and accelerator.scaler is not None and state["info"].get("scaler"):
+        accelerator.scaler.load_state_dict(state["info"]["scaler"])
     if ema is not None:
         ema.to(device)
     bb = as_backbone(model)
@@ -288,15 +311,17 @@ def train(
             save_checkpoint(
                 out_dir, step=step, model=accelerator.unwrap_model(denoiser).model.state_dict(),
                 optimizer=optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
-                lr_scheduler=scheduler.state_dict(),
-                rng={"data": data_gen.get_state(), "torch": torch.get_rng_state()},
-                info={"ema_step": ema.optimization_step if ema else 0, "config": asdict(config)},
+                lr_scheduler=scheduler.state_dict(), rng=rng_states(device, data=data_gen),
+                info={"ema_step": ema.optimization_step if ema else 0, "config": asdict(config), "log": log,
+                      "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None},
                 ema={n: p for n, p in zip(trainable_names, ema.shadow_params)} if ema else None,
             )
         accelerator.wait_for_everyone()
 
     bad = torch.zeros((), dtype=torch.bool, device=device)
     running, t0, seen = torch.zeros((), device=device), time.perf_counter(), 0
+    if state is not None:
+        set_rng_states(state["rng"], device, data=data_gen)
     bar = _progress(progress and accelerator.is_main_process, config.steps, start)
     denoiser.train()
     with no_internal_label_dropout(model), (bar or nullcontext()):
@@ -304,7 +329,7 @@ def train(
             if on_step_begin is not None:
                 on_step_begin(step)
             idx = torch.randint(len(dataset), (config.batch_size,), generator=data_gen)
-            t_all = process.sample_timesteps(config.batch_size, data_gen)
+            t_all = (sample_timesteps or process.sample_timesteps)(config.batch_size, data_gen)
             x0, y = _batch(dataset, idx[sl])
             noise = torch.randn((config.batch_size, *x0.shape[1:]), generator=data_gen)[sl]
             drop = torch.rand(config.batch_size, generator=data_gen)[sl] < config.cfg_dropout
@@ -347,6 +372,7 @@ def train(
                 dt = time.perf_counter() - t0
                 logs = {"loss": float(running) / (seen // config.batch_size), "lr": scheduler.get_last_lr()[0],
                         "samples_per_s": seen / dt}
+                log["loss"].append([done, logs["loss"], logs["lr"]])
                 running.zero_()
                 t0, seen = time.perf_counter(), 0
                 if bar is not None:
