@@ -38,12 +38,16 @@ here by the layer above (:func:`register_restorer`); :func:`load` applies it, so
 never imports the methods.
 
 Nothing on the load path unpickles: weights are read with safetensors only, and a
-directory holding pickle files (``*.pt``, ``*.bin``, ...) is refused outright.
+directory holding pickle files (``*.pt``, ``*.bin``, ...) is refused outright. ``slimdiff.json``
+is untrusted: :func:`load` validates it whole with :mod:`slimdiff.schema` (bounded by the
+tensor shapes of the safetensors header) before it builds anything, and :func:`save` runs
+the same check on what it writes, so that a directory that saves also loads.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 import warnings
 from dataclasses import asdict
@@ -53,8 +57,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from slimdiff import atomic
+from slimdiff import atomic, schema
 from slimdiff.errors import UsageError
+from slimdiff.reproducible import without_times
 from slimdiff.result import ModelRecord, record_of, set_record
 
 FORMAT_VERSION = 1
@@ -68,6 +73,7 @@ DIFFUSERS_CLASSES = (
 )
 ARCHITECTURES = ("DiT",) + DIFFUSERS_CLASSES
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+MAX_JSON_BYTES = 64 << 20  # far above any record slimdiff writes; bounds what a crafted file can make load parse
 
 _LAYERS: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
@@ -106,7 +112,7 @@ def save(model: nn.Module, path, *, meta: dict | None = None, overwrite: bool = 
 
         wpath = tmp / WEIGHTS_NAME
         tensors = _tensors_for_save(model)
-        count = len(tensors)
+        shapes = {k: tuple(t.shape) for k, t in tensors.items()}
         save_file(tensors, str(wpath), metadata={"format": "pt"})
         del tensors
         doc = {
@@ -117,16 +123,24 @@ def save(model: nn.Module, path, *, meta: dict | None = None, overwrite: bool = 
             "weights": {
                 "file": WEIGHTS_NAME,
                 "sha256": _sha256(wpath),
-                "tensors": count,
+                "tensors": len(shapes),
                 "bytes": wpath.stat().st_size,
             },
             **record.to_doc(),
         }
         text = _dumps(doc, what="slimdiff metadata (model.slimdiff_meta / meta)")
+        # what load would refuse is refused now, so that a directory that saves also loads
+        schema.check_document(json.loads(text), shapes, Path("slimdiff.save"), weights_name=WEIGHTS_NAME,
+                              known_method=_known_method,
+                              fix="this model or its record (meta) would not load back: fix it before saving")
         (tmp / JSON_NAME).write_text(text, encoding="utf-8")
         if existing == "slimdiff" and not overwrite:
             old = (target / JSON_NAME).read_text(encoding="utf-8", errors="replace")
-            if old != text:
+            try:  # the same result, up to time-varying fields (CPU seconds): the weights' sha256 is in the JSON
+                same = without_times(json.loads(old)) == without_times(json.loads(text))
+            except ValueError:
+                same = False
+            if not same:
                 raise UsageError(
                     f"{target} already holds a different slimdiff model; pass overwrite=True "
                     "(CLI: --overwrite) to replace it, or choose another path"
@@ -159,10 +173,14 @@ def _not_writable(where: Path, e: OSError) -> UsageError:
 def load(path) -> nn.Module:
     """Rebuild the model saved by :func:`save` in ``path``, in ``eval()`` mode.
 
-    No pickle and no network: the class is built from ``slimdiff.json``, the recorded
-    structure applied, and ``model.safetensors`` loaded with ``strict=True``. Every failure
-    raises :class:`UsageError` with one line naming the file, the problem and the fix.
+    No pickle and no network: ``slimdiff.json`` is untrusted and validated whole against
+    :mod:`slimdiff.schema` (with the tensor shapes of the ``model.safetensors`` header) before
+    anything is built; then the class is built from it, the recorded structure applied, and
+    ``model.safetensors`` loaded with ``strict=True``. Every failure raises :class:`UsageError`
+    with one line naming the file, the problem and the fix.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"slimdiff.io.load: path = {path!r:.60} is not a path; pass the directory slimdiff.save wrote")
     d = Path(path).expanduser()
     if d.is_file() and d.name in (JSON_NAME, WEIGHTS_NAME):
         d = d.parent
@@ -182,6 +200,8 @@ def load(path) -> nn.Module:
         )
     doc = _read_json(d / JSON_NAME)
     arch, config, structure = _read_architecture(doc, d / JSON_NAME)
+    shapes = _read_shapes(d / WEIGHTS_NAME, doc)
+    schema.check_document(doc, shapes, d / JSON_NAME, weights_name=WEIGHTS_NAME, known_method=_known_method)
     tensors = _read_weights(d / WEIGHTS_NAME, doc)
 
     record = ModelRecord.from_doc(doc)
@@ -240,20 +260,23 @@ def architecture_name(model: nn.Module) -> str:
 
 # --------------------------------------------------------------------------- method runtimes
 Restorer = Callable[[nn.Module, Any], None]
-_RESTORERS: dict[str, Restorer] = {}
+_RESTORERS: dict[str, Restorer | None] = {}  # every known method name; None: nothing to restore
 
 
 def register_restorer(method: str, restore: Restorer | None) -> None:
-    """Make :func:`load` call ``restore(model, extras)`` for a model whose chain names ``method``
-    (``extras``: what the method recorded in ``extras[method]``); ``None`` removes it.
+    """Make ``method`` a known method name (:func:`load` refuses a chain naming any other) and
+    make :func:`load` call ``restore(model, extras)`` for a model whose chain names it
+    (``extras``: what the method recorded in ``extras[method]``); ``None``: nothing to restore.
 
     The layers above fill this registry (the methods layer, for each spec it registers), so
-    that loading a model never imports them.
+    that loading a model never imports them. :func:`unregister_method` forgets a name.
     """
-    if restore is None:
-        _RESTORERS.pop(method, None)
-    else:
-        _RESTORERS[method] = restore
+    _RESTORERS[method] = restore
+
+
+def unregister_method(method: str) -> None:
+    """Forget ``method`` (registered with :func:`register_restorer`): loading names it no more."""
+    _RESTORERS.pop(method, None)
 
 
 def restore_runtime(model: nn.Module, record: ModelRecord | None = None) -> nn.Module:
@@ -270,11 +293,17 @@ def restore_runtime(model: nn.Module, record: ModelRecord | None = None) -> nn.M
 def _restorer(method: str) -> Restorer | None:
     """The restorer of ``method``; on a miss the package facade first registers the built-in
     methods (their modules load only when a saved chain names one)."""
-    if method not in _RESTORERS:
-        from slimdiff import register_builtin_restorers
-
-        register_builtin_restorers()
+    _known_method(method)
     return _RESTORERS.get(method)
+
+
+def _known_method(method: str) -> bool:
+    """Whether ``method`` is registered, after asking the facade to register the built-in methods."""
+    if method not in _RESTORERS:
+        import slimdiff
+
+        slimdiff.register_builtin_restorers()
+    return method in _RESTORERS
 
 
 # --------------------------------------------------------------------------- structure
@@ -446,6 +475,7 @@ def _apply_structure(model: nn.Module, structure: dict, where: Path) -> None:
         for name, values in (structure.get("attrs") or {}).items():
             mod = model.get_submodule(name)
             for k, v in values.items():
+                _check_attr(mod, name, k, v, where)
                 setattr(mod, k, v)
     except (AttributeError, TypeError, ValueError, KeyError) as e:
         if isinstance(e, UsageError):
@@ -454,6 +484,25 @@ def _apply_structure(model: nn.Module, structure: dict, where: Path) -> None:
             f"{where}: the recorded structure does not fit the architecture ({e}); the file is damaged "
             "or was written for another model; re-save the model"
         ) from e
+
+
+def _check_attr(mod: nn.Module, name: str, attr: str, value: Any, where: Path) -> None:
+    """Only what :func:`save` records may be set: an existing plain scalar instance attribute
+    (a head count, an eps, a frequency shift), given a value of a compatible type."""
+    old = vars(mod).get(attr, _MISSING)
+    numbers = (int, float)
+    fits = old is None or value is None or type(old) is type(value) or (
+        type(old) in numbers and type(value) in numbers)
+    if old is _MISSING or not isinstance(old, _SCALARS) or not fits:
+        held = "no such attribute" if old is _MISSING else f"a {type(old).__name__}"
+        raise UsageError(
+            f"{where}: structure.attrs[{name!r}].{attr} = {value!r:.60} is invalid ({type(mod).__name__} holds {held}; "
+            "only existing plain number/string/bool settings may be recorded); the file is damaged or was edited: "
+            "re-save the model"
+        )
+
+
+_MISSING = object()
 
 
 def _structure_for_save(model: nn.Module, arch: str, config: dict, record: ModelRecord) -> dict:
@@ -586,10 +635,16 @@ def _slimdiff_version() -> str:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"{path} is missing: {path.parent} is not a slimdiff model directory; pass a directory written by slimdiff.save")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise UsageError(f"{path} is {size} bytes, over the {MAX_JSON_BYTES >> 20} MiB a slimdiff.json may hold; the "
+                         "file is damaged or not slimdiff's: restore it or re-save the model")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e}); the file is damaged: restore it or re-save the model") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise UsageError(f"{path} is not valid JSON ({what}); the file is damaged: restore it or re-save the "
+                         "model") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("format_version"), int):
         raise UsageError(f"{path} has no integer 'format_version': not a slimdiff.json; re-save the model with slimdiff.save")
     if doc["format_version"] > FORMAT_VERSION:
@@ -619,38 +674,54 @@ def _looks_like_pickle(path: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 1 <= head[1] <= 5)
 
 
-def _read_weights(path: Path, doc: dict) -> dict[str, torch.Tensor]:
+def _read_shapes(path: Path, doc: dict) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes in the header of the weights file (no tensor data is read): what
+    :func:`slimdiff.schema.check_document` bounds the recorded sizes with."""
     if not path.is_file():
         others = sorted(p.name for p in path.parent.iterdir() if p.name != JSON_NAME)
         raise UsageError(
             f"{path} is missing (directory holds: {', '.join(others) or 'nothing else'}); "
             "copy the whole directory written by slimdiff.save"
         )
-    expected = doc.get("weights") or {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # SafetensorError is a plain Exception subclass
+        raise _unreadable(path, doc, e) from e
+
+
+def _unreadable(path: Path, doc: dict, e: Exception) -> UsageError:
+    """The one-line error for a weights file safetensors cannot read: a pickle, truncated, corrupted."""
+    if _looks_like_pickle(path):
+        return UsageError(
+            f"{path} is a pickle / torch.save file, not safetensors; slimdiff never unpickles model "
+            "files: convert it to safetensors in a trusted environment, or re-save the model"
+        )
+    expected = doc.get("weights") if isinstance(doc.get("weights"), dict) else {}
+    size, want = path.stat().st_size, expected.get("bytes")
+    if type(want) is int and size < want:
+        return UsageError(f"{path} is truncated ({size} of {want} bytes); copy the file again or re-save the model")
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return UsageError(f"{path} is corrupted and cannot be read as safetensors ({msg}); copy it again or re-save "
+                      "the model")
+
+
+def _read_weights(path: Path, doc: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of the (header-checked) weights file, once its sha256 matches the record."""
+    want_sha, got = doc["weights"]["sha256"], _sha256(path)
+    if got != want_sha:
+        raise UsageError(
+            f"{path}: sha256 mismatch (file {got[:16]}..., {JSON_NAME} says {want_sha[:16]}...): the "
+            "weights changed or were corrupted after saving; copy them again or re-save the model"
+        )
     try:
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except Exception as e:  # SafetensorError is a plain Exception subclass
-        if _looks_like_pickle(path):
-            raise UsageError(
-                f"{path} is a pickle / torch.save file, not safetensors; slimdiff never unpickles model "
-                "files: convert it to safetensors in a trusted environment, or re-save the model"
-            ) from e
-        size, want = path.stat().st_size, expected.get("bytes")
-        if isinstance(want, int) and size < want:
-            raise UsageError(f"{path} is truncated ({size} of {want} bytes); copy the file again or re-save the model") from e
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"{path} is corrupted and cannot be read as safetensors ({msg}); copy it again or re-save the model") from e
-    want_sha = expected.get("sha256")
-    if want_sha:
-        got = _sha256(path)
-        if got != want_sha:
-            raise UsageError(
-                f"{path}: sha256 mismatch (file {got[:16]}..., {JSON_NAME} says {want_sha[:16]}...): the "
-                "weights changed or were corrupted after saving; copy them again or re-save the model"
-            )
-    return tensors
+        raise _unreadable(path, doc, e) from e
 
 
 def _build(arch: str, config: dict, structure: dict, where: Path, device: str = "meta",
@@ -659,14 +730,31 @@ def _build(arch: str, config: dict, structure: dict, where: Path, device: str = 
     chain add what they need (routers, reuse hooks) before any weight is loaded."""
     try:
         model = _construct(arch, config, device)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise UsageError(f"{where}: cannot build {arch} from the stored config ({e}); the file is damaged or from another slimdiff version") from e
+    except _BUILD_ERRORS as e:
+        raise UsageError(f"{where}: cannot build {arch} from the stored config ({_first_line(e)}); the file is "
+                         "damaged or from another slimdiff version") from e
     with torch.device(device):
         _apply_structure(model, structure, where)
         if record is not None:
             set_record(model, record)
-            restore_runtime(model, record)
+            try:
+                restore_runtime(model, record)
+            except _BUILD_ERRORS as e:
+                if isinstance(e, UsageError):
+                    raise
+                raise UsageError(f"{where}: the recorded method runtime (extras of {record.result.method}) does not "
+                                 f"fit the model ({_first_line(e)}); the file is damaged: re-save the model") from e
     return model
+
+
+# what a constructor or a restorer raises on values the schema lets through but the code rejects
+_BUILD_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError, AssertionError,
+                 RuntimeError, NameError)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _check_fit(model: nn.Module, tensors: dict[str, torch.Tensor], arch: str, where: Path) -> None:

@@ -78,7 +78,9 @@ def test_evil_payload_is_live(tmp_path):
 @pytest.mark.parametrize("kind", sorted(TINY_MODELS))
 def test_round_trip_is_bit_exact(kind, tmp_path):
     model = TINY_MODELS[kind]()
-    model.slimdiff_meta = {"name": kind, "method": {"name": "none", "settings": {"k": [1, 2]}}, "measured": {"macs": 1.5}}
+    # a hand-written method record (no chain) naming a registered method; its other keys are kept
+    model.slimdiff_meta = {"name": kind, "method": {"name": "magnitude-width", "settings": {"k": [1, 2]}},
+                           "measured": {"macs": 1.5}}
     inp = _inputs(kind)
     ref = _run(kind, model, inp)
     out_dir = slimdiff.save(model, tmp_path / kind)
@@ -225,12 +227,14 @@ def test_restorers_registered_from_above_run_on_load(tmp_path, monkeypatch):
         assert calls == [(DiT, {"plan": [[0, 1]]})]
         loaded = io.load(saved)
         assert calls[1:] == [(DiT, {"plan": [[0, 1]]})] and loaded.slimdiff_meta == COMPRESSED
+        io.register_restorer("toy-runtime", None)  # still a known method, with nothing to restore
+        assert io.load(saved).slimdiff_meta == COMPRESSED and not calls[2:]
     finally:
-        io.register_restorer("toy-runtime", None)
+        io.unregister_method("toy-runtime")
 
-    asked = []  # a chain naming a method without a restorer asks the layers above to register theirs
+    asked = []  # a chain naming an unknown method asks the layers above to register theirs, then is refused
     monkeypatch.setattr(slimdiff, "register_builtin_restorers", lambda: asked.append(1))
-    io.load(saved)
+    _one_line_error(r"method\.chain\[1\]\.name = 'toy-runtime' is invalid \(not a registered method", io.load, saved)
     assert asked and not calls[2:]
 
 
@@ -337,13 +341,18 @@ def test_weights_of_another_architecture(tmp_path):
     b = io.save(tiny_dit(hidden_size=48), tmp_path / "b")
     doc_a = json.loads((a / "slimdiff.json").read_text())
     _edit_json(b, lambda d: d.update(architecture=doc_a["architecture"], structure=doc_a["structure"]))
-    msg = _one_line_error("weights belong to a different architecture", io.load, b)
-    assert "x_embedder.proj.weight (48, 4, 2, 2) vs (32, 4, 2, 2)" in msg
-
+    # the schema compares what the config builds first with the tensors file's header
+    _one_line_error(r"builds pos_embed of shape \[1, 16, 32\], model\.safetensors holds \[1, 16, 48\]: the "
+                    "weights belong to a different architecture", io.load, b)
     c = io.save(tiny_diffusers_dit(), tmp_path / "c")
     _edit_json(c, lambda d: d.update(architecture=doc_a["architecture"], structure=doc_a["structure"]))
-    msg = _one_line_error("different architecture.*missing key", io.load, c)
-    assert "x_embedder.proj.weight" in msg and "pos_embed.proj.weight" in msg
+    _one_line_error("builds pos_embed of shape .* holds no such tensor", io.load, c)
+
+    # what the schema cannot see (per-block widths) is compared key by key after the build
+    d = io.save(tiny_dit(mlp_ratio=2.0), tmp_path / "d")
+    _edit_json(d, lambda doc: doc.update(architecture=doc_a["architecture"], structure=doc_a["structure"]))
+    msg = _one_line_error("weights belong to a different architecture", io.load, d)
+    assert "blocks.0.mlp.fc1.weight (64, 32) vs (128, 32)" in msg
 
 
 def test_pickles_are_never_unpickled(saved, tmp_path):

@@ -20,6 +20,8 @@ FORBIDDEN = {
     "slimdiff.atomic": ABOVE_STORAGE + ("slimdiff.io",),
     "slimdiff.budget": ABOVE_STORAGE + ("slimdiff.io",),
     "slimdiff.io": ABOVE_STORAGE + ("slimdiff.runtime", "slimdiff.train"),
+    "slimdiff.schema": ABOVE_STORAGE + ("slimdiff.runtime", "slimdiff.train"),
+    "slimdiff.reproducible": ABOVE_STORAGE + ("slimdiff.runtime", "slimdiff.train"),
     "slimdiff.runtime": ABOVE_STORAGE + ("slimdiff.train", "slimdiff.io"),
     "slimdiff.train": ABOVE_STORAGE,
     "slimdiff.eval.compute": ABOVE_STORAGE,

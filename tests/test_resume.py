@@ -154,3 +154,21 @@ def test_rng_states_put_back_every_stream():
     set_rng_states(saved, torch.device("cpu"), data=gen)
     again = torch.rand(4), torch.rand(4, generator=gen)
     assert all(torch.equal(a, b) for a, b in zip(first, again)) and set(saved) == {"data", "torch"}
+
+
+def test_rerunning_a_compress_into_its_output_is_accepted(tmp_path):
+    """The same command into the same -o twice: only CPU seconds differ, so the second run is
+    accepted (exit 0) instead of refused as "a different model"."""
+    import slimdiff
+    from conftest import tiny_dit
+    from typer.testing import CliRunner
+
+    from slimdiff.cli import app
+
+    src = tmp_path / "tiny"
+    slimdiff.save(tiny_dit(input_size=8, in_channels=1, learn_sigma=False, depth=4), src)
+    args = ["compress", "--model", str(src), "--method", "first-depth", "--budget", "0.5", "--recover-steps", "2",
+            "--batch-size", "4", "--steps", "3", "-o", str(tmp_path / "out")]
+    for _ in range(2):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output

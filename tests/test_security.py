@@ -10,6 +10,7 @@ or run foreign code.
 from __future__ import annotations
 
 import ast
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -80,6 +81,45 @@ PLANTED: dict[str, tuple[Callable[[Path, Path, Path], Path], str]] = {
     "diffusers-bin-only": (_diffusers_bin_only, "no .safetensors weights"),
     "pipeline-bin-only": (_pipeline_bin_only, "no .safetensors weights"),
 }
+
+
+def _crafted_json(edit: Callable[[dict], None]) -> Callable[[Path, Path, Path], Path]:
+    """A planter that copies the saved model and edits its slimdiff.json (the file is untrusted)."""
+    def plant(saved: Path, tmp: Path, marker: Path) -> Path:
+        d = Path(shutil.copytree(saved, tmp / "m"))
+        doc = json.loads((d / "slimdiff.json").read_text())
+        edit(doc)
+        (d / "slimdiff.json").write_text(json.dumps(doc))
+        return d
+    return plant
+
+
+PLANTED_JSON: dict[str, tuple[Callable[[Path, Path, Path], Path], str]] = {
+    "attrs-set-forward": (_crafted_json(lambda d: d["structure"].update(attrs={"blocks.0": {"forward": None}})),
+                          r"structure\.attrs\['blocks\.0'\]\.forward"),
+    "attrs-set-class": (_crafted_json(lambda d: d["structure"].update(attrs={"": {"__class__": "Evil"}})),
+                        r"structure\.attrs\[''\] key = '__class__'"),
+    "weights-outside-directory": (_crafted_json(lambda d: d["weights"].update(file="/etc/passwd")), r"weights\.file"),
+    "unbounded-depth": (_crafted_json(lambda d: d["architecture"]["config"].update(depth=10**9)),
+                        r"architecture\.config\.depth = 1000000000"),
+    "nan-schedule": (_crafted_json(lambda d: d["diffusion"].update(beta_start=float("nan"))), r"diffusion\.beta_start"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLANTED_JSON))
+def test_crafted_metadata_is_refused_everywhere_before_any_work(name, saved, tmp_path, monkeypatch, capsys):
+    """A crafted slimdiff.json sets no attribute, reads no other file and allocates nothing
+    unbounded: every entry point refuses it with one line (exit 2) and writes nothing."""
+    plant, needle = PLANTED_JSON[name]
+    target = str(plant(saved, tmp_path, tmp_path / "unused"))
+    with pytest.raises(UsageError, match=needle):
+        slimdiff.load(target)
+    out = tmp_path / "g.png"
+    for argv in (["info", target], ["sample", "--model", target, "--steps", "1", "-o", str(out)]):
+        assert cli_main(monkeypatch, *argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and re.search(needle, lines[0]), lines
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("name", sorted(PLANTED))

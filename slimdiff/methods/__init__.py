@@ -31,7 +31,7 @@ def register(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
 def unregister(name: str) -> None:
     """Remove a method registered with :func:`register` (tests, plugins)."""
     _REGISTRY.pop(name, None)
-    io.register_restorer(name, None)
+    io.unregister_method(name)
 
 
 def _builtin() -> None:
