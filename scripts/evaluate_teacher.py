@@ -1,6 +1,9 @@
-"""Evaluate the shipped teacher (issue 3's acceptance) and write ``bench/teacher/results.json``.
+"""Evaluate a shipped teacher (issue 3's acceptance) and write ``bench/teacher/results.json``.
 
-Usage: ``python scripts/evaluate_teacher.py [--samples 1000] [--cfgs 1.0,1.5] [--seeds 0,1,2]``.
+Usage: ``python scripts/evaluate_teacher.py [--model digits-dit] [--samples 1000] [--cfgs 1.0,1.5]
+[--seeds 0,1,2] [--out DIR]``; ``--out`` defaults to ``bench/teacher`` for ``digits-dit`` and to
+``bench/teacher-<name>`` for another model (``bench/teacher-mnist-dit``). FD and class accuracy
+use the judge of the shipped data set whose images the model makes (digits or mnist).
 Every guidance scale is evaluated at the first seed (DDIM 50 steps); the default scale of
 ``slimdiff eval`` is then evaluated at every seed to report FD's spread over seeds.
 """
@@ -15,11 +18,13 @@ from pathlib import Path
 import numpy as np
 
 import slimdiff
+from slimdiff.data.datasets import builtin_for_shape
 from slimdiff.eval.evaluate import evaluate
 from slimdiff.eval.judge import judge_info
+from slimdiff.models.backbone import as_backbone
 from slimdiff.result import record_of
 
-OUT = Path(__file__).resolve().parent.parent / "bench" / "teacher"
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def provenance() -> dict:
@@ -37,8 +42,12 @@ if __name__ == "__main__":
     ap.add_argument("--cfgs", default="1.0,1.5")
     ap.add_argument("--default-cfg", type=float, default=1.0)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    out = args.out or BENCH / ("teacher" if args.model == "digits-dit" else f"teacher-{args.model}")
     model = slimdiff.load(args.model)
+    bb = as_backbone(model)
+    data = builtin_for_shape((bb.in_channels, bb.sample_size, bb.sample_size))
     cfgs = [float(c) for c in args.cfgs.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = []
@@ -58,8 +67,8 @@ if __name__ == "__main__":
         "fd_floor": default[0]["fd_floor"],
         "acceptance": {"class_acc_ge_0.90": all(r["class_acc"] >= 0.90 for r in default),
                        "fd_le_2x_floor": all(r["fd"] <= 2 * r["fd_floor"] for r in default)},
-        "judge": judge_info(), "training": record_of(model).provenance.get("training"),
+        "judge": judge_info(data=data), "training": record_of(model).provenance.get("training"),
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps({"summary": summary, "runs": runs, "provenance": provenance()}, indent=2))
-    print(json.dumps(summary["acceptance"]), f"-> {OUT / 'results.json'}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"summary": summary, "runs": runs, "provenance": provenance()}, indent=2))
+    print(json.dumps(summary["acceptance"]), f"-> {out / 'results.json'}")

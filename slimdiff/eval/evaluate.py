@@ -7,6 +7,8 @@ the batch index, so a student and its teacher are compared on exactly the same n
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -54,31 +56,45 @@ def evaluate(model: nn.Module, reference: nn.Module | None = None, *, samples: i
     return score(model, x, y, reference, sampler=sampler, steps=steps, cfg=cfg, seed=seed, progress=progress)
 
 
+@functools.cache
+def shipped_fd_floor(data: str) -> dict:
+    """:func:`~slimdiff.eval.quality.fd_floor` of shipped data set ``data`` with its shipped judge,
+    measured once per process (mnist: 5,000 images through the judge; the bench scores many entries)."""
+    from slimdiff.eval.judge import shipped_judge
+    from slimdiff.eval.quality import fd_floor
+
+    return fd_floor(shipped_judge(data), data=data)
+
+
 def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, reference: nn.Module | None = None, *,
           sampler: str = "ddim", steps: int = 50, cfg: float = 1.0, seed: int = 0, progress: bool = False,
           reference_samples: torch.Tensor | None = None) -> dict:
-    """FD (judge features, vs. the held-out digits test split) and its real-data floor, class
+    """FD (judge features, vs. the held-out test split of the shipped data set whose images the
+    model makes: digits or mnist) and its real-data floor, class
     accuracy, SSIM/PSNR to the reference's samples from the same noise, MACs ratio, params.
 
     ``x, y`` come from :func:`generate` with the same settings. ``reference_samples`` lets a
     caller that scores many students pass the teacher's samples once.
     """
-    from slimdiff.data.datasets import digits
+    from slimdiff.data.datasets import builtin, builtin_for_shape
     from slimdiff.eval.compute import macs_sampling, params
-    from slimdiff.eval.quality import class_accuracy, fd, fd_floor, psnr, ssim
+    from slimdiff.eval.judge import shipped_judge
+    from slimdiff.eval.quality import class_accuracy, fd, psnr, ssim
 
-    real = digits("test").tensors[0]
-    if x.shape[1:] != real.shape[1:]:
-        raise UsageError(f"FD and class accuracy use the digits judge (1x8x8 images); this model makes {tuple(x.shape[1:])}")
-    floor = fd_floor()
+    data = builtin_for_shape(tuple(x.shape[1:]))
+    if data is None:
+        raise UsageError("FD and class accuracy use a shipped judge: digits (1x8x8 images) or mnist (1x32x32); "
+                         f"this model makes {tuple(x.shape[1:])}")
+    real, judge = builtin(data, "test").tensors[0], shipped_judge(data)
+    floor = shipped_fd_floor(data)
     macs = macs_sampling(model, sampler=sampler, steps=steps, cfg=cfg)
     out = {
-        "samples": len(x), "sampler": sampler, "steps": steps, "cfg": cfg, "seed": seed,
-        "fd": fd(x, real),
+        "samples": len(x), "sampler": sampler, "steps": steps, "cfg": cfg, "seed": seed, "judge": data,
+        "fd": fd(x, real, judge),
         "fd_floor": floor["fd_train_test"],
         "fd_floor_subsample_mean": floor["subsample_mean"],
         "fd_floor_subsample_std": floor["subsample_std"],
-        "class_acc": class_accuracy(x, y) if y is not None else None,
+        "class_acc": class_accuracy(x, y, judge) if y is not None else None,
         "params": params(model),
         "macs_sampling": macs,
     }

@@ -88,11 +88,11 @@ def _check_images(images: torch.Tensor, name: str) -> torch.Tensor:
     return images.detach().float().cpu()
 
 
-def _judge_or_default(judge: nn.Module | None) -> nn.Module:
+def _judge_or_default(judge: nn.Module | None, data: str = "digits") -> nn.Module:
     if judge is None:
-        from slimdiff.eval.judge import load_judge
+        from slimdiff.eval.judge import shipped_judge
 
-        judge = load_judge()
+        judge = shipped_judge(data)
     return judge
 
 
@@ -110,21 +110,22 @@ def fd(images: torch.Tensor, real_images: torch.Tensor, judge: nn.Module | None 
     return frechet_distance(judge_features(images, judge), judge_features(real_images, judge))
 
 
-def fd_floor(judge: nn.Module | None = None, seeds: int = FLOOR_SEEDS) -> dict:
-    """FD of real digits train vs. real test: the best a generator can be expected to reach.
+def fd_floor(judge: nn.Module | None = None, seeds: int = FLOOR_SEEDS, data: str = "digits") -> dict:
+    """FD of the real train vs. the real test split of ``data``: the best a generator can be
+    expected to reach.
 
-    ``fd_train_test`` uses all 1,437 train images. Because FD depends on sample size,
-    ``subsample_mean``/``subsample_std`` give its spread over ``seeds`` random subsets of
-    the train split of the test split's size (360, drawn without replacement), each
-    compared with the whole test split.
+    ``fd_train_test`` uses the whole train split (digits: 1,437 images). Because FD depends on
+    sample size, ``subsample_mean``/``subsample_std`` give its spread over ``seeds`` random
+    subsets of the train split of the test split's size (digits: 360, drawn without
+    replacement), each compared with the whole test split.
     """
-    from slimdiff.data.datasets import digits
+    from slimdiff.data.datasets import builtin
 
     if seeds < 2:
         raise UsageError(f"fd_floor needs seeds >= 2 for a spread, got {seeds}")
-    judge = _judge_or_default(judge)
-    f_tr = judge_features(digits("train").tensors[0], judge)
-    f_te = judge_features(digits("test").tensors[0], judge)
+    judge = _judge_or_default(judge, data)
+    f_tr = judge_features(builtin(data, "train").tensors[0], judge)
+    f_te = judge_features(builtin(data, "test").tensors[0], judge)
     subs = []
     for s in range(seeds):
         idx = torch.randperm(len(f_tr), generator=torch.Generator().manual_seed(s))[: len(f_te)]

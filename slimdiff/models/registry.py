@@ -5,7 +5,9 @@ Resolution order (first match wins):
 1. an existing local directory: a slimdiff directory (``slimdiff.json``, via
    :func:`slimdiff.io.load`) or a diffusers one (``config.json`` of a model, or a pipeline's
    ``model_index.json`` with a ``transformer``/``unet`` folder; safetensors only);
-2. a shipped name: a directory ``slimdiff/weights/<name>/`` (e.g. ``digits-dit``);
+2. a shipped name: a directory ``slimdiff/weights/<name>/`` (``digits-dit``, ``mnist-dit``: see
+   :data:`SHIPPED`; a shipped teacher whose weights are not built yet is an error naming the
+   ``make`` target that trains and ships it);
 3. a DiT size name from :data:`slimdiff.models.dit.DiT_models` (``DiT-XL/2``; ``DiT-XL-2``
    also works): random init, ``kwargs`` go to the constructor;
 4. an official facebookresearch/DiT ``.pt`` checkpoint via
@@ -32,6 +34,8 @@ from slimdiff.errors import UsageError
 from slimdiff.result import ModelRecord, record_of, set_record
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+SHIPPED = {"digits-dit": "make teacher", "mnist-dit": "make teacher-mnist"}
+"""The shipped teachers and the command that trains and ships each into ``slimdiff/weights/<name>/``."""
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z][\w.-]*$")  # not "DiT-XXL/2"
 
 
@@ -106,6 +110,9 @@ def load_model(path_or_name: str | os.PathLike, *, allow_hub: bool = False, **kw
         return _load_official(path, load_official, kwargs)
     if source == "hub":
         return _load_hub(spec, allow_hub, kwargs)
+    if spec in SHIPPED:
+        raise UsageError(f"the shipped model {spec!r} is not built yet ({shipped_dir(spec)} has no {io.JSON_NAME}): "
+                         f"train and ship it with `{SHIPPED[spec]}` (long: run it in the background; rerun to resume)")
     close = difflib.get_close_matches(spec, available_names(), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise UsageError(
