@@ -93,7 +93,7 @@ class BenchConfig:
     batch_size: int = 64
     lr: float = 2e-4
     kd: str = "none"
-    data: str = "digits"
+    data: str = "auto"  # calibration / recovery data; auto = the shipped data set of the teacher's image shape
     options: dict[str, Any] = field(default_factory=dict)  # method options, given to the methods that declare them
     pairs: list[str] = field(default_factory=list)  # extra verdict pairs "A@0.5:B@0.5" (entry keys)
     latency_batch: int = 16
@@ -324,8 +324,10 @@ class Bench:
     def _context(self, key: str, teacher: nn.Module, recover_steps: int):
         from slimdiff.methods.base import Context
 
+        from slimdiff.compression.calibration import resolve_data
+
         c = self.config
-        return Context(sampler=c.sampler, steps=c.steps, cfg=c.cfg, data=c.data, seed=c.seed,
+        return Context(sampler=c.sampler, steps=c.steps, cfg=c.cfg, data=resolve_data(c.data, teacher), seed=c.seed,
                        recover_steps=recover_steps, kd=c.kd, batch_size=c.batch_size, lr=c.lr,
                        work_dir=self.out / "work" / _filename(key), progress=c.progress, teacher=teacher)
 

@@ -20,7 +20,7 @@ from slimdiff.errors import UsageError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0], pretty_exceptions_enable=False)
 err = Console(stderr=True)
 
-MODEL_HELP = "a slimdiff model directory, a shipped name (digits-dit) or a DiT size name (DiT-S/2)"
+MODEL_HELP = "a slimdiff model directory, a shipped name (digits-dit, mnist-dit) or a DiT size name (DiT-S/2)"
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: the GPU when torch sees one)")
 
 
@@ -69,6 +69,9 @@ def sample(
     classes: Optional[str] = typer.Option(None, help="comma-separated class labels, e.g. 0,1,2"),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="number of samples"),
     seed: int = typer.Option(0),
+    guidance_channels: Optional[int] = typer.Option(
+        None, help="guide only the first N output channels; 3 = the official DiT's forward_with_cfg (exact official "
+                   "samples/FIDs); default: all channels (diffusers' DiTPipeline)"),
     output: Path = typer.Option(Path("grid.png"), "-o", "--output", help="PNG grid to write"),
     device: str = DEVICE,
 ) -> None:
@@ -78,7 +81,8 @@ def sample(
 
     m = _model(model, device)
     labels = _parse_ints(classes, "--classes")
-    x = run(m, sampler=sampler, steps=steps, num_samples=num_samples, classes=labels, cfg=cfg, seed=seed, progress=True)
+    x = run(m, sampler=sampler, steps=steps, num_samples=num_samples, classes=labels, cfg=cfg, seed=seed, progress=True,
+            guidance_channels=guidance_channels)
     save_grid(x, output)
     err.print(f"wrote {output} ({len(x)} samples, {sampler} x{steps}, cfg {cfg})")
 
@@ -118,15 +122,15 @@ def info(
 
 @app.command()
 def train(
-    data: str = typer.Option("digits", help="'digits', an image folder, or a .npz/.safetensors latents file"),
+    data: str = typer.Option("digits", help="'digits', 'mnist', an image folder, or a .npz/.safetensors latents file"),
     model: str = typer.Option("DiT-T/2", help="a DiT size name (random init) or a model to continue from (a "
                                                "directory or shipped name: it keeps its own size and diffusion config)"),
-    input_size: Optional[int] = typer.Option(None, help="image/latent size (default: from --data; digits = 8)"),
+    input_size: Optional[int] = typer.Option(None, help="image/latent size (default: from --data; digits = 8, mnist = 32)"),
     in_channels: Optional[int] = typer.Option(None, help="channels (default: from --data; digits = 1)"),
     num_classes: Optional[int] = typer.Option(None, help="classes (default: from --data; digits = 10)"),
     learn_sigma: bool = typer.Option(False, help="also predict the variance (official DiT); slimdiff samplers ignore it"),
     objective: str = typer.Option("epsilon", help="epsilon | v_prediction | flow"),
-    clip_sample: Optional[bool] = typer.Option(None, help="clip x0 to [-1, 1] when sampling (default: on for pixel data)"),
+    clip_sample: Optional[bool] = typer.Option(None, help="clip x0 to [-1, 1] when sampling (default: on for pixel data: digits, mnist, image folders)"),
     steps: int = typer.Option(3000, help="optimisation steps"),
     batch_size: int = typer.Option(128, "--batch-size", help="global batch size (split over processes)"),
     lr: float = typer.Option(3e-4),
@@ -142,7 +146,7 @@ def train(
     device: str = DEVICE,
 ) -> None:
     """Train a diffusion model from scratch (the default teacher: ``--data digits``)."""
-    from slimdiff.data.datasets import get_dataset
+    from slimdiff.data.datasets import BUILTIN, get_dataset
     from slimdiff.diffusion.schedulers import DiffusionConfig
     from slimdiff.io import save
     from slimdiff.models.registry import takes_options
@@ -157,7 +161,8 @@ def train(
         num_classes=num_classes or (max(labels) + 1 if min(labels) >= 0 else 1),
         learn_sigma=learn_sigma,
     )
-    diffusion = DiffusionConfig(objective=objective, clip_sample=clip_sample if clip_sample is not None else data == "digits" or Path(data).is_dir())
+    pixels = data in BUILTIN or Path(data).is_dir()
+    diffusion = DiffusionConfig(objective=objective, clip_sample=clip_sample if clip_sample is not None else pixels)
     import torch
 
     torch.manual_seed(seed)  # the random init is part of the recipe
@@ -207,7 +212,8 @@ def _run_training(m, data: str, out: Path, resume: bool, *, diffusion=None, teac
 @app.command()
 def finetune(
     model: str = typer.Option(..., help=MODEL_HELP + " (the compressed student)"),
-    data: str = typer.Option("digits"),
+    data: str = typer.Option("auto", help="digits, mnist, an image folder or a latents file (auto: the shipped data "
+                                          "set of the model's image shape)"),
     teacher: Optional[str] = typer.Option(None, help="teacher for distillation (e.g. digits-dit)"),
     kd: str = typer.Option("none", help="none | output | hidden | masked (TinyFusion)"),
     layer_map: Optional[str] = typer.Option(None, help="student:teacher block pairs, e.g. 0:1,1:3"),
@@ -225,7 +231,10 @@ def finetune(
     """Recovery fine-tuning (diffusion loss) or distillation of a compressed model."""
     from slimdiff.io import save
 
+    from slimdiff.compression.calibration import resolve_data
+
     m = _model(model, device)
+    data = resolve_data(data, m)
     t = _model(teacher, device) if teacher else None
     pairs = None
     if layer_map:
@@ -280,13 +289,15 @@ def compress(
     sampler: str = typer.Option("ddim", help="sampler the budget (and a reuse plan) is made for"),
     steps: int = typer.Option(50, help="sampling steps the budget is made for"),
     cfg: float = typer.Option(1.0, help="guidance scale assumed for the budget"),
-    data: str = typer.Option("digits", help="calibration / recovery data"),
+    data: str = typer.Option("auto", help="calibration / recovery data: digits, mnist, an image folder or a latents "
+                                          "file (auto: the shipped data set of the model's image shape)"),
     recover_steps: int = typer.Option(0, help="recovery fine-tuning steps after compression"),
     kd: str = typer.Option("none", help="recovery loss: none | output | hidden | masked"),
     batch_size: int = typer.Option(64, "--batch-size"),
     lr: float = typer.Option(2e-4, help="recovery learning rate"),
     threshold: Optional[float] = typer.Option(None, help="[diff-pruning] relative-loss threshold (0 = all timesteps)"),
     keep: Optional[str] = typer.Option(None, help="[tinyfusion] N:M group shape(s), e.g. 1:2 or 2:4,1:2"),
+    keep_blocks: Optional[str] = typer.Option(None, help="[oracle-depth] indices of the blocks to keep, e.g. 0,2,4"),
     search_steps: Optional[int] = typer.Option(None, help="[tinyfusion] search steps"),
     train_steps: Optional[int] = typer.Option(None, help="[dydit] router training steps"),
     tune: Optional[str] = typer.Option(None, help="[dydit] full | lora"),
@@ -310,15 +321,16 @@ def compress(
     import shutil
 
     from slimdiff.atomic import exclusive
-    from slimdiff.eval.compute import params
     from slimdiff.budget import check_budget
+    from slimdiff.compression.calibration import resolve_data
+    from slimdiff.eval.compute import params
     from slimdiff.io import check_output, save
     from slimdiff.methods.base import Context, plan_chain
     from slimdiff.result import record_of
     from slimdiff.methods.base import compress as run
 
     b = check_budget(budget)
-    flags = dict(threshold=threshold, keep=keep, search_steps=search_steps, train_steps=train_steps, tune=tune,
+    flags = dict(threshold=threshold, keep=keep, keep_blocks=keep_blocks, search_steps=search_steps, train_steps=train_steps, tune=tune,
                  opt_steps=opt_steps, loss=loss, step_gates=step_gates)
     settings = _merge_options({k: v for k, v in flags.items() if v is not None}, _parse_options(option))
     plan_chain(method, settings, recover_steps)  # fail on a typo or a bad option before loading anything
@@ -326,8 +338,9 @@ def compress(
     with exclusive(out, f"--out {out}"):  # a second run into --out is refused
         m = _model(model, device)
         work = out.parent / f".{out.name}.work"
-        ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps,
-                      kd=kd, batch_size=batch_size, lr=lr, work_dir=work, progress=not as_json)
+        ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=resolve_data(data, m), seed=seed,
+                      recover_steps=recover_steps, kd=kd, batch_size=batch_size, lr=lr, work_dir=work,
+                      progress=not as_json)
         result = run(m, method, b, ctx, settings)
         path = save(result, out, overwrite=overwrite)
         shutil.rmtree(work, ignore_errors=True)  # resumable work is only needed until the result is saved
@@ -341,7 +354,7 @@ def compress(
     measured = record_of(result).result.measured
     _emit({"method": method, "model": model, "budget": b, "macs_ratio": measured["macs_ratio"],
            "macs_sampling": measured["macs_sampling"], "params": params(result),
-           "original_params": params(m), "output": str(path),
+           "original_params": params(m), "params_ratio": params(result) / max(params(m), 1), "output": str(path),
            **({"diffusers": str(export_diffusers)} if export_diffusers is not None else {})}, as_json,
           f"slimdiff compress {method}")
 

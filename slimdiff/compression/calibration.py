@@ -29,10 +29,28 @@ import torch.nn as nn
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context
 
-__all__ = ["calibration_batch", "calibration_batches", "model_dataset", "check_shape", "MISSING", "DIGITS_SHAPE"]
+__all__ = ["calibration_batch", "calibration_batches", "model_dataset", "resolve_data", "check_shape", "MISSING",
+           "DIGITS_SHAPE"]
 
 MISSING = ("labels", "null")
 DIGITS_SHAPE = (1, 8, 8)  # the default ``--data digits``
+
+
+def resolve_data(spec: str, model: nn.Module) -> str:
+    """``--data auto`` (the CLI's and the bench's default): the shipped data set whose images have
+    ``model``'s input shape (digits 1x8x8, mnist 1x32x32); any other value is returned as is."""
+    from slimdiff.data.datasets import builtin_for_shape
+    from slimdiff.models.backbone import as_backbone
+
+    if spec != "auto":
+        return spec
+    bb = as_backbone(model)
+    shape = (bb.in_channels, bb.sample_size, bb.sample_size)
+    name = builtin_for_shape(shape)
+    if name is None:
+        raise UsageError(f"no shipped data set has this model's input shape {shape} (digits: 1x8x8, mnist: 1x32x32); "
+                         "pass --data: an image folder, or a .npz/.safetensors latents file")
+    return name
 
 
 def model_dataset(model: nn.Module, ctx: Context):
