@@ -38,19 +38,16 @@ DIGITS_SHAPE = (1, 8, 8)  # the default ``--data digits``
 
 def resolve_data(spec: str, model: nn.Module) -> str:
     """``--data auto`` (the CLI's and the bench's default): the shipped data set whose images have
-    ``model``'s input shape (digits 1x8x8, mnist 1x32x32); any other value is returned as is."""
+    ``model``'s input shape (digits 1x8x8, mnist 1x32x32); any other value is returned as is.
+    Without such a data set ``auto`` stays: a method that needs data then fails with a clear
+    error (:func:`slimdiff.data.datasets.get_dataset`), one that does not (DiP-GO) runs."""
     from slimdiff.data.datasets import builtin_for_shape
     from slimdiff.models.backbone import as_backbone
 
     if spec != "auto":
         return spec
     bb = as_backbone(model)
-    shape = (bb.in_channels, bb.sample_size, bb.sample_size)
-    name = builtin_for_shape(shape)
-    if name is None:
-        raise UsageError(f"no shipped data set has this model's input shape {shape} (digits: 1x8x8, mnist: 1x32x32); "
-                         "pass --data: an image folder, or a .npz/.safetensors latents file")
-    return name
+    return builtin_for_shape((bb.in_channels, bb.sample_size, bb.sample_size)) or spec
 
 
 def model_dataset(model: nn.Module, ctx: Context):

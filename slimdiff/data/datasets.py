@@ -246,6 +246,10 @@ def get_dataset(spec: str, size: int | None = None, channels: int = 3, split: st
     """Resolve a ``--data`` value: ``digits``, ``mnist``, a folder of images, or a latents file."""
     if spec in BUILTIN:
         return builtin(spec, split)
+    if spec == "auto":
+        raise UsageError(f"--data auto: no shipped data set has the model's image shape (channels {channels}, size "
+                         f"{size}; digits is 1x8x8, mnist 1x32x32): pass --data, an image folder or a .npz/.safetensors "
+                         "latents file")
     path = Path(spec)
     if path.is_dir():
         if size is None:

@@ -36,11 +36,19 @@ from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 
 from slimdiff.errors import UsageError
-from slimdiff.models.backbone import as_backbone
-from slimdiff.runtime.reuse import BlockReuseRootHook, ReusePlan, ReuseState, get_block_reuse  # one step tracker
+from slimdiff.runtime.reuse import (  # one step tracker, one way to install hooks
+    ReusePlan,
+    ReuseState,
+    get_block_reuse,
+    install_plan,
+    module_macs,
+    plan_disabled,
+    root_hook,
+    uninstall_plan,
+)
 
 __all__ = ["apply_branch_cache", "remove_branch_cache", "get_branch_cache", "branch_cache_disabled", "branch_frame",
            "BranchFrame", "UnitCosts", "unit_costs", "restore_branch_cache", "check_no_plan"]
@@ -85,16 +93,11 @@ class BranchCacheUnitHook(ModelHook):
         return g * out + (1 - g) * frame.caches_in[self.index]
 
 
-def _root(model: nn.Module) -> BlockReuseRootHook | None:
-    reg = getattr(model, "_diffusers_hook", None)
-    return reg.get_hook(ROOT_HOOK) if reg is not None else None
-
-
 def apply_branch_cache(model: nn.Module, plan: ReusePlan) -> nn.Module:
     """Install ``plan`` (units = qualified sub-module names of ``model``) in place; returns ``model``."""
     if not isinstance(plan, ReusePlan):
         raise UsageError(f"apply_branch_cache needs a ReusePlan, got {type(plan).__name__}")
-    if _root(model) is not None:
+    if root_hook(model, ROOT_HOOK) is not None:
         raise UsageError("this model already has a branch-cache plan: call remove_branch_cache(model) first")
     try:
         units = [model.get_submodule(n) for n in plan.blocks]
@@ -103,30 +106,17 @@ def apply_branch_cache(model: nn.Module, plan: ReusePlan) -> nn.Module:
                          "model") from e
     plan.validate()
     state = ReuseState(plan, plan.compute)
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(
-        BlockReuseRootHook(state, *as_backbone(model).timestep_argument()), ROOT_HOOK)
-    for i, unit in enumerate(units):
-        HookRegistry.check_if_exists_or_initialize(unit).register_hook(BranchCacheUnitHook(state, i), UNIT_HOOK)
-    HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
-    return model
+    return install_plan(model, state, units, lambda i: BranchCacheUnitHook(state, i), ROOT_HOOK, UNIT_HOOK)
 
 
 def remove_branch_cache(model: nn.Module) -> nn.Module:
     """Remove the plan's hooks (a no-op without them); the model is the original again."""
-    reg = getattr(model, "_diffusers_hook", None)
-    if reg is not None:
-        reg.remove_hook(ROOT_HOOK, recurse=False)
-        for _, sub in model.named_modules():
-            sub_reg = getattr(sub, "_diffusers_hook", None)
-            if sub_reg is not None:
-                sub_reg.remove_hook(UNIT_HOOK, recurse=False)
-        reg.invalidate_child_registries_cache()
-    return model
+    return uninstall_plan(model, ROOT_HOOK, UNIT_HOOK)
 
 
 def get_branch_cache(model: nn.Module) -> ReusePlan | None:
     """The branch-cache plan installed on ``model``, if any."""
-    hook = _root(model)
+    hook = root_hook(model, ROOT_HOOK)
     return hook.state.plan if hook is not None else None
 
 
@@ -145,7 +135,7 @@ def restore_branch_cache(model: nn.Module, extras: dict | None) -> None:
 
 
 def _state(model: nn.Module) -> ReuseState:
-    hook = _root(model)
+    hook = root_hook(model, ROOT_HOOK)
     if hook is None:
         raise UsageError("this model has no branch-cache plan: apply_branch_cache(model, plan) first")
     return hook.state
@@ -154,14 +144,9 @@ def _state(model: nn.Module) -> ReuseState:
 @contextlib.contextmanager
 def branch_cache_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` in full (no cache read or written) inside the block; a no-op without a plan."""
-    st = _state(model) if _root(model) is not None else None
-    if st is not None:
-        st.disabled += 1
-    try:
+    hook = root_hook(model, ROOT_HOOK)
+    with plan_disabled(hook.state if hook is not None else None):
         yield model
-    finally:
-        if st is not None:
-            st.disabled -= 1
 
 
 @contextlib.contextmanager
@@ -201,17 +186,7 @@ class UnitCosts:
 
 
 def unit_costs(model: nn.Module, names: Sequence[str]) -> UnitCosts:
-    """Count one full forward of one example (attention under the MATH backend, as
-    :mod:`slimdiff.eval.compute` does) and attribute the MACs to the named units."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    bb = as_backbone(model)
-    x, t, cond = bb.example_inputs(1)
-    counter = FlopCounterMode(display=False)
-    with branch_cache_disabled(model), sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
-        bb(x, t, cond)
-    counts = counter.get_flop_counts()
-    prefix = type(model).__name__ + "."
-    return UnitCosts(sum(counts["Global"].values()) // 2,
-                     [sum(counts.get(prefix + n, {}).values()) // 2 for n in names], list(names))
+    """Count one full forward of one example and attribute the MACs to the named units
+    (:func:`slimdiff.runtime.reuse.module_macs`)."""
+    per, total = module_macs(model, names, branch_cache_disabled(model))
+    return UnitCosts(total, per, list(names))

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -71,7 +71,8 @@ from slimdiff.models.backbone import Backbone, as_backbone
 __all__ = [
     "ReusePlan", "BlockCosts", "apply_block_reuse", "remove_block_reuse", "get_block_reuse",
     "block_reuse_disabled", "soft_reuse", "SoftFrame", "reuse_blocks",
-    "block_costs", "effective_compute", "plan_macs",
+    "block_costs", "effective_compute", "plan_macs", "ReuseState", "BlockReuseRootHook", "root_hook", "install_plan",
+    "uninstall_plan", "plan_disabled", "module_macs",
 ]
 
 ROOT_HOOK = "slimdiff_block_reuse"
@@ -229,23 +230,29 @@ class BlockCosts:
         return float(self.step_macs(compute, step_compute).sum())
 
 
-def block_costs(model: nn.Module) -> BlockCosts:
-    """Measure per-block MACs with ``torch.utils.flop_counter`` (attention under the MATH
-    backend, as :mod:`slimdiff.eval.compute` does) on one full forward of one example."""
+def module_macs(model: nn.Module, names: Sequence[str], full: contextlib.AbstractContextManager
+                ) -> tuple[list[int], int]:
+    """MACs of one forward of one example inside each named sub-module (children included) and
+    in all, counted with ``torch.utils.flop_counter`` (attention under the MATH backend, as
+    :mod:`slimdiff.eval.compute` does) while ``full`` keeps any plan from skipping work."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    names, _, _ = reuse_blocks(model)
     bb = as_backbone(model)
     x, t, cond = bb.example_inputs(1)
     counter = FlopCounterMode(display=False)
-    with block_reuse_disabled(model), sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
+    with full, sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
         bb(x, t, cond)
     counts = counter.get_flop_counts()
     prefix = type(model).__name__ + "."
-    per = [sum(counts.get(prefix + n, {}).values()) // 2 for n in names]
-    total = sum(counts["Global"].values()) // 2
-    return BlockCosts(per, total - sum(per), names, bb.block_readers())
+    return [sum(counts.get(prefix + n, {}).values()) // 2 for n in names], sum(counts["Global"].values()) // 2
+
+
+def block_costs(model: nn.Module) -> BlockCosts:
+    """Measure per-block MACs on one full forward of one example (:func:`module_macs`)."""
+    names, _, _ = reuse_blocks(model)
+    per, total = module_macs(model, names, block_reuse_disabled(model))
+    return BlockCosts(per, total - sum(per), names, as_backbone(model).block_readers())
 
 
 def plan_macs(model: nn.Module, plan: ReusePlan, cfg: float = 1.0, costs: BlockCosts | None = None) -> int:
@@ -417,16 +424,54 @@ class BlockReuseBlockHook(ModelHook):
 
 
 # --------------------------------------------------------------------------- public API
-def _root_hook(model: nn.Module) -> BlockReuseRootHook | None:
+def root_hook(model: nn.Module, name: str = ROOT_HOOK) -> BlockReuseRootHook | None:
+    """The step-tracking root hook registered on ``model`` under ``name``, if any."""
     reg = getattr(model, "_diffusers_hook", None)
-    return reg.get_hook(ROOT_HOOK) if reg is not None else None
+    return reg.get_hook(name) if reg is not None else None
+
+
+def install_plan(model: nn.Module, state: ReuseState, units: Sequence[nn.Module],
+                 unit_hook: Callable[[int], ModelHook], root_name: str, unit_name: str) -> nn.Module:
+    """Register the step-tracking root hook on ``model`` and ``unit_hook(i)`` on each unit, all
+    sharing ``state`` (the one mechanism behind block reuse and branch caches)."""
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(
+        BlockReuseRootHook(state, *as_backbone(model).timestep_argument()), root_name)
+    for i, unit in enumerate(units):
+        HookRegistry.check_if_exists_or_initialize(unit).register_hook(unit_hook(i), unit_name)
+    HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+    return model
+
+
+def uninstall_plan(model: nn.Module, root_name: str, unit_name: str) -> nn.Module:
+    """Remove the hooks :func:`install_plan` registered under these names (a no-op without them)."""
+    reg = getattr(model, "_diffusers_hook", None)
+    if reg is not None:
+        reg.remove_hook(root_name, recurse=False)
+        for _, sub in model.named_modules():
+            sub_reg = getattr(sub, "_diffusers_hook", None)
+            if sub_reg is not None:
+                sub_reg.remove_hook(unit_name, recurse=False)
+        reg.invalidate_child_registries_cache()
+    return model
+
+
+@contextlib.contextmanager
+def plan_disabled(state: ReuseState | None) -> Iterator[None]:
+    """Units run in full (no cache read or written) inside the block; a no-op for ``None``."""
+    if state is not None:
+        state.disabled += 1
+    try:
+        yield
+    finally:
+        if state is not None:
+            state.disabled -= 1
 
 
 def apply_block_reuse(model: nn.Module, plan: ReusePlan) -> nn.Module:
     """Install ``plan`` on ``model`` (in place; returns it). Sampling then follows the plan."""
     if not isinstance(plan, ReusePlan):
         raise UsageError(f"apply_block_reuse needs a ReusePlan, got {type(plan).__name__}")
-    if _root_hook(model) is not None:
+    if root_hook(model) is not None:
         raise UsageError("this model already has a block-reuse plan: call remove_block_reuse(model) first")
     bb = as_backbone(model)
     names, blocks, mode = reuse_blocks(model)
@@ -434,52 +479,32 @@ def apply_block_reuse(model: nn.Module, plan: ReusePlan) -> nn.Module:
         raise UsageError(f"the reuse plan is for {len(plan.blocks)} blocks ({', '.join(plan.blocks[:3])}, ...) but the "
                          f"model has {len(names)} ({', '.join(names[:3])}, ...): make the plan for this model")
     plan.validate()
-    eff = effective_compute(plan.compute, names, bb.block_readers())
-    state = ReuseState(plan, eff)
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(BlockReuseRootHook(state, *bb.timestep_argument()),
-                                                                    ROOT_HOOK)
-    for i, blk in enumerate(blocks):
-        HookRegistry.check_if_exists_or_initialize(blk).register_hook(BlockReuseBlockHook(state, i, mode, type(bb)),
-                                                                      BLOCK_HOOK)
-    HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
-    return model
+    state = ReuseState(plan, effective_compute(plan.compute, names, bb.block_readers()))
+    return install_plan(model, state, blocks, lambda i: BlockReuseBlockHook(state, i, mode, type(bb)), ROOT_HOOK,
+                        BLOCK_HOOK)
 
 
 def remove_block_reuse(model: nn.Module) -> nn.Module:
     """Remove the plan's hooks (a no-op without them); the model is the original again."""
-    reg = getattr(model, "_diffusers_hook", None)
-    if reg is not None:
-        reg.remove_hook(ROOT_HOOK, recurse=False)
-        for _, blk in model.named_modules():
-            sub = getattr(blk, "_diffusers_hook", None)
-            if sub is not None:
-                sub.remove_hook(BLOCK_HOOK, recurse=False)
-        reg.invalidate_child_registries_cache()
-    return model
+    return uninstall_plan(model, ROOT_HOOK, BLOCK_HOOK)
 
 
 def get_block_reuse(model: nn.Module) -> ReusePlan | None:
     """The plan installed on ``model``, if any."""
-    hook = _root_hook(model)
+    hook = root_hook(model)
     return hook.state.plan if hook is not None else None
 
 
 def _state(model: nn.Module) -> ReuseState | None:
-    hook = _root_hook(model)
+    hook = root_hook(model)
     return hook.state if hook is not None else None
 
 
 @contextlib.contextmanager
 def block_reuse_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` in full (no reuse, no state change) inside the block."""
-    st = _state(model)
-    if st is not None:
-        st.disabled += 1
-    try:
+    with plan_disabled(_state(model)):
         yield model
-    finally:
-        if st is not None:
-            st.disabled -= 1
 
 
 @contextlib.contextmanager
