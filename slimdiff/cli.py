@@ -179,9 +179,10 @@ def train(
                       checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed, device=device)
     if not _is_main_process():
         return
-    path = save(m, out / "model", meta={"training": {"data": data, "steps": steps, "batch_size": batch_size, "lr": lr,
-                                                      "ema": ema, "seed": seed, "command": " ".join(sys.argv[1:])}},
-                overwrite=True)
+    recipe = {"data": data, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "schedule": schedule,
+              "ema": ema, "cfg_dropout": cfg_dropout, "mixed_precision": mixed_precision, "seed": seed,
+              "command": " ".join(sys.argv[1:])}  # the whole recipe: the scratch baseline retrains with it
+    path = save(m, out / "model", meta={"training": recipe}, overwrite=True)
     err.print(f"saved {path}")
 
 
