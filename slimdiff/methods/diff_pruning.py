@@ -39,11 +39,19 @@ the baselines of :mod:`slimdiff.methods.width_baselines`), in order:
    heads, ``"whole"`` removes them), the ratio searched until the MACs are within 3% of the
    budget, then the shared recovery. ``residual_width=True`` (DiT, beyond the paper) also
    prunes the residual width (:mod:`slimdiff.compression.residual_width`).
+
+Resume: with ``ctx.work_dir`` set (``slimdiff compress`` sets it) the gradient pass checkpoints
+its trace and summed gradients atomically every :data:`CHECKPOINT_EVERY` timesteps into
+``<work_dir>/diff-pruning-grads-<settings key>-<model fingerprint>``; a rerun after a crash
+continues at the next timestep and gives bit-identical gradients, so the same pruned model
+(:class:`_GradientCheckpoints`).
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
@@ -53,7 +61,7 @@ from slimdiff.compression.calibration import calibration_batch, check_shape
 from slimdiff.compression.width import HEADS_HELP, RESIDUAL_HELP, draw_width, width_prune
 from slimdiff.budget import check_budget
 from slimdiff.errors import UsageError
-from slimdiff.methods.base import Context
+from slimdiff.methods.base import Context, fingerprint, settings_key
 from slimdiff.methods.spec import MethodSpec, option
 
 if TYPE_CHECKING:
@@ -95,16 +103,19 @@ def check_threshold(threshold: float) -> float:
 
 
 def taylor_timesteps(loss_at: Callable[[int], torch.Tensor], timesteps: Iterable[int], threshold: float, *,
-                     backprop_stop_step: bool = False) -> TimestepTrace:
+                     backprop_stop_step: bool = False, trace: TimestepTrace | None = None,
+                     after_step: Callable[[TimestepTrace], None] | None = None) -> TimestepTrace:
     """Sum gradients of ``loss_at(t)`` over ``timesteps`` (ascending) until the first ``t`` with
     ``L_t < threshold * L_max``; return which steps contributed.
 
     ``backprop_stop_step=False`` (the paper and ``ddpm_exp``): check first, so the stopping
     step adds no gradient. ``True`` (``ddpm_prune.py``): back-propagate first, so it does.
     The caller zeroes gradients beforehand; nothing here zeroes them (they accumulate).
+    ``trace`` continues a resumed pass (its ``loss_max`` included; ``timesteps`` are then the
+    ones left); ``after_step(trace)`` runs after every step that did not stop (checkpoints).
     """
     check_threshold(threshold)
-    trace = TimestepTrace()
+    trace = trace if trace is not None else TimestepTrace()
     for t in timesteps:
         loss = loss_at(int(t))
         value = float(loss.detach())
@@ -118,14 +129,85 @@ def taylor_timesteps(loss_at: Callable[[int], torch.Tensor], timesteps: Iterable
         if stop:
             trace.stop_t = int(t)
             break
+        if after_step is not None:
+            after_step(trace)
     return trace
+
+
+CHECKPOINT_EVERY = 50
+"""The gradient pass checkpoints every this many evaluated timesteps (with a work directory)."""
+
+
+def _tensor_digest(*tensors: torch.Tensor | None) -> str:
+    """12 hex digits of sha256 over the tensors' shapes, dtypes and values: the calibration's resume key."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{t.dtype}:{tuple(t.shape)};".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:12]
+
+
+class _GradientCheckpoints:
+    """Resumable state of the gradient pass in ``run``: the trace so far and the summed
+    ``p.grad`` of every trainable parameter by name (safetensors), saved atomically every
+    :data:`CHECKPOINT_EVERY` evaluated timesteps and once at the end (``done``).
+
+    Bit-identical on resume with no RNG state: the noise comes from a generator seeded with
+    ``seed``, the calibration batch is recomputed from the data and ``ctx.seed``, and the model
+    runs in ``eval()`` (no dropout, no label dropout), so the only state is what is saved;
+    reloaded gradients are added to exactly as autograd would have. A checkpoint whose ``key``
+    (threshold, stride, stop convention, seed, calibration source, size and content, timestep
+    count) differs from this run's is refused with a :class:`UsageError` (the folder name already
+    holds the key's hash and the model's fingerprint, so only a foreign or edited folder differs).
+    """
+
+    def __init__(self, run: Path, key: dict, model: nn.Module, every: int):
+        self.run, self.key, self.every = run, key, every
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def resume(self) -> tuple[TimestepTrace, bool]:
+        """The saved trace and whether the pass had ended; puts the saved gradients back."""
+        from slimdiff.train.checkpoint import find_checkpoint, load_state
+        from slimdiff.train.trainer import _check_same_run
+
+        path = find_checkpoint(self.run)
+        if path is None:
+            return TimestepTrace(), False
+        state = load_state(path)
+        _check_same_run(state["info"].get("key", {}), self.key, path)
+        unknown = set(state["tensors"]) - set(self.params)
+        if unknown:
+            raise UsageError(f"the checkpoint in {path} holds gradients of parameters this model lacks "
+                             f"({', '.join(sorted(unknown)[:3])}); delete it to start over")
+        for name, grad in state["tensors"].items():
+            p = self.params[name]
+            p.grad = grad.to(p.device, p.dtype)
+        return TimestepTrace(**state["info"]["trace"]), bool(state["info"]["done"])
+
+    def save(self, trace: TimestepTrace, done: bool = False) -> None:
+        """Checkpoint ``trace`` and the gradients (every ``every`` steps, and at the end)."""
+        from slimdiff.train.checkpoint import save_state
+
+        if done or len(trace.timesteps) % self.every == 0:
+            grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
+            save_state(self.run, step=len(trace.timesteps), tensors=grads,
+                       info={"key": self.key, "trace": asdict(trace), "done": done})
 
 
 def accumulate_gradients(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor | None, *, threshold: float,
                          stride: int = 1, backprop_stop_step: bool = False, seed: int = 0,
-                         progress: bool = False) -> TimestepTrace:
+                         progress: bool = False, work_dir: Path | None = None,
+                         calibration: str = "given") -> TimestepTrace:
     """Diff-Pruning's gradient pass: zero grads, then :func:`taylor_timesteps` with the model's
-    diffusion loss on ``x0`` and one fixed noise tensor at ``t = 0, stride, 2 stride, ...``."""
+    diffusion loss on ``x0`` and one fixed noise tensor at ``t = 0, stride, 2 stride, ...``.
+
+    With ``work_dir`` the pass is resumable (:class:`_GradientCheckpoints`) in
+    ``work_dir/diff-pruning-grads-<settings key>-<model fingerprint>``: a rerun after a crash
+    continues at the next timestep and ends bit-identical to an uninterrupted pass.
+    ``calibration`` names the batch's source (part of the resume key).
+    """
     from slimdiff.diffusion.losses import ForwardProcess, diffusion_loss
     from slimdiff.diffusion.schedulers import diffusion_config_of
     from slimdiff.models.backbone import as_backbone
@@ -139,15 +221,18 @@ def accumulate_gradients(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor 
     if not isinstance(stride, int) or stride < 1:
         raise UsageError(f"timestep stride must be a positive integer, got {stride!r}")
     process = ForwardProcess(diffusion_config_of(model))
+    total = process.config.num_train_timesteps
+    ckpt = None
+    if work_dir is not None:
+        key = {"threshold": threshold, "stride": stride, "backprop_stop_step": backprop_stop_step, "seed": seed,
+               "calibration": calibration, "calibration_size": len(x0),
+               "calibration_digest": _tensor_digest(x0, cond), "num_train_timesteps": total}
+        run = Path(work_dir) / f"diff-pruning-grads-{settings_key(key)}-{fingerprint(model)[:12]}"
+        ckpt = _GradientCheckpoints(run, key, model, CHECKPOINT_EVERY)
     device, dtype = bb.device, bb.dtype
     x0 = x0.to(device, dtype)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
     cond = cond.to(device) if cond is not None else None
-    steps: Sequence[int] = range(0, process.config.num_train_timesteps, stride)
-    if progress:
-        from rich.progress import track
-
-        steps = track(steps, description="diff-pruning gradients", transient=True)
 
     def loss_at(t: int) -> torch.Tensor:
         batch = process.noisy(x0, noise, torch.full((len(x0),), t, dtype=torch.long))
@@ -156,11 +241,20 @@ def accumulate_gradients(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor 
     was_training = model.training
     model.eval()  # deterministic: no dropout, no label dropout (the reference also uses eval())
     model.zero_grad(set_to_none=True)
+    trace, done = ckpt.resume() if ckpt is not None else (TimestepTrace(), False)
+    steps: Sequence[int] = [] if done else range(0, total, stride)[len(trace.timesteps):]  # those left
+    if progress and steps:
+        from rich.progress import track
+
+        steps = track(steps, description="diff-pruning gradients", transient=True)
     try:
         with torch.enable_grad():
-            trace = taylor_timesteps(loss_at, steps, threshold, backprop_stop_step=backprop_stop_step)
+            trace = taylor_timesteps(loss_at, steps, threshold, backprop_stop_step=backprop_stop_step,
+                                     trace=trace, after_step=ckpt.save if ckpt is not None else None)
     finally:
         model.train(was_training)
+    if ckpt is not None and not done:
+        ckpt.save(trace, done=True)
     for p in model.parameters():  # parameters the loss does not reach have gradient zero
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -172,12 +266,14 @@ def gradient_pass(ctx: Context, *, threshold: float, stride: int, backprop_stop_
                   ) -> Callable[[nn.Module], tuple[dict, dict]]:
     """:func:`accumulate_gradients` on the calibration batch, as :func:`width_prune`'s ``prepare``
     (Diff-Pruning's and the Taylor baseline's): records the batch's source and size, and the trace.
+    With ``ctx.work_dir`` (``slimdiff compress`` sets it) the pass resumes after a crash.
     ``calibration`` = ``(x0, cond)`` overrides the batch drawn from ``ctx.data``."""
 
     def prepare(m: nn.Module) -> tuple[dict, dict]:
         x0, cond, source = (*calibration, "given") if calibration is not None else calibration_batch(m, ctx)
         trace = accumulate_gradients(m, x0, cond, threshold=threshold, stride=stride,
-                                     backprop_stop_step=backprop_stop_step, seed=ctx.seed, progress=ctx.progress)
+                                     backprop_stop_step=backprop_stop_step, seed=ctx.seed, progress=ctx.progress,
+                                     work_dir=ctx.work_dir, calibration=source)
         return {"calibration": source, "calibration_size": int(len(x0))}, {"timesteps": trace.to_dict()}
 
     return prepare

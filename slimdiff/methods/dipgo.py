@@ -80,7 +80,8 @@ below and in the README were measured with that earlier recipe. Still a deviatio
 pruner with 32-wide heads instead of 512 / 128 (CPU budgets).
 
 Resume: with ``ctx.work_dir`` set (``slimdiff compress`` sets it), the optimisation
-checkpoints pruner, optimiser, lr schedule, RNG state and history atomically
+checkpoints pruner, optimiser, lr schedule, RNG states (the CPU's, whose stream the pruner's
+dropout draws, and the model's GPU's) and the full history atomically
 (:mod:`slimdiff.train.checkpoint`) into ``<work_dir>/dipgo-<model fingerprint>``; a rerun
 after a crash continues from there and ends bit-identical to an uninterrupted run, and a
 checkpoint written with other settings is refused.
@@ -129,7 +130,13 @@ from slimdiff.runtime.reuse import (
     reuse_blocks,
     soft_reuse,
 )
-from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from slimdiff.train.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from slimdiff.utils import progress
 
 LOSSES = ("ssim", "l1", "l2")
@@ -471,7 +478,8 @@ def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *
     for p in model.parameters():
         p.requires_grad_(False)
     history: list[dict] = []
-    start = _resume(run, key, pruner, opt, sched, history) if run is not None else 0
+    device = as_backbone(model).device  # its global RNG is saved too: on a GPU, sampling may draw from it
+    start = _resume(run, key, pruner, opt, sched, history, device) if run is not None else 0
     every = checkpoint_every or max(1, opt_steps // 20)
     it = progress(range(start, opt_steps), f"DiP-GO x{opt_steps}", ctx.progress)
     for s in it:
@@ -488,13 +496,15 @@ def optimise(model: nn.Module, costs: BlockCosts, budget: float, ctx: Context, *
         history.append({"step": s, "loss": float(total.detach()), **parts})
         if run is not None and ((s + 1) % every == 0 or s + 1 == opt_steps):
             save_checkpoint(run, step=s + 1, model=pruner.state_dict(), optimizer=opt.state_dict(),
-                            lr_scheduler=sched.state_dict(), rng={"torch": torch.get_rng_state()},
+                            lr_scheduler=sched.state_dict(), rng=rng_states(device),
                             info={"config": key, "history": history})
     return pruner, history
 
 
-def _resume(run: Path, key: dict, pruner: DiPGOPruner, opt: torch.optim.Optimizer, sched, history: list) -> int:
-    """Load the optimisation state from ``run``'s checkpoint, if any; return the step to start at."""
+def _resume(run: Path, key: dict, pruner: DiPGOPruner, opt: torch.optim.Optimizer, sched, history: list,
+            device: torch.device) -> int:
+    """Load the optimisation state from ``run``'s checkpoint, if any (pruner, optimiser, lr
+    schedule, history, and the global RNGs of the CPU and of ``device``); return the step to start at."""
     from slimdiff.train.trainer import _check_same_run
 
     path = find_checkpoint(run)
@@ -505,7 +515,7 @@ def _resume(run: Path, key: dict, pruner: DiPGOPruner, opt: torch.optim.Optimize
     pruner.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["lr_scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
+    set_rng_states(state["rng"], device)
     history[:] = state["info"]["history"]
     return state["step"]
 

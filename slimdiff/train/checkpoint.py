@@ -6,6 +6,10 @@ and logged histories) and safetensors files for model, EMA, optimiser tensors an
 (every generator the run draws from, the GPU's included: :func:`rng_states`). It is
 written into a temporary sibling and swapped in with renames, so a crash at any point
 leaves either the previous or the new checkpoint complete (:func:`slimdiff.atomic.write_dir`).
+
+Work that is not an optimisation (Diff-Pruning's gradient pass) keeps its state with
+:func:`save_state` / :func:`load_state`: the same directory layout and atomicity, with one
+safetensors file of named tensors and a JSON ``info``, and no optimiser or scheduler.
 """
 from __future__ import annotations
 
@@ -62,6 +66,28 @@ def save_checkpoint(run_dir: Path, *, step: int, model: dict, optimizer: dict, l
         (tmp / "state.json").write_text(json.dumps(state))
 
     return write_dir(run_dir / NAME, write, backup=run_dir / OLD)
+
+
+def save_state(run_dir: Path, *, step: int, tensors: dict[str, torch.Tensor], info: dict) -> Path:
+    """Write a non-optimiser checkpoint (``step``, named ``tensors``, JSON ``info``) atomically into
+    ``run_dir/checkpoint`` and return its path; :func:`find_checkpoint` finds it as any other."""
+    state = {"step": step, "info": info}
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
+                  tmp / "tensors.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state))
+
+    return write_dir(run_dir / NAME, write, backup=run_dir / OLD)
+
+
+def load_state(path: Path) -> dict:
+    """Read a checkpoint written by :func:`save_state`: ``{"step", "info", "tensors"}`` (no pickle)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        return {"step": state["step"], "info": state["info"], "tensors": load_file(str(path / "tensors.safetensors"))}
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:  # damaged, or not ours
+        raise UsageError(f"checkpoint {path} is unreadable ({str(e).splitlines()[0]}); delete it to start over") from None
 
 
 def rng_states(device: torch.device, **generators: torch.Generator) -> dict[str, torch.Tensor]:
