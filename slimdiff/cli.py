@@ -1,9 +1,10 @@
 """The ``slimdiff`` command line (typer + rich).
 
 Every command that reports numbers takes ``--json`` and then prints exactly one JSON
-object on stdout. Usage errors print one line and exit with code 2. (One typer function per
-command keeps every command's options and help in one readable place: hence a little over
-500 lines; the work itself lives in the package.)
+object on stdout. Usage errors print one line and exit with code 2, and every check that
+needs no model (arguments, method options, chains, output paths) runs before a model is
+loaded. (One typer function per command keeps every command's options and help in one
+readable place: hence about 600 lines; the work itself lives in the package.)
 """
 from __future__ import annotations
 
@@ -38,6 +39,31 @@ def _parse_ints(text: str | None, what: str) -> list[int] | None:
         raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
 
 
+def _check_image_output(path: Path, flag: str) -> None:
+    """Fail before any work when an image cannot be written to ``path``: a directory, a name
+    whose extension PIL cannot write, or a place where no file can be created (probed with a
+    temporary file in the nearest existing folder, removed at once)."""
+    import tempfile
+
+    from PIL import Image
+
+    path = path.expanduser()
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; name the image file to write, e.g. {path / 'grid.png'}")
+    Image.init()
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        raise UsageError(f"{flag} {path}: cannot write an image with extension {path.suffix or '(none)'!r}; "
+                         "name a .png file")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.probe-").close()
+    except OSError as e:
+        raise UsageError(f"cannot write {flag} {path} ({e.strerror or type(e).__name__}); "
+                         "choose a writable output path") from None
+
+
 def _emit(obj: dict, as_json: bool, title: str) -> None:
     if as_json:
         sys.stdout.write(json.dumps(obj) + "\n")
@@ -56,8 +82,9 @@ def _model(name: str, device: str | None = None, **kwargs):
     from slimdiff import load
     from slimdiff.utils import resolve_device
 
+    where = None if device is None else resolve_device(device)  # a bad or absent device before any loading
     model = load(name, **kwargs)
-    return model if device is None else model.to(resolve_device(device))
+    return model if where is None else model.to(where)
 
 
 @app.command()
@@ -79,8 +106,9 @@ def sample(
     from slimdiff.diffusion.sampling import sample as run
     from slimdiff.utils import save_grid
 
-    m = _model(model, device)
     labels = _parse_ints(classes, "--classes")
+    _check_image_output(output, "-o")
+    m = _model(model, device)
     x = run(m, sampler=sampler, steps=steps, num_samples=num_samples, classes=labels, cfg=cfg, seed=seed, progress=True,
             guidance_channels=guidance_channels)
     save_grid(x, output)
@@ -152,6 +180,10 @@ def train(
     from slimdiff.models.registry import takes_options
     from slimdiff.result import record_of, set_record
 
+    config = dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, lr_schedule=schedule, ema_decay=ema,
+                  cfg_dropout=cfg_dropout, checkpoint_every=checkpoint_every, mixed_precision=mixed_precision,
+                  seed=seed, device=device)
+    _check_training(config)
     probe = get_dataset(data, size=input_size or 8)
     x0, _ = probe[0]
     labels = [int(probe[i][1]) for i in range(min(len(probe), 2000))]
@@ -174,9 +206,7 @@ def train(
     else:
         diffusion = DiffusionConfig.from_dict(record.diffusion)
     set_record(m, record)
-    m = _run_training(m, data, out, resume, diffusion=diffusion, steps=steps, batch_size=batch_size, lr=lr,
-                      warmup_steps=warmup, lr_schedule=schedule, ema_decay=ema, cfg_dropout=cfg_dropout,
-                      checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed, device=device)
+    m = _run_training(m, data, out, resume, diffusion=diffusion, **config)
     if not _is_main_process():
         return
     recipe = {"data": data, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "schedule": schedule,
@@ -186,12 +216,25 @@ def train(
     err.print(f"saved {path}")
 
 
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def _check_training(config: dict) -> None:
+    """The training settings, checked before any data or model is loaded."""
+    from slimdiff.train.trainer import TrainConfig
+
+    if config.get("mixed_precision", "no") not in MIXED_PRECISION:
+        raise UsageError(f"unknown --mixed-precision {config['mixed_precision']!r}; choose one of "
+                         f"{', '.join(MIXED_PRECISION)}")
+    TrainConfig(**config)
+
+
 def _run_training(m, data: str, out: Path, resume: bool, *, diffusion=None, teacher=None, **config):
     import os
     from contextlib import nullcontext
 
     from slimdiff.atomic import exclusive
-    from slimdiff.data.datasets import get_dataset
+    from slimdiff.data.datasets import ImageFolder, get_dataset
     from slimdiff.io import check_output
     from slimdiff.models.backbone import as_backbone
     from slimdiff.train.checkpoint import find_checkpoint
@@ -207,6 +250,8 @@ def _run_training(m, data: str, out: Path, resume: bool, *, diffusion=None, teac
                              "or choose another --out to start a new run")
         bb = as_backbone(m)
         dataset = get_dataset(data, size=bb.sample_size, channels=bb.in_channels)
+        if bb.conditioning == "class" and isinstance(dataset, ImageFolder):
+            dataset.check_labelled(bb.num_classes)
         return train(m, dataset, TrainConfig(**config), out, teacher=teacher, resume=resume, diffusion=diffusion)
 
 
@@ -234,18 +279,20 @@ def finetune(
 
     from slimdiff.compression.calibration import resolve_data
 
-    m = _model(model, device)
-    data = resolve_data(data, m)
-    t = _model(teacher, device) if teacher else None
     pairs = None
     if layer_map:
         try:
             pairs = {int(a): int(b) for a, b in (p.split(":") for p in layer_map.split(","))}
         except ValueError:
             raise UsageError(f"--layer-map must look like 0:1,1:3, got {layer_map!r}") from None
-    m = _run_training(m, data, out, resume, teacher=t, steps=steps, batch_size=batch_size, lr=lr,
-                      lr_schedule="constant", ema_decay=ema, checkpoint_every=checkpoint_every,
-                      mixed_precision=mixed_precision, seed=seed, kd=kd, layer_map=pairs, device=device)
+    config = dict(steps=steps, batch_size=batch_size, lr=lr, lr_schedule="constant", ema_decay=ema,
+                  checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed, kd=kd,
+                  layer_map=pairs, device=device)
+    _check_training(config)
+    m = _model(model, device)
+    data = resolve_data(data, m)
+    t = _model(teacher, device) if teacher else None
+    m = _run_training(m, data, out, resume, teacher=t, **config)
     if not _is_main_process():
         return
     path = save(m, out / "model", meta={"finetune": {"data": data, "steps": steps, "kd": kd, "teacher": teacher}},
@@ -271,6 +318,8 @@ def eval_(
     from slimdiff.eval.evaluate import generate, score
     from slimdiff.utils import save_grid
 
+    if grid is not None:
+        _check_image_output(grid, "--grid")
     m = _model(model, device)
     ref = _model(reference, device) if reference else None
     settings = dict(sampler=sampler, steps=steps, cfg=cfg, seed=seed)
@@ -324,24 +373,30 @@ def compress(
     from slimdiff.atomic import exclusive
     from slimdiff.budget import check_budget
     from slimdiff.compression.calibration import resolve_data
+    from slimdiff.diffusion.sampling import check_steps
     from slimdiff.eval.compute import params
     from slimdiff.io import check_output, save
     from slimdiff.methods.base import Context, plan_chain
     from slimdiff.result import record_of
     from slimdiff.methods.base import compress as run
+    from slimdiff.utils import resolve_device
 
     b = check_budget(budget)
     flags = dict(threshold=threshold, keep=keep, keep_blocks=keep_blocks, search_steps=search_steps, train_steps=train_steps, tune=tune,
                  opt_steps=opt_steps, loss=loss, step_gates=step_gates)
     settings = _merge_options({k: v for k, v in flags.items() if v is not None}, _parse_options(option))
-    plan_chain(method, settings, recover_steps)  # fail on a typo or a bad option before loading anything
-    check_output(out)  # and on an output that cannot take the result
+    # every check that needs no model comes first: nothing is loaded or written before them
+    work = out.parent / f".{out.name}.work"
+    ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps, kd=kd,
+                  batch_size=batch_size, lr=lr, work_dir=work, progress=not as_json)
+    plan_chain(method, settings, recover_steps)  # names, which methods compose, options and their values
+    resolve_device(device)
+    _check_not_input(out, model)
+    check_output(out)  # an output that cannot take the result
     with exclusive(out, f"--out {out}"):  # a second run into --out is refused
         m = _model(model, device)
-        work = out.parent / f".{out.name}.work"
-        ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=resolve_data(data, m), seed=seed,
-                      recover_steps=recover_steps, kd=kd, batch_size=batch_size, lr=lr, work_dir=work,
-                      progress=not as_json)
+        check_steps(m, steps)  # the one check that needs the model's schedule
+        ctx.data = resolve_data(data, m)
         result = run(m, method, b, ctx, settings)
         path = save(result, out, overwrite=overwrite)
         shutil.rmtree(work, ignore_errors=True)  # resumable work is only needed until the result is saved
@@ -358,6 +413,14 @@ def compress(
            "original_params": params(m), "params_ratio": params(result) / max(params(m), 1), "output": str(path),
            **({"diffusers": str(export_diffusers)} if export_diffusers is not None else {})}, as_json,
           f"slimdiff compress {method}")
+
+
+def _check_not_input(out: Path, model: str) -> None:
+    """``--out`` must not be the model directory the result is made from (the result would replace it)."""
+    source = Path(model).expanduser()
+    if source.is_dir() and source.resolve() == out.expanduser().resolve():
+        raise UsageError(f"--out {out} is the input model directory; the result would replace the model it is "
+                         "made from: choose another --out")
 
 
 @app.command("bench-speed")
@@ -494,7 +557,11 @@ def bench(
     """Every method and baseline at every budget, same recovery, sampler, seeds and labels;
     writes results.json, report.md and plots (an interrupted run resumes)."""
     from slimdiff.bench import BenchConfig, run_bench
+    from slimdiff.methods.base import Context
 
+    # the settings every entry shares, checked before any work (BenchConfig checks the rest)
+    Context(sampler=sampler, steps=steps, cfg=cfg, seed=seed, recover_steps=recover_steps, kd=kd,
+            batch_size=batch_size, lr=lr)
     config = BenchConfig(model=model, budgets=[b for b in budgets.split(",") if b.strip()],
                          methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None,
                          samples=samples, sampler=sampler, steps=steps, cfg=cfg, recover_steps=recover_steps,

@@ -82,6 +82,15 @@ def _parse_shape(text: str) -> tuple[int, int]:
     return n, m
 
 
+def check_keep_syntax(keep: Any) -> None:
+    """The syntax of an N:M ``keep`` pattern, without a model (whether its groups tile the
+    depth needs the model: :func:`parse_keep`)."""
+    if not isinstance(keep, str) or not keep.strip():
+        raise UsageError(f"keep must be a group-shape pattern such as '1:2' or '2:4,1:2', got {keep!r}")
+    for shape in keep.split(","):
+        _parse_shape(shape)
+
+
 def parse_keep(spec: str, depth: int) -> list[Group]:
     """Groups covering ``depth`` blocks from a ``keep`` pattern (see the module docs)."""
     if not isinstance(spec, str) or not spec.strip():

@@ -134,6 +134,15 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def check_labelled(self, num_classes: int) -> None:
+        """Refuse this folder for a class-conditional model (``num_classes`` classes) when it has
+        no class sub-folders (its images would all get label -1)."""
+        if not self.class_to_idx:
+            classes = f"{num_classes} class{'' if num_classes == 1 else 'es'}"
+            raise UsageError(f"{self.root}: this folder has no class sub-folders; the model needs labels (it is "
+                             f"class-conditional, {classes}): put each class's images in a sub-folder of its own, "
+                             f"e.g. {self.root / '0'}, {self.root / '1'}, ...")
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = self.files[i]
         try:

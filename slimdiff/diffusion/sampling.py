@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import numbers
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -84,13 +85,63 @@ def resolve_classes(bb, num_samples: int | None, classes: Sequence[int] | None) 
     if classes is None or not len(classes):
         n = num_samples or k
         return n, torch.arange(n) % k
-    bad = [c for c in classes if not 0 <= int(c) < k]
+    not_int = [c for c in classes if not _is_integer(c)]
+    if not_int:
+        raise UsageError(f"classes must be integer class labels, got {not_int[0]!r}; pass whole numbers 0..{k - 1}")
+    bad = [int(c) for c in classes if not 0 <= int(c) < k]
     if bad:
         raise UsageError(f"class label(s) {bad} out of range: this model has classes 0..{k - 1}")
     labels = torch.tensor([int(c) for c in classes], dtype=torch.long)
     if num_samples and num_samples != len(labels):
         labels = labels.repeat(-(-num_samples // len(labels)))[:num_samples]
     return len(labels), labels
+
+
+def check_steps(model: nn.Module, steps: int, diffusion: DiffusionConfig | None = None) -> None:
+    """``steps`` sampling steps fit the model's schedule: at most its training timesteps."""
+    train_steps = (diffusion or diffusion_config_of(model)).num_train_timesteps
+    if steps > train_steps:
+        raise UsageError(f"steps = {steps} is more than the {train_steps} timesteps this model was trained with; "
+                         f"use at most {train_steps} sampling steps")
+
+
+def _is_integer(value: Any) -> bool:
+    """An integer label: a Python / NumPy int or an integer 0-d tensor, not a bool or a float (1.5 is no class, and
+    neither is 1.0: a float label is a mistake to point out, not to round)."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.dtype.is_floating_point and not value.dtype.is_complex \
+            and value.dtype != torch.bool
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
+def check_noise(noise: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Starting ``noise`` given by the caller: a finite tensor of ``shape`` ``(N, C, H, W)``."""
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise UsageError(f"noise must be a floating-point tensor of shape {shape}, got {type(noise).__name__}")
+    if tuple(noise.shape) != tuple(shape):
+        raise UsageError(f"noise has shape {tuple(noise.shape)}; this model and {shape[0]} sample(s) need {shape} "
+                         "(N, channels, size, size)")
+    if not bool(torch.isfinite(noise).all()):
+        raise UsageError("noise holds NaN or inf values; pass finite starting noise")
+
+
+class NonFiniteWatch:
+    """Records, without a host sync per step, the first sampling step whose output is not
+    finite (NaN/inf from the weights or the model's arithmetic); :meth:`check` raises once at the end."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def __call__(self, i: int, t: torch.Tensor, x: torch.Tensor) -> None:
+        bad = ~torch.isfinite(x).all()
+        self.first = torch.where(bad & (self.first < 0), torch.full_like(self.first, i), self.first)
+
+    def check(self, timesteps: torch.Tensor, sampler: str, steps: int) -> None:
+        i = int(self.first)  # one host sync per sampling run
+        if i >= 0:
+            raise UsageError(f"sampling produced NaN/inf at step {i} of {sampler} x{steps} (timestep "
+                             f"{float(timesteps[i]):g}); the model's weights or its arithmetic are not finite "
+                             "there (check the weights, the dtype, or a lower --cfg)")
 
 
 def initial_noise(bb, n: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -227,6 +278,12 @@ def sample(
     diffusers' ``DiTPipeline`` does; 3 reproduces the official DiT's ``forward_with_cfg``, which
     guides channels 0-2 only and takes the rest from the conditional prediction (needed to match
     official DiT samples and FIDs exactly). Between 1 and the model's input channels.
+
+    Every argument is checked first (:class:`UsageError` naming it): ``classes`` are integer
+    labels (``1.5`` or NaN is no class), ``seed`` an integer, ``noise`` a finite tensor of shape
+    ``(N, C, H, W)``, ``steps`` at most the model's training timesteps. A step whose output is
+    NaN/inf (non-finite weights, an fp16 overflow) makes the run end with a :class:`UsageError`
+    naming the first such step (tracked on the device: no host sync per step).
     """
     from slimdiff.models.backbone import as_backbone
 
@@ -243,8 +300,22 @@ def sample(
                          f"(3 = the official DiT's), got {guidance_channels!r}")
     if cfg != 1.0 and bb.conditioning is None:
         raise UsageError("guidance (cfg != 1) needs a conditional model; this one is unconditional: use --cfg 1")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    check_steps(model, steps, diffusion)
     n, labels = resolve_classes(bb, num_samples if cond is None else len(cond), classes)
+    if noise is not None:
+        check_noise(noise, (n, bb.in_channels, bb.sample_size, bb.sample_size))
     traj = Trajectory(model, sampler=sampler, steps=steps, n=n, cond=labels if bb.conditioning == "class" else cond,
-                      cfg=cfg, seed=seed, diffusion=diffusion, guidance_channels=guidance_channels)
-    x = traj.start(initial_noise(bb, n, seed, traj.device) if noise is None else noise)
-    return traj.run(x, on_step_begin=on_step_begin, callback=callback, progress=progress)
+                      cfg=cfg, seed=int(seed), diffusion=diffusion, guidance_channels=guidance_channels)
+    x = traj.start(initial_noise(bb, n, int(seed), traj.device) if noise is None else noise)
+    watch = NonFiniteWatch(traj.device)
+
+    def after_step(i: int, t: torch.Tensor, x: torch.Tensor) -> None:
+        watch(i, t, x)
+        if callback is not None:
+            callback(i, t, x)
+
+    x = traj.run(x, on_step_begin=on_step_begin, callback=after_step, progress=progress)
+    watch.check(traj.timesteps, sampler, steps)
+    return x

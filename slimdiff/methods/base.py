@@ -22,6 +22,7 @@ rerun after a crash continues where it stopped and never resumes another model's
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,31 @@ class Context:
     work_dir: Path | None = None
     progress: bool = True
     teacher: nn.Module | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        """Every value checked at construction, so a bad one is refused before any model is loaded."""
+        from slimdiff.diffusion.schedulers import SAMPLERS
+        from slimdiff.train.distill import KD_MODES
+
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        for name in ("steps", "batch_size"):
+            _check_int(f"--{name.replace('_', '-')}", getattr(self, name), minimum=1)
+        _check_int("--recover-steps", self.recover_steps, minimum=0)
+        _check_int("--seed", self.seed, minimum=-2 ** 63)
+        if self.kd not in KD_MODES:
+            raise UsageError(f"unknown --kd {self.kd!r}; choose one of {', '.join(KD_MODES)}")
+        for name, value, low in (("--cfg", self.cfg, 0.0), ("--lr", self.lr, None)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                    value < low if low is not None else value <= 0):
+                bound = f">= {low:g}" if low is not None else "> 0"
+                raise UsageError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    """``value`` is an integer >= ``minimum`` (a bool or a float is not), else a :class:`UsageError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def sampling_macs(model: nn.Module, ctx: Context) -> int:
@@ -112,19 +138,52 @@ def recover(model: nn.Module, ctx: Context, tag: str, **train_kwargs) -> nn.Modu
 def plan_chain(methods: list[str] | str, settings: dict | None = None,
                recover_steps: int = 0) -> list[tuple[MethodSpec, Any]]:
     """The chain's specs in run order (depth, width, dynamic, reuse) with their configs; every
-    check that needs no model (names, options, values) happens here, before any work."""
+    check that needs no model (names, which methods compose, options, values) happens here,
+    before any work.
+
+    A chain is run in that order whatever order it is written in (a depth or width method
+    always runs before a dynamic one, which routes the final blocks and widths, and before
+    step reuse, whose plan is learnt for the final model). What cannot compose is refused:
+    a method named twice, and more than one dynamic or more than one reuse method (each
+    replaces the model's forward with its own runtime; a second would overwrite or wrap
+    the first's plan, which was learnt for the model without it).
+    """
     names = split_chain(methods)
     if not names:
         raise UsageError("no method given; pass --method NAME (see `slimdiff compress --help`)")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"{', '.join(twice)} named more than once in the chain {'+'.join(names)}; "
+                         "name each method once")
     specs = sorted((get_method(n) for n in names), key=lambda e: KIND_ORDER.index(e.kind))
+    for kind in ("dynamic", "reuse"):
+        same = [e.name for e in specs if e.kind == kind]
+        if len(same) > 1:
+            raise UsageError(f"the chain {'+'.join(names)} has {len(same)} {kind} methods ({', '.join(same)}); "
+                             f"chain at most one {kind} method (each installs its own runtime for the whole model)")
     settings = {k: v for k, v in (settings or {}).items() if v is not None}
     unknown = set(settings) - {o for e in specs for o in e.options}
     if unknown:
         raise UsageError(f"option(s) {', '.join(sorted(unknown))} do not apply to {', '.join(names)}")
+    _check_int("--recover-steps", recover_steps, minimum=0)
     if recover_steps > 0 and all(e.kind == "reuse" for e in specs):
         raise UsageError(f"--recover-steps does not apply to {', '.join(names)}: reuse methods keep the weights "
                          "unchanged; drop --recover-steps or chain a depth/width/dynamic method first")
-    return [(e, e.make_config({k: v for k, v in settings.items() if k in e.options})) for e in specs]
+    plan = [(e, e.make_config({k: v for k, v in settings.items() if k in e.options})) for e in specs]
+    for _, config in plan:
+        _precheck(config)
+    return plan
+
+
+def _precheck(config: Any) -> None:
+    """Syntax checks of option values that a method's config does not check itself but that
+    need no model: the N:M ``keep`` pattern shared by TinyFusion and the depth baselines
+    (whether it divides the depth needs the model, and is checked by the method)."""
+    keep = getattr(config, "keep", None)
+    if keep is not None:
+        from slimdiff.compression.depth import check_keep_syntax
+
+        check_keep_syntax(keep)
 
 
 def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Context | None = None,
