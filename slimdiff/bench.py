@@ -310,10 +310,11 @@ class Bench:
             return model, json.loads(scores.read_text()), [self._teacher_samples(model, i)[0] for i in range(c.seeds)]
         self.console.print(f"[bold]teacher[/bold] {c.model}: {c.samples} samples x {c.seeds} seeds")
         start = time.perf_counter()
-        refs, per_seed = [], []
+        refs, per_seed, macs = [], [], None  # the sampling MACs are the same for every seed: counted once
         for i, (seed, _) in enumerate(c.seed_list()):
             x, y = self._teacher_samples(model, i)
-            per_seed.append(score(model, x, y, None, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=seed))
+            per_seed.append(score(model, x, y, None, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=seed, macs=macs))
+            macs = (per_seed[-1]["macs_sampling"], None)
             refs.append(x)
         result = seed_scores(per_seed)
         result["eval_wall_s"] = time.perf_counter() - start
@@ -370,12 +371,13 @@ class Bench:
         compress_cpu, compress_wall = time.process_time() - cpu, time.perf_counter() - wall
         student.eval()
         start = time.perf_counter()
-        per_seed = []
+        per_seed, macs = [], None  # the sampling MACs are the same for every seed: counted once
         for i, ((seed, label_seed), ref) in enumerate(zip(c.seed_list(), refs)):
             x, y = generate(student, c.samples, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=seed,
                             progress=c.progress, label_seed=label_seed)
             per_seed.append(score(student, x, y, teacher, sampler=c.sampler, steps=c.steps, cfg=c.cfg, seed=seed,
-                                  reference_samples=ref))
+                                  reference_samples=ref, macs=macs))
+            macs = (per_seed[-1]["macs_sampling"], per_seed[-1]["reference_macs_sampling"])
             if i == 0:
                 save_tensors(self.out / "samples" / f"{_filename(key)}.safetensors", {"x": x[: c.grid]})
         scores = seed_scores(per_seed)

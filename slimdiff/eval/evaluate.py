@@ -68,13 +68,15 @@ def shipped_fd_floor(data: str) -> dict:
 
 def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, reference: nn.Module | None = None, *,
           sampler: str = "ddim", steps: int = 50, cfg: float = 1.0, seed: int = 0, progress: bool = False,
-          reference_samples: torch.Tensor | None = None) -> dict:
+          reference_samples: torch.Tensor | None = None, macs: tuple[int, int | None] | None = None) -> dict:
     """FD (judge features, vs. the held-out test split of the shipped data set whose images the
     model makes: digits or mnist) and its real-data floor, class
     accuracy, SSIM/PSNR to the reference's samples from the same noise, MACs ratio, params.
 
     ``x, y`` come from :func:`generate` with the same settings. ``reference_samples`` lets a
-    caller that scores many students pass the teacher's samples once.
+    caller that scores many students pass the teacher's samples once; ``macs`` = ``(model's,
+    reference's or None)`` sampling MACs lets a caller that scores one model on several seeds
+    count them once (they do not depend on the samples).
     """
     from slimdiff.data.datasets import builtin, builtin_for_shape
     from slimdiff.eval.compute import macs_sampling, params
@@ -87,7 +89,7 @@ def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, reference: 
                          f"this model makes {tuple(x.shape[1:])}")
     real, judge = builtin(data, "test").tensors[0], shipped_judge(data)
     floor = shipped_fd_floor(data)
-    macs = macs_sampling(model, sampler=sampler, steps=steps, cfg=cfg)
+    macs, ref_macs = macs if macs is not None else (macs_sampling(model, sampler=sampler, steps=steps, cfg=cfg), None)
     out = {
         "samples": len(x), "sampler": sampler, "steps": steps, "cfg": cfg, "seed": seed, "judge": data,
         "fd": fd(x, real, judge),
@@ -102,7 +104,8 @@ def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, reference: 
         if reference_samples is None:
             reference_samples, _ = generate(reference, len(x), sampler=sampler, steps=steps, cfg=cfg, seed=seed,
                                             progress=progress)
-        ref_macs = macs_sampling(reference, sampler=sampler, steps=steps, cfg=cfg)
+        if ref_macs is None:
+            ref_macs = macs_sampling(reference, sampler=sampler, steps=steps, cfg=cfg)
         out.update(ssim=ssim(x, reference_samples), psnr=psnr(x, reference_samples), macs_ratio=macs / ref_macs,
                    reference_params=params(reference), reference_macs_sampling=ref_macs)
     else:
