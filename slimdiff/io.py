@@ -102,6 +102,7 @@ def save(model: nn.Module, path, *, meta: dict | None = None, overwrite: bool = 
     record = record_of(model).with_meta(meta)
     config = _config_of(model, arch)
     structure = _structure_for_save(model, arch, config, record)
+    _check_finite(model)
     try:
         tmp = atomic.temp_dir(target)
     except OSError as e:
@@ -574,6 +575,17 @@ def _check_target(target: Path) -> str | None:
             "(not even with overwrite=True): choose a new or empty path"
         )
     return "slimdiff"
+
+
+def _check_finite(model: nn.Module) -> None:
+    """Refuse to save NaN/inf weights: such a model samples garbage, and a saved one hides where it broke."""
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise UsageError(
+                f"slimdiff.save: tensor {k!r} holds {bad} non-finite value(s) (NaN/inf); the model diverged or was "
+                "loaded wrongly: fix it (e.g. a lower learning rate, fp32 instead of fp16) before saving"
+            )
 
 
 def _tensors_for_save(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -134,6 +134,13 @@ def _load(env: Env):
     return slimdiff.load(env.dit)
 
 
+def _diverged(env: Env):
+    model = _load(env)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = math.nan
+    return model
+
+
 # --------------------------------------------------------------------------- the table
 @dataclass
 class Case:
@@ -217,6 +224,10 @@ CASES = [
       lambda e, t: _compress(e.dit, "magnitude-width", _copy(e.dit, t), budget="0.9"), "already holds a different"),
     C("finetune-over-an-earlier-run", lambda e, t: ["finetune", "--model", str(e.dit), "--steps", "1",
                                                     "-o", str(_checkpointed_run(e, t))], "holds a checkpoint.*--resume"),
+    A("api-load-none", lambda e, t: partial(slimdiff.load, None), "path_or_name = None is not a path or name"),
+    A("api-load-nan", lambda e, t: partial(slimdiff.load, math.nan), "path_or_name = nan is not a path or name"),
+    A("api-save-non-finite-weights", lambda e, t: partial(slimdiff.save, _diverged(e), t / "out"),
+      "holds 1 non-finite value"),
     A("api-save-over-a-file", lambda e, t: partial(slimdiff.save, _load(e), _under_a_file(t).parent), "exists and is a file"),
     # command-line syntax (click's errors, one line too)
     C("steps-not-a-number", lambda e, t: ["sample", "--steps", "abc"], "Invalid value for '--steps'"),

@@ -59,7 +59,26 @@ ROWS = [  # (id, argv from (model, tmp), what the one line must say)
     ("option-not-an-int", lambda m, t: _compress(m, t / "o", "--option", "opt_steps=abc", method="dipgo"),
      "opt_steps must be an integer, got 'abc'"),
     ("dydit-option-checked", lambda m, t: _compress(m, t / "o", "--option", "train_steps=-1", method="dydit"),
-     "train-steps must be >= 0"),
+     "train_steps must be >= 0"),
+    # every method's option values (choices, ranges, syntax) are checked by its config, before loading
+    *[(f"option-{method}-{opt.split('=')[0]}", (lambda m, t, method=method, opt=opt:
+                                               _compress(m, t / "o", "--option", opt, method=method)), needle)
+      for method, opt, needle in [
+          ("dipgo", "postprocess=bogus", "unknown postprocess 'bogus'; choose one of search, greedy"),
+          ("dipgo", "lr=0", "lr must be > 0, got 0"),
+          ("diff-pruning", "threshold=2", "threshold must be >= 0 and <= 1, got 2"),
+          ("diff-pruning", "importance=fisher", "unknown importance 'fisher'"),
+          ("taylor", "stride=0", "stride must be >= 1"),
+          ("bi-depth", "bi_variant=x", "unknown bi_variant 'x'; choose one of reference, noised"),
+          ("oracle-depth", "keep_blocks=2,1", "keep_blocks must be increasing"),
+          ("deepcache", "schedule=quad", "unknown schedule 'quad'"),
+          ("l2c", "threshold=1", "threshold must be >= 0 and < 1, got 1"),
+          ("fbcache", "calib_samples=0", "calib_samples must be >= 1, got 0"),
+          ("pab", "timestep_low=900", "timestep_low .900. must be below timestep_high .800."),
+          ("dydit", "token_router=conv", "unknown token_router 'conv'"),
+          ("tinyfusion", "search_space=wide", "unknown search_space 'wide'"),
+          ("scratch", "scratch_steps=0", "scratch_steps must be >= 1"),
+      ]],
     ("out-is-the-input-model", lambda m, t: _compress(m, m, method="diff-pruning"), "is the input model directory"),
     ("sample-to-a-text-file", lambda m, t: ["sample", "--model", str(m), "-o", str(_existing_file(t))],
      r"extension '\.txt'.*\.png"),
@@ -174,6 +193,15 @@ def test_unlabelled_folder_on_a_class_conditional_model(dit, tmp_path, capsys, m
     assert "this folder has no class sub-folders; the model needs labels" in lines[0]
     assert "label -1" not in lines[0]
 
+    from slimdiff.data.datasets import ImageFolder
+    from slimdiff.train.trainer import TrainConfig, train
+
+    with pytest.raises(UsageError, match="no class sub-folders; the model needs labels"):  # the Python API too
+        train(slimdiff.load(dit), ImageFolder(folder, size=8, channels=1), TrainConfig(steps=1, batch_size=2),
+              tmp_path / "api", progress=False)
+    with pytest.raises(UsageError, match="unknown --mixed-precision 'fp8'"):
+        TrainConfig(mixed_precision="fp8")
+
 
 # --------------------------------------------------------------------------- Python API
 @pytest.fixture(scope="module")
@@ -219,3 +247,31 @@ def test_non_finite_weights_stop_sampling_naming_the_first_step(model):
         next(broken.parameters()).fill_(math.inf)
     with pytest.raises(UsageError, match=r"sampling produced NaN/inf at step 0 of ddim x3 \(timestep \d+\)"):
         sample(broken, steps=3, num_samples=2)
+
+
+def test_option_bounds_are_enforced_for_every_config():
+    """``option(...)`` bounds hold whoever builds the config: a method's own class, ``make_config``
+    from the CLI's text, or a user's config registered without a ``__post_init__``."""
+    from dataclasses import dataclass
+
+    from slimdiff.methods.dipgo import DiPGOConfig
+    from slimdiff.methods.spec import MethodSpec, option
+
+    for bad, needle in ((dict(skip_reused_steps="yes"), "skip_reused_steps must be true or false"),
+                        (dict(opt_steps=2.5), "opt_steps must be an integer, got 2.5"),
+                        (dict(alpha=math.nan), "alpha must be a finite number, got nan"),
+                        (dict(batch=0), "batch must be >= 1, got 0")):
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            DiPGOConfig(**bad)
+
+    @dataclass(frozen=True)
+    class Mine:
+        mode: str = option("a", "a or b", choices=("a", "b"))
+        scale: float = option(1.0, "in (0, 2]", low=0, low_open=True, high=2)
+
+    spec = MethodSpec("mine", "reuse", "a user's method", lambda m, b, c, cfg: m, Mine)
+    assert spec.make_config({"mode": "b", "scale": 2}) == Mine("b", 2)
+    with pytest.raises(UsageError, match="unknown mode 'c'; choose one of a, b"):
+        spec.make_config({"mode": "c"})
+    with pytest.raises(UsageError, match="scale must be > 0 and <= 2, got 0"):
+        spec.make_config({"scale": 0})

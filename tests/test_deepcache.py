@@ -170,7 +170,7 @@ def test_errors():
         DC.deepcache(tiny_dit(), 0.5, _ctx())
     for opts, match in (({"cache_block_id": 2}, "cache_block_id must be in 0..1"),
                         ({"cache_layer_id": 2}, "cache_layer_id must be in 0..1"),
-                        ({"schedule": "quad"}, "schedule must be one of"),
+                        ({"schedule": "quad"}, "unknown schedule 'quad'; choose one of uniform, non-uniform"),
                         ({"interval": STEPS + 1}, "interval must be in"),
                         ({"power": 1.0}, "power must be > 1")):
         with pytest.raises(UsageError, match=match):

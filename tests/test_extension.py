@@ -22,13 +22,11 @@ from slimdiff.models.backbone import as_backbone
 # --------------------------------------------------------------------------- the toy method (one file's worth)
 @dataclass(frozen=True)
 class EveryOtherConfig:
-    offset: int = option(0, "keep blocks offset, offset + 2, ... (0 or 1)")
+    offset: int = option(0, "keep blocks offset, offset + 2, ...", choices=(0, 1))
 
 
 def every_other(model: nn.Module, budget: float, ctx: Context, config: EveryOtherConfig) -> nn.Module:
     """Keep every other transformer block (a fixed depth pattern; the budget is only reported)."""
-    if config.offset not in (0, 1):
-        raise UsageError(f"offset must be 0 or 1, got {config.offset}")
     kept = list(range(config.offset, len(as_backbone(model).blocks), 2))
     return finish_depth(model, kept, ctx, "every-other-depth", {"offset": config.offset}, {"kept_blocks": kept})
 
@@ -97,3 +95,8 @@ def test_bench_runs_it(registered, teacher_dir, tmp_path):
     results = run_bench(config, tmp_path / "bench")
     entry = results["entries"]["every-other-depth@0.5"]
     assert not entry.get("skipped") and entry["macs_ratio"] < 0.7 and entry["fd"] is not None
+
+
+def test_declared_choices_are_checked_before_any_work():
+    with pytest.raises(UsageError, match="unknown offset 2; choose one of 0, 1"):
+        EVERY_OTHER.make_config({"offset": 2})

@@ -188,7 +188,7 @@ def test_aligned_ratios_keep_aligned_widths_under_either_count_rule(ranking):
 def test_ranking_option_is_checked():
     with pytest.raises(UsageError, match="group_ranking"):
         width.prune_with_ratio(tiny_dit(), 0.3, "magnitude", group_ranking="global")
-    with pytest.raises(UsageError, match="importance must be one of"):
+    with pytest.raises(UsageError, match="unknown importance 'fisher'; choose one of paper, taylor-tp"):
         dp.diff_pruning(tiny_dit(), 0.5, Context(), importance="fisher")
 
 

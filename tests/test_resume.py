@@ -172,3 +172,21 @@ def test_rerunning_a_compress_into_its_output_is_accepted(tmp_path):
     for _ in range(2):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+def test_dydit_killed_in_router_training_matches_uninterrupted(teacher, tmp_path, monkeypatch, capsys):
+    """DyDiT's router training (the shared trainer with Gumbel gates, FLOPs target schedule and
+    stratified timesteps) killed mid-step resumes to the uninterrupted run's bytes."""
+    steps = 8  # checkpoints every steps // 4 = 2
+    args = ["compress", "--method", "dydit", "--model", teacher, "--budget", "0.6", "--steps", "2",
+            "--option", f"train_steps={steps}", "--option", "heldout_samples=2", "--batch-size", "4", "--seed", "1"]
+    assert cli_main(monkeypatch, *args, "-o", str(tmp_path / "ref")) == 0
+    work = tmp_path / ".run.work"
+    _kill_when([str(BIN), *args, "-o", str(tmp_path / "run")], lambda: _step_of(work, "dydit-train-") >= 4,
+               delay=0.05)
+    assert 4 <= _step_of(work, "dydit-train-") < steps, "the kill must land inside the router training"
+    capsys.readouterr()
+    assert cli_main(monkeypatch, *args, "-o", str(tmp_path / "run")) == 0
+    assert "resumed from" in capsys.readouterr().out
+    _same_result(tmp_path / "ref", tmp_path / "run")

@@ -106,6 +106,17 @@ def test_distillation_modes_train_to_finite_weights(tmp_path):
         assert all(torch.isfinite(p).all() for p in out.parameters())
 
 
+def test_half_precision_weights_train_as_an_fp32_copy(tmp_path):
+    """The shipped models are stored in fp16; finetuning a copy of one trains in fp32 (with a
+    half-precision teacher too) instead of failing on a Half/float mismatch."""
+    teacher = _fresh().half()
+    student = _fresh().half()
+    out = train(student, digits("train"), _config(steps=2, kd="output", checkpoint_every=100),
+                tmp_path / "ft", teacher=teacher, progress=False)
+    assert {p.dtype for p in out.parameters()} == {torch.float32}
+    assert all(torch.isfinite(p).all() for p in out.parameters())
+
+
 def test_masked_feature_loss_ignores_outliers():
     h = torch.randn(2, 16, 32)
     spiked = h.clone()

@@ -169,21 +169,7 @@ def plan_chain(methods: list[str] | str, settings: dict | None = None,
     if recover_steps > 0 and all(e.kind == "reuse" for e in specs):
         raise UsageError(f"--recover-steps does not apply to {', '.join(names)}: reuse methods keep the weights "
                          "unchanged; drop --recover-steps or chain a depth/width/dynamic method first")
-    plan = [(e, e.make_config({k: v for k, v in settings.items() if k in e.options})) for e in specs]
-    for _, config in plan:
-        _precheck(config)
-    return plan
-
-
-def _precheck(config: Any) -> None:
-    """Syntax checks of option values that a method's config does not check itself but that
-    need no model: the N:M ``keep`` pattern shared by TinyFusion and the depth baselines
-    (whether it divides the depth needs the model, and is checked by the method)."""
-    keep = getattr(config, "keep", None)
-    if keep is not None:
-        from slimdiff.compression.depth import check_keep_syntax
-
-        check_keep_syntax(keep)
+    return [(e, e.make_config({k: v for k, v in settings.items() if k in e.options})) for e in specs]
 
 
 def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Context | None = None,

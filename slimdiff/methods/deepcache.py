@@ -48,7 +48,7 @@ from slimdiff.compression.reuse_plans import draw_plan, with_legacy_block_plans
 from slimdiff.diffusion.sampling import schedule_timesteps
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, record
-from slimdiff.methods.spec import MethodSpec, option
+from slimdiff.methods.spec import MethodSpec, check_options, option
 from slimdiff.models.backbone import as_backbone
 from slimdiff.runtime.branch_cache import (
     UnitCosts,
@@ -68,16 +68,20 @@ class DeepCacheConfig:
     """DeepCache's options (defaults: the official helper's ``set_params`` branch and mode)."""
 
     interval: int = option(0, "N of DeepCache's 1:N: a full UNet call every N-th call; 0 = the smallest N whose "
-                              "MACs fit the budget (an explicit N overrides the budget)")
+                              "MACs fit the budget (an explicit N overrides the budget)", low=0)
     cache_block_id: int = option(0, "down/up block of the cached skip branch (0 = the shallowest, the paper's "
-                                    "default); deeper units are taken from the cache at retrieve steps")
+                                    "default); deeper units are taken from the cache at retrieve steps", low=0)
     cache_layer_id: int = option(0, "layer of the skip branch inside that block (resnet index; the downsampler is "
-                                    "len(resnets)); the helper's cache_branch_id = 3 * block + layer on SD")
+                                    "len(resnets)); the helper's cache_branch_id = 3 * block + layer on SD", low=0)
     schedule: str = option("uniform", "cache steps 'uniform' (0, N, 2N, ...; the helper) or 'non-uniform' "
-                                      "(the pipelines' sample_from_quad_center: denser around `center`)")
-    power: float = option(1.2, "non-uniform: starting power of sample_from_quad_center (the reference's 1.2)")
+                                      "(the pipelines' sample_from_quad_center: denser around `center`)", choices=SCHEDULES)
+    power: float = option(1.2, "non-uniform: starting power of sample_from_quad_center (the reference's 1.2; > 1: it "
+                               "is lowered towards 1)", low=1, low_open=True)
     center: int | None = option(None, "non-uniform: call index where cache steps are densest (the reference "
-                                      "requires it; default: the middle of the schedule)")
+                                      "requires it; default: the middle of the schedule)", low=0)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 # --------------------------------------------------------------------------- units and rule
@@ -156,8 +160,6 @@ def _check(model: nn.Module, config: DeepCacheConfig, calls: int) -> None:
         raise UsageError("DeepCache is published for UNets (it caches a UNet skip branch); on a transformer use "
                          "--method deepcache-style (centred block-run reuse)")
     check_no_plan(model)
-    if config.schedule not in SCHEDULES:
-        raise UsageError(f"deepcache schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
     n_down = len(model.down_blocks)
     if not 0 <= config.cache_block_id < n_down:
         raise UsageError(f"cache_block_id must be in 0..{n_down - 1} (this UNet has {n_down} down blocks), "
@@ -166,11 +168,9 @@ def _check(model: nn.Module, config: DeepCacheConfig, calls: int) -> None:
     if not 0 <= config.cache_layer_id <= n_layers:
         raise UsageError(f"cache_layer_id must be in 0..{n_layers} (down block {config.cache_block_id} has {n_layers} "
                          f"resnets; {n_layers} = its downsampler), got {config.cache_layer_id}")
-    if config.interval < 0 or config.interval > calls:
+    if config.interval > calls:
         raise UsageError(f"interval must be in 1..{calls} (or 0: from the budget), got {config.interval}")
-    if config.power <= 1:
-        raise UsageError(f"power must be > 1 (sample_from_quad_center lowers it towards 1), got {config.power}")
-    if config.center is not None and not 0 <= config.center < calls:
+    if config.center is not None and config.center >= calls:
         raise UsageError(f"center must be a call index in 0..{calls - 1}, got {config.center}")
 
 

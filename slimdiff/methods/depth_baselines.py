@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from slimdiff.compression.depth import (
     check_depth_prunable,
+    check_keep_syntax,
     depth_for_budget,
     depth_prunable,
     draw_depth,
@@ -47,7 +48,7 @@ from slimdiff.compression.depth import (
 )
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context
-from slimdiff.methods.spec import MethodSpec, option
+from slimdiff.methods.spec import MethodSpec, check_options, option
 from slimdiff.models.backbone import TextCondition, as_backbone
 
 __all__ = ["block_influence", "select_blocks", "bk_sdm_blocks", "parse_keep_blocks", "STRATEGIES", "BI_VARIANTS",
@@ -174,9 +175,9 @@ def bk_sdm_blocks(depth: int, k: int) -> list[int]:
     return [g * m if g * m < depth // 2 else g * m + m - 1 for g in range(k)]
 
 
-def parse_keep_blocks(text: str, depth: int) -> list[int]:
+def parse_keep_blocks(text: str, depth: int | None = None) -> list[int]:
     """Block indices from ``"0,2,4"`` (or the reference's ``"[0, 2, 4]"``), checked: integers,
-    increasing, no repeats, in ``[0, depth)``."""
+    increasing, no repeats, in ``[0, depth)`` (without ``depth``: the syntax only, >= 0)."""
     raw = str(text).strip().removeprefix("[").removesuffix("]")
     try:
         kept = [int(v) for v in raw.split(",") if v.strip()]
@@ -184,9 +185,10 @@ def parse_keep_blocks(text: str, depth: int) -> list[int]:
         raise UsageError(f"keep_blocks must be block indices separated by commas, e.g. 0,2,4; got {text!r}") from None
     if not kept:
         raise UsageError(f"keep_blocks names no block; list the indices to keep, e.g. 0,2,4 (got {text!r})")
-    bad = [i for i in kept if not 0 <= i < depth]
+    bad = [i for i in kept if i < 0 or (depth is not None and i >= depth)]
     if bad:
-        raise UsageError(f"keep_blocks {bad} out of range: this model has {depth} blocks, indices 0..{depth - 1}")
+        where = f"this model has {depth} blocks, indices 0..{depth - 1}" if depth is not None else "indices start at 0"
+        raise UsageError(f"keep_blocks {bad} out of range: {where}")
     repeated = sorted({i for i in kept if kept.count(i) > 1})
     if repeated:
         raise UsageError(f"keep_blocks lists block(s) {repeated} more than once; name each kept block once")
@@ -210,6 +212,11 @@ class DepthBaselineConfig:
 
     keep: str | None = option(None, "N:M group shape(s) giving the depth, e.g. 1:2 (default: from the budget)")
 
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.keep is not None:
+            check_keep_syntax(self.keep)  # whether its groups tile the depth needs the model
+
 
 @dataclass(frozen=True)
 class BIDepthConfig(DepthBaselineConfig):
@@ -218,7 +225,7 @@ class BIDepthConfig(DepthBaselineConfig):
     bi_variant: str = option("reference", "Block Influence inputs: reference = TinyFusion's prune_by_score.py (clean "
                                           "latents, t uniform in [0, 250), last block never removed); noised = "
                                           "deviation (noised samples at t over all training steps, last block "
-                                          "removable)")
+                                          "removable)", choices=BI_VARIANTS)
 
 
 def _compress(strategy: str, model: nn.Module, budget: float, ctx: Context, config: DepthBaselineConfig) -> nn.Module:
@@ -230,7 +237,7 @@ def _compress(strategy: str, model: nn.Module, budget: float, ctx: Context, conf
     extras: dict = {}
     scores, keep_last = None, False
     if strategy == "bi":
-        variant = _check_variant(config.bi_variant)
+        variant = config.bi_variant
         scores, keep_last = block_influence(model, ctx, variant=variant), variant == "reference"
         settings.update(bi_variant=variant, keep_last=keep_last)
         extras["block_influence"] = scores
@@ -245,6 +252,10 @@ class OracleConfig:
     keep_blocks: str | None = option(None, "indices of the blocks to keep, e.g. 0,2,4 (overrides the budget, as "
                                            "prune_by_index.py's --kept-indices); default: the BK-SDM oracle at the "
                                            "budget's depth")
+
+    def __post_init__(self) -> None:
+        if self.keep_blocks is not None:
+            parse_keep_blocks(self.keep_blocks)  # whether they fit the depth needs the model
 
 
 def _oracle(model: nn.Module, budget: float, ctx: Context, config: OracleConfig) -> nn.Module:

@@ -58,11 +58,11 @@ import torch
 import torch.nn as nn
 
 from slimdiff.compression.calibration import calibration_batch, check_shape
-from slimdiff.compression.width import HEADS_HELP, RESIDUAL_HELP, draw_width, width_prune
+from slimdiff.compression.width import HEAD_MODES, HEADS_HELP, RESIDUAL_HELP, draw_width, width_prune
 from slimdiff.budget import check_budget
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, fingerprint, settings_key
-from slimdiff.methods.spec import MethodSpec, option
+from slimdiff.methods.spec import MethodSpec, check_options, option
 
 if TYPE_CHECKING:
     from slimdiff.eval.speed import SpeedSettings
@@ -286,14 +286,19 @@ class DiffPruningConfig:
 
     threshold: float = option(0.05, "relative-loss threshold: gradients stop at the first timestep with "
                                     "L_t < threshold * L_max (0 = all timesteps); the paper used 0.05 on CIFAR-10, "
-                                    "0 on CelebA-HQ, 0.01 on LSUN Church/Bedroom, 0.1 for the ImageNet LDM")
-    stride: int = option(1, "timestep stride of the gradient pass (1 = every training timestep, as in the paper)")
+                                    "0 on CelebA-HQ, 0.01 on LSUN Church/Bedroom, 0.1 for the ImageNet LDM", low=0, high=1)
+    stride: int = option(1, "timestep stride of the gradient pass (1 = every training timestep, as in the paper)",
+                         low=1)
     backprop_stop_step: bool = option(False, "back-propagate the stopping step too (ddpm_prune.py's convention)")
-    heads: str = option("dims", HEADS_HELP)
+    heads: str = option("dims", HEADS_HELP, choices=HEAD_MODES)
     importance: str = option("paper", "channel scores: paper = ddpm_exp's (sum of (w*dw)^2 + GroupNorm |w*dw|, each "
                                       "GroupNorm group ranked on its own; the paper's tables); taylor-tp = "
-                                      "ddpm_prune.py's torch-pruning TaylorImportance (the same slots in every group)")
+                                      "ddpm_prune.py's torch-pruning TaylorImportance (the same slots in every group)",
+                        choices=tuple(IMPORTANCE_MODES))
     residual_width: bool = option(False, RESIDUAL_HELP)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def compress(model: nn.Module, budget: float, ctx: Context, config: DiffPruningConfig, *,
@@ -302,9 +307,7 @@ def compress(model: nn.Module, budget: float, ctx: Context, config: DiffPruningC
 
     ``calibration`` = ``(x0, cond)`` overrides the batch drawn from ``ctx.data``.
     """
-    threshold = check_threshold(config.threshold)
-    if config.importance not in IMPORTANCE_MODES:
-        raise UsageError(f"importance must be one of {', '.join(IMPORTANCE_MODES)}, got {config.importance!r}")
+    threshold = float(config.threshold)
     importance, ranking = IMPORTANCE_MODES[config.importance]
     settings = {"threshold": threshold, "stride": config.stride, "backprop_stop_step": config.backprop_stop_step}
 

@@ -54,7 +54,7 @@ from slimdiff.budget import BUDGET_TOLERANCE
 from slimdiff.diffusion.sampling import sample, schedule_timesteps
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, record
-from slimdiff.methods.spec import MethodSpec, option
+from slimdiff.methods.spec import MethodSpec, check_options, option
 from slimdiff.runtime.diffusers_cache import (
     apply_diffusers_cache,
     diffusers_cache_of,
@@ -72,7 +72,11 @@ _ATTN, _MLP = r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff" 
 class CacheConfig:
     """Options shared by every diffusers cache baseline."""
 
-    calib_samples: int = option(4, "samples of the calibration sampling run the knob is tuned on (MACs measured)")
+    calib_samples: int = option(4, "samples of the calibration sampling run the knob is tuned on (MACs measured)",
+                                low=1)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 @dataclass(frozen=True)
@@ -85,23 +89,30 @@ class TaylorSeerConfig(CacheConfig):
     cache_mlp: bool = option(True, "forecast each block's MLP output too, as TaylorSeer's official DiT code does; "
                                    "false = diffusers' default patterns (attention outputs only), a deviation")
     max_order: int = option(1, "Taylor expansion order (diffusers' default; TaylorSeer-DiT's README recommends 4 "
-                               "at interval 4)")
+                               "at interval 4)", low=0)
 
 
 @dataclass(frozen=True)
 class MagCacheConfig(CacheConfig):
     """MagCache's options besides the tuned threshold (diffusers' defaults)."""
 
-    max_skip_steps: int = option(3, "most consecutive skipped steps (K in the paper; diffusers' default 3)")
-    retention_ratio: float = option(0.2, "fraction of the first steps never skipped (diffusers' default 0.2)")
+    max_skip_steps: int = option(3, "most consecutive skipped steps (K in the paper; diffusers' default 3)", low=1)
+    retention_ratio: float = option(0.2, "fraction of the first steps never skipped (diffusers' default 0.2)",
+                                   low=0, high=1)
 
 
 @dataclass(frozen=True)
 class PABConfig(CacheConfig):
     """PAB's options besides the tuned skip range (diffusers' defaults)."""
 
-    timestep_low: int = option(100, "spatial attention is reused only at timesteps above this (diffusers' default)")
-    timestep_high: int = option(800, "... and below this (diffusers' default)")
+    timestep_low: int = option(100, "spatial attention is reused only at timesteps above this (diffusers' default)",
+                                low=0)
+    timestep_high: int = option(800, "... and below this (diffusers' default)", low=0)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.timestep_low >= self.timestep_high:
+            raise UsageError(f"timestep_low ({self.timestep_low}) must be below timestep_high ({self.timestep_high})")
 
 
 def _diffusers_model(model: nn.Module) -> nn.Module:

@@ -104,7 +104,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from slimdiff.compression.reuse_plans import (
-    check_opt_steps,
+    POSTPROCESS,
     check_postprocess,
     draw_plan,
     finish,
@@ -117,7 +117,7 @@ from slimdiff.compression.reuse_plans import (
 )
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context
-from slimdiff.methods.spec import MethodSpec, option
+from slimdiff.methods.spec import MethodSpec, check_options, option
 from slimdiff.models.backbone import as_backbone
 from slimdiff.runtime.reuse import (
     BlockCosts,
@@ -520,71 +520,46 @@ def _resume(run: Path, key: dict, pruner: DiPGOPruner, opt: torch.optim.Optimize
     return state["step"]
 
 
-def _check_options(opt_steps: Any, loss: Any) -> tuple[int, str]:
-    """The optimisation steps and the (lower-case) loss, checked; None is the default."""
-    loss = "ssim" if loss is None else str(loss).lower()
-    if loss not in LOSSES:
-        raise UsageError(f"unknown --loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    return check_opt_steps(opt_steps, OPT_STEPS_DIPGO), loss
-
-
 # --------------------------------------------------------------------------- method
 @dataclass(frozen=True)
 class DiPGOConfig:
     """DiP-GO's options; the defaults are the reference recipe, scaled in length (see the module
     docs), except ``postprocess`` (a documented deviation)."""
 
-    opt_steps: int = option(OPT_STEPS_DIPGO, "pruner optimisation steps (the reference's 500, not scaled)")
-    loss: str = option("ssim", "consistency loss: ssim (the paper) | l1 | l2")
+    opt_steps: int = option(OPT_STEPS_DIPGO, "pruner optimisation steps (the reference's 500, not scaled)", low=0)
+    loss: str = option("ssim", "consistency loss: ssim (the paper) | l1 | l2", choices=LOSSES)
     postprocess: str = option(
         "search", "post-processing to the budget: search (deviation: rank and bisect, within one block below the "
         "budget) | greedy (the reference code's sweep from 0.95 down by 0.05; ends above the budget, on small "
-        "plans by more than the 3% budget tolerance)")
+        "plans by more than the 3% budget tolerance)", choices=POSTPROCESS)
     batch: int = option(BATCH, "teacher trajectories per optimisation step (the reference: 1 prompt x gradient "
-                               "accumulation 2)")
-    alpha: float = option(ALPHA, "sparsity loss weight (the reference's 1)")
-    optimizer: str = option("sgd", "sgd (the reference, weight decay 1e-4) | adam (deviation)")
-    lr: float = option(LR, "learning rate (the reference: 0.1 x 2 from --scale_lr with gradient accumulation 2)")
+                               "accumulation 2)", low=1)
+    alpha: float = option(ALPHA, "sparsity loss weight (the reference's 1)", low=0)
+    optimizer: str = option("sgd", "sgd (the reference, weight decay 1e-4) | adam (deviation)", choices=OPTIMIZERS)
+    lr: float = option(LR, "learning rate (the reference: 0.1 x 2 from --scale_lr with gradient accumulation 2)",
+                       low=0, low_open=True)
     pruner_attention: str = option("step", "pruner encoder attention: step (within each step over its blocks, the "
-                                           "paper) | all (over all (step, block) queries; deviation)")
+                                           "paper) | all (over all (step, block) queries; deviation)",
+                                    choices=ATTENTIONS)
     sparsity_cost: str = option("cascade", "sparsity weight of a block: cascade (the reference: its MACs plus the "
-                                           "producers only it feeds, UNets) | own (its own MACs; deviation)")
+                                           "producers only it feeds, UNets) | own (its own MACs; deviation)",
+                                 choices=SPARSITY_COSTS)
     skip_reused_steps: bool = option(False, "beyond the paper: a step that reuses every block skips the model call "
                                             "(reuses its output); every reuse baseline has the same option")
     step_gates: bool = option(False, "also learn whole-step reuse (beyond the paper)")
 
-
-def _check_bool(name: str, value: Any) -> bool:
-    """A boolean option (1 / 0 from ``--option name=1`` too), checked."""
-    if value not in (True, False):
-        raise UsageError(f"{name} must be true or false (1 or 0), got {value!r}")
-    return bool(value)
-
-
-def _check_number(name: str, what: str, value: Any, positive: bool = False) -> float:
-    """A finite number >= 0 (> 0 with ``positive``), checked."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
-            or (positive and value == 0)):
-        raise UsageError(f"{name} ({what}) must be a finite number {'>' if positive else '>='} 0, got {value!r}")
-    return float(value)
+    def __post_init__(self) -> None:
+        check_options(self)
+        check_postprocess(self.postprocess, self.step_gates)
 
 
 def compress(model: nn.Module, budget: float, ctx: Context, config: DiPGOConfig) -> nn.Module:
     """Learn a reuse plan for ``ctx.sampler`` x ``ctx.steps`` meeting ``budget``; returns the
     unchanged model with the plan applied and recorded. ``step_gates``: also learn which
     whole steps reuse the model output (beyond the paper; see the module docs)."""
-    opt_steps, loss = _check_options(config.opt_steps, config.loss)
-    postprocess, batch = config.postprocess, config.batch
-    alpha = _check_number("alpha", "the sparsity loss weight", config.alpha)
-    lr = _check_number("lr", "the learning rate", config.lr, positive=True)
-    skip_reused_steps = _check_bool("skip_reused_steps", config.skip_reused_steps)
-    step_gates = _check_bool("step_gates", config.step_gates)
-    for name, choices in (("optimizer", OPTIMIZERS), ("pruner_attention", ATTENTIONS),
-                          ("sparsity_cost", SPARSITY_COSTS)):  # checked before the optimisation runs
-        if getattr(config, name) not in choices:
-            raise UsageError(f"unknown {name} {getattr(config, name)!r}; use one of {', '.join(choices)} "
-                             "(the first is the reference's)")
-    check_postprocess(postprocess, step_gates)
+    opt_steps, loss, postprocess, batch = config.opt_steps, config.loss, config.postprocess, config.batch
+    alpha, lr = float(config.alpha), float(config.lr)
+    skip_reused_steps, step_gates = config.skip_reused_steps, config.step_gates
     costs = prepare(model, budget, ctx, step_gates or skip_reused_steps)
     start = time.process_time()
     apply_block_reuse(model, ReusePlan.full(ctx.sampler, ctx.steps, model))

@@ -72,7 +72,7 @@ from slimdiff.errors import UsageError
 from slimdiff.compression.calibration import model_dataset
 from slimdiff.compression.lora import add_lora, merge_lora
 from slimdiff.methods.base import Context, record, recover
-from slimdiff.methods.spec import MethodSpec, option
+from slimdiff.methods.spec import MethodSpec, check_options, option
 from slimdiff.runtime.routing import (
     ROUTER_INITS,
     TOKEN_ROUTERS,
@@ -96,54 +96,43 @@ HELDOUT_SEED = 1_000_003  # offset of the held-out run's seed from ctx.seed (cal
 class DyDiTConfig:
     """Every coefficient of a DyDiT run: defaults are the reference's, scaled in length (module docs)."""
 
-    train_steps: int = option(200, "router training steps (reference: 200K at batch 256)")
+    train_steps: int = option(200, "router training steps (reference: 200K at batch 256)", low=0)
     tune: str = option("full", "what trains with the routers: full (every weight, reference) | lora (LoRA adapters, "
-                               "merged after; beyond the paper)")
+                               "merged after; beyond the paper)", choices=TUNE_MODES)
     router_lr: float | None = option(None, "learning rate of the routers (default: min(1, 20 / train_steps): the "
-                                           "distance the reference's lr 1e-4 moves them in 200K steps, in ours)")
-    flops_weight: float = option(2.0, "weight w of the FLOPs loss w (ratio - target)^2 (reference: 2.0)")
+                                           "distance the reference's lr 1e-4 moves them in 200K steps, in ours)",
+                                 low=0, low_open=True)
+    flops_weight: float = option(2.0, "weight w of the FLOPs loss w (ratio - target)^2 (reference: 2.0)", low=0)
     complete_model_loss: bool = option(True, "add the complete (unrouted) model's diffusion loss (reference "
                                              "train.py; its second stage drops it)")
     t_sampling: str = option("stratified", "training timesteps: stratified (reference train.py --t_sample: sample "
-                                           "i of a batch draws t in bin i mod 4 of [0, T)) | uniform (deviation)")
-    hold_frac: float = option(0.0005, "fraction of the steps the FLOPs target is held at 1 (reference: 100 of 200K)")
+                                           "i of a batch draws t in bin i mod 4 of [0, T)) | uniform (deviation)",
+                             choices=T_SAMPLING)
+    hold_frac: float = option(0.0005, "fraction of the steps the FLOPs target is held at 1 (reference: 100 of 200K)", low=0, high=1)
     warmup_frac: float = option(0.005, "fraction of the steps over which the FLOPs target falls linearly from 1 to "
-                                       "the budget, counted from step 0 (reference: 1000 of 200K, train0.5.sh)")
+                                       "the budget, counted from step 0 (reference: 1000 of 200K, train0.5.sh)",
+                               low=0, high=1)
     token_router: str = option("mlp", "token router: mlp (reference, D -> D/16 -> ReLU -> 1) | linear (deviation: "
-                                      "one Linear, this project's earlier router)")
+                                      "one Linear, this project's earlier router)", choices=TOKEN_ROUTERS)
     gate_tau: float = option(5.0, "Gumbel-sigmoid temperature of the training gates (reference 5; 1 = deviation, "
-                                  "this project's earlier value)")
+                                  "this project's earlier value)", low=0, low_open=True)
     width_init_bias: float = option(15.0, "initial bias of the head/group routers (reference 15; 4 = deviation)")
     token_init_bias: float = option(35.0, "initial bias of the token routers (reference 35; 4 = deviation)")
     router_init: str = option("xavier", "router weights: xavier (reference) | zeros (deviation: the logit layers "
-                                        "start at 0, all on for any input scale)")
-    lora_rank: int = option(8, "LoRA rank (tune=lora)")
+                                        "start at 0, all on for any input scale)", choices=ROUTER_INITS)
+    lora_rank: int = option(8, "LoRA rank (tune=lora)", low=1)
     calibrate: bool = option(False, "beyond the paper: after training, shift every router bias by one scalar "
                                     "(bisection) so a routed sampling run meets the budget")
-    calibrate_samples: int = option(8, "images per calibration sampling run (calibrate)")
-    calibrate_iters: int = option(12, "bisection steps of the calibration (calibrate)")
+    calibrate_samples: int = option(8, "images per calibration sampling run (calibrate)", low=1)
+    calibrate_iters: int = option(12, "bisection steps of the calibration (calibrate)", low=1)
     frozen_router_recovery: bool = option(False, "beyond the paper: --recover-steps fine-tune the weights with the "
                                                  "routers frozen (deterministic masked routing), then calibrate again; "
                                                  "off: recovery steps are more joint training, as the paper")
     heldout_samples: int = option(8, "images of the held-out sampling run (fresh noise and labels) whose realised "
-                                     "MACs ratio is recorded; 0: none")
+                                     "MACs ratio is recorded; 0: none", low=0)
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("tune", self.tune, TUNE_MODES), ("t_sampling", self.t_sampling, T_SAMPLING),
-                                     ("token_router", self.token_router, TOKEN_ROUTERS),
-                                     ("router_init", self.router_init, ROUTER_INITS)):
-            if value not in allowed:
-                flag = "--tune" if name == "tune" else f"--option {name}"
-                raise UsageError(f"unknown {flag} {value!r}; use one of {', '.join(allowed)}")
-        if self.train_steps < 0:
-            raise UsageError(f"--train-steps must be >= 0, got {self.train_steps}")
-        if not (0 <= self.hold_frac <= 1 and 0 <= self.warmup_frac <= 1):
-            raise UsageError(f"hold_frac and warmup_frac are fractions of the run in [0, 1], got {self.hold_frac} "
-                             f"and {self.warmup_frac}")
-        if not self.gate_tau > 0 or (self.router_lr is not None and not self.router_lr > 0):
-            raise UsageError(f"gate_tau and router_lr must be > 0, got {self.gate_tau} and {self.router_lr}")
-        if self.heldout_samples < 0:
-            raise UsageError(f"heldout_samples must be >= 0, got {self.heldout_samples}")
+        check_options(self)
 
     def routing(self, model: nn.Module) -> RoutingConfig:
         """The routers these options build on ``model``."""

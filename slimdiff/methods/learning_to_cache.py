@@ -58,7 +58,7 @@ from slimdiff.compression.reuse_plans import draw_plan, with_legacy_block_plans
 from slimdiff.diffusion.sampling import Trajectory, schedule_timesteps
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, record
-from slimdiff.methods.spec import MethodSpec, option
+from slimdiff.methods.spec import MethodSpec, check_options, option
 from slimdiff.models.backbone import as_backbone
 from slimdiff.runtime.branch_cache import (
     BranchFrame,
@@ -87,19 +87,22 @@ class L2CConfig:
     """L2C's options (defaults: the reference's DiT-XL/2 NFE-50 recipe, scaled in length)."""
 
     lam: float = option(1e-6, "lambda: weight of the sum of router scores in the loss (reference README: 1e-6 "
-                               "for DiT-XL/2 at NFE 50, 5e-6 at NFE 20)")
+                               "for DiT-XL/2 at NFE 50, 5e-6 at NFE 20)", low=0)
     threshold: float = option(0.1, "theta: a branch is computed when its router score > theta (reference DiT: "
-                                   "0.1); raised as far as the budget needs")
+                                   "0.1); raised as far as the budget needs", low=0, high=1, high_open=True)
     opt_steps: int = option(500, "router optimisation steps (the reference: ~20k, one ImageNet epoch at batch 64; "
-                                 "scaled in length to DiP-GO's 500, see lr)")
-    batch: int = option(64, "data samples per optimisation step (the reference's global batch 64)")
+                                 "scaled in length to DiP-GO's 500, see lr)", low=0)
+    batch: int = option(64, "data samples per optimisation step (the reference's global batch 64)", low=1)
     lr: float = option(0.0, "AdamW learning rate; 0 = 1e-3 x 20000 / opt_steps (the reference's lr 1e-3 over its "
-                            "~20k steps: the same total step length)")
+                            "~20k steps: the same total step length)", low=0)
     alternate: bool = option(False, "the released code's schedule: full and router calls alternate "
                                     "(dynamic_models.py); the default is the paper's Algorithm 2 (any call after "
                                     "the first may reuse)")
     skip_reused_steps: bool = option(False, "beyond the paper: a routed call that reuses every branch skips the "
                                             "model call (reuses its output), as DiP-GO's option of the same name")
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 # --------------------------------------------------------------------------- units
@@ -251,11 +254,6 @@ def _check(model: nn.Module, config: L2CConfig) -> None:
         raise UsageError("Learning-to-Cache is published for transformers (its router picks attention/MLP "
                          "branches); on a UNet use --method l2c-block (the block-level variant) or deepcache")
     check_no_plan(model)
-    if config.opt_steps < 0 or config.batch < 1:
-        raise UsageError(f"l2c needs opt_steps >= 0 and batch >= 1, got {config.opt_steps} and {config.batch}")
-    if not 0 <= config.threshold < 1 or config.lam < 0 or config.lr < 0:
-        raise UsageError(f"l2c needs 0 <= threshold < 1, lam >= 0 and lr >= 0, got {config.threshold}, "
-                         f"{config.lam} and {config.lr}")
 
 
 def _l2c(model: nn.Module, budget: float, ctx: Context, config: L2CConfig) -> nn.Module:

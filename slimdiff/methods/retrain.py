@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, fingerprint, record, recover, settings_key
-from slimdiff.methods.spec import MethodSpec, option
+from slimdiff.methods.spec import MethodSpec, check_options, option
 from slimdiff.result import record_of, set_record
 
 __all__ = ["reinitialize", "init_steps", "student_architecture", "teacher_recipe", "ReinitConfig", "ScratchConfig",
@@ -168,6 +168,9 @@ class ReinitConfig:
                                                "or width method: diff-pruning, random-width, tinyfusion, ...)")
     architecture_options: str | None = option(None, "that method's options, NAME=VALUE;NAME=VALUE (e.g. heads=whole)")
 
+    def __post_init__(self) -> None:
+        check_options(self)
+
 
 def _retrained(name: str, model: nn.Module, budget: float, ctx: Context, config: ReinitConfig,
                train: Callable[[nn.Module, dict], tuple[nn.Module, dict, dict]]) -> nn.Module:
@@ -206,11 +209,11 @@ class ScratchConfig(ReinitConfig):
     """``scratch``'s options: whose architecture, and the training (default: the teacher's recipe)."""
 
     scratch_steps: int | None = option(None, "training steps (default: the teacher's recorded step count; another "
-                                             "count scales the run in length, warm-up included)")
-    scratch_lr: float | None = option(None, "learning rate (default: the teacher's recorded lr)")
-    scratch_batch_size: int | None = option(None, "batch size (default: the teacher's recorded batch size)")
+                                             "count scales the run in length, warm-up included)", low=1)
+    scratch_lr: float | None = option(None, "learning rate (default: the teacher's recorded lr)", low=0, low_open=True)
+    scratch_batch_size: int | None = option(None, "batch size (default: the teacher's recorded batch size)", low=1)
     scratch_checkpoint_every: int | None = option(None, "checkpoint interval in steps (default: the trainer's, at "
-                                                        "most the step count)")
+                                                        "most the step count)", low=1)
 
 
 # recipe setting -> (TrainConfig field, record key, command flag, option or None)

@@ -57,7 +57,6 @@ import torch.nn.functional as F
 
 from slimdiff.compression.reuse_plans import (
     OPT_STEPS,
-    check_opt_steps,
     draw_plan,
     finish,
     prepare,
@@ -70,7 +69,7 @@ from slimdiff.compression.reuse_plans import (
 from slimdiff.diffusion.sampling import Trajectory, schedule_timesteps
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context
-from slimdiff.methods.spec import MethodSpec, NoOptions, option
+from slimdiff.methods.spec import MethodSpec, NoOptions, check_options, option
 from slimdiff.runtime.reuse import (
     BlockCosts,
     ReusePlan,
@@ -120,16 +119,13 @@ class DeepCacheStyleConfig:
 
     skip_reused_steps: bool = option(False, SKIP_HELP)
 
-
-def _check_skip(value: object) -> bool:
-    if value not in (True, False):
-        raise UsageError(f"skip_reused_steps must be true or false (1 or 0), got {value!r}")
-    return bool(value)
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def _deepcache_style(model: nn.Module, budget: float, ctx: Context, config: DeepCacheStyleConfig) -> nn.Module:
     """DeepCache-style uniform reuse at ``budget`` (see the module docs)."""
-    skip = _check_skip(config.skip_reused_steps)
+    skip = config.skip_reused_steps
     costs = prepare(model, budget, ctx, skip)
     steps = len(schedule_timesteps(ctx.sampler, ctx.steps, model))
     table, k, r = deepcache_search(costs, steps, budget, skip)
@@ -197,17 +193,21 @@ def l2c_train(model: nn.Module, costs: BlockCosts, ctx: Context, opt_steps: int,
 class L2CBlockConfig:
     """l2c-block's options (the router's optimisation about as long as DiP-GO's)."""
 
-    opt_steps: int = option(OPT_STEPS, "router optimisation steps (8 trajectories each: about DiP-GO's 500 x 2)")
-    batch: int = option(8, "teacher trajectories per optimisation step")
-    lam: float = option(1e-3, "weight of the MACs-weighted sparsity term")
+    opt_steps: int = option(OPT_STEPS, "router optimisation steps (8 trajectories each: about DiP-GO's 500 x 2)",
+                            low=0)
+    batch: int = option(8, "teacher trajectories per optimisation step", low=1)
+    lam: float = option(1e-3, "weight of the MACs-weighted sparsity term", low=0)
     skip_reused_steps: bool = option(False, SKIP_HELP)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def _l2c_block(model: nn.Module, budget: float, ctx: Context, config: L2CBlockConfig) -> nn.Module:
     """Train the router, threshold it to ``budget`` with DiP-GO's post-processing."""
     batch, lam = config.batch, config.lam
-    opt_steps = check_opt_steps(config.opt_steps)
-    skip = _check_skip(config.skip_reused_steps)
+    opt_steps = config.opt_steps
+    skip = config.skip_reused_steps
     costs = prepare(model, budget, ctx, skip)
     start = time.process_time()
     apply_block_reuse(model, ReusePlan.full(ctx.sampler, ctx.steps, model))

@@ -19,6 +19,7 @@ does not apply and still fails loudly on a real error.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,11 +38,47 @@ class NoOptions:
     """The config of a method without options."""
 
 
-def option(default: Any, help: str, **kwargs) -> Any:
-    """A config field with its CLI help: ``threshold: float = option(0.05, "relative-loss threshold")``."""
+def option(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
+           high: float | None = None, low_open: bool = False, high_open: bool = False, **kwargs) -> Any:
+    """A config field with its CLI help and its allowed values, which :func:`check_options`
+    enforces before any model is loaded: ``threshold: float = option(0.05, "relative-loss
+    threshold", low=0, high=1)``; ``choices`` lists the allowed values (the first is the
+    paper's), ``low``/``high`` bound a number (``low_open``/``high_open``: strictly)."""
+    metadata = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open,
+                "high_open": high_open}
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def check_options(config: Any) -> None:
+    """Check every field of a method config against its type and its :func:`option` bounds;
+    a bad value is a one-line :class:`UsageError` naming the option. Configs call this from
+    ``__post_init__``, so a config that exists is valid, whoever built it."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if value is None and f.default is None:
+            continue
+        tp = hints.get(f.name, Any)
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+        kind = args[0] if len(args) == 1 else None
+        if kind is bool and not isinstance(value, bool):
+            raise UsageError(f"{f.name} must be true or false (1 or 0), got {value!r}")
+        if kind in (int, float):
+            integral = kind is int
+            if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)) or (
+                    not integral and not math.isfinite(value)):
+                raise UsageError(f"{f.name} must be {'an integer' if integral else 'a finite number'}, got {value!r}")
+            low, high, low_open, high_open = (meta.get(k) for k in ("low", "high", "low_open", "high_open"))
+            if (low is not None and (value < low or (low_open and value == low))) or (
+                    high is not None and (value > high or (high_open and value == high))):
+                bounds = [f"{'>' if low_open else '>='} {low:g}" if low is not None else "",
+                          f"{'<' if high_open else '<='} {high:g}" if high is not None else ""]
+                raise UsageError(f"{f.name} must be {' and '.join(b for b in bounds if b)}, got {value!r}")
+        choices = meta.get("choices")
+        if choices is not None and value not in choices:
+            raise UsageError(f"unknown {f.name} {value!r}; choose one of {', '.join(map(str, choices))}")
 
 
 @dataclass(frozen=True)
@@ -102,7 +139,9 @@ class MethodSpec:
                              f"its options: {', '.join(self.options) or 'none'}")
         hints = typing.get_type_hints(self.config)
         values = {k: _convert(v, hints.get(k, Any), f"{self.name} option {k}") for k, v in settings.items()}
-        return self.config(**values)
+        config = self.config(**values)
+        check_options(config)  # also for configs (e.g. registered by users) that do not check themselves
+        return config
 
     def __call__(self, model: nn.Module, budget: float, ctx: Any = None, *, config: Any = None,
                  **options) -> nn.Module:
@@ -116,6 +155,7 @@ class MethodSpec:
             config = self.make_config(options)
         elif options:
             config = dataclasses.replace(config, **{k: v for k, v in options.items() if v is not None})
+        check_options(config)
         return self.compress(model, budget, ctx or Context(), config)
 
 

@@ -66,6 +66,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimdiff.compression.calibration import model_dataset
 from slimdiff.compression.depth import (
     KD_MAPS,
     SEARCH_SPACES,
@@ -73,6 +74,7 @@ from slimdiff.compression.depth import (
     Group,
     apply_depth_gates,
     check_depth_prunable,
+    check_keep_syntax,
     depth_prunable,
     draw_depth,
     finish_depth,
@@ -81,11 +83,10 @@ from slimdiff.compression.depth import (
     remove_depth_gates,
     resolve_depth,
 )
-from slimdiff.compression.calibration import model_dataset
 from slimdiff.compression.lora import add_lora, linear_layers
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, fingerprint, settings_key
-from slimdiff.methods.spec import MethodSpec, option
+from slimdiff.methods.spec import MethodSpec, check_options, option
 from slimdiff.models.backbone import as_backbone
 
 __all__ = ["SearchConfig", "DepthGates", "SearchResult", "search", "TinyFusionConfig", "speed_student",
@@ -284,25 +285,24 @@ class TinyFusionConfig:
                                     "(default: chosen from the budget by search_space)")
     search_space: str = option("local", "how the budget picks the shape: 'local' = the finest N:M groups "
                                         "(reference default: 1:2 for 0.5, 1:4 for 0.25); 'global' = beyond the "
-                                        "paper: the widest shape, e.g. 6:12 on 12 blocks")
+                                        "paper: the widest shape, e.g. 6:12 on 12 blocks", choices=SEARCH_SPACES)
     search_steps: int = option(SearchConfig.steps, "search steps at the context batch (default 500 x 64: scaled "
                                                    "length; the reference searches one data epoch at batch 128, "
-                                                   "about 10K steps on ImageNet)")
+                                                   "about 10K steps on ImageNet)", low=1)
     lora_targets: str = option("all", "LoRA r8/alpha16 targets: 'all' = every nn.Linear incl. embedders and final "
-                                      "layer (reference default); 'blocks' = deviation: the blocks' linears only")
+                                      "layer (reference default); 'blocks' = deviation: the blocks' linears only",
+                              choices=LORA_TARGETS)
     delta_w: bool = option(False, "train every weight instead of LoRA during the search: the reference's "
                                   "--delta-w without --lora, a reference option (off = the README's LoRA recipe)")
     kd_map: str = option("group-end", "hidden/masked-KD layer map: 'group-end' = a group's last kept student "
                                       "block <- the teacher block ending the group (reference default, "
-                                      "train_masked_kd.py); 'kept' = deviation: student i <- teacher kept[i]")
+                                      "train_masked_kd.py); 'kept' = deviation: student i <- teacher kept[i]",
+                        choices=KD_MAPS)
 
     def __post_init__(self) -> None:
-        if self.search_space not in SEARCH_SPACES:
-            raise UsageError(f"unknown search_space {self.search_space!r}; choose one of {', '.join(SEARCH_SPACES)}")
-        if self.lora_targets not in LORA_TARGETS:
-            raise UsageError(f"unknown lora_targets {self.lora_targets!r}; choose one of {', '.join(LORA_TARGETS)}")
-        if self.kd_map not in KD_MAPS:
-            raise UsageError(f"unknown kd_map {self.kd_map!r}; choose one of {', '.join(KD_MAPS)}")
+        check_options(self)
+        if self.keep is not None:
+            check_keep_syntax(self.keep)  # whether its groups tile the depth needs the model
 
 
 def compress(model: nn.Module, budget: float, ctx: Context, config: TinyFusionConfig) -> nn.Module:

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from slimdiff.compression.width import GROUP_RANKING_HELP, HEADS_HELP, draw_width, width_prune
-from slimdiff.errors import UsageError
+from slimdiff.compression.width import GROUP_RANKING_HELP, GROUP_RANKINGS, HEAD_MODES, HEADS_HELP, draw_width, width_prune
 from slimdiff.methods.base import Context
-from slimdiff.methods.spec import MethodSpec, option
+from slimdiff.methods.spec import MethodSpec, check_options, option
 
 __all__ = ["WidthBaselineConfig", "TaylorConfig", "RANDOM_WIDTH", "MAGNITUDE_WIDTH", "TAYLOR_WIDTH", "random_width",
            "magnitude_width", "taylor_width", "SPECS"]
@@ -38,17 +37,22 @@ TAYLOR_IMPORTANCE = {"multivariable": "taylor-multivariable", "paper": "taylor-p
 class WidthBaselineConfig:
     """Options of the width baselines."""
 
-    heads: str = option("dims", HEADS_HELP)
-    group_ranking: str = option("separate", GROUP_RANKING_HELP)
+    heads: str = option("dims", HEADS_HELP, choices=HEAD_MODES)
+    group_ranking: str = option("separate", GROUP_RANKING_HELP, choices=GROUP_RANKINGS)
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 @dataclass(frozen=True)
 class TaylorConfig(WidthBaselineConfig):
     """Options of the Taylor baseline."""
 
-    stride: int = option(1, "timestep stride of the gradient pass (1 = every training timestep, as in the reference)")
+    stride: int = option(1, "timestep stride of the gradient pass (1 = every training timestep, as in the reference)",
+                         low=1)
     importance: str = option("multivariable", "multivariable = |sum_k w_k g_k| per channel (ddpm_prune.py's taylor); "
-                                              "paper = Diff-Pruning's score (ddpm_exp/prune.py's taylor)")
+                                              "paper = Diff-Pruning's score (ddpm_exp/prune.py's taylor)",
+                        choices=tuple(TAYLOR_IMPORTANCE))
 
 
 def _random(model: nn.Module, budget: float, ctx: Context, config: WidthBaselineConfig) -> nn.Module:
@@ -67,8 +71,6 @@ def _taylor(model: nn.Module, budget: float, ctx: Context, config: TaylorConfig)
     """First-order Taylor width pruning over every timestep (see the module docstring)."""
     from slimdiff.methods.diff_pruning import gradient_pass
 
-    if config.importance not in TAYLOR_IMPORTANCE:
-        raise UsageError(f"importance must be one of {', '.join(TAYLOR_IMPORTANCE)}, got {config.importance!r}")
     prepare = gradient_pass(ctx, threshold=0.0, stride=config.stride)
     return width_prune(model, budget, ctx, "taylor", TAYLOR_IMPORTANCE[config.importance], heads=config.heads,
                        settings={"stride": config.stride}, group_ranking=config.group_ranking, prepare=prepare)

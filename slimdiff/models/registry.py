@@ -87,6 +87,9 @@ def load_model(path_or_name: str | os.PathLike, *, allow_hub: bool = False, **kw
     from slimdiff.diffusion.schedulers import DiffusionConfig
     from slimdiff.models.dit import DiT_models, load_official
 
+    if not isinstance(path_or_name, (str, os.PathLike)) or not os.fspath(path_or_name):
+        raise UsageError(f"slimdiff.load: path_or_name = {path_or_name!r:.60} is not a path or name; pass a model "
+                         f"directory, a shipped name or DiT size ({', '.join(available_names()[:3])}, ...) or a .pt file")
     spec = os.fspath(path_or_name)
     path = Path(spec).expanduser()
     source = _source(spec)

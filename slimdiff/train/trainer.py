@@ -46,6 +46,8 @@ from slimdiff.errors import UsageError
 from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from slimdiff.train.distill import KD_MODES, HiddenCapture, distill_loss
 
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
@@ -83,6 +85,8 @@ class TrainConfig:
             raise UsageError(f"learning rate must be a finite number > 0, got {self.lr}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise UsageError(f"unknown lr schedule {self.lr_schedule!r}; use 'cosine' or 'constant'")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise UsageError(f"unknown --mixed-precision {self.mixed_precision!r}; choose one of {', '.join(MIXED_PRECISION)}")
         if self.kd not in KD_MODES:
             raise UsageError(f"unknown distillation mode {self.kd!r}; choose one of {', '.join(KD_MODES)}")
         if not 0 <= self.ema_decay < 1:
@@ -172,6 +176,8 @@ def check_conditioning(bb, dataset: Dataset) -> None:
                 "encode the captions with the model's own text encoder"
             )
     if bb.conditioning == "class":
+        if callable(getattr(dataset, "check_labelled", None)):  # an image folder without class sub-folders
+            dataset.check_labelled(bb.num_classes)
         y = dataset[0][1]  # one read (datasets may count them)
         if isinstance(y, TextCondition):
             raise UsageError(f"the data holds caption embeddings but the {bb.kind} model is class-conditional: "
@@ -195,6 +201,17 @@ def _batch(dataset: Dataset, idx: torch.Tensor):
     if isinstance(items[0][1], TextCondition):
         return x, TextCondition.stack([it[1] for it in items])
     return x, torch.stack([torch.as_tensor(it[1]) for it in items])
+
+
+def _to_fp32(model: nn.Module, what: str, accelerator) -> None:
+    """Cast half-precision weights (the shipped fp16 models) to fp32 in place: AdamW on fp16
+    weights loses small updates and fp32 data cannot run through fp16 layers; ``mixed_precision``
+    is the way to compute in 16 bits."""
+    low = {p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
+    if low:
+        model.float()
+        accelerator.print(f"{what} weights are {', '.join(sorted(str(d) for d in low))}: training an fp32 copy "
+                          "(use --mixed-precision to compute in 16 bits)")
 
 
 def train(
@@ -259,6 +276,9 @@ def train(
     torch.manual_seed(config.seed)
     data_gen = torch.Generator().manual_seed(config.seed)
 
+    _to_fp32(model, "model", accelerator)
+    if teacher is not None:
+        _to_fp32(teacher, "teacher", accelerator)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise UsageError("the model has no trainable parameters")
