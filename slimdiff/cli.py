@@ -21,7 +21,11 @@ from slimdiff.errors import UsageError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0], pretty_exceptions_enable=False)
 err = Console(stderr=True)
 
-MODEL_HELP = "a slimdiff model directory, a shipped name (digits-dit, mnist-dit) or a DiT size name (DiT-S/2)"
+MODEL_HELP = ("a slimdiff model directory, a diffusers model or pipeline folder, a shipped name (digits-dit, mnist-dit), "
+              "a DiT size name (DiT-S/2) or an official DiT .pt checkpoint")
+DIT_CONFIG = typer.Option(None, "--dit-config", help="DiTConfig fields for a DiT size name or an official .pt, e.g. "
+                                                     "input_size=32,num_classes=1000 (a .pt's config is read from its "
+                                                     "weights; these override it)")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N (auto: the GPU when torch sees one)")
 
 
@@ -100,15 +104,17 @@ def sample(
         None, help="guide only the first N output channels; 3 = the official DiT's forward_with_cfg (exact official "
                    "samples/FIDs); default: all channels (diffusers' DiTPipeline)"),
     output: Path = typer.Option(Path("grid.png"), "-o", "--output", help="PNG grid to write"),
+    dit_config: Optional[str] = DIT_CONFIG,
     device: str = DEVICE,
 ) -> None:
     """Sample a grid of images from a model."""
     from slimdiff.diffusion.sampling import sample as run
+    from slimdiff.models.registry import dit_options
     from slimdiff.utils import save_grid
 
     labels = _parse_ints(classes, "--classes")
     _check_image_output(output, "-o")
-    m = _model(model, device)
+    m = _model(model, device, **dit_options(dit_config, model))
     x = run(m, sampler=sampler, steps=steps, num_samples=num_samples, classes=labels, cfg=cfg, seed=seed, progress=True,
             guidance_channels=guidance_channels)
     save_grid(x, output)
@@ -122,13 +128,15 @@ def info(
     steps: int = typer.Option(50),
     cfg: float = typer.Option(1.0, help="guidance scale assumed for sampling MACs"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    dit_config: Optional[str] = DIT_CONFIG,
 ) -> None:
     """Parameters, MACs per forward and per full sampling run, and per-layer structure."""
     from slimdiff.eval.compute import macs_forward, macs_sampling, params
     from slimdiff.models.backbone import as_backbone
+    from slimdiff.models.registry import dit_options
     from slimdiff.result import record_of
 
-    m = _model(model)
+    m = _model(model, **dit_options(dit_config, model))
     bb = as_backbone(m)
     out = {
         "model": model,
@@ -264,12 +272,14 @@ def finetune(
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/finetune"), "-o", "--out"),
     resume: bool = typer.Option(False),
+    dit_config: Optional[str] = DIT_CONFIG,
     device: str = DEVICE,
 ) -> None:
     """Recovery fine-tuning (diffusion loss) or distillation of a compressed model."""
     from slimdiff.io import save
 
     from slimdiff.compression.calibration import resolve_data
+    from slimdiff.models.registry import dit_options
 
     pairs = None
     if layer_map:
@@ -281,7 +291,7 @@ def finetune(
                   checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed, kd=kd,
                   layer_map=pairs, device=device)
     _check_training(config)
-    m = _model(model, device)
+    m = _model(model, device, **dit_options(dit_config, model))
     data = resolve_data(data, m)
     t = _model(teacher, device) if teacher else None
     m = _run_training(m, data, out, resume, teacher=t, **config)
@@ -303,16 +313,18 @@ def eval_(
     seed: int = typer.Option(0),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     grid: Optional[Path] = typer.Option(None, help="also write the first 100 samples as a PNG grid"),
+    dit_config: Optional[str] = DIT_CONFIG,
     device: str = DEVICE,
 ) -> None:
     """Quality and compute of a model: FD (and its real-data floor), class accuracy,
     SSIM/PSNR to a reference from the same noise, MACs ratio, parameters."""
     from slimdiff.eval.evaluate import generate, score
+    from slimdiff.models.registry import dit_options
     from slimdiff.utils import save_grid
 
     if grid is not None:
         _check_image_output(grid, "--grid")
-    m = _model(model, device)
+    m = _model(model, device, **dit_options(dit_config, model))
     ref = _model(reference, device) if reference else None
     settings = dict(sampler=sampler, steps=steps, cfg=cfg, seed=seed)
     x, y = generate(m, samples, progress=not as_json, **settings)
@@ -356,6 +368,7 @@ def compress(
     export_diffusers: Optional[Path] = typer.Option(
         None, help="also write a diffusers save_pretrained copy here (when the result fits a diffusers config: "
                    "depth pruning, uniform widths)"),
+    dit_config: Optional[str] = DIT_CONFIG,
     device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -369,6 +382,7 @@ def compress(
     from slimdiff.eval.compute import params
     from slimdiff.io import check_output, save
     from slimdiff.methods.base import Context, plan_chain
+    from slimdiff.models.registry import dit_options
     from slimdiff.result import record_of
     from slimdiff.methods.base import compress as run
     from slimdiff.utils import resolve_device
@@ -382,11 +396,12 @@ def compress(
     ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps, kd=kd,
                   batch_size=batch_size, lr=lr, work_dir=work, progress=not as_json)
     plan_chain(method, settings, recover_steps)  # names, which methods compose, options and their values
+    model_options = dit_options(dit_config, model)
     resolve_device(device)
     _check_not_input(out, model)
     check_output(out)  # an output that cannot take the result
     with exclusive(out, f"--out {out}"):  # a second run into --out is refused
-        m = _model(model, device)
+        m = _model(model, device, **model_options)
         check_steps(m, steps)  # the one check that needs the model's schedule
         ctx.data = resolve_data(data, m)
         result = run(m, method, b, ctx, settings)

@@ -194,6 +194,6 @@ def test_errors():
     assert not L.l2c.applies(tiny_unet()) and L.l2c.applies(_dit())
     with pytest.raises(UsageError, match="l2c-block"):
         L.l2c(tiny_unet(), 0.5, _ctx(), **FAST)
-    for opts, match in (({"threshold": 1.0}, "threshold < 1"), ({"batch": 0}, "batch >= 1")):
+    for opts, match in (({"threshold": 1.0}, "threshold must be >= 0 and < 1"), ({"batch": 0}, "batch must be >= 1")):
         with pytest.raises(UsageError, match=match):
             L.l2c(_dit(), 0.5, _ctx(), **{**FAST, **opts})

@@ -89,6 +89,13 @@ def test_mnist_split_is_stratified_disjoint_and_deterministic(train_split, test_
 def test_builtin_data_sets_are_found_by_name_and_shape():
     assert builtin_for_shape((1, 8, 8)) == "digits" and builtin_for_shape((1, 32, 32)) == "mnist"
     assert builtin_for_shape((3, 32, 32)) is None
+    from slimdiff.compression.calibration import calibration_batches
+    from slimdiff.methods.base import Context
+
+    for data, model in (("mnist", DiT_models["DiT-M/2"](input_size=8, in_channels=1, num_classes=10)),
+                        ("digits", tiny_mnist_dit())):
+        with pytest.raises(UsageError, match=f"calibration data '{data}' has samples of shape"):  # before it loads
+            next(calibration_batches(model, Context(data=data), 4, 4))
     with pytest.raises(UsageError, match="'mnist'"):
         get_dataset("mnist-typo")
 

@@ -190,3 +190,18 @@ def test_dydit_killed_in_router_training_matches_uninterrupted(teacher, tmp_path
     assert cli_main(monkeypatch, *args, "-o", str(tmp_path / "run")) == 0
     assert "resumed from" in capsys.readouterr().out
     _same_result(tmp_path / "ref", tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_dipgo_killed_in_its_optimisation_matches_uninterrupted(teacher, tmp_path, monkeypatch):
+    """DiP-GO's pruner optimisation (dropout and teacher trajectories from checkpointed RNGs)
+    killed mid-step resumes to the uninterrupted run's plan and record, history included."""
+    opt_steps = 40  # about 20 checkpoints per run: one every 2 steps
+    args = ["compress", "--method", "dipgo", "--model", teacher, "--budget", "0.6", "--steps", "3",
+            "--option", f"opt_steps={opt_steps}", "--seed", "1"]
+    assert cli_main(monkeypatch, *args, "-o", str(tmp_path / "ref")) == 0
+    work = tmp_path / ".run.work"
+    _kill_when([str(BIN), *args, "-o", str(tmp_path / "run")], lambda: _step_of(work, "dipgo-") >= 10, delay=0.05)
+    assert 10 <= _step_of(work, "dipgo-") < opt_steps, "the kill must land inside the optimisation"
+    assert cli_main(monkeypatch, *args, "-o", str(tmp_path / "run")) == 0
+    _same_result(tmp_path / "ref", tmp_path / "run")

@@ -29,11 +29,9 @@ import torch.nn as nn
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context
 
-__all__ = ["calibration_batch", "calibration_batches", "model_dataset", "resolve_data", "check_shape", "MISSING",
-           "DIGITS_SHAPE"]
+__all__ = ["calibration_batch", "calibration_batches", "model_dataset", "resolve_data", "check_shape", "MISSING"]
 
 MISSING = ("labels", "null")
-DIGITS_SHAPE = (1, 8, 8)  # the default ``--data digits``
 
 
 def resolve_data(spec: str, model: nn.Module) -> str:
@@ -104,14 +102,16 @@ def calibration_batches(model: nn.Module, ctx: Context, samples: int, batch: int
     batches. ``x0`` is float32
     on the CPU; samples of another shape than the model's input are a :class:`UsageError`.
     """
+    from slimdiff.data.datasets import BUILTIN, builtin_shape
     from slimdiff.models.backbone import as_backbone
 
     if missing not in MISSING:
         raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")
     bb = as_backbone(model)
     shape = (bb.in_channels, bb.sample_size, bb.sample_size)
-    if dataset is None and ctx.data == "digits" and shape != DIGITS_SHAPE:
-        raise UsageError(f"calibration data 'digits' has samples of shape {DIGITS_SHAPE} but the model takes {shape}: "
+    if dataset is None and ctx.data in BUILTIN and shape != builtin_shape(ctx.data):  # before loading it
+        raise UsageError(f"calibration data {ctx.data!r} has samples of shape {builtin_shape(ctx.data)} but the model "
+                         f"takes {shape}: "
                          "pass --data with images/latents of that shape (an image folder, or a .npz/.safetensors "
                          "latents file)")
     data = dataset if dataset is not None else model_dataset(model, ctx)

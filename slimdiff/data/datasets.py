@@ -99,9 +99,14 @@ def builtin(name: str, split: str = "train") -> TensorDataset:
     raise UsageError(f"unknown data set {name!r}; shipped: {', '.join(BUILTIN)}")
 
 
+def builtin_shape(name: str) -> tuple[int, int, int]:
+    """The (C, H, W) of the shipped data set ``name``'s images."""
+    return {"digits": (1, 8, 8), "mnist": (1, MNIST_SIZE, MNIST_SIZE)}[name]
+
+
 def builtin_for_shape(shape: tuple[int, ...]) -> str | None:
     """The shipped data set whose images have ``shape`` (C, H, W), or ``None``."""
-    return {(1, 8, 8): "digits", (1, MNIST_SIZE, MNIST_SIZE): "mnist"}.get(tuple(shape))
+    return next((name for name in BUILTIN if builtin_shape(name) == tuple(shape)), None)
 
 
 class ImageFolder(Dataset):

@@ -19,7 +19,9 @@ Weight mapping (ours <-> diffusers):
 diffusers keeps one timestep/class embedder *per block* (and the output layer reuses
 block 0's). Writing, the single official embedder is copied into every block; reading, block
 0's is used and all blocks must hold identical copies (as in every converted official
-checkpoint), else :class:`~slimdiff.errors.UsageError`.
+checkpoint), else :class:`~slimdiff.errors.UsageError` (:func:`untied_embedders` lists the
+blocks that differ: a DiT trained in diffusers has its own embedder in every block, which our
+DiT, with one shared embedder, cannot hold exactly).
 
 Numerical conventions handled so outputs agree to float32 round-off (tested at 1e-5):
 
@@ -68,7 +70,7 @@ from slimdiff.models.dit import DiT, Mlp
 from slimdiff.models.dit import Attention as DiTAttention
 from slimdiff.result import record_of, set_record
 
-__all__ = ["dit_to_diffusers", "diffusers_to_dit"]
+__all__ = ["dit_to_diffusers", "diffusers_to_dit", "untied_embedders"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -215,21 +217,28 @@ def dit_to_diffusers(model: DiT) -> DiTTransformer2DModel:
 
 
 # --------------------------------------------------------------------------- diffusers -> ours
-def _check_shared_embedders(model: DiTTransformer2DModel) -> None:
+def untied_embedders(model: DiTTransformer2DModel) -> list[int]:
+    """The blocks whose timestep/class embedder differs from block 0's (weights or frequency
+    shift): none in a DiT converted from an official checkpoint (identical copies), every
+    block in one trained in diffusers (each block trains its own)."""
     ref = model.transformer_blocks[0].norm1.emb
     ref_sd = ref.state_dict()
-    for i, blk in enumerate(model.transformer_blocks[1:], start=1):
-        emb = blk.norm1.emb
+
+    def same(emb: nn.Module) -> bool:
         sd = emb.state_dict()
-        same = sd.keys() == ref_sd.keys() and all(
-            sd[k].shape == ref_sd[k].shape and torch.equal(sd[k], ref_sd[k]) for k in sd
-        )
-        if not same or emb.time_proj.downscale_freq_shift != ref.time_proj.downscale_freq_shift:
-            raise UsageError(
-                f"transformer_blocks[{i}] has a different timestep/class embedder than block 0; our DiT "
-                "has one shared embedder, so only models whose per-block embedders are identical "
-                "(as in converted official checkpoints) can be converted"
-            )
+        return emb.time_proj.downscale_freq_shift == ref.time_proj.downscale_freq_shift and sd.keys() == ref_sd.keys() \
+            and all(sd[k].shape == ref_sd[k].shape and torch.equal(sd[k], ref_sd[k]) for k in sd)
+
+    return [i for i, blk in enumerate(model.transformer_blocks) if i and not same(blk.norm1.emb)]
+
+
+def untied_message(untied: list[int], consequence: str) -> str:
+    """Why per-block embedders stop ``consequence`` and what the user can do (one line)."""
+    more = f" (and {len(untied) - 1} more blocks)" if len(untied) > 1 else ""
+    return (f"transformer_blocks[{untied[0]}]{more} of this diffusers DiT has its own timestep/class embedder, not a "
+            f"copy of block 0's (a DiT trained in diffusers; converted official checkpoints hold copies), so {consequence}; "
+            "compress it with a method that keeps the diffusers model and all its embedders: diff-pruning, a depth "
+            "method that keeps block 0 (oracle-depth --keep-blocks 0,..., first-depth), dipgo, deepcache-style or fewer-steps")
 
 
 @torch.no_grad()
@@ -249,7 +258,10 @@ def diffusers_to_dit(model: DiTTransformer2DModel) -> DiT:
         raise UsageError(f"activation_fn={c.activation_fn!r} has no DiT equivalent (needs 'gelu-approximate')")
     if len(model.transformer_blocks) == 0:
         raise UsageError("cannot convert a DiT with no blocks")
-    _check_shared_embedders(model)
+    untied = untied_embedders(model)
+    if untied:
+        raise UsageError(untied_message(untied, "it cannot become slimdiff's DiT (one embedder shared by all blocks, "
+                                                "what DyDiT routes) without changing its outputs"))
     emb0 = model.transformer_blocks[0].norm1.emb
     tp = emb0.time_proj
     if tp.num_channels != 256 or not tp.flip_sin_to_cos or tp.scale != 1:

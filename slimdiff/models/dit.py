@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -351,15 +351,66 @@ DiT_models: dict[str, Callable[..., DiT]] = {
 """Name -> constructor taking ``input_size``, ``in_channels``, ``num_classes``, ``learn_sigma``."""
 
 
-def load_official(path: str, **kwargs) -> DiT:
-    """Load an official facebookresearch/DiT checkpoint (e.g. ``DiT-XL-2-256.pt``) safely.
+def official_config(state: Mapping[str, torch.Tensor], source: str = "the checkpoint", **overrides) -> dict:
+    """The :class:`DiTConfig` fields of an official-layout state dict, read from its tensor shapes
+    (an official ``.pt`` holds weights only); ``overrides`` (DiTConfig fields) win over what is read.
 
-    Uses ``torch.load(weights_only=True)``: no code in the file is executed. ``kwargs`` are
-    :class:`DiTConfig` fields (defaults: DiT-XL/2 at 256 px, i.e. 32x32x4 latents).
+    Width, depth, patch, channels, MLP ratio and classes (the label table's rows less the null
+    row) are in the shapes, the input size in ``pos_embed``'s length, ``learn_sigma`` in the
+    output channels. The head count is not: it is the size table's for that width (DiT-S/B/L/XL,
+    and our T/M), else ``num_heads`` must be given.
+    """
+    unknown = sorted(set(overrides) - set(DiTConfig.__dataclass_fields__))
+    if unknown:
+        raise UsageError(f"unknown DiT option(s) {', '.join(unknown)}; the options are DiTConfig fields: "
+                         f"{', '.join(DiTConfig.__dataclass_fields__)}")
+
+    def shape(key: str) -> tuple[int, ...]:
+        if not isinstance(state.get(key), torch.Tensor):
+            raise UsageError(f"{source} is not an official DiT state dict (no tensor {key!r}); pass an official "
+                             "facebookresearch DiT-*.pt or a slimdiff directory")
+        return tuple(state[key].shape)
+
+    hidden, in_channels, patch, _ = shape("x_embedder.proj.weight")
+    tokens = shape("pos_embed")[-2]
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise UsageError(f"{source}: pos_embed has {tokens} positions, not a square token grid; pass input_size=N")
+    out_channels = shape("final_layer.linear.weight")[0] // (patch * patch)
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise UsageError(f"{source}: {out_channels} output channels for {in_channels} input channels (neither equal "
+                         "nor twice, a learned sigma); not a DiT this loader understands")
+    null_row = int(overrides.get("class_dropout_prob", DiTConfig.class_dropout_prob) > 0)  # CFG's null class
+    config = dict(
+        input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
+        depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+        mlp_ratio=shape("blocks.0.mlp.fc1.weight")[0] / hidden,
+        num_classes=shape("y_embedder.embedding_table.weight")[0] - null_row,
+        learn_sigma=out_channels == 2 * in_channels,
+    )
+    heads = {size["num_heads"] for size in _SIZES.values() if size["hidden_size"] == hidden}
+    if len(heads) == 1:
+        config["num_heads"] = heads.pop()
+    elif "num_heads" not in overrides:
+        widths = ", ".join(f"{name} {size['hidden_size']}" for name, size in _SIZES.items())
+        raise UsageError(f"{source}: cannot tell the head count of a DiT of width {hidden} (the sizes' widths: "
+                         f"{widths}); pass num_heads=N (CLI: --dit-config num_heads=N)")
+    return {**config, **overrides}
+
+
+def load_official(path: str, **overrides) -> DiT:
+    """Load an official facebookresearch/DiT checkpoint (``DiT-XL-2-256.pt``, ``DiT-XL-2-512.pt``,
+    or any size) safely.
+
+    Uses ``torch.load(weights_only=True)``: no code in the file is executed. The config is read
+    from the weights (:func:`official_config`); ``overrides`` are :class:`DiTConfig` fields that
+    replace what is read (``num_heads`` for a width outside the size table).
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "ema" in state:
         state = state["ema"]
-    model = DiT(**kwargs)
+    if not isinstance(state, dict):
+        raise UsageError(f"{path} holds a {type(state).__name__}, not a state dict; pass an official DiT-*.pt")
+    model = DiT(**official_config(state, str(path), **overrides))
     model.load_state_dict(state)
     return model

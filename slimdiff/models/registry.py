@@ -4,15 +4,17 @@ Resolution order (first match wins):
 
 1. an existing local directory: a slimdiff directory (``slimdiff.json``, via
    :func:`slimdiff.io.load`) or a diffusers one (``config.json`` of a model, or a pipeline's
-   ``model_index.json`` with a ``transformer``/``unet`` folder; safetensors only);
+   ``model_index.json`` with a ``transformer``/``unet`` folder; safetensors only; the legacy
+   ``Transformer2DModel`` of ``facebook/DiT-*`` loads as diffusers loads it, a ``DiTTransformer2DModel``);
 2. a shipped name: a directory ``slimdiff/weights/<name>/`` (``digits-dit``, ``mnist-dit``: see
    :data:`SHIPPED`; a shipped teacher whose weights are not built yet is an error naming the
    ``make`` target that trains and ships it);
 3. a DiT size name from :data:`slimdiff.models.dit.DiT_models` (``DiT-XL/2``; ``DiT-XL-2``
    also works): random init, ``kwargs`` go to the constructor;
-4. an official facebookresearch/DiT ``.pt`` checkpoint via
-   :func:`slimdiff.models.dit.load_official` (``torch.load(weights_only=True)``, ``kwargs``
-   are ``DiTConfig`` fields, e.g. ``input_size=64`` for 512 px);
+4. an official facebookresearch/DiT ``.pt`` checkpoint of any size via
+   :func:`slimdiff.models.dit.load_official` (``torch.load(weights_only=True)``; the config is
+   read from the weights, ``kwargs`` are ``DiTConfig`` fields that override it: the CLI's
+   ``--dit-config``, parsed by :func:`dit_options`);
 5. a Hugging Face Hub name (``facebook/DiT-XL-2-256``), only with ``allow_hub=True`` and
    ``HF_HUB_OFFLINE`` unset; by default an error says how to download it yourself.
 
@@ -36,6 +38,12 @@ from slimdiff.result import ModelRecord, record_of, set_record
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SHIPPED = {"digits-dit": "make teacher", "mnist-dit": "make teacher-mnist"}
 """The shipped teachers and the command that trains and ships each into ``slimdiff/weights/<name>/``."""
+LEGACY_CLASSES = {
+    ("Transformer2DModel", "ada_norm_zero"): "DiTTransformer2DModel",
+    ("Transformer2DModel", "ada_norm_single"): "PixArtTransformer2DModel",
+}
+"""(legacy ``_class_name``, ``norm_type``) -> the class diffusers loads it as (its own remapping):
+``facebook/DiT-*`` and PixArt-alpha snapshots still name ``Transformer2DModel``."""
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z][\w.-]*$")  # not "DiT-XXL/2"
 
 
@@ -75,6 +83,32 @@ def takes_options(path_or_name: str | os.PathLike) -> bool:
     """Whether :func:`load_model` builds ``path_or_name`` from options (a DiT size name or an
     official ``.pt`` checkpoint) rather than loading a complete model (a directory or a shipped name)."""
     return _source(os.fspath(path_or_name)) in ("size", "pt")
+
+
+def dit_options(text: str | None, path_or_name: str | os.PathLike) -> dict:
+    """The CLI's ``--dit-config`` text (``input_size=32,num_classes=1000``) as typed
+    :class:`~slimdiff.models.dit.DiTConfig` fields for ``path_or_name``, checked before anything
+    is loaded: an unknown field, a bad value or options for a complete model is a :class:`UsageError`."""
+    from slimdiff.models.dit import DiTConfig
+
+    if not text:
+        return {}
+    if not takes_options(path_or_name):
+        raise UsageError(f"--dit-config applies to DiT size names and official .pt checkpoints; {os.fspath(path_or_name)!r} "
+                         "is a complete model whose config is stored with it: leave --dit-config out")
+    fields = DiTConfig.__dataclass_fields__
+    options = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in fields:
+            raise UsageError(f"--dit-config takes NAME=VALUE pairs of DiTConfig fields ({', '.join(fields)}), "
+                             f"e.g. input_size=32,num_classes=1000; got {item.strip()!r}")
+        kind = type(fields[key].default)
+        try:
+            options[key] = {"true": True, "false": False}[value.lower()] if kind is bool else kind(value)
+        except (KeyError, ValueError):
+            raise UsageError(f"--dit-config {key}={value!r} is not a {kind.__name__}; e.g. {key}={fields[key].default}") from None
+    return options
 
 
 def load_model(path_or_name: str | os.PathLike, *, allow_hub: bool = False, **kwargs) -> nn.Module:
@@ -157,20 +191,44 @@ def _load_diffusers_dir(path: Path) -> nn.Module:
         if sub is None:
             raise UsageError(f"{path} is a diffusers pipeline without a transformer/ or unet/ folder; pass the model folder")
         folder = path / sub
-    try:
-        cls_name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{folder / 'config.json'} is not readable JSON ({e}); download the model again") from e
-    if cls_name not in io.DIFFUSERS_CLASSES:
-        raise UsageError(f"{folder} holds a {cls_name}; slimdiff supports {', '.join(io.DIFFUSERS_CLASSES)}")
+    cls_name = _diffusers_class(folder)
     if not any(folder.glob("*.safetensors")):
         raise UsageError(f"{folder} has no .safetensors weights; slimdiff never unpickles .bin files: download the safetensors variant")
     try:
         model = getattr(diffusers, cls_name).from_pretrained(str(folder), use_safetensors=True, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise UsageError(f"cannot load {folder} with diffusers: {str(e).splitlines()[0]}") from e
+    _own_config_keys(model)
     diffusion = _diffusion_from_scheduler(path / "scheduler" / "scheduler_config.json") if sub else None
     return set_record(model, ModelRecord(path.name, (diffusion or DiffusionConfig()).to_dict())).eval()
+
+
+def _diffusers_class(folder: Path) -> str:
+    """The supported diffusers class that ``folder/config.json`` names; a legacy name is read as
+    diffusers itself reads it (:data:`LEGACY_CLASSES`)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        name = config.get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UsageError(f"{folder / 'config.json'} is not a readable JSON config ({e}); download the model again") from e
+    name = LEGACY_CLASSES.get((name, config.get("norm_type")), name)
+    if name not in io.DIFFUSERS_CLASSES:
+        norm = f" with norm_type {config.get('norm_type')!r}" if name == "Transformer2DModel" else ""
+        raise UsageError(f"{folder} holds a {name}{norm}; slimdiff supports {', '.join(io.DIFFUSERS_CLASSES)} "
+                         "(and the legacy Transformer2DModel of a DiT or PixArt: norm_type ada_norm_zero or ada_norm_single)")
+    return name
+
+
+def _own_config_keys(model: nn.Module) -> None:
+    """Drop the config keys of a legacy class (``cross_attention_dim``, ... of a
+    ``Transformer2DModel``) that diffusers carries into the class it loads but that class does
+    not take: slimdiff saves a config only with its class's own keys."""
+    import inspect
+
+    from diffusers.configuration_utils import FrozenDict
+
+    own = inspect.signature(type(model).__init__).parameters
+    model._internal_dict = FrozenDict({k: v for k, v in model.config.items() if k in own or k.startswith("_")})
 
 
 def _diffusion_from_scheduler(path: Path):
@@ -198,10 +256,12 @@ def _load_official(path: Path, load_official, kwargs: dict) -> nn.Module:
             f"{path} is not a plain tensor checkpoint: it holds Python objects that torch.load(weights_only=True) "
             "refuses to unpickle (they could run code); use the official DiT-*.pt files or a slimdiff directory"
         ) from e
-    except RuntimeError as e:
+    except RuntimeError as e:  # load_state_dict: "Error(s) in loading state_dict for DiT:" then the first mismatch
+        given = ", ".join(f"{k}={v}" for k, v in kwargs.items())
         raise UsageError(
-            f"{path} does not fit a DiT built with {kwargs or 'the defaults (DiT-XL/2, 256 px)'}: "
-            f"{str(e).splitlines()[0]}; pass the checkpoint's DiTConfig, e.g. input_size=64 for DiT-XL-2-512.pt"
+            f"{path} does not fit a DiT built with {given + ' over ' if given else ''}the config read from its weights: "
+            f"{' '.join(line.strip() for line in str(e).splitlines()[:2])}; pass the DiTConfig fields that differ "
+            "(CLI: --dit-config num_heads=N,...) or leave out a wrong one"
         ) from e
     return set_record(model, ModelRecord(path.stem, DiffusionConfig().to_dict())).eval()
 

@@ -11,6 +11,7 @@ from diffusers.models.attention_processor import Attention as DiffusersAttention
 
 from slimdiff.models.backbone import AttentionLayout, Backbone, MlpLayers, register_backbone
 from slimdiff.models.conditions import text_inputs
+from slimdiff.models.convert import untied_embedders, untied_message
 
 __all__ = ["DiffusersBackbone", "DiffusersTransformerBackbone", "DiffusersDiTBackbone", "PixArtBackbone"]
 
@@ -57,11 +58,14 @@ class DiffusersDiTBackbone(DiffusersTransformerBackbone):
 
     kind = "diffusers-dit"
     conditioning = "class"
-    drop_refusal = (
-        "this diffusers DiT has differing per-block timestep/class embedders and block 0's also feeds the "
-        "output layer, so block 0 cannot be removed; tie the embedders (as in converted official checkpoints) "
-        "or convert it with slimdiff.models.convert.diffusers_to_dit"
-    )
+
+    @property
+    def drop_refusal(self) -> str:
+        untied = untied_embedders(self.module)
+        if not untied:
+            return Backbone.drop_refusal
+        return untied_message(untied, "block 0 cannot be removed: the output layer reads block 0's embedder, which no "
+                                      "other block holds (diffusers' DiT has no place to keep it without the block)")
 
     @property
     def num_classes(self) -> int:
@@ -83,12 +87,7 @@ class DiffusersDiTBackbone(DiffusersTransformerBackbone):
     def can_drop_block(self, i: int) -> bool:
         """Block 0 only when every block's timestep/class embedder equals block 0's (the
         output layer reads block 0's)."""
-        return i != 0 or self._embedders_tied()
-
-    def _embedders_tied(self) -> bool:
-        blocks = self.module.transformer_blocks
-        ref = blocks[0].norm1.emb.state_dict()
-        return all(all(torch.equal(v, b.norm1.emb.state_dict()[k]) for k, v in ref.items()) for b in blocks[1:])
+        return i != 0 or not untied_embedders(self.module)
 
     def _forward(self, x, t, cond):
         return self.module(x, timestep=t, class_labels=cond).sample
