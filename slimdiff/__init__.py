@@ -1,13 +1,15 @@
 """slimdiff: make trained diffusion models cheaper to run, and measure what you gained and lost."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import os
     from pathlib import Path
 
     import torch.nn as nn
+
+    from slimdiff.pipeline import apply
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,16 @@ def save(model: nn.Module, path: str | os.PathLike, **kwargs) -> Path:
     return _save(model, path, **kwargs)
 
 
+def __getattr__(name: str) -> Any:
+    """Lazy exports: ``slimdiff.apply`` (:func:`slimdiff.pipeline.apply`: a compressed model and its
+    reuse plan installed in a loaded diffusers pipeline) imports diffusers' pipeline machinery only when used."""
+    if name == "apply":
+        from slimdiff.pipeline import apply
+
+        return apply
+    raise AttributeError(f"module 'slimdiff' has no attribute {name!r}")
+
+
 def register_builtin_restorers() -> None:
     """Register the built-in methods, and with them their runtime restorers in :mod:`slimdiff.io`.
 
@@ -42,4 +54,4 @@ def register_builtin_restorers() -> None:
     registry()
 
 
-__all__ = ["load", "save", "__version__"]
+__all__ = ["load", "save", "apply", "__version__"]

@@ -28,6 +28,16 @@ from slimdiff.errors import UsageError
 # granularity of whole blocks, heads and aligned channel widths rarely lands exactly on it.
 BUDGET_TOLERANCE = 0.03
 
+BUDGET_NOTE = "budget_note"
+"""Settings key of a method's record entry saying why its result lands far below its budget
+(whole blocks, integral intervals): ``methods.base.compress`` warns with it."""
+
+
+def far_below(budget: float, reached: float) -> bool:
+    """``reached`` (a MACs ratio) is more than :data:`BUDGET_TOLERANCE` (relative) below ``budget``:
+    the result gives away more compute than the budget allows, which is worth a warning."""
+    return reached < budget * (1 - BUDGET_TOLERANCE)
+
 
 @runtime_checkable
 class CostModel(Protocol):

@@ -367,7 +367,8 @@ def compress(
     overwrite: bool = typer.Option(False, help="replace an existing, different result in --out"),
     export_diffusers: Optional[Path] = typer.Option(
         None, help="also write a diffusers save_pretrained copy here (when the result fits a diffusers config: "
-                   "depth pruning, uniform widths)"),
+                   "depth pruning, uniform widths; refused for reuse and dynamic methods, whose result "
+                   "slimdiff.apply(pipe, OUT) installs in a pipeline)"),
     dit_config: Optional[str] = DIT_CONFIG,
     device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -395,7 +396,12 @@ def compress(
     work = out.parent / f".{out.name}.work"
     ctx = Context(sampler=sampler, steps=steps, cfg=cfg, data=data, seed=seed, recover_steps=recover_steps, kd=kd,
                   batch_size=batch_size, lr=lr, work_dir=work, progress=not as_json)
-    plan_chain(method, settings, recover_steps)  # names, which methods compose, options and their values
+    chain = plan_chain(method, settings, recover_steps)  # names, which methods compose, options and their values
+    runtime = [spec.name for spec, _ in chain if spec.kind in ("dynamic", "reuse")]
+    if export_diffusers is not None and runtime:  # a diffusers folder would hold the weights without the runtime
+        raise UsageError(f"--export-diffusers cannot carry {', '.join(runtime)}'s runtime (reuse plan or routers) in "
+                         f"a diffusers folder: drop it and install the result in your pipeline with "
+                         f"slimdiff.apply(pipe, \"{out}\")")
     model_options = dit_options(dit_config, model)
     resolve_device(device)
     _check_not_input(out, model)
@@ -481,7 +487,8 @@ def methods_(as_json: bool = typer.Option(False, "--json", help="print one JSON 
     for name, spec in sorted(registry().items()):
         console.print(f"{name:20s} [{spec.kind}] {spec.help}", markup=False)
         for o in spec.option_info():  # compress / bench: --option NAME=VALUE
-            console.print(f"{'':22s}--option {o.name}={o.default!s} ({o.type}) {o.help}".rstrip(), markup=False)
+            allowed = f" [{o.allowed}]" if o.allowed else ""
+            console.print(f"{'':22s}--option {o.name}={o.default!s} ({o.type}{allowed}) {o.help}".rstrip(), markup=False)
 
 
 def _parse_options(items: list[str] | None) -> dict:

@@ -1,13 +1,19 @@
 """Small shared helpers."""
 from __future__ import annotations
 
+import math
 import os
+import sys
+import time
 from pathlib import Path
+from typing import Iterable, Iterator, TextIO, TypeVar
 
 import numpy as np
 import torch
 
 from slimdiff.errors import UsageError
+
+T = TypeVar("T")
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -38,13 +44,101 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale:
     return path
 
 
-def progress(iterable, description: str, enabled: bool = True, total: int | None = None):
-    """``iterable`` with a transient rich progress bar when ``enabled`` (long loops only)."""
+class ProgressTask:
+    """Progress of one long loop: a rich bar on a terminal, plain log lines elsewhere.
+
+    A transient bar is invisible when stdout is redirected (a log file, ``nohup``, CI), so a
+    non-terminal ``stream`` gets one line ``description: done/total (pct%), elapsed, ETA``
+    (plus the latest ``note``) each time another ``every`` of the total is done or
+    ``interval`` seconds have passed, and at the end. A context manager; :meth:`update` takes
+    the number of items done so far (``start`` when resuming).
+    """
+
+    def __init__(self, description: str, total: int | None = None, start: int = 0, *, transient: bool = True,
+                 stream: TextIO | None = None, every: float = 0.1, interval: float = 60.0):
+        self.description, self.total, self.start = description, total, start
+        self.stream = stream or sys.stdout
+        self.every, self.interval = every, interval
+        self.bar = None
+        if _is_terminal(self.stream):
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=Console(file=self.stream), transient=transient)
+            self.bar.add_task(description, total=total, completed=start)
+        self.began = self.last_line = time.perf_counter()
+        self.next_mark = self._mark_after(start)
+
+    def __enter__(self) -> "ProgressTask":
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, done: int, note: str | None = None) -> None:
+        """``done`` items of the total are finished; ``note`` (e.g. the loss) joins the description."""
+        if self.bar is not None:
+            text = f"{self.description} {note}" if note else self.description
+            self.bar.update(self.bar.task_ids[0], completed=done, description=text)
+            return
+        now = time.perf_counter()
+        if done >= self.next_mark or done == self.total or now - self.last_line >= self.interval:
+            self.stream.write(self._line(done, now - self.began, note) + "\n")
+            self.stream.flush()
+            self.last_line, self.next_mark = now, self._mark_after(done)
+
+    def _mark_after(self, done: int) -> float:
+        """The next multiple of ``every`` x total after ``done`` (infinite without a total)."""
+        if not self.total:
+            return math.inf
+        step = max(1, math.ceil(self.every * self.total))
+        return (done // step + 1) * step
+
+    def _line(self, done: int, elapsed: float, note: str | None) -> str:
+        line = f"{self.description}: {done}"
+        if self.total:
+            line += f"/{self.total} ({100 * done / self.total:.0f}%)"
+        line += f", {_duration(elapsed)} elapsed"
+        if self.total and done > self.start:
+            line += f", ETA {_duration(elapsed / (done - self.start) * (self.total - done))}"
+        return f"{line} | {note}" if note else line
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s`` or ``1h02m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def progress(iterable: Iterable[T], description: str, enabled: bool = True, total: int | None = None,
+             stream: TextIO | None = None) -> Iterable[T]:
+    """``iterable`` with a :class:`ProgressTask` (a transient bar on a terminal, log lines
+    elsewhere) when ``enabled`` (long loops only)."""
     if not enabled:
         return iterable
-    from rich.progress import track
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    return _tracked(iterable, ProgressTask(description, total, stream=stream))
 
-    return track(iterable, description=description, total=total, transient=True)
+
+def _tracked(iterable: Iterable[T], task: ProgressTask) -> Iterator[T]:
+    with task:
+        for i, item in enumerate(iterable, 1):
+            yield item
+            task.update(i)
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:

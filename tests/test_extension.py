@@ -74,7 +74,8 @@ def test_cli_compress_and_methods_see_it(registered, teacher_dir, tmp_path, monk
     assert cli_main(monkeypatch, "methods", "--json") == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed["every-other-depth"]["options"] == [
-        {"name": "offset", "type": "int", "default": 0, "help": "keep blocks offset, offset + 2, ... (0 or 1)"}]
+        {"name": "offset", "type": "int", "default": 0, "help": "keep blocks offset, offset + 2, ...",
+         "allowed": "0 | 1"}]
     assert {"diff-pruning", "tinyfusion", "dydit", "dipgo"} <= set(listed)
     out = tmp_path / "cli"
     code = cli_main(monkeypatch, "compress", "--method", "every-other-depth", "--model", str(teacher_dir),

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
-from slimdiff.budget import BUDGET_TOLERANCE
+from slimdiff.budget import BUDGET_NOTE, BUDGET_TOLERANCE, far_below
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, record, recover, sampling_macs
 from slimdiff.models.backbone import Backbone, as_backbone
@@ -360,7 +360,11 @@ def depth_for_budget(model: nn.Module, budget: float, ctx: Context) -> tuple[int
             f"budget {budget:g} is below what one block costs ({cost.one / full:.3f} of the sampling MACs); "
             "raise the budget or chain a method that cuts other work"
         )
-    return k, {"macs_full": full, "macs_per_block": per_block, "macs_other": base}
+    facts = {"macs_full": full, "macs_per_block": per_block, "macs_other": base}
+    if k < cost.depth and far_below(budget, cost.macs(k) / full):
+        facts[BUDGET_NOTE] = (f"depth pruning keeps whole blocks: {k} of {cost.depth} cost {cost.macs(k) / full:.3f} "
+                              f"of its input's sampling MACs, {k + 1} would cost {cost.macs(k + 1) / full:.3f}")
+    return k, facts
 
 
 SEARCH_SPACES = ("local", "global")
@@ -442,7 +446,8 @@ def resolve_depth(model: nn.Module, budget: float, ctx: Context, keep: str | Non
     depth = len(check_depth_prunable(model).blocks)
     if keep is not None:
         groups = parse_keep(str(keep), depth)
-        return groups, {"keep": str(keep), "keep_from": "keep", "search_space": search_space_of(groups)}
+        return groups, {"keep": str(keep), "keep_from": "keep", "search_space": search_space_of(groups),
+                        BUDGET_NOTE: f"keep {keep} was given: it sets the depth, not the budget"}
     k, facts = depth_for_budget(model, budget, ctx)
     shape = shape_for_depth(depth, k, space)
     groups = parse_keep(shape, depth)

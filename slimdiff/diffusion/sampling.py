@@ -222,12 +222,15 @@ class Trajectory:
         with _model_call_at(t):
             return self.guided(inp, t)
 
+    def model_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The model's input at step ``i`` from ``x``: scaled as the scheduler asks, in the model's dtype."""
+        scale = getattr(self.scheduler, "scale_model_input", None)
+        return (scale(x, self.timesteps[i]) if scale is not None else x).to(self.dtype)
+
     def step(self, x: torch.Tensor, i: int, model_fn: ModelFn | None = None) -> torch.Tensor:
         """Sampling step ``i`` from ``x``: the next ``x`` (differentiable when ``model_fn`` is)."""
         t = self.timesteps[i]
-        scale = getattr(self.scheduler, "scale_model_input", None)
-        inp = (scale(x, t) if scale is not None else x).to(self.dtype)
-        pred = (model_fn or self.predict)(inp, t, i)
+        pred = (model_fn or self.predict)(self.model_input(x, i), t, i)
         return self.scheduler.step(pred, t, x, generator=self.gen).prev_sample
 
     def run(self, x: torch.Tensor, model_fn: ModelFn | None = None, *,
@@ -245,6 +248,51 @@ class Trajectory:
                 if callback is not None:
                     callback(i, self.timesteps[i], x)
         return x
+
+
+def prepare(
+    model: nn.Module,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    num_samples: int | None = None,
+    classes: Sequence[int] | None = None,
+    cond: torch.Tensor | None = None,
+    cfg: float = 1.0,
+    seed: int = 0,
+    noise: torch.Tensor | None = None,
+    diffusion: DiffusionConfig | None = None,
+    guidance_channels: int | None = None,
+) -> tuple[Trajectory, torch.Tensor]:
+    """:func:`sample`'s arguments checked and its run set up: the :class:`Trajectory` and the first ``x``.
+
+    Shared with MACs counting (:func:`slimdiff.eval.compute.macs_sampling`), which prices one
+    model call of exactly the run ``sample`` would make.
+    """
+    from slimdiff.models.backbone import as_backbone
+
+    bb = as_backbone(model)
+    if not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
+        raise UsageError(f"guidance scale must be a finite number >= 0 (1 = off), got {cfg!r}")
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+        raise UsageError(f"number of samples must be a positive integer, got {num_samples!r}")
+    if guidance_channels is not None and (isinstance(guidance_channels, bool) or not isinstance(guidance_channels, int)
+                                          or not 1 <= guidance_channels <= bb.in_channels):
+        raise UsageError(f"guidance_channels must be None (all channels) or an integer in 1..{bb.in_channels} "
+                         f"(3 = the official DiT's), got {guidance_channels!r}")
+    if cfg != 1.0 and bb.conditioning is None:
+        raise UsageError("guidance (cfg != 1) needs a conditional model; this one is unconditional: use --cfg 1")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    check_steps(model, steps, diffusion)
+    n, labels = resolve_classes(bb, num_samples if cond is None else len(cond), classes)
+    if noise is not None:
+        check_noise(noise, (n, bb.in_channels, bb.sample_size, bb.sample_size))
+    traj = Trajectory(model, sampler=sampler, steps=steps, n=n, cond=labels if bb.conditioning == "class" else cond,
+                      cfg=cfg, seed=int(seed), diffusion=diffusion, guidance_channels=guidance_channels)
+    return traj, traj.start(initial_noise(bb, n, int(seed), traj.device) if noise is None else noise)
 
 
 @torch.no_grad()
@@ -285,30 +333,8 @@ def sample(
     NaN/inf (non-finite weights, an fp16 overflow) makes the run end with a :class:`UsageError`
     naming the first such step (tracked on the device: no host sync per step).
     """
-    from slimdiff.models.backbone import as_backbone
-
-    bb = as_backbone(model)
-    if not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"steps must be a positive integer, got {steps!r}")
-    if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 0:
-        raise UsageError(f"guidance scale must be a finite number >= 0 (1 = off), got {cfg!r}")
-    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
-        raise UsageError(f"number of samples must be a positive integer, got {num_samples!r}")
-    if guidance_channels is not None and (isinstance(guidance_channels, bool) or not isinstance(guidance_channels, int)
-                                          or not 1 <= guidance_channels <= bb.in_channels):
-        raise UsageError(f"guidance_channels must be None (all channels) or an integer in 1..{bb.in_channels} "
-                         f"(3 = the official DiT's), got {guidance_channels!r}")
-    if cfg != 1.0 and bb.conditioning is None:
-        raise UsageError("guidance (cfg != 1) needs a conditional model; this one is unconditional: use --cfg 1")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise UsageError(f"seed must be an integer, got {seed!r}")
-    check_steps(model, steps, diffusion)
-    n, labels = resolve_classes(bb, num_samples if cond is None else len(cond), classes)
-    if noise is not None:
-        check_noise(noise, (n, bb.in_channels, bb.sample_size, bb.sample_size))
-    traj = Trajectory(model, sampler=sampler, steps=steps, n=n, cond=labels if bb.conditioning == "class" else cond,
-                      cfg=cfg, seed=int(seed), diffusion=diffusion, guidance_channels=guidance_channels)
-    x = traj.start(initial_noise(bb, n, int(seed), traj.device) if noise is None else noise)
+    traj, x = prepare(model, sampler=sampler, steps=steps, num_samples=num_samples, classes=classes, cond=cond,
+                      cfg=cfg, seed=seed, noise=noise, diffusion=diffusion, guidance_channels=guidance_channels)
     watch = NonFiniteWatch(traj.device)
 
     def after_step(i: int, t: torch.Tensor, x: torch.Tensor) -> None:

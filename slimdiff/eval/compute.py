@@ -6,7 +6,8 @@ Why these choices:
   :func:`count_macs` runs one call under ``torch.utils.flop_counter.FlopCounterMode``
   and halves the FLOPs (one multiply-accumulate = 2 FLOPs). Whatever a method skips
   at run time (pruned channels, reused blocks, routed-away tokens, skipped steps) is
-  simply not counted, so every method is measured in the same currency.
+  simply not counted, so every method is measured in the same currency. A sampling run
+  whose model calls all cost the same is priced from one counted call (the same integer).
 * **Attention is counted.** On CPU, ``F.scaled_dot_product_attention`` dispatches to a
   fused kernel that FlopCounterMode does not know, so the ``Q K^T`` and ``A V`` matmuls
   (``2 N^2 D`` MACs per layer and sample) would silently be missing. We count under
@@ -79,22 +80,52 @@ def macs_forward(model: nn.Module, batch: int = 1) -> int:
     return count_macs(bb, x, t, cond)
 
 
+_STATELESS_CODE = ("torch.", "diffusers.", "slimdiff.models.")
+"""Packages whose modules run the same computation on every call of the same shape."""
+
+
+def fixed_cost_per_call(model: nn.Module) -> bool:
+    """Whether every model call of a sampling run costs the same MACs, so one counted call prices the run.
+
+    False for anything that can vary per call: a diffusers ``ModelHook`` anywhere (every
+    slimdiff runtime is one: block-reuse plans, branch caches, DyDiT routing, diffusers'
+    caches, depth gates), a torch forward hook, or a module whose code is not torch's,
+    diffusers' or ``slimdiff.models``' (it may keep state between calls).
+    """
+    for m in model.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        if (registry is not None and registry.hooks) or m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if not type(m).__module__.startswith(_STATELESS_CODE):
+            return False
+    return True
+
+
 def macs_sampling(
     model: nn.Module, sampler: str = "ddim", steps: int = 50, cfg: float = 1.0, batch: int = 1
 ) -> int:
-    """MACs **per generated image** of one real, full sampling run.
+    """MACs **per generated image** of one full sampling run.
 
-    Counts one call of ``slimdiff.diffusion.sampling.sample(model, sampler=..., steps=...,
-    cfg=..., num_samples=batch, seed=0)`` and divides by ``batch`` (rounded). Because the
-    real sampling loop runs, anything that skips work during sampling (block reuse plans,
-    per-step routing, CFG doubling the batch) is reflected. With input-dependent routing,
-    a larger ``batch`` averages over more samples.
+    The run is the one ``slimdiff.diffusion.sampling.sample(model, sampler=..., steps=...,
+    cfg=..., num_samples=batch, seed=0)`` makes. When every model call costs the same
+    (:func:`fixed_cost_per_call`), one call is counted (on the run's first input, with the
+    ``[cond; uncond]`` batch under guidance) and multiplied by the number of calls: the same
+    integer as the whole loop, 50x faster at 50 steps. Otherwise the real loop is counted,
+    so anything that skips work during sampling (block reuse plans, per-step routing,
+    caches) is reflected; with input-dependent routing, a larger ``batch`` averages over
+    more samples. The total is divided by ``batch`` (rounded).
     """
-    from slimdiff.diffusion.sampling import sample
+    from slimdiff.diffusion.sampling import prepare, sample
 
     if batch < 1:
         raise UsageError(f"batch must be >= 1, got {batch}")
-    total = count_macs(sample, model, sampler=sampler, steps=steps, cfg=cfg, num_samples=batch, seed=0)
+    run = dict(sampler=sampler, steps=steps, cfg=cfg, num_samples=batch, seed=0)
+    if fixed_cost_per_call(model):
+        traj, x = prepare(model, **run)
+        flops = sum(count_flops_by_op(traj.predict, traj.model_input(x, 0), traj.timesteps[0], 0).values())
+        total = flops * len(traj.timesteps) // 2
+    else:
+        total = count_macs(sample, model, **run)
     return round(total / batch)
 
 
@@ -146,4 +177,5 @@ def latency_ratio(
     return out
 
 
-__all__ = ["count_macs", "count_flops_by_op", "params", "params_ratio", "macs_forward", "macs_sampling", "latency_ratio", "synchronize"]
+__all__ = ["count_macs", "count_flops_by_op", "params", "params_ratio", "macs_forward", "macs_sampling",
+           "fixed_cost_per_call", "latency_ratio", "synchronize"]

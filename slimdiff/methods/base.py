@@ -11,9 +11,10 @@ tables) set the spec's ``restore``; ``slimdiff.load`` calls it.
 
 Chains (``tinyfusion+dipgo``; ``,`` is accepted too) run static depth/width first, then dynamic routing, then
 step reuse, each at ``budget ** (1/k)`` of its input so that the end-to-end budget is met;
-MACs are always measured end to end against the original. Budget 1.0 returns the model
-unchanged (each method's own contract; an explicit structure such as TinyFusion's ``keep``
-overrides the budget).
+MACs are always measured end to end against the original, and a result more than the budget
+tolerance below its budget is warned about there, with the reason each method records
+(``budget_note``). Budget 1.0 returns the model unchanged (each method's own contract; an
+explicit structure such as TinyFusion's ``keep`` overrides the budget).
 
 Resumable work (recovery fine-tuning, searches, DiP-GO's optimisation) lives under
 ``ctx.work_dir`` in folders keyed by :func:`fingerprint` of the model it starts from, so a
@@ -23,17 +24,18 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch.nn as nn
 
-from slimdiff.budget import ForwardCost, chain_step_budget, check_budget
+from slimdiff.budget import BUDGET_NOTE, BUDGET_TOLERANCE, ForwardCost, chain_step_budget, check_budget, far_below
 from slimdiff.errors import UsageError
 from slimdiff.methods import get_method, split_chain
 from slimdiff.methods.spec import KIND_ORDER, MethodSpec
-from slimdiff.result import record_of, set_record
+from slimdiff.result import ChainEntry, record_of, set_record
 
 
 @dataclass
@@ -183,6 +185,7 @@ def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Con
     budget = check_budget(budget)
     plan = plan_chain(methods, settings, ctx.recover_steps)
     ctx.teacher = ctx.teacher or model
+    earlier = len(record_of(model).result.chain)  # entries of an input that is itself a result
     original = sampling_macs(model, ctx)
     result, macs = copy.deepcopy(model), original
     for i, (spec, config) in enumerate(plan):
@@ -197,4 +200,17 @@ def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Con
                            "params": params(result), "original_params": params(model),
                            "params_ratio": params_ratio(result, model),
                            "sampler": ctx.sampler, "steps": ctx.steps, "cfg": ctx.cfg}
+    warn_far_below(budget, macs / original, rec.result.chain[earlier:])
     return set_record(result, rec)
+
+
+def warn_far_below(budget: float, reached: float, entries: Sequence[ChainEntry]) -> None:
+    """Warn when the chain's result is far below its budget (:func:`slimdiff.budget.far_below`),
+    with each method's recorded reason (its :data:`~slimdiff.budget.BUDGET_NOTE` setting), so
+    that a coarse result is seen when it is made, not only in a summary."""
+    if not far_below(budget, reached):
+        return
+    reasons = [f"{e.method}: {e.settings[BUDGET_NOTE]}" for e in entries if e.settings.get(BUDGET_NOTE)]
+    why = "; ".join(reasons) or f"{'+'.join(e.method for e in entries)} recorded no reason"
+    warnings.warn(f"the result costs {reached:.3f} of the original's sampling MACs, more than "
+                  f"{BUDGET_TOLERANCE:.0%} below the budget {budget:g} ({why})", stacklevel=3)

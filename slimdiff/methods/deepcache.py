@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from slimdiff.budget import BUDGET_NOTE, far_below
 from slimdiff.compression.reuse_plans import draw_plan, with_legacy_block_plans
 from slimdiff.diffusion.sampling import schedule_timesteps
 from slimdiff.errors import UsageError
@@ -184,8 +185,9 @@ def deepcache_table(units, calls: int, interval: int, config: DeepCacheConfig) -
 
 
 def choose_interval(units, costs: UnitCosts, calls: int, budget: float,
-                    config: DeepCacheConfig) -> tuple[int, torch.Tensor, float]:
-    """``(interval, table, MACs ratio)``: the explicit interval, else the smallest whose MACs fit ``budget``."""
+                    config: DeepCacheConfig) -> tuple[int, torch.Tensor, float, str | None]:
+    """``(interval, table, MACs ratio, note)``: the explicit interval, else the smallest whose MACs fit
+    ``budget``; ``note`` says why the ratio is far below the budget (:data:`BUDGET_NOTE`), when it is."""
     retrieve = costs.row_macs(retrieve_row(units, config.cache_block_id, config.cache_layer_id))
 
     def ratio(table: torch.Tensor) -> float:  # rows are all-compute (full) or the retrieve row
@@ -197,14 +199,19 @@ def choose_interval(units, costs: UnitCosts, calls: int, budget: float,
         if table is None:
             raise UsageError(f"the non-uniform schedule finds no {math.ceil(calls / config.interval)} distinct cache "
                              f"steps for interval {config.interval}: raise power or use schedule=uniform")
-        return config.interval, table, ratio(table)
+        return config.interval, table, ratio(table), f"interval {config.interval} was given: it sets the MACs"
     tables = {k: t for k in range(1, calls + 1) if (t := deepcache_table(units, calls, k, config)) is not None}
-    for k, table in tables.items():
-        if ratio(table) <= budget * (1 + 1e-12):
-            return k, table, ratio(table)
-    raise UsageError(f"budget {budget:g} is below what DeepCache reaches with this branch "
-                     f"({min(map(ratio, tables.values())):.4f} of the sampling MACs): use a larger budget, a "
-                     "shallower branch (cache_block_id/cache_layer_id 0) or more steps")
+    fits = [k for k, t in tables.items() if ratio(t) <= budget * (1 + 1e-12)]
+    if not fits:
+        raise UsageError(f"budget {budget:g} is below what DeepCache reaches with this branch "
+                         f"({min(map(ratio, tables.values())):.4f} of the sampling MACs): use a larger budget, a "
+                         "shallower branch (cache_block_id/cache_layer_id 0) or more steps")
+    k, shorter = fits[0], [j for j in tables if j < fits[0]]
+    note = None
+    if shorter and far_below(budget, ratio(tables[k])):
+        note = (f"the interval is a whole number of calls: N={k} costs {ratio(tables[k]):.3f} of the sampling MACs, "
+                f"N={shorter[-1]} would cost {ratio(tables[shorter[-1]]):.3f}")
+    return k, tables[k], ratio(tables[k]), note
 
 
 def _deepcache(model: nn.Module, budget: float, ctx: Context, config: DeepCacheConfig) -> nn.Module:
@@ -215,14 +222,15 @@ def _deepcache(model: nn.Module, budget: float, ctx: Context, config: DeepCacheC
     units = deepcache_units(model)
     names = [u[0] for u in units]
     costs = unit_costs(model, names)
-    interval, table, ratio = choose_interval(units, costs, len(timesteps), budget, config)
+    interval, table, ratio, note = choose_interval(units, costs, len(timesteps), budget, config)
     apply_branch_cache(model, ReusePlan(table, ctx.sampler, ctx.steps, timesteps, names))
     retrieve = retrieve_row(units, config.cache_block_id, config.cache_layer_id)
     measured = {"plan_macs_ratio": ratio, "retrieve_macs_ratio": costs.row_macs(retrieve) / costs.total,
                 "full_steps": int(table.all(1).sum()), "search_cpu_s": time.process_time() - start}
     settings = {"sampler": ctx.sampler, "steps": ctx.steps, "interval": interval,
                 "cache_block_id": config.cache_block_id, "cache_layer_id": config.cache_layer_id,
-                "schedule": config.schedule, "power": config.power, "center": config.center}
+                "schedule": config.schedule, "power": config.power, "center": config.center,
+                **({BUDGET_NOTE: note} if note else {})}
     return record(model, "deepcache", settings, measured, get_branch_cache(model).to_dict())
 
 

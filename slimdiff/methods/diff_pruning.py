@@ -244,9 +244,9 @@ def accumulate_gradients(model: nn.Module, x0: torch.Tensor, cond: torch.Tensor 
     trace, done = ckpt.resume() if ckpt is not None else (TimestepTrace(), False)
     steps: Sequence[int] = [] if done else range(0, total, stride)[len(trace.timesteps):]  # those left
     if progress and steps:
-        from rich.progress import track
+        from slimdiff.utils import progress as progress_bar
 
-        steps = track(steps, description="diff-pruning gradients", transient=True)
+        steps = progress_bar(steps, "diff-pruning gradients")
     try:
         with torch.enable_grad():
             trace = taylor_timesteps(loss_at, steps, threshold, backprop_stop_step=backprop_stop_step,

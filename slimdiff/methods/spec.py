@@ -51,6 +51,20 @@ def option(default: Any, help: str, *, choices: tuple | None = None, low: float 
     return field(default=default, metadata=metadata, **kwargs)
 
 
+def _bounds(meta: Any) -> str:
+    """``">= 0 and < 1"`` from an :func:`option`'s metadata ("" when unbounded)."""
+    low, high = meta.get("low"), meta.get("high")
+    parts = [f"{'>' if meta.get('low_open') else '>='} {low:g}" if low is not None else "",
+             f"{'<' if meta.get('high_open') else '<='} {high:g}" if high is not None else ""]
+    return " and ".join(p for p in parts if p)
+
+
+def _allowed(meta: Any) -> str:
+    """The allowed values an :func:`option` declares, as ``slimdiff methods`` shows them."""
+    choices = meta.get("choices")
+    return " | ".join(map(str, choices)) if choices is not None else _bounds(meta)
+
+
 def check_options(config: Any) -> None:
     """Check every field of a method config against its type and its :func:`option` bounds;
     a bad value is a one-line :class:`UsageError` naming the option. Configs call this from
@@ -73,9 +87,7 @@ def check_options(config: Any) -> None:
             low, high, low_open, high_open = (meta.get(k) for k in ("low", "high", "low_open", "high_open"))
             if (low is not None and (value < low or (low_open and value == low))) or (
                     high is not None and (value > high or (high_open and value == high))):
-                bounds = [f"{'>' if low_open else '>='} {low:g}" if low is not None else "",
-                          f"{'<' if high_open else '<='} {high:g}" if high is not None else ""]
-                raise UsageError(f"{f.name} must be {' and '.join(b for b in bounds if b)}, got {value!r}")
+                raise UsageError(f"{f.name} must be {_bounds(meta)}, got {value!r}")
         choices = meta.get("choices")
         if choices is not None and value not in choices:
             raise UsageError(f"unknown {f.name} {value!r}; choose one of {', '.join(map(str, choices))}")
@@ -89,6 +101,7 @@ class OptionInfo:
     type: str
     default: Any
     help: str
+    allowed: str = ""  # the declared choices or bounds, e.g. "search | greedy" or ">= 0 and <= 1"
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,8 @@ class MethodSpec:
         for f in dataclasses.fields(self.config):
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            out.append(OptionInfo(f.name, _type_name(hints.get(f.name, Any)), default, f.metadata.get("help", "")))
+            out.append(OptionInfo(f.name, _type_name(hints.get(f.name, Any)), default, f.metadata.get("help", ""),
+                                  _allowed(f.metadata)))
         return out
 
     def make_config(self, settings: dict | None = None) -> Any:

@@ -35,8 +35,9 @@ calls are counted). A call at any other timestep *during* a trajectory means ano
 sampler or step count and raises :class:`UsageError`; so do two off-schedule calls in a
 row at falling timesteps (a whole trajectory of another schedule). A single off-schedule
 call outside a trajectory (e.g. one forward to count MACs) runs the full model and
-touches no state. This works unchanged inside diffusers pipelines (``DiTPipeline``:
-``apply_block_reuse(pipe.transformer, plan)``), which reset nothing themselves. Samplers
+touches no state. This works unchanged inside diffusers pipelines, which reset nothing
+themselves, once the plan is keyed to the pipeline's scheduler (:meth:`ReusePlan.rekeyed`;
+``slimdiff.apply(pipe, result)`` does it). Samplers
 with identical timesteps (our DDIM and DPM-Solver++ both use "trailing" spacing) can only
 be told apart when the caller says which one runs: slimdiff's ``sample`` declares it
 (:func:`slimdiff.diffusion.sampling.sampling_context`); external loops may do the same.
@@ -65,6 +66,7 @@ import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 
 from slimdiff.diffusion.sampling import current_sampler, current_timestep, schedule_timesteps
+from slimdiff.diffusion.schedulers import SAMPLERS
 from slimdiff.errors import UsageError
 from slimdiff.models.backbone import Backbone, as_backbone
 
@@ -72,7 +74,7 @@ __all__ = [
     "ReusePlan", "BlockCosts", "apply_block_reuse", "remove_block_reuse", "get_block_reuse",
     "block_reuse_disabled", "soft_reuse", "SoftFrame", "reuse_blocks",
     "block_costs", "effective_compute", "plan_macs", "ReuseState", "BlockReuseRootHook", "root_hook", "install_plan",
-    "uninstall_plan", "plan_disabled", "module_macs",
+    "uninstall_plan", "plan_disabled", "module_macs", "scheduler_timesteps",
 ]
 
 ROOT_HOOK = "slimdiff_block_reuse"
@@ -120,6 +122,8 @@ class ReusePlan:
     ``step_compute[s]`` False skips the whole model call at step ``s`` (output reuse).
     ``timesteps`` are the schedule's timesteps (one per model call; PLMS has steps + 1).
     ``sampling_steps`` is metadata only: the fewer-steps baseline's true step count.
+    ``origin`` is the plan as made when this one was re-keyed from it (:meth:`rekeyed`), so
+    that re-keying again starts from the original rows; it is not saved.
     """
 
     compute: torch.Tensor
@@ -129,6 +133,7 @@ class ReusePlan:
     blocks: list[str]
     step_compute: list[bool] = field(default_factory=list)
     sampling_steps: int | None = None
+    origin: ReusePlan | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.compute = torch.as_tensor(self.compute, dtype=torch.bool, device="cpu").clone()
@@ -160,11 +165,7 @@ class ReusePlan:
     @classmethod
     def for_scheduler(cls, compute: Any, scheduler: Any, steps: int, model: nn.Module, **kw) -> "ReusePlan":
         """A plan for a diffusers pipeline using (a copy of) ``scheduler`` with ``steps`` steps."""
-        import copy
-
-        sch = copy.deepcopy(scheduler)
-        sch.set_timesteps(steps)
-        return cls(compute, type(scheduler).__name__, steps, [float(t) for t in sch.timesteps],
+        return cls(compute, type(scheduler).__name__, steps, scheduler_timesteps(scheduler, steps),
                    reuse_blocks(model)[0], **kw)
 
     @classmethod
@@ -177,10 +178,43 @@ class ReusePlan:
     def check_sampler(self, sampler: str, steps: int) -> None:
         """UsageError unless this plan was made for ``sampler`` x ``steps``."""
         if (sampler, int(steps)) != (self.sampler, self.steps):
-            raise UsageError(
-                f"this reuse plan was made for {self.sampler} x{self.steps} steps, not {sampler} x{steps}: "
-                f"sample with --sampler {self.sampler} --steps {self.steps}, or compress again for {sampler} x{steps}"
-            )
+            raise UsageError(f"this reuse plan was made for {self.sampler} x{self.steps} steps, not {sampler} "
+                             f"x{steps}: {self.fix()}, or compress again for {sampler} x{steps}")
+
+    def fix(self) -> str:
+        """How to sample on this plan's schedule (the end of every schedule-mismatch error)."""
+        if self.sampler in SAMPLERS:  # made by slimdiff's own sampling loop
+            return (f"sample with --sampler {self.sampler} --steps {self.steps}; in a diffusers pipeline, install "
+                    "the model with slimdiff.apply(pipe, result, num_inference_steps=N) for the N steps you run")
+        return (f"call the pipeline with num_inference_steps={self.steps} (the plan is keyed to its {self.sampler}), "
+                "or slimdiff.apply(pipe, result, num_inference_steps=N) again for the N steps you run")
+
+    def rows_for(self, calls: int) -> tuple[list[int], bool]:
+        """The plan row each of ``calls`` model calls takes, in order, and whether that runs the
+        plan as made (the same MACs as the plan's own run).
+
+        The plan's own call count: row by row. The number of calls the plan computes (a plan
+        that skips steps, e.g. fewer-steps at its ``sampling_steps``): its computed rows in
+        order, so the run is the plan's own fewer-step run. Any other count: call ``j`` takes
+        row ``floor(j * rows / calls)``, the row at the same relative position (row 0, the
+        all-compute one, always comes first); its MACs ratio differs from the plan's.
+        """
+        rows = len(self.timesteps)
+        kept = [r for r, on in enumerate(self.step_compute) if on]
+        if calls == rows:
+            return list(range(rows)), True
+        if calls == len(kept):
+            return kept, True
+        return [j * rows // calls for j in range(calls)], False
+
+    def rekeyed(self, timesteps: Sequence[float], sampler: str, steps: int) -> "ReusePlan":
+        """This plan on another schedule (``timesteps``: one per model call), rows taken by
+        :meth:`rows_for`; ``sampler`` and ``steps`` name that schedule in errors. Call it on the
+        plan as made (``plan.origin or plan``)."""
+        rows = self.rows_for(len(timesteps))[0]
+        same = rows == list(range(len(self.timesteps)))
+        return ReusePlan(self.compute[rows], sampler, int(steps), [float(t) for t in timesteps], list(self.blocks),
+                         [self.step_compute[r] for r in rows], self.sampling_steps if same else None, self)
 
     def to_dict(self) -> dict:
         return {"sampler": self.sampler, "steps": self.steps, "timesteps": self.timesteps, "blocks": self.blocks,
@@ -201,6 +235,16 @@ class ReusePlan:
     def reuse_fraction(self) -> float:
         """Fraction of (step, block) entries that are reused."""
         return float((~self.compute).float().mean())
+
+
+def scheduler_timesteps(scheduler: Any, steps: int) -> list[float]:
+    """Timesteps a diffusers pipeline calls its model at (one per call) after
+    ``scheduler.set_timesteps(steps)``, computed on a copy so ``scheduler`` is unchanged."""
+    import copy
+
+    sch = copy.deepcopy(scheduler)
+    sch.set_timesteps(steps)
+    return [float(t) for t in sch.timesteps]
 
 
 # --------------------------------------------------------------------------- MACs
@@ -344,12 +388,12 @@ class BlockReuseRootHook(ModelHook):
         if st.last is not None and st.last + 1 < len(ts):
             raise UsageError(
                 f"timestep {t:g} at call {st.last + 1} does not follow the reuse plan's {plan.sampler} x{plan.steps} "
-                f"schedule (expected {ts[st.last + 1]:g}): sample with the plan's sampler and steps, or compress again"
+                f"schedule (expected {ts[st.last + 1]:g}): {plan.fix()}"
             )
         if st.off_t is not None and t < st.off_t:
             raise UsageError(
                 f"the model is sampled on a schedule other than its reuse plan's {plan.sampler} x{plan.steps} "
-                f"(timestep {t:g} is not on it): sample with --sampler {plan.sampler} --steps {plan.steps}"
+                f"(timestep {t:g} is not on it): {plan.fix()}"
             )
         st.off_t = t
         return None

@@ -45,6 +45,7 @@ from slimdiff.diffusion.schedulers import DiffusionConfig, diffusion_config_of
 from slimdiff.errors import UsageError
 from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from slimdiff.train.distill import KD_MODES, HiddenCapture, distill_loss
+from slimdiff.utils import ProgressTask
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -342,7 +343,8 @@ def train(
     running, t0, seen = torch.zeros((), device=device), time.perf_counter(), 0
     if state is not None:
         set_rng_states(state["rng"], device, data=data_gen)
-    bar = _progress(progress and accelerator.is_main_process, config.steps, start)
+    show = progress and accelerator.is_main_process
+    bar = ProgressTask("train", config.steps, start, transient=False) if show else None
     denoiser.train()
     with no_internal_label_dropout(model), (bar or nullcontext()):
         for step in range(start, config.steps):
@@ -396,8 +398,7 @@ def train(
                 running.zero_()
                 t0, seen = time.perf_counter(), 0
                 if bar is not None:
-                    bar.update(bar.task_ids[0], completed=done,
-                               description=f"train loss {logs['loss']:.4f} | {logs['samples_per_s']:.0f} samples/s")
+                    bar.update(done, f"loss {logs['loss']:.4f} | {logs['samples_per_s']:.0f} samples/s")
                 elif accelerator.is_main_process and done % (10 * config.log_every) == 0:
                     accelerator.print(f"step {done}: loss {logs['loss']:.4f}, {logs['samples_per_s']:.0f} samples/s")
                 accelerator.log(logs, step=done)
@@ -412,12 +413,3 @@ def train(
     accelerator.end_training()
     return model.eval()
 
-
-def _progress(enabled: bool, total: int, start: int):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar.add_task("train", total=total, completed=start)
-    return bar

@@ -1,0 +1,131 @@
+"""Use a compressed model in a loaded diffusers pipeline with one line: :func:`apply`.
+
+A reuse plan (DiP-GO, deepcache-style, l2c-block, fewer-steps; DeepCache and
+Learning-to-Cache branch caches) is made for slimdiff's sampling loop: one row per model call
+of one sampler and step count, found at run time by the call's timestep. A pipeline's
+scheduler has its own spacing (and PNDM repeats its first timestep), so :func:`apply` keys the
+plan to the timesteps the pipeline will call the model at, with the rule of
+:meth:`~slimdiff.runtime.reuse.ReusePlan.rows_for`.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from slimdiff.errors import UsageError
+from slimdiff.result import record_of
+from slimdiff.runtime.branch_cache import apply_branch_cache, get_branch_cache, remove_branch_cache, unit_costs
+from slimdiff.runtime.reuse import (
+    ReusePlan,
+    apply_block_reuse,
+    block_costs,
+    get_block_reuse,
+    remove_block_reuse,
+    scheduler_timesteps,
+)
+
+__all__ = ["apply", "COMPONENTS"]
+
+COMPONENTS = ("transformer", "unet")
+"""Pipeline components a compressed denoiser can replace, in the order they are looked for."""
+
+# (get, remove, apply, costs) of each runtime whose plan is keyed to timesteps
+_RUNTIMES: tuple[tuple[Callable, Callable, Callable, Callable[[nn.Module, ReusePlan], Any]], ...] = (
+    (get_block_reuse, remove_block_reuse, apply_block_reuse, lambda m, p: block_costs(m)),
+    (get_branch_cache, remove_branch_cache, apply_branch_cache, lambda m, p: unit_costs(m, p.blocks)),
+)
+
+
+def apply(pipe: Any, result: str | os.PathLike | nn.Module, num_inference_steps: int | None = None) -> Any:
+    """Install a compressed model (a result directory, or a model ``slimdiff.load`` returned)
+    as ``pipe.transformer`` / ``pipe.unet``, on that component's device and dtype, and key its
+    reuse plan to ``pipe.scheduler`` run with ``num_inference_steps`` (default: the plan's own
+    step count). Returns ``pipe``; then call it as usual, with that ``num_inference_steps``.
+
+    When the pipeline makes as many model calls as the plan has rows, the plan runs row by row
+    (exactly the compute it reported). Otherwise each call takes the plan row at the same
+    relative position (a step-skipping plan run at the number of steps it computes runs those
+    steps: fewer-steps at its ``sampling_steps``), with a warning stating the MACs ratio the
+    mapped plan realises against the reported one. A model given as a module is changed in
+    place (its plan re-keyed).
+    """
+    name = next((c for c in COMPONENTS if c in getattr(pipe, "components", {})), None)
+    if name is None:
+        raise UsageError(f"{type(pipe).__name__} has no {' or '.join(COMPONENTS)} component to replace; "
+                         "apply a slimdiff result to a pipeline with a diffusers denoiser")
+    if num_inference_steps is not None:
+        _check_steps(num_inference_steps)
+    model = result if isinstance(result, nn.Module) else _load(result)
+    _check_accepts(pipe, name, model)
+    for get, remove, install, costs in _RUNTIMES:
+        plan = get(model)
+        if plan is not None:
+            plan = plan.origin or plan  # a model applied before: map the plan as made
+            steps = plan.steps if num_inference_steps is None else num_inference_steps
+            keyed = plan.rekeyed(scheduler_timesteps(pipe.scheduler, steps), type(pipe.scheduler).__name__, steps)
+            remove(model)
+            install(model, keyed)
+            if not plan.rows_for(len(keyed.timesteps))[1]:
+                _warn_mapped(model, plan, keyed, costs(model, keyed), _exact_steps(pipe.scheduler, plan))
+    old = getattr(pipe, name)
+    if old is not None:  # the component's device and dtype (a dtype cast only when they differ: diffusers warns)
+        model.to(old.device)
+        if model.dtype != old.dtype:
+            model.to(old.dtype)
+    pipe.register_modules(**{name: model})
+    return pipe
+
+
+def _load(path: str | os.PathLike) -> nn.Module:
+    from slimdiff import load
+
+    return load(path)
+
+
+def _check_steps(steps: Any) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"num_inference_steps must be a positive integer, got {steps!r}")
+
+
+def _check_accepts(pipe: Any, name: str, model: nn.Module) -> None:
+    """UsageError unless ``model`` is of the class ``pipe`` declares (else that of its current ``name``)."""
+    declared = inspect.signature(type(pipe).__init__).parameters.get(name)
+    expected = declared.annotation if declared is not None and isinstance(declared.annotation, type) \
+        else type(getattr(pipe, name))
+    if not isinstance(model, expected):
+        raise UsageError(
+            f"{type(pipe).__name__}.{name} takes a {expected.__name__}, not a {type(model).__module__}."
+            f"{type(model).__name__}: compress the pipeline's own {name} (slimdiff compress --model <pipeline "
+            f"folder>), or convert the model to a {expected.__name__} before compressing it")
+
+
+def _exact_steps(scheduler: Any, plan: ReusePlan) -> int | None:
+    """The step count nearest the plan's at which ``scheduler`` runs the plan as made (as many
+    calls as it has rows, or as it computes), if any up to twice its rows."""
+    for steps in sorted(range(1, 2 * len(plan.timesteps) + 1), key=lambda n: (abs(n - plan.steps), n)):
+        if plan.rows_for(len(scheduler_timesteps(scheduler, steps)))[1]:
+            return steps
+    return None
+
+
+def _warn_mapped(model: nn.Module, plan: ReusePlan, keyed: ReusePlan, costs: Any, exact: int | None) -> None:
+    """Warn that ``keyed`` runs ``plan`` on another call count, with the MACs ratio it realises,
+    and the step count ``exact`` that would run the plan as made."""
+    def ratio(p: ReusePlan) -> float:
+        return costs.macs(p.compute, p.step_compute) / costs.macs(torch.ones(p.shape, dtype=torch.bool))
+
+    made = ratio(plan)
+    reported = record_of(model).result.measured.get("macs_ratio", made)
+    warnings.warn(
+        f"the reuse plan has {len(plan.timesteps)} model calls ({plan.sampler} x{plan.steps}), the pipeline makes "
+        f"{len(keyed.timesteps)} ({keyed.sampler} x{keyed.steps}): each call takes the plan row at the same relative "
+        f"position; realised MACs ratio {reported * ratio(keyed) / made:.3f} vs the reported {reported:.3f} "
+        + (f"(num_inference_steps={exact} runs the plan as made)" if exact is not None else
+           f"(no step count of {keyed.sampler} runs it as made: compress with --steps {len(keyed.timesteps)}, one "
+           "plan row per model call)"),
+        stacklevel=3)

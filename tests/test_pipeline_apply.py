@@ -1,0 +1,243 @@
+"""slimdiff.apply: compressed models with reuse plans inside stock diffusers pipelines, at the
+pipelines' own schedulers and step counts, at the reported MACs (counted inside the call)."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_diffusers_dit, tiny_dit, tiny_pixart, tiny_unet, tiny_unet_cond
+from diffusers import (
+    AutoencoderKL,
+    DDPMPipeline,
+    DDPMScheduler,
+    DiTPipeline,
+    DPMSolverMultistepScheduler,
+    PixArtAlphaPipeline,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+import slimdiff
+from slimdiff.cli import app
+from slimdiff.errors import UsageError
+from slimdiff.methods.base import Context, compress
+from slimdiff.result import record_of
+from slimdiff.runtime.branch_cache import apply_branch_cache, get_branch_cache, remove_branch_cache
+from slimdiff.runtime.reuse import ReusePlan, apply_block_reuse, get_block_reuse
+
+STEPS = 6
+
+
+def _ctx() -> Context:
+    return Context(sampler="ddim", steps=STEPS, progress=False)
+
+
+def _vae() -> AutoencoderKL:
+    """A tiny AutoencoderKL: 4 latent channels, no downsampling (8x8 latents, 8x8 images)."""
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
+                         norm_num_groups=4, sample_size=8).eval()
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _dit_pipe() -> DiTPipeline:
+    """DiT-XL-2-256's layout at toy size: 1000 classes (CFG's null label 1000 exists) and the
+    hub pipeline's DPM-Solver++ scheduler."""
+    return _quiet(DiTPipeline(transformer=tiny_diffusers_dit(num_embeds_ada_norm=1000, num_layers=4), vae=_vae(),
+                              scheduler=DPMSolverMultistepScheduler()))
+
+
+def _ddpm_pipe() -> DDPMPipeline:
+    return _quiet(DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()))
+
+
+def _pixart_pipe() -> PixArtAlphaPipeline:
+    """PixArt-alpha's pipeline (DPM-Solver++); no text encoder: the calls pass caption embeddings."""
+    return _quiet(PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=_vae(), transformer=tiny_pixart(),
+                                      scheduler=DPMSolverMultistepScheduler()))
+
+
+def _sd_pipe() -> StableDiffusionPipeline:
+    """Stable Diffusion 1.5's pipeline and scheduler (PNDM, PLMS: its first timestep repeats)."""
+    return _quiet(StableDiffusionPipeline(vae=_vae(), text_encoder=None, tokenizer=None, unet=tiny_unet_cond(),
+                                          scheduler=PNDMScheduler(skip_prk_steps=True), safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False))
+
+
+def _captions(width: int) -> dict:
+    """Seeded caption embeddings (2 prompts, 8 tokens: the length slimdiff counts MACs at) and negatives."""
+    g = torch.Generator().manual_seed(1)
+    return {"prompt_embeds": torch.randn(2, 8, width, generator=g),
+            "negative_prompt_embeds": torch.randn(2, 8, width, generator=g)}
+
+
+def _call_kwargs(pipe) -> dict:
+    """Each pipeline's call, CFG on where it has one."""
+    if isinstance(pipe, DiTPipeline):
+        return {"class_labels": [3, 5], "guidance_scale": 4.0}
+    if isinstance(pipe, PixArtAlphaPipeline):
+        mask = torch.ones(2, 8, dtype=torch.long)
+        return {**_captions(16), "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask,
+                "negative_prompt": None, "guidance_scale": 4.5, "use_resolution_binning": False}
+    if isinstance(pipe, StableDiffusionPipeline):
+        return {**_captions(32), "guidance_scale": 7.5}
+    return {"batch_size": 2}
+
+
+def _run(pipe, steps: int = STEPS) -> tuple:
+    """(images, MACs of the denoiser inside the call) of one seeded call."""
+    name = "transformer" if hasattr(pipe, "transformer") else "unet"
+    kw = _call_kwargs(pipe)
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
+        images = pipe(num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0),
+                      **kw).images
+    return images, sum(counter.get_flop_counts()[type(getattr(pipe, name)).__name__].values()) // 2
+
+
+def _reported(model) -> float:
+    return record_of(model).result.measured["macs_ratio"]
+
+
+DIT_CASES = [("dipgo", 0.6, {"opt_steps": 2}), ("deepcache-style", 0.6, {}), ("fewer-steps", 0.5, {})]
+
+
+@pytest.mark.parametrize("method,budget,opts", DIT_CASES, ids=[c[0] for c in DIT_CASES])
+def test_dit_pipeline_runs_a_plan_at_the_reported_macs(tmp_path, method, budget, opts):
+    pipe = _dit_pipe()
+    _, full = _run(pipe)
+    result = compress(copy.deepcopy(pipe.transformer), method, budget, _ctx(), opts)
+    slimdiff.save(result, tmp_path / "r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # as many calls as the plan has rows: no warning
+        slimdiff.apply(pipe, tmp_path / "r")
+    plan = get_block_reuse(pipe.transformer)
+    assert plan.sampler == "DPMSolverMultistepScheduler" and len(plan.timesteps) == STEPS
+    (a, macs), (b, _) = _run(pipe), _run(pipe)  # state resets per pipeline call
+    assert (a == b).all()
+    assert macs / full == pytest.approx(_reported(result), rel=1e-3)
+
+
+TEXT_CASES = [(_pixart_pipe, "dipgo", 0.6, {"opt_steps": 2}), (_pixart_pipe, "l2c-block", 0.6, {}),
+              (_sd_pipe, "deepcache", 0.6, {}), (_sd_pipe, "dipgo", 0.6, {"opt_steps": 2})]
+
+
+@pytest.mark.parametrize("make,method,budget,opts", TEXT_CASES,
+                         ids=[f"{c[0].__name__[1:-5]}-{c[1]}" for c in TEXT_CASES])
+def test_text_pipelines_run_a_plan_at_the_reported_macs(make, method, budget, opts):
+    """PixArt's DPM-Solver++ makes one call per step: the plan as made. SD's PNDM makes
+    steps + 1 (its first timestep repeats): at the plan's step count the mapped plan runs at
+    the ratio the warning states; one step fewer runs the plan as made."""
+    pipe = make()
+    name = "transformer" if hasattr(pipe, "transformer") else "unet"
+    full, fewer = _run(pipe)[1], _run(pipe, STEPS - 1)[1]  # the uncompressed pipeline
+    result = compress(copy.deepcopy(getattr(pipe, name)), method, budget, _ctx(), opts)
+    plan = copy.deepcopy(get_block_reuse(result) or get_branch_cache(result))
+    repeats = isinstance(pipe.scheduler, PNDMScheduler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        slimdiff.apply(pipe, copy.deepcopy(result))
+    expected = _realised(caught, f"num_inference_steps={STEPS - 1} runs") if repeats else _reported(result)
+    assert _run(pipe)[1] / full == pytest.approx(expected, rel=1e-3)
+    if repeats:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            slimdiff.apply(pipe, result, num_inference_steps=STEPS - 1)
+        assert torch.equal(get_block_reuse(result).compute if get_block_reuse(result) else
+                           get_branch_cache(result).compute, plan.compute)
+        assert _run(pipe, STEPS - 1)[1] / fewer == pytest.approx(_reported(result), rel=1e-3)
+
+
+def _realised(caught, says: str = "") -> float:
+    """The realised MACs ratio stated by the mapping warning in ``caught`` (which also ``says``)."""
+    message = next(str(w.message) for w in caught if "realised MACs ratio" in str(w.message))
+    assert says in message
+    return float(message.split("realised MACs ratio ")[1].split()[0])
+
+
+def test_all_compute_plans_give_the_uncompressed_pipeline(tmp_path):
+    pipe = _dit_pipe()
+    ref, _ = _run(pipe)
+    model = copy.deepcopy(pipe.transformer)
+    apply_block_reuse(model, ReusePlan.full("ddim", STEPS, model))  # slimdiff's trailing DDIM timesteps
+    slimdiff.apply(pipe, model)
+    assert (_run(pipe)[0] == ref).all()
+
+    unet_pipe = _ddpm_pipe()
+    ref, _ = _run(unet_pipe)
+    unet = compress(copy.deepcopy(unet_pipe.unet), "deepcache", 0.6, _ctx())
+    plan = get_branch_cache(unet)
+    remove_branch_cache(unet)
+    apply_branch_cache(unet, ReusePlan(torch.ones(plan.shape, dtype=torch.bool), plan.sampler, plan.steps,
+                                       plan.timesteps, plan.blocks))
+    slimdiff.apply(unet_pipe, unet)
+    assert (_run(unet_pipe)[0] == ref).all()
+
+
+def test_ddpm_pipeline_runs_deepcache_at_the_reported_macs():
+    pipe = _ddpm_pipe()
+    _, full = _run(pipe)
+    result = compress(copy.deepcopy(pipe.unet), "deepcache", 0.6, _ctx())
+    slimdiff.apply(pipe, result)
+    assert get_branch_cache(pipe.unet).sampler == "DDPMScheduler"
+    _, macs = _run(pipe)
+    assert macs / full == pytest.approx(_reported(result), rel=1e-3)
+
+
+def test_other_step_counts_map_by_relative_position_and_warn_the_realised_ratio():
+    pipe = _dit_pipe()
+    _, full = _run(pipe, 2 * STEPS)
+    result = compress(copy.deepcopy(pipe.transformer), "deepcache-style", 0.6, _ctx())
+    assert get_block_reuse(result).rows_for(2 * STEPS) == ([j // 2 for j in range(2 * STEPS)], False)
+    with pytest.warns(UserWarning, match="same relative position") as caught:
+        slimdiff.apply(pipe, result, num_inference_steps=2 * STEPS)
+    _, macs = _run(pipe, 2 * STEPS)
+    assert macs / full == pytest.approx(_realised(caught), abs=1e-3)
+    made = get_block_reuse(result).origin
+    slimdiff.apply(pipe, result)  # applied again: the plan as made, not the mapped one
+    assert torch.equal(get_block_reuse(result).compute, made.compute)
+
+
+def test_fewer_steps_runs_at_its_own_step_count():
+    pipe = _dit_pipe()
+    _, full = _run(pipe)  # the uncompressed pipeline at the plan's step count
+    result = compress(copy.deepcopy(pipe.transformer), "fewer-steps", 0.5, _ctx())
+    k = get_block_reuse(result).sampling_steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        slimdiff.apply(pipe, result, num_inference_steps=k)
+    assert all(get_block_reuse(pipe.transformer).step_compute)
+    _, macs = _run(pipe, k)
+    assert macs / full == pytest.approx(_reported(result), rel=1e-3)
+
+
+def test_mismatches_name_slimdiff_apply():
+    pipe = _dit_pipe()
+    result = compress(copy.deepcopy(pipe.transformer), "deepcache-style", 0.6, _ctx())
+    pipe.register_modules(transformer=result)  # installed by hand: keyed to slimdiff's DDIM timesteps
+    with pytest.raises(UsageError, match=r"slimdiff\.apply\(pipe, result, num_inference_steps=N\)"):
+        _run(pipe)
+    slimdiff.apply(pipe, result)
+    with pytest.raises(UsageError, match=f"num_inference_steps={STEPS} .*slimdiff.apply"):
+        _run(pipe, STEPS + 1)
+    with pytest.raises(UsageError, match="DiTPipeline.transformer takes a DiTTransformer2DModel.*compress the"):
+        slimdiff.apply(pipe, tiny_dit())
+    with pytest.raises(UsageError, match="num_inference_steps must be a positive integer"):
+        slimdiff.apply(pipe, result, num_inference_steps=0)
+
+
+def test_export_diffusers_of_a_runtime_result_is_refused_before_work(tmp_path):
+    out = CliRunner().invoke(app, ["compress", "--method", "dipgo", "--model", "digits-dit", "-o", str(tmp_path / "r"),
+                                   "--export-diffusers", str(tmp_path / "hf")])
+    assert isinstance(out.exception, UsageError) and "slimdiff.apply(pipe" in str(out.exception)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "hf").exists()
