@@ -367,7 +367,7 @@ def compress(
     overwrite: bool = typer.Option(False, help="replace an existing, different result in --out"),
     export_diffusers: Optional[Path] = typer.Option(
         None, help="also write a diffusers save_pretrained copy here (when the result fits a diffusers config: "
-                   "depth pruning, uniform widths; refused for reuse and dynamic methods, whose result "
+                   "depth pruning; refused up front for width, reuse and dynamic methods, whose result "
                    "slimdiff.apply(pipe, OUT) installs in a pipeline)"),
     dit_config: Optional[str] = DIT_CONFIG,
     device: str = DEVICE,
@@ -402,6 +402,11 @@ def compress(
         raise UsageError(f"--export-diffusers cannot carry {', '.join(runtime)}'s runtime (reuse plan or routers) in "
                          f"a diffusers folder: drop it and install the result in your pipeline with "
                          f"slimdiff.apply(pipe, \"{out}\")")
+    width = [spec.name for spec, _ in chain if spec.kind == "width"]
+    if export_diffusers is not None and width:  # per-layer widths do not fit a diffusers config
+        raise UsageError(f"--export-diffusers cannot write {', '.join(width)}'s per-layer widths in a diffusers "
+                         f"config: drop it and install the result in your pipeline with "
+                         f"slimdiff.apply(pipe, \"{out}\") (the slimdiff directory keeps every width)")
     model_options = dit_options(dit_config, model)
     resolve_device(device)
     _check_not_input(out, model)
