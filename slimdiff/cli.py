@@ -91,6 +91,24 @@ def _model(name: str, device: str | None = None, **kwargs):
     return model if where is None else model.to(where)
 
 
+def _data(spec: str, m, *, sampler: str = "ddim", steps: int = 50, cfg: float = 1.0, seed: int = 0) -> str:
+    """``--data`` for model ``m``: images or prompts encoded with the pipeline it was loaded from
+    (a cached latents file; prompts get the model's own samples at this sampler, step count,
+    guidance and seed), the shipped data set of its shape for ``auto``, anything else as given."""
+    from slimdiff.compression.calibration import resolve_data
+    from slimdiff.data.encode import encoded_data
+    from slimdiff.diffusion.sampling import sample as run
+    from slimdiff.methods.base import fingerprint
+    from slimdiff.models.backbone import as_backbone
+    from slimdiff.models.registry import pipeline_of
+
+    bb = as_backbone(m)
+    generate = lambda cond, start: run(m, sampler=sampler, steps=steps, cond=cond, cfg=cfg, seed=seed + start)  # noqa: E731
+    key = f"{fingerprint(m)}:{sampler}:{steps}:{cfg}:{seed}" if spec.startswith("prompts:") else ""
+    return resolve_data(encoded_data(spec, pipeline_of(m), bb.sample_size, bb.conditioning == "text", device=bb.device,
+                                     generate=generate, generate_key=key), m)
+
+
 @app.command()
 def sample(
     model: str = typer.Option("digits-dit", help=MODEL_HELP),
@@ -98,6 +116,12 @@ def sample(
     steps: int = typer.Option(50, help="sampling steps"),
     cfg: float = typer.Option(1.0, help="classifier-free guidance scale (1 = off; digits-dit is best without)"),
     classes: Optional[str] = typer.Option(None, help="comma-separated class labels, e.g. 0,1,2"),
+    prompt: Optional[list[str]] = typer.Option(None, help="caption of a text model's sample, repeatable (one sample "
+                                                          "each; one prompt with -n N: N samples of it), encoded with "
+                                                          "the pipeline's text encoder"),
+    pipeline: Optional[Path] = typer.Option(None, help="diffusers pipeline folder whose VAE decodes the samples and "
+                                                       "whose text encoder encodes --prompt (default: the one the "
+                                                       "model was loaded from)"),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", "-n", help="number of samples"),
     seed: int = typer.Option(0),
     guidance_channels: Optional[int] = typer.Option(
@@ -107,18 +131,51 @@ def sample(
     dit_config: Optional[str] = DIT_CONFIG,
     device: str = DEVICE,
 ) -> None:
-    """Sample a grid of images from a model."""
+    """Sample a grid of images from a model (latents decoded through its pipeline's VAE)."""
+    from slimdiff.data.encode import load_encoders
     from slimdiff.diffusion.sampling import sample as run
-    from slimdiff.models.registry import dit_options
+    from slimdiff.models.backbone import as_backbone
+    from slimdiff.models.registry import dit_options, pipeline_of
     from slimdiff.utils import save_grid
 
     labels = _parse_ints(classes, "--classes")
     _check_image_output(output, "-o")
     m = _model(model, device, **dit_options(dit_config, model))
-    x = run(m, sampler=sampler, steps=steps, num_samples=num_samples, classes=labels, cfg=cfg, seed=seed, progress=True,
-            guidance_channels=guidance_channels)
+    bb = as_backbone(m)
+    folder = pipeline or pipeline_of(m)
+    if pipeline is None and folder is not None and not folder.is_dir():
+        raise UsageError(f"the pipeline folder {folder} that {model} was loaded from is gone; pass --pipeline DIR")
+    enc = load_encoders(folder, bb.device) if folder is not None else None
+    cond = _prompts(bb, enc, prompt, num_samples)
+    x = run(m, sampler=sampler, steps=steps, num_samples=num_samples, classes=labels, cond=cond, cfg=cfg, seed=seed,
+            progress=True, guidance_channels=guidance_channels)
+    if enc is not None and enc.vae is not None:
+        if x.shape[1] != enc.vae.config.latent_channels:
+            raise UsageError(f"the model samples {x.shape[1]} channels but the VAE of {folder} decodes "
+                             f"{enc.vae.config.latent_channels}: pass the model's own pipeline as --pipeline")
+        x = enc.decode(x)
     save_grid(x, output)
     err.print(f"wrote {output} ({len(x)} samples, {sampler} x{steps}, cfg {cfg})")
+
+
+def _prompts(bb, enc, prompts: list[str] | None, n: int | None):
+    """The caption condition of ``sample``: ``prompts`` (one repeated ``n`` times, else one per
+    sample; the empty prompt when none) encoded with the pipeline's text encoder; None when the
+    model takes no captions or there is no text encoder (random embeddings then)."""
+    if prompts and bb.conditioning != "text":
+        raise UsageError(f"--prompt is for text models; this {bb.kind} model is {bb.conditioning or 'unconditional'}: "
+                         "leave --prompt out")
+    if bb.conditioning != "text" or enc is None or enc.text_encoder is None:
+        if prompts:
+            raise UsageError("--prompt needs the pipeline's text encoder: pass --pipeline DIR, a diffusers pipeline "
+                             "folder with text_encoder/ and tokenizer/")
+        return None
+    texts = list(prompts or [""])
+    if len(texts) == 1 and n is not None:
+        texts *= n
+    if n is not None and n != len(texts):
+        raise UsageError(f"-n {n} with {len(texts)} prompts: pass one --prompt per sample, or one --prompt and -n")
+    return enc.encode_prompts(texts)
 
 
 @app.command()
@@ -258,8 +315,9 @@ def _run_training(m, data: str, out: Path, resume: bool, *, diffusion=None, teac
 @app.command()
 def finetune(
     model: str = typer.Option(..., help=MODEL_HELP + " (the compressed student)"),
-    data: str = typer.Option("auto", help="digits, mnist, an image folder or a latents file (auto: the shipped data "
-                                          "set of the model's image shape)"),
+    data: str = typer.Option("auto", help="digits, mnist, an image folder (images:DIR; encoded with a pipeline's VAE), "
+                                          "prompts:FILE or a latents file (auto: the shipped data set of the model's "
+                                          "image shape)"),
     teacher: Optional[str] = typer.Option(None, help="teacher for distillation (e.g. digits-dit)"),
     kd: str = typer.Option("none", help="none | output | hidden | masked (TinyFusion)"),
     layer_map: Optional[str] = typer.Option(None, help="student:teacher block pairs, e.g. 0:1,1:3"),
@@ -276,9 +334,8 @@ def finetune(
     device: str = DEVICE,
 ) -> None:
     """Recovery fine-tuning (diffusion loss) or distillation of a compressed model."""
+    from slimdiff.data.encode import data_source
     from slimdiff.io import save
-
-    from slimdiff.compression.calibration import resolve_data
     from slimdiff.models.registry import dit_options
 
     pairs = None
@@ -291,8 +348,9 @@ def finetune(
                   checkpoint_every=checkpoint_every, mixed_precision=mixed_precision, seed=seed, kd=kd,
                   layer_map=pairs, device=device)
     _check_training(config)
+    data_source(data)  # a missing images:/prompts: path before any model loads
     m = _model(model, device, **dit_options(dit_config, model))
-    data = resolve_data(data, m)
+    data = _data(data, m, seed=seed)
     t = _model(teacher, device) if teacher else None
     m = _run_training(m, data, out, resume, teacher=t, **config)
     if not _is_main_process():
@@ -343,8 +401,10 @@ def compress(
     sampler: str = typer.Option("ddim", help="sampler the budget (and a reuse plan) is made for"),
     steps: int = typer.Option(50, help="sampling steps the budget is made for"),
     cfg: float = typer.Option(1.0, help="guidance scale assumed for the budget"),
-    data: str = typer.Option("auto", help="calibration / recovery data: digits, mnist, an image folder or a latents "
-                                          "file (auto: the shipped data set of the model's image shape)"),
+    data: str = typer.Option("auto", help="calibration / recovery data: digits, mnist, an image folder (images:DIR; "
+                                          "encoded with a pipeline's VAE), prompts:FILE (a text pipeline's own samples "
+                                          "of these prompts) or a latents file (auto: the shipped data set of the "
+                                          "model's image shape)"),
     recover_steps: int = typer.Option(0, help="recovery fine-tuning steps after compression"),
     kd: str = typer.Option("none", help="recovery loss: none | output | hidden | masked"),
     batch_size: int = typer.Option(64, "--batch-size"),
@@ -378,7 +438,7 @@ def compress(
 
     from slimdiff.atomic import exclusive
     from slimdiff.budget import check_budget
-    from slimdiff.compression.calibration import resolve_data
+    from slimdiff.data.encode import data_source
     from slimdiff.diffusion.sampling import check_steps
     from slimdiff.eval.compute import params
     from slimdiff.io import check_output, save
@@ -408,13 +468,14 @@ def compress(
                          f"config: drop it and install the result in your pipeline with "
                          f"slimdiff.apply(pipe, \"{out}\") (the slimdiff directory keeps every width)")
     model_options = dit_options(dit_config, model)
+    data_source(data)  # a missing images:/prompts: path
     resolve_device(device)
     _check_not_input(out, model)
     check_output(out)  # an output that cannot take the result
     with exclusive(out, f"--out {out}"):  # a second run into --out is refused
         m = _model(model, device, **model_options)
         check_steps(m, steps)  # the one check that needs the model's schedule
-        ctx.data = resolve_data(data, m)
+        ctx.data = _data(data, m, sampler=sampler, steps=steps, cfg=cfg, seed=seed)
         result = run(m, method, b, ctx, settings)
         path = save(result, out, overwrite=overwrite)
         shutil.rmtree(work, ignore_errors=True)  # resumable work is only needed until the result is saved

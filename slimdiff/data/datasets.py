@@ -257,7 +257,13 @@ def latents(path: str | Path) -> Dataset:
 
 
 def get_dataset(spec: str, size: int | None = None, channels: int = 3, split: str = "train") -> Dataset:
-    """Resolve a ``--data`` value: ``digits``, ``mnist``, a folder of images, or a latents file."""
+    """Resolve a ``--data`` value: ``digits``, ``mnist``, a folder of images (``images:DIR`` too),
+    or a latents file. Images and prompts for a latent model are encoded with its pipeline
+    first (:func:`slimdiff.data.encode.encoded_data`), which gives a latents file."""
+    if spec.startswith("prompts:"):
+        raise UsageError(f"--data {spec} is encoded with a pipeline's text encoder: pass the diffusers pipeline "
+                         "folder as --model of compress or finetune")
+    spec = spec.removeprefix("images:")
     if spec in BUILTIN:
         return builtin(spec, split)
     if spec == "auto":
@@ -268,6 +274,9 @@ def get_dataset(spec: str, size: int | None = None, channels: int = 3, split: st
     if path.is_dir():
         if size is None:
             raise UsageError("an image folder needs the model's input size")
+        if channels not in (1, 3):
+            raise UsageError(f"{path} holds images but the model takes {channels}-channel latents: pass the diffusers "
+                             "pipeline folder as --model to encode them with its VAE, or --data a latents file")
         return ImageFolder(path, size, channels)
     if path.suffix in (".npz", ".safetensors"):
         return latents(path)

@@ -191,7 +191,10 @@ class Backbone:
     kind: str = ""
     is_transformer: bool = False
     conditioning: str | None = None  # "class", "text" or None
-    text_len: int = 8  # tokens in example text conditions
+    text_len: int = 8
+    """Tokens of example text conditions (and so of the captions MACs are counted at): the
+    pipeline's own caption length when the model records one (loaded from a pipeline folder:
+    ``slimdiff_meta["pipeline"]["text_len"]``, PixArt-alpha 120, SD 77), else 8."""
     timestep_name: str = "timestep"  # the timestep argument of the module's forward
     reuse_mode: str = "residual"
     """How a reuse unit is reused (:mod:`slimdiff.runtime.reuse`): ``"residual"`` (its
@@ -203,6 +206,9 @@ class Backbone:
 
     def __init__(self, module: nn.Module):
         self.module = module
+        recorded = ((getattr(module, "slimdiff_meta", None) or {}).get("pipeline") or {}).get("text_len")
+        if recorded:
+            self.text_len = int(recorded)
 
     def __repr__(self) -> str:
         return f"Backbone(kind={self.kind!r}, blocks={len(self.blocks)}, module={type(self.module).__name__})"

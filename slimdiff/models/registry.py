@@ -5,7 +5,8 @@ Resolution order (first match wins):
 1. an existing local directory: a slimdiff directory (``slimdiff.json``, via
    :func:`slimdiff.io.load`) or a diffusers one (``config.json`` of a model, or a pipeline's
    ``model_index.json`` with a ``transformer``/``unet`` folder; safetensors only; the legacy
-   ``Transformer2DModel`` of ``facebook/DiT-*`` loads as diffusers loads it, a ``DiTTransformer2DModel``);
+   ``Transformer2DModel`` of ``facebook/DiT-*`` loads as diffusers loads it, a ``DiTTransformer2DModel``;
+   a pipeline's folder and caption length are recorded, :func:`pipeline_of`);
 2. a shipped name: a directory ``slimdiff/weights/<name>/`` (``digits-dit``, ``mnist-dit``: see
    :data:`SHIPPED`; a shipped teacher whose weights are not built yet is an error naming the
    ``make`` target that trains and ships it);
@@ -183,6 +184,7 @@ def _load_diffusers_dir(path: Path) -> nn.Module:
     """A diffusers model directory or pipeline snapshot, safetensors only, no network."""
     import diffusers
 
+    from slimdiff.data.encode import pipeline_record
     from slimdiff.diffusion.schedulers import DiffusionConfig
 
     folder, sub = path, None
@@ -200,7 +202,16 @@ def _load_diffusers_dir(path: Path) -> nn.Module:
         raise UsageError(f"cannot load {folder} with diffusers: {str(e).splitlines()[0]}") from e
     _own_config_keys(model)
     diffusion = _diffusion_from_scheduler(path / "scheduler" / "scheduler_config.json") if sub else None
-    return set_record(model, ModelRecord(path.name, (diffusion or DiffusionConfig()).to_dict())).eval()
+    pipeline = {"pipeline": pipeline_record(path)} if sub else {}  # its VAE / text encoder, its caption length
+    return set_record(model, ModelRecord(path.name, (diffusion or DiffusionConfig()).to_dict(),
+                                         provenance=pipeline)).eval()
+
+
+def pipeline_of(model: nn.Module) -> Path | None:
+    """The diffusers pipeline folder ``model`` (or the model it was compressed from) was loaded
+    from, whose VAE and text encoder its data and samples go through; None when there is none."""
+    path = (record_of(model).provenance.get("pipeline") or {}).get("path")
+    return Path(path) if path else None
 
 
 def _diffusers_class(folder: Path) -> str:

@@ -1,0 +1,183 @@
+"""Data from the user's own pipeline: images and prompts encoded with a diffusers pipeline's VAE
+and text encoder (cached latents files), samples decoded through the VAE with ``--prompt``, and
+MACs counted at the pipeline's caption length. Tiny random pipelines in the real layouts."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli_main, tiny_diffusers_dit, tiny_pixart, tiny_unet_cond
+from diffusers import (
+    AutoencoderKL,
+    DiTPipeline,
+    DPMSolverMultistepScheduler,
+    PixArtAlphaPipeline,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+import slimdiff
+from slimdiff.data import encode
+from slimdiff.data.datasets import CaptionedLatents, ImageFolder, get_dataset, latents
+from slimdiff.errors import UsageError
+from slimdiff.eval.compute import macs_forward
+from slimdiff.models.backbone import as_backbone
+from slimdiff.models.registry import pipeline_of
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _tokenizer(folder, max_length: int) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over single letters (no merges), from files written here."""
+    vocab = ["<|startoftext|>", "<|endoftext|>", *LETTERS, *(c + "</w>" for c in LETTERS)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
+                         pad_token="<|endoftext|>")
+
+
+def _vae() -> AutoencoderKL:
+    """A tiny AutoencoderKL with one downsampling (scale factor 2: 16x16 images <-> 8x8x4 latents)."""
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                         norm_num_groups=4, sample_size=16).eval()
+
+
+def _pixart_dir(tmp_path):
+    """PixArt-alpha's layout: a tiny T5 encoder (width 16), the pipeline's 120-token captions."""
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
+    pipe = PixArtAlphaPipeline(tokenizer=_tokenizer(tmp_path / "tok", 512), text_encoder=t5, vae=_vae(),
+                               transformer=tiny_pixart(), scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(tmp_path / "pixart")
+    return tmp_path / "pixart"
+
+
+def _sd_dir(tmp_path):
+    """Stable Diffusion's layout: a tiny CLIP text model (width 32), 77-token captions, no mask."""
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=77)).eval()
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=clip, tokenizer=_tokenizer(tmp_path / "tok", 77),
+                                   unet=tiny_unet_cond(), scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "sd")
+    return tmp_path / "sd"
+
+
+def _dit_dir(tmp_path):
+    pipe = DiTPipeline(transformer=tiny_diffusers_dit(num_layers=4), vae=_vae(), scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(tmp_path / "dit")
+    return tmp_path / "dit"
+
+
+def _images(folder, names: list[str]):
+    """Random RGB images of mixed sizes (resized and cropped to the model's 16x16 on encoding)."""
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def test_images_and_captions_are_encoded_with_the_pipelines_vae_and_text_encoder_once(tmp_path, monkeypatch):
+    pipe = _pixart_dir(tmp_path)
+    images = _images(tmp_path / "imgs", ["a.png", "b.png", "c.png"])
+    (images / "captions.txt").write_text("a.png\ta red cat\n")
+    (images / "b.txt").write_text("blue dog")
+    path = encode.encoded_data(f"images:{images}", pipe, 8, True)
+    data = latents(path)
+    assert isinstance(data, CaptionedLatents) and data.latents.shape == (3, 4, 8, 8)
+    enc = encode.load_encoders(pipe)
+    pixels = torch.stack([x for x, _ in ImageFolder(images, 16, 3)])
+    assert torch.allclose(data.latents, enc.encode_images(pixels), atol=1e-5)
+    want = enc.encode_prompts(["a red cat", "blue dog", ""])
+    assert data.embeds.shape == (3, 120, 16) and torch.allclose(data.embeds, want.embeds, atol=1e-5)
+    assert torch.equal(data.mask, want.mask) and data.mask.sum(1).tolist()[2] < data.mask.sum(1).tolist()[0]
+
+    monkeypatch.setattr(encode, "load_encoders", lambda *a, **k: pytest.fail("the cached file was not reused"))
+    assert encode.encoded_data(str(images), pipe, 8, True) == path  # a plain folder too, from the cache
+    monkeypatch.undo()
+    (images / "b.txt").write_text("green dog")  # other captions: another file
+    assert encode.encoded_data(str(images), pipe, 8, True) != path
+
+
+def test_sd_captions_are_77_tokens_without_mask(tmp_path, monkeypatch):
+    monkeypatch.setenv(encode.CACHE_ENV, str(tmp_path / "cache"))
+    pipe = _sd_dir(tmp_path)
+    path = encode.encoded_data(f"images:{_images(tmp_path / 'imgs', ['x.jpg'])}", pipe, 8, True)
+    assert path.startswith(str(tmp_path / "cache"))
+    data = latents(path)
+    assert data.embeds.shape == (1, 77, 32) and data.mask is None
+
+
+def test_compress_a_dit_pipeline_on_class_folders_of_images(tmp_path, monkeypatch):
+    pipe = _dit_dir(tmp_path)
+    images = _images(tmp_path / "imgs", ["0/a.png", "0/b.png", "1/c.png", "1/d.png"])
+    code = cli_main(monkeypatch, "compress", "--method", "bi-depth", "--budget", "0.52", "--model", str(pipe),
+                    "--data", f"images:{images}", "--steps", "4", "-o", str(tmp_path / "out"), "--json")
+    assert code == 0
+    cached = latents(next((images / ".slimdiff-cache").glob("latents-*.safetensors")))
+    assert cached.tensors[0].shape == (4, 4, 8, 8) and cached.tensors[1].tolist() == [0, 0, 1, 1]
+    assert pipeline_of(slimdiff.load(tmp_path / "out")) == pipe.resolve()  # the result remembers its pipeline
+
+
+def test_prompts_give_the_models_own_samples_with_encoded_captions(tmp_path):
+    from slimdiff.cli import _data
+
+    pipe = _pixart_dir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a cat\n\na dog\n")
+    m = slimdiff.load(pipe)
+    data = latents(_data(f"prompts:{tmp_path / 'prompts.txt'}", m, steps=2))
+    assert data.latents.shape == (2, 4, 8, 8) and data.embeds.shape == (2, 120, 16) and data.mask is not None
+    assert torch.isfinite(data.latents).all() and not torch.equal(data.latents[0], data.latents[1])
+
+
+def test_text_models_count_macs_at_the_pipelines_caption_length(tmp_path):
+    pipe = _pixart_dir(tmp_path)
+    m = slimdiff.load(pipe)
+    assert as_backbone(m).text_len == 120
+    assert macs_forward(m) > macs_forward(tiny_pixart())  # the bare model: 8-token captions
+    slimdiff.save(m, tmp_path / "copy")
+    again = slimdiff.load(tmp_path / "copy")
+    assert as_backbone(again).text_len == 120 and macs_forward(again) == macs_forward(m)
+
+
+def test_sample_decodes_through_the_vae_with_prompts(tmp_path, monkeypatch):
+    pipe = _pixart_dir(tmp_path)
+    out = tmp_path / "grid.png"
+    assert cli_main(monkeypatch, "sample", "--model", str(pipe), "--prompt", "a cat", "--prompt", "a dog",
+                    "--steps", "2", "-o", str(out)) == 0
+    with Image.open(out) as im:  # 2 decoded 16x16 RGB images side by side, upscaled 8x (raw latents: 8x8, 16x)
+        assert im.size == ((2 * 17 + 1) * 8, (17 + 1) * 8) and im.mode == "RGB"
+    assert cli_main(monkeypatch, "sample", "--model", str(pipe), "--prompt", "a", "--prompt", "b", "-n", "3",
+                    "--steps", "2", "-o", str(out)) == 2
+
+
+def test_prompt_on_a_class_model_is_refused(tmp_path, monkeypatch, capsys):
+    pipe = _dit_dir(tmp_path)
+    assert cli_main(monkeypatch, "sample", "--model", str(pipe), "--prompt", "a cat", "-o",
+                    str(tmp_path / "g.png")) == 2
+    assert "--prompt is for text models" in capsys.readouterr().err
+
+
+def test_bad_data_forms_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    with pytest.raises(UsageError, match="no such directory"):
+        encode.data_source(f"images:{tmp_path / 'none'}")
+    with pytest.raises(UsageError, match="no such file"):
+        encode.data_source(f"prompts:{tmp_path / 'none.txt'}")
+    _images(tmp_path / "imgs", ["a.png"])
+    with pytest.raises(UsageError, match="pipeline folder as --model"):  # a latent model without its pipeline
+        get_dataset(str(tmp_path / "imgs"), size=8, channels=4)
+    (tmp_path / "p.txt").write_text("a cat\n")
+    with pytest.raises(UsageError, match="needs a text model loaded from a diffusers pipeline"):
+        encode.encoded_data(f"prompts:{tmp_path / 'p.txt'}", None, 8, True)
+    assert cli_main(monkeypatch, "compress", "--method", "first-depth", "--data", f"images:{tmp_path / 'none'}",
+                    "-o", str(tmp_path / "o")) == 2
+    assert "no such directory" in capsys.readouterr().err
