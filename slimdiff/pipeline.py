@@ -18,8 +18,14 @@ import torch
 import torch.nn as nn
 
 from slimdiff.errors import UsageError
+from slimdiff.models.diffusers_adapter import for_slot, unwrap
 from slimdiff.result import record_of
-from slimdiff.runtime.branch_cache import apply_branch_cache, get_branch_cache, remove_branch_cache, unit_costs
+from slimdiff.runtime.branch_cache import (
+    apply_branch_cache,
+    get_branch_cache,
+    remove_branch_cache,
+    unit_costs,
+)
 from slimdiff.runtime.reuse import (
     ReusePlan,
     apply_block_reuse,
@@ -28,6 +34,7 @@ from slimdiff.runtime.reuse import (
     remove_block_reuse,
     scheduler_timesteps,
 )
+from slimdiff.runtime.routing import DyDiTRouting
 
 __all__ = ["apply", "COMPONENTS"]
 
@@ -46,6 +53,7 @@ def apply(pipe: Any, result: str | os.PathLike | nn.Module, num_inference_steps:
     as ``pipe.transformer`` / ``pipe.unet``, on that component's device and dtype, and key its
     reuse plan to ``pipe.scheduler`` run with ``num_inference_steps`` (default: the plan's own
     step count). Returns ``pipe``; then call it as usual, with that ``num_inference_steps``.
+    DyDiT's width tables are rebuilt at those timesteps (other step counts are routed on the fly).
 
     When the pipeline makes as many model calls as the plan has rows, the plan runs row by row
     (exactly the compute it reported). Otherwise each call takes the plan row at the same
@@ -60,8 +68,8 @@ def apply(pipe: Any, result: str | os.PathLike | nn.Module, num_inference_steps:
                          "apply a slimdiff result to a pipeline with a diffusers denoiser")
     if num_inference_steps is not None:
         _check_steps(num_inference_steps)
-    model = result if isinstance(result, nn.Module) else _load(result)
-    _check_accepts(pipe, name, model)
+    model = unwrap(result if isinstance(result, nn.Module) else _load(result))
+    installed = _installable(pipe, name, model)
     for get, remove, install, costs in _RUNTIMES:
         plan = get(model)
         if plan is not None:
@@ -72,13 +80,25 @@ def apply(pipe: Any, result: str | os.PathLike | nn.Module, num_inference_steps:
             install(model, keyed)
             if not plan.rows_for(len(keyed.timesteps))[1]:
                 _warn_mapped(model, plan, keyed, costs(model, keyed), _exact_steps(pipe.scheduler, plan))
+    routing = getattr(model, "dydit", None)
+    if isinstance(routing, DyDiTRouting):
+        _key_tables(model, routing, pipe.scheduler, num_inference_steps or routing.table_info.get("steps"))
     old = getattr(pipe, name)
     if old is not None:  # the component's device and dtype (a dtype cast only when they differ: diffusers warns)
-        model.to(old.device)
-        if model.dtype != old.dtype:
-            model.to(old.dtype)
-    pipe.register_modules(**{name: model})
+        installed.to(old.device)
+        if installed.dtype != old.dtype:
+            installed.to(old.dtype)
+    pipe.register_modules(**{name: installed})
     return pipe
+
+
+def _key_tables(model: nn.Module, routing: DyDiTRouting, scheduler: Any, steps: int | None) -> None:
+    """Rebuild DyDiT's width tables at ``scheduler``'s timesteps for ``steps`` (none known: routed on the fly)."""
+    if steps is None:
+        routing.tables, routing.table_info = {}, {}
+    else:
+        routing.build_tables(model, scheduler_timesteps(scheduler, steps),
+                             {"sampler": type(scheduler).__name__, "steps": steps})
 
 
 def _load(path: str | os.PathLike) -> nn.Module:
@@ -92,16 +112,19 @@ def _check_steps(steps: Any) -> None:
         raise UsageError(f"num_inference_steps must be a positive integer, got {steps!r}")
 
 
-def _check_accepts(pipe: Any, name: str, model: nn.Module) -> None:
-    """UsageError unless ``model`` is of the class ``pipe`` declares (else that of its current ``name``)."""
+def _installable(pipe: Any, name: str, model: nn.Module) -> nn.Module:
+    """``model`` as the class ``pipe`` declares for ``name`` (else that of its current ``name``)
+    accepts (:func:`~slimdiff.models.diffusers_adapter.for_slot`), or UsageError."""
     declared = inspect.signature(type(pipe).__init__).parameters.get(name)
     expected = declared.annotation if declared is not None and isinstance(declared.annotation, type) \
         else type(getattr(pipe, name))
-    if not isinstance(model, expected):
+    installed = for_slot(model, expected)
+    if installed is None:
         raise UsageError(
             f"{type(pipe).__name__}.{name} takes a {expected.__name__}, not a {type(model).__module__}."
             f"{type(model).__name__}: compress the pipeline's own {name} (slimdiff compress --model <pipeline "
             f"folder>), or convert the model to a {expected.__name__} before compressing it")
+    return installed
 
 
 def _exact_steps(scheduler: Any, plan: ReusePlan) -> int | None:

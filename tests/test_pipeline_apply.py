@@ -5,9 +5,16 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
-from conftest import tiny_diffusers_dit, tiny_dit, tiny_pixart, tiny_unet, tiny_unet_cond
+from conftest import (
+    tiny_diffusers_dit,
+    tiny_dit,
+    tiny_pixart,
+    tiny_unet,
+    tiny_unet_cond,
+)
 from diffusers import (
     AutoencoderKL,
     DDPMPipeline,
@@ -26,9 +33,22 @@ import slimdiff
 from slimdiff.cli import app
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, compress
+from slimdiff.models.convert import diffusers_to_dit
+from slimdiff.models.diffusers_adapter import DiffusersDiT
+from slimdiff.models.dit import DiT
 from slimdiff.result import record_of
-from slimdiff.runtime.branch_cache import apply_branch_cache, get_branch_cache, remove_branch_cache
-from slimdiff.runtime.reuse import ReusePlan, apply_block_reuse, get_block_reuse
+from slimdiff.runtime.branch_cache import (
+    apply_branch_cache,
+    get_branch_cache,
+    remove_branch_cache,
+)
+from slimdiff.runtime.reuse import (
+    ReusePlan,
+    apply_block_reuse,
+    get_block_reuse,
+    scheduler_timesteps,
+)
+from slimdiff.runtime.routing import apply_dydit, default_config
 
 STEPS = 6
 
@@ -231,7 +251,7 @@ def test_mismatches_name_slimdiff_apply():
     with pytest.raises(UsageError, match=f"num_inference_steps={STEPS} .*slimdiff.apply"):
         _run(pipe, STEPS + 1)
     with pytest.raises(UsageError, match="DiTPipeline.transformer takes a DiTTransformer2DModel.*compress the"):
-        slimdiff.apply(pipe, tiny_dit())
+        slimdiff.apply(pipe, tiny_unet())
     with pytest.raises(UsageError, match="num_inference_steps must be a positive integer"):
         slimdiff.apply(pipe, result, num_inference_steps=0)
 
@@ -241,3 +261,84 @@ def test_export_diffusers_of_a_runtime_result_is_refused_before_work(tmp_path):
                                    "--export-diffusers", str(tmp_path / "hf")])
     assert isinstance(out.exception, UsageError) and "slimdiff.apply(pipe" in str(out.exception)
     assert not (tmp_path / "r").exists() and not (tmp_path / "hf").exists()
+
+
+# --------------------------------------------------------------------------- DyDiT and our own DiT
+DYDIT_TOLERANCE = 0.1
+"""|MACs ratio in the pipeline - reported|: routed tokens depend on the input (the pipeline's
+noise, labels, CFG's null half, scheduler), so the two agree only loosely."""
+
+
+def _latents(path, shape: tuple[int, int, int] = (4, 8, 8), classes: int | None = 1000,
+             text_width: int | None = None) -> str:
+    """A seeded latents file of 16 samples of ``shape`` (labels below ``classes``; captions of ``text_width``)."""
+    rng = np.random.default_rng(0)
+    arrays = {"latents": rng.standard_normal((16, *shape)).astype(np.float32)}
+    if classes is not None:
+        arrays["labels"] = rng.integers(0, classes, 16)
+    if text_width is not None:
+        arrays["encoder_hidden_states"] = rng.standard_normal((16, 8, text_width)).astype(np.float32)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def _dydit(model, tmp_path, text_width: int | None = None):
+    ctx = Context(sampler="ddim", steps=STEPS, progress=False, batch_size=4, work_dir=tmp_path / "work",
+                  data=_latents(tmp_path / "latents.npz", text_width=text_width))
+    return compress(model, "dydit", 0.6, ctx, {"train_steps": 5, "heldout_samples": 2})
+
+
+def test_our_dit_runs_in_a_dit_pipeline_as_the_diffusers_dit_it_converts_from():
+    pipe = _dit_pipe()
+    ref, full = _run(pipe)
+    slimdiff.apply(pipe, diffusers_to_dit(pipe.transformer))
+    assert isinstance(pipe.transformer, DiffusersDiT) and pipe.transformer.config.sample_size == 8
+    images, macs = _run(pipe)
+    assert np.allclose(images, ref, atol=1e-5) and macs < full  # one shared embedder, not one per block
+    slimdiff.apply(pipe, pipe.transformer)  # an installed wrapper is unwrapped, not wrapped twice
+    assert isinstance(pipe.transformer.dit, DiT)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "off"])
+def test_dydit_routers_all_on_or_off_give_the_uncompressed_pipeline(mode):
+    """Routers whose logits are their biases keep every head, group and token (sliced execution);
+    "off" runs no router."""
+    pipe = _dit_pipe()
+    ref, _ = _run(pipe)
+    model = diffusers_to_dit(pipe.transformer)
+    apply_dydit(model, default_config(model, router_init="zeros")).set_mode(mode)
+    slimdiff.apply(pipe, model)
+    assert np.allclose(_run(pipe)[0], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["dit", "diffusers-dit"])
+def test_dydit_runs_in_a_dit_pipeline_near_the_reported_macs(tmp_path, source):
+    """DyDiT of our DiT or of the pipeline's diffusers DiT (converted by the method), saved and
+    applied: width tables at the pipeline's DPM-Solver++ timesteps, CFG on."""
+    pipe = _dit_pipe()
+    if source == "dit":
+        slimdiff.apply(pipe, tiny_dit(num_classes=1000, depth=4))  # the uncompressed pipeline is our DiT's
+    _, full = _run(pipe)
+    slimdiff.save(_dydit(copy.deepcopy(pipe.transformer.dit if source == "dit" else pipe.transformer), tmp_path),
+                  tmp_path / "r")
+    slimdiff.apply(pipe, tmp_path / "r")
+    routing = pipe.transformer.dit.dydit
+    assert sorted(routing.tables) == sorted(scheduler_timesteps(pipe.scheduler, STEPS))
+    (a, macs), (b, _) = _run(pipe), _run(pipe)
+    assert (a == b).all() and not any(isinstance(k, float) for k in routing._memo)  # every call read the tables
+    reported = _reported(pipe.transformer.dit)
+    print(f"DyDiT of {source} in DiTPipeline: MACs ratio in the pipeline {macs / full:.3f}, reported {reported:.3f}")
+    assert macs < full and abs(macs / full - reported) <= DYDIT_TOLERANCE
+
+
+def test_pixart_dydit_runs_in_its_pipeline_near_the_reported_macs(tmp_path):
+    """At a step count other than the one compressed for: tables at the pipeline's timesteps."""
+    pipe = _pixart_pipe()
+    _, full = _run(pipe, STEPS + 2)
+    result = _dydit(copy.deepcopy(pipe.transformer), tmp_path, text_width=16)
+    slimdiff.apply(pipe, result, num_inference_steps=STEPS + 2)
+    assert result.dydit.table_info == {"sampler": "DPMSolverMultistepScheduler", "steps": STEPS + 2}
+    _, macs = _run(pipe, STEPS + 2)
+    print(f"DyDiT of PixArt in PixArtAlphaPipeline: MACs ratio in the pipeline {macs / full:.3f}, "
+          f"reported {_reported(result):.3f}")
+    assert macs < full and abs(macs / full - _reported(result)) <= DYDIT_TOLERANCE
