@@ -224,6 +224,12 @@ def export_diffusers(model: nn.Module, path) -> Path:
     cannot be written in a diffusers config: those models raise :class:`UsageError`.
     """
     model = _unwrap(model)
+    hooked = [n or "the model" for n, m in model.named_modules()
+              if getattr(getattr(m, "_diffusers_hook", None), "hooks", None)]
+    if hooked:  # a reuse plan, cache or router runs in hooks, which save_pretrained would silently drop
+        raise UsageError(f"cannot export to diffusers: {hooked[0]} carries a slimdiff runtime (reuse plan, cache or "
+                         "routing) that a diffusers folder cannot hold; install the result in your pipeline with "
+                         "slimdiff.apply(pipe, result) instead")
     arch = architecture_name(model)
     if arch == "DiT":  # the converter handles depth; its output is checked below
         try:

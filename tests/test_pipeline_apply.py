@@ -263,6 +263,16 @@ def test_export_diffusers_of_a_runtime_result_is_refused_before_work(tmp_path):
     assert not (tmp_path / "r").exists() and not (tmp_path / "hf").exists()
 
 
+def test_python_export_of_a_model_with_a_plan_is_refused(tmp_path):
+    from slimdiff.io import export_diffusers
+
+    model = _dit_pipe().transformer
+    apply_block_reuse(model, ReusePlan.full("ddim", STEPS, model))
+    with pytest.raises(UsageError, match="carries a slimdiff runtime .*slimdiff.apply"):
+        export_diffusers(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 # --------------------------------------------------------------------------- DyDiT and our own DiT
 DYDIT_TOLERANCE = 0.1
 """|MACs ratio in the pipeline - reported|: routed tokens depend on the input (the pipeline's

@@ -143,3 +143,20 @@ def test_dipgo_optimisation_resumes_bit_identical(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     assert set(load_file(str(next(rng)))) == {"torch"}  # CPU run: no GPU stream to keep
+
+
+def test_gradient_pass_of_a_text_model_checkpoints_its_caption_batch(tmp_path):
+    """The resume key digests caption conditions too (a PixArt calibration batch is a TextCondition)."""
+    import numpy as np
+
+    from conftest import tiny_pixart
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "latents.npz"
+    np.savez(data, latents=rng.standard_normal((8, 4, 8, 8)).astype(np.float32),
+             encoder_hidden_states=rng.standard_normal((8, 8, 16)).astype(np.float32),
+             encoder_attention_mask=np.ones((8, 8), dtype=np.int64))
+    ctx = Context(data=str(data), batch_size=4, steps=2, seed=2, progress=False, work_dir=tmp_path / "work")
+    first = dp.diff_pruning(tiny_pixart(), 0.7, ctx, THRESHOLD, stride=STRIDE)
+    again = dp.diff_pruning(tiny_pixart(), 0.7, ctx, THRESHOLD, stride=STRIDE)  # from the finished checkpoint
+    assert _saved(first, tmp_path / "a") == _saved(again, tmp_path / "b")

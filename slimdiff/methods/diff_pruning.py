@@ -63,6 +63,7 @@ from slimdiff.budget import check_budget
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, fingerprint, settings_key
 from slimdiff.methods.spec import MethodSpec, check_options, option
+from slimdiff.models.conditions import TextCondition
 
 if TYPE_CHECKING:
     from slimdiff.eval.speed import SpeedSettings
@@ -138,9 +139,11 @@ CHECKPOINT_EVERY = 50
 """The gradient pass checkpoints every this many evaluated timesteps (with a work directory)."""
 
 
-def _tensor_digest(*tensors: torch.Tensor | None) -> str:
-    """12 hex digits of sha256 over the tensors' shapes, dtypes and values: the calibration's resume key."""
+def _tensor_digest(*conds: torch.Tensor | TextCondition | None) -> str:
+    """12 hex digits of sha256 over the tensors' shapes, dtypes and values: the calibration's resume key
+    (a caption condition contributes its embeddings and mask)."""
     h = hashlib.sha256()
+    tensors = [u for c in conds for u in ((c.embeds, c.mask) if isinstance(c, TextCondition) else (c,))]
     for t in tensors:
         if t is not None:
             t = t.detach().to("cpu").contiguous()
