@@ -4,6 +4,7 @@ the weights, ``--dit-config`` overrides), and diffusers DiTs whose per-block emb
 from __future__ import annotations
 
 import copy
+import time
 import json
 from pathlib import Path
 
@@ -213,6 +214,13 @@ def test_untied_embedders_are_refused_with_the_reason_and_the_way_out():
     kept = extract_blocks(copy.deepcopy(model), [0, 2])  # the advice holds: keeping block 0 is exact
     t, y = torch.tensor([5, 500]), torch.tensor([1, 2])
     assert torch.equal(_diffusers_out(kept, x, t, y), _diffusers_out(_only(model, [0, 2]), x, t, y))
+    from slimdiff.methods import get_method
+    from slimdiff.methods.base import Context
+
+    start = time.monotonic()  # TinyFusion's search could drop block 0: refused before it runs, not after
+    with pytest.raises(UsageError, match="block 0 cannot be removed"):
+        get_method("tinyfusion")(copy.deepcopy(model), 0.5, Context(steps=2, progress=False), search_steps=10 ** 6)
+    assert time.monotonic() - start < 5
 
 
 def _only(model, kept):

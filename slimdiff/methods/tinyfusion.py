@@ -307,7 +307,8 @@ class TinyFusionConfig:
 
 def compress(model: nn.Module, budget: float, ctx: Context, config: TinyFusionConfig) -> nn.Module:
     """Depth-prune ``model`` with TinyFusion; ``config.keep`` (an N:M pattern) overrides the budget."""
-    check_depth_prunable(model, "tinyfusion")
+    if not check_depth_prunable(model, "tinyfusion").can_drop_block(0):  # before the search, not after it
+        raise UsageError(as_backbone(model).drop_refusal)
     groups, chosen = resolve_depth(model, budget, ctx, config.keep, config.search_space)
     search_config = SearchConfig(steps=int(config.search_steps), lora_targets=config.lora_targets,
                                  delta_w=bool(config.delta_w))
