@@ -70,6 +70,7 @@ def apply(pipe: Any, result: str | os.PathLike | nn.Module, num_inference_steps:
         _check_steps(num_inference_steps)
     model = unwrap(result if isinstance(result, nn.Module) else _load(result))
     installed = _installable(pipe, name, model)
+    _check_null_class(pipe, model)
     for get, remove, install, costs in _RUNTIMES:
         plan = get(model)
         if plan is not None:
@@ -125,6 +126,20 @@ def _installable(pipe: Any, name: str, model: nn.Module) -> nn.Module:
             f"{type(model).__name__}: compress the pipeline's own {name} (slimdiff compress --model <pipeline "
             f"folder>), or convert the model to a {expected.__name__} before compressing it")
     return installed
+
+
+def _check_null_class(pipe: Any, model: nn.Module) -> None:
+    """Warn when ``DiTPipeline``'s guidance would index a null class the model lacks: the pipeline
+    hard-codes label 1000 (ImageNet's null row) for the unconditional half."""
+    from slimdiff.models.backbone import as_backbone
+
+    if type(pipe).__name__ != "DiTPipeline":
+        return
+    classes = as_backbone(model).num_classes
+    if classes != 1000:
+        warnings.warn(f"DiTPipeline's classifier-free guidance uses label 1000 as the null class, but this model has "
+                      f"{classes} classes (its null label is {classes}): call the pipeline with guidance_scale=1, or "
+                      f"sample guided with slimdiff sample --cfg", stacklevel=3)
 
 
 def _exact_steps(scheduler: Any, plan: ReusePlan) -> int | None:

@@ -352,3 +352,12 @@ def test_pixart_dydit_runs_in_its_pipeline_near_the_reported_macs(tmp_path):
     print(f"DyDiT of PixArt in PixArtAlphaPipeline: MACs ratio in the pipeline {macs / full:.3f}, "
           f"reported {_reported(result):.3f}")
     assert macs < full and abs(macs / full - _reported(result)) <= DYDIT_TOLERANCE
+
+
+def test_a_dit_pipeline_warns_when_its_null_class_is_not_the_models():
+    pipe = _dit_pipe()
+    with pytest.warns(UserWarning, match="label 1000 as the null class, but this model has 10 classes"):
+        slimdiff.apply(pipe, tiny_dit(num_classes=10, depth=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        slimdiff.apply(pipe, tiny_dit(num_classes=1000, depth=2))
