@@ -69,7 +69,7 @@ def _kill_when(cmd: list[str], ready, delay: float = 0.0, cwd: Path | None = Non
 
 @pytest.mark.slow
 def test_tinyfusion_killed_in_search_and_recovery_matches_uninterrupted(teacher, tmp_path, monkeypatch, capsys):
-    search, recover = 6, 4  # both checkpoint every step (steps // 4)
+    search, recover = 6, 40  # the search checkpoints every step, the recovery every 10 (steps // 4)
     args = ["compress", "--method", "tinyfusion", "--model", teacher, "--budget", "0.5", "--steps", "2",
             "--search-steps", str(search), "--recover-steps", str(recover), "--batch-size", "4", "--seed", "1"]
     assert cli_main(monkeypatch, *args, "-o", str(tmp_path / "ref")) == 0
@@ -77,7 +77,7 @@ def test_tinyfusion_killed_in_search_and_recovery_matches_uninterrupted(teacher,
     cmd = [str(BIN), *args, "-o", str(tmp_path / "run")]
     _kill_when(cmd, lambda: _step_of(work, "search-") >= 3)  # at a search checkpoint boundary
     assert 3 <= _step_of(work, "search-") < search, "the first kill must land inside the search"
-    _kill_when(cmd, lambda: _step_of(work, "recover-") >= 1, delay=0.05)  # mid-step of the recovery
+    _kill_when(cmd, lambda: _step_of(work, "recover-") >= 10, delay=0.02)  # mid-step, well before the end
     assert _step_of(work, "search-") == search and _step_of(work, "recover-") < recover
     capsys.readouterr()
     assert cli_main(monkeypatch, *args, "-o", str(tmp_path / "run")) == 0
@@ -88,17 +88,17 @@ def test_tinyfusion_killed_in_search_and_recovery_matches_uninterrupted(teacher,
 
 @pytest.mark.slow
 def test_train_killed_mid_step_matches_uninterrupted(teacher, tmp_path, monkeypatch, capsys):
-    steps = 8
+    steps = 40  # a checkpoint every 10: the kill lands well before the end, however fast the machine
     # the same relative -o in two folders: the record holds the command line, which must match
-    args = ["train", "--model", teacher, "--steps", str(steps), "--batch-size", "4", "--checkpoint-every", "2",
+    args = ["train", "--model", teacher, "--steps", str(steps), "--batch-size", "4", "--checkpoint-every", "10",
             "--warmup", "3", "--resume", "-o", "out"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     ref.mkdir(), run.mkdir()
     monkeypatch.chdir(ref)
     assert cli_main(monkeypatch, *args) == 0
-    _kill_when([str(BIN), *args], lambda: checkpoint_step(run / "out") >= 4, delay=0.05, cwd=run)
+    _kill_when([str(BIN), *args], lambda: checkpoint_step(run / "out") >= 10, delay=0.02, cwd=run)
     killed = checkpoint_step(run / "out")
-    assert 4 <= killed < steps, "the kill must land mid-run"
+    assert 10 <= killed < steps, "the kill must land mid-run"
     capsys.readouterr()
     monkeypatch.chdir(run)
     assert cli_main(monkeypatch, *args) == 0
@@ -178,14 +178,14 @@ def test_rerunning_a_compress_into_its_output_is_accepted(tmp_path):
 def test_dydit_killed_in_router_training_matches_uninterrupted(teacher, tmp_path, monkeypatch, capsys):
     """DyDiT's router training (the shared trainer with Gumbel gates, FLOPs target schedule and
     stratified timesteps) killed mid-step resumes to the uninterrupted run's bytes."""
-    steps = 8  # checkpoints every steps // 4 = 2
+    steps = 40  # checkpoints every steps // 4 = 10: the kill lands well before the end
     args = ["compress", "--method", "dydit", "--model", teacher, "--budget", "0.6", "--steps", "2",
             "--option", f"train_steps={steps}", "--option", "heldout_samples=2", "--batch-size", "4", "--seed", "1"]
     assert cli_main(monkeypatch, *args, "-o", str(tmp_path / "ref")) == 0
     work = tmp_path / ".run.work"
-    _kill_when([str(BIN), *args, "-o", str(tmp_path / "run")], lambda: _step_of(work, "dydit-train-") >= 4,
-               delay=0.05)
-    assert 4 <= _step_of(work, "dydit-train-") < steps, "the kill must land inside the router training"
+    _kill_when([str(BIN), *args, "-o", str(tmp_path / "run")], lambda: _step_of(work, "dydit-train-") >= 10,
+               delay=0.02)
+    assert 10 <= _step_of(work, "dydit-train-") < steps, "the kill must land inside the router training"
     capsys.readouterr()
     assert cli_main(monkeypatch, *args, "-o", str(tmp_path / "run")) == 0
     assert "resumed from" in capsys.readouterr().out
@@ -201,7 +201,7 @@ def test_dipgo_killed_in_its_optimisation_matches_uninterrupted(teacher, tmp_pat
             "--option", f"opt_steps={opt_steps}", "--seed", "1"]
     assert cli_main(monkeypatch, *args, "-o", str(tmp_path / "ref")) == 0
     work = tmp_path / ".run.work"
-    _kill_when([str(BIN), *args, "-o", str(tmp_path / "run")], lambda: _step_of(work, "dipgo-") >= 10, delay=0.05)
+    _kill_when([str(BIN), *args, "-o", str(tmp_path / "run")], lambda: _step_of(work, "dipgo-") >= 10, delay=0.02)
     assert 10 <= _step_of(work, "dipgo-") < opt_steps, "the kill must land inside the optimisation"
     assert cli_main(monkeypatch, *args, "-o", str(tmp_path / "run")) == 0
     _same_result(tmp_path / "ref", tmp_path / "run")
