@@ -8,6 +8,7 @@ import time
 import warnings
 
 import pytest
+import torch
 from conftest import tiny_diffusers_dit, tiny_dit, tiny_unet
 
 import slimdiff.diffusion.sampling as sampling
@@ -160,3 +161,28 @@ def test_deepcache_far_below_the_budget_warns_and_a_close_result_does_not():
     assert "N=3 would cost 0.499" in messages[0]
     _, messages = _compress_warnings(tiny_unet(), "deepcache", 0.5, ctx)  # 0.499: within the tolerance
     assert messages == []
+
+
+@pytest.mark.parametrize("method, budget, reason", [
+    ("fewer-steps", 0.45, "fewer-steps: fewer-steps keeps whole steps: 2 of 6"),
+    ("deepcache-style", 0.6, "deepcache-style: deepcache-style reuses runs of whole blocks every interval"),
+])
+def test_reuse_plans_far_below_the_budget_say_why(method, budget, reason):
+    result, messages = _compress_warnings(tiny_dit(depth=2, in_channels=1), method, budget, Context(steps=6, progress=False))
+    assert record_of(result).result.measured["macs_ratio"] < budget * 0.97
+    assert len(messages) == 1 and reason in messages[0], messages
+
+
+def test_a_learned_plan_far_below_its_budget_records_the_block_granularity():
+    """DiP-GO / l2c-block end in ``finish``: a plan far below the budget records the size of one block call."""
+    from slimdiff.compression.reuse_plans import finish, prepare
+    from slimdiff.methods.base import BUDGET_NOTE
+
+    model, ctx = tiny_dit(depth=2, in_channels=1), Context(steps=6, progress=False)
+    costs = prepare(model, 0.9, ctx)
+    compute = torch.zeros(6, 2, dtype=torch.bool)
+    compute[0] = True  # only the first call computes: far below 0.9
+    settings = record_of(finish(model, "dipgo", compute, ctx, costs, {}, {}, budget=0.9)).result.chain[-1].settings
+    assert settings[BUDGET_NOTE].startswith("a reuse plan moves in whole block calls: one costs up to 0.")
+    close = record_of(finish(model, "dipgo", torch.ones(6, 2, dtype=torch.bool), ctx, costs, {}, {}, budget=0.9))
+    assert BUDGET_NOTE not in close.result.chain[-1].settings

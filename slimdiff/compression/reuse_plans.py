@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from slimdiff.budget import BUDGET_NOTE, far_below
 from slimdiff.errors import UsageError
 from slimdiff.methods.base import Context, record
 from slimdiff.runtime.branch_cache import check_no_plan
@@ -205,14 +206,22 @@ def _greedy(p_reuse: torch.Tensor, costs: BlockCosts, cost, target: float) -> to
 
 # --------------------------------------------------------------------------- set-up and result
 def finish(model: nn.Module, name: str, compute: torch.Tensor, ctx: Context, costs: BlockCosts, settings: dict,
-           measured: dict, **plan_kw) -> nn.Module:
-    """Install the final plan on the unchanged model and record it (every reuse method ends here)."""
+           measured: dict, *, budget: float, why: str | None = None, **plan_kw) -> nn.Module:
+    """Install the final plan on the unchanged model and record it (every reuse method ends here).
+
+    A plan far below ``budget`` records why (:data:`~slimdiff.budget.BUDGET_NOTE`): ``why``, or
+    the granularity every block-reuse plan has (one block at one call)."""
     remove_block_reuse(model)
     plan = ReusePlan.for_sampler(compute, ctx.sampler, ctx.steps, model, **plan_kw)
     apply_block_reuse(model, plan)
     full = costs.macs(torch.ones(plan.shape, dtype=torch.bool))
-    measured = {**measured, "plan_macs_ratio": costs.macs(plan.compute, plan.step_compute) / full,
-                "reused_fraction": plan.reuse_fraction()}
+    ratio = costs.macs(plan.compute, plan.step_compute) / full
+    measured = {**measured, "plan_macs_ratio": ratio, "reused_fraction": plan.reuse_fraction()}
+    if far_below(budget, ratio):
+        calls, blocks = plan.shape
+        settings = {**settings, BUDGET_NOTE: why or (
+            f"a reuse plan moves in whole block calls: one costs up to {max(costs.blocks) / full:.3f} of the sampling "
+            f"MACs here ({blocks} blocks x {calls} calls), and the plan is kept within the budget")}
     return record(model, name, {"sampler": ctx.sampler, "steps": ctx.steps, **settings}, measured, plan.to_dict())
 
 

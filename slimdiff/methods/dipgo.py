@@ -578,7 +578,7 @@ def compress(model: nn.Module, budget: float, ctx: Context, config: DiPGOConfig)
                    "optimizer": config.optimizer, "lr": lr, "pruner_attention": config.pruner_attention,
                    "sparsity_cost": config.sparsity_cost, "skip_reused_steps": skip_reused_steps,
                    "step_gates": step_gates},
-                  measured, step_compute=step_compute)
+                  measured, budget=budget, step_compute=step_compute)
 
 
 def speed_student(model: nn.Module, settings: Any) -> nn.Module:
@@ -590,7 +590,8 @@ def speed_student(model: nn.Module, settings: Any) -> nn.Module:
     n_calls = len(ReusePlan.full(ctx.sampler, ctx.steps, model).timesteps)
     scores = torch.rand(n_calls, len(costs.blocks), generator=torch.Generator().manual_seed(settings.seed))
     compute = threshold_plan(scores, costs, settings.budget)
-    return finish(model, "dipgo", compute, ctx, costs, {"scores": "seeded random", "budget": settings.budget}, {})
+    return finish(model, "dipgo", compute, ctx, costs, {"scores": "seeded random", "budget": settings.budget}, {},
+                  budget=settings.budget)
 
 
 DIPGO = MethodSpec("dipgo", "reuse", "DiP-GO: few-step gradient-optimised (step x block) reuse plan", compress,

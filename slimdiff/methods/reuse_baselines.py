@@ -131,7 +131,10 @@ def _deepcache_style(model: nn.Module, budget: float, ctx: Context, config: Deep
     table, k, r = deepcache_search(costs, steps, budget, skip)
     compute, step_compute = split_plan(table, len(costs.blocks), skip)
     return finish(model, "deepcache-style", compute, ctx, costs,
-                  {"interval": k, "reused_blocks": r, "skip_reused_steps": skip}, {}, step_compute=step_compute)
+                  {"interval": k, "reused_blocks": r, "skip_reused_steps": skip}, {}, budget=budget,
+                  step_compute=step_compute,
+                  why=f"deepcache-style reuses runs of whole blocks every interval (here {k}, {r} blocks reused): "
+                      "the next finer schedule costs more than the budget")
 
 
 # --------------------------------------------------------------------------- L2C
@@ -221,7 +224,8 @@ def _l2c_block(model: nn.Module, budget: float, ctx: Context, config: L2CBlockCo
                                        len(costs.blocks), skip)
     return finish(model, "l2c-block", compute, ctx, costs,
                   {"opt_steps": opt_steps, "batch": batch, "lam": lam, "skip_reused_steps": skip},
-                  {"search_cpu_s": time.process_time() - start, "losses": losses[-5:]}, step_compute=step_compute)
+                  {"search_cpu_s": time.process_time() - start, "losses": losses[-5:]}, budget=budget,
+                  step_compute=step_compute)
 
 
 # --------------------------------------------------------------------------- fewer steps
@@ -248,7 +252,8 @@ def _fewer_steps(model: nn.Module, budget: float, ctx: Context, config: NoOption
     mask = fewer_steps_mask(model, ctx.sampler, ctx.steps, k)
     table = torch.ones(n_calls, len(costs.blocks), dtype=torch.bool)
     return finish(model, "fewer-steps", table, ctx, costs, {"sampling_steps": k}, {}, step_compute=mask,
-                  sampling_steps=k)
+                  sampling_steps=k, budget=budget,
+                  why=f"fewer-steps keeps whole steps: {k} of {ctx.steps} (floor(budget x steps))")
 
 
 _REUSE = dict(restore=restore_plan, draw=draw_plan)
