@@ -163,6 +163,11 @@ def plan_chain(methods: list[str] | str, settings: dict | None = None,
         if len(same) > 1:
             raise UsageError(f"the chain {'+'.join(names)} has {len(same)} {kind} methods ({', '.join(same)}); "
                              f"chain at most one {kind} method (each installs its own runtime for the whole model)")
+    for i, later in enumerate(specs):
+        for earlier in specs[:i]:
+            if earlier.name in later.cannot_follow:
+                raise UsageError(f"{later.name} cannot run after {earlier.name} in a chain: "
+                                 f"{later.cannot_follow[earlier.name]}")
     settings = {k: v for k, v in (settings or {}).items() if v is not None}
     unknown = set(settings) - {o for e in specs for o in e.options}
     if unknown:

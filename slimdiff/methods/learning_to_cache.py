@@ -301,7 +301,10 @@ def applies(model: nn.Module) -> bool:
 
 
 L2C = MethodSpec("l2c", "reuse", "Learning-to-Cache (NeurIPS 2024): a learned per-step router reusing each block's "
-                 "attention and MLP branches", _l2c, L2CConfig, restore=with_legacy_block_plans(restore_branch_cache), draw=draw_plan, applies=applies)
+                 "attention and MLP branches", _l2c, L2CConfig, restore=with_legacy_block_plans(restore_branch_cache), draw=draw_plan, applies=applies,
+                 cannot_follow={"dydit": "DyDiT's routed blocks compute attention and MLP inside their own forward, so "
+                                         "there are no branch modules to cache; chain dydit with a block-level reuse "
+                                         "method (dipgo, deepcache-style, l2c-block, fewer-steps)"})
 SPECS = (L2C,)
 l2c = L2C
 

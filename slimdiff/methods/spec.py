@@ -14,7 +14,8 @@ change in place and records what it did with :func:`slimdiff.methods.base.record
 ``speed_student(model, settings) -> nn.Module`` builds the untrained student the speed bench
 times (``None``: the method is not in the speed bench); ``applies(model) -> bool`` says whether
 the method applies to a model at all (``None``: to every model), so the speed bench skips what
-does not apply and still fails loudly on a real error.
+does not apply and still fails loudly on a real error; ``cannot_follow`` names the methods it
+cannot run after in a chain, with the reason (``plan_chain`` refuses such chains up front).
 """
 from __future__ import annotations
 
@@ -117,6 +118,7 @@ class MethodSpec:
     draw: Callable[..., list[Path]] | None = None
     speed_student: Callable[..., nn.Module] | None = None
     applies: Callable[[nn.Module], bool] | None = None
+    cannot_follow: dict[str, str] = field(default_factory=dict)  # method name -> why this one cannot run after it
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_ORDER:
