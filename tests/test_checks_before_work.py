@@ -81,6 +81,8 @@ ROWS = [  # (id, argv from (model, tmp), what the one line must say)
       ]],
     ("dydit-then-l2c", lambda m, t: _compress(m, t / "o", method="dydit+l2c"),
      "l2c cannot run after dydit in a chain: DyDiT's routed blocks"),
+    ("dydit-then-fbcache", lambda m, t: _compress(m, t / "o", method="dydit+fbcache"),
+     "fbcache cannot run after dydit in a chain: .*would drop the routers"),
     ("out-is-the-input-model", lambda m, t: _compress(m, m, method="diff-pruning"), "is the input model directory"),
     ("sample-to-a-text-file", lambda m, t: ["sample", "--model", str(m), "-o", str(_existing_file(t))],
      r"extension '\.txt'.*\.png"),

@@ -285,7 +285,10 @@ def restore_cache(model: nn.Module, extras: dict | None) -> None:
 
 
 def _spec(name: str, help: str, config: type = CacheConfig) -> MethodSpec:
-    return MethodSpec(name, "reuse", help, _compress(name), config, restore=restore_cache, applies=_applies)
+    return MethodSpec(name, "reuse", help, _compress(name), config, restore=restore_cache, applies=_applies,
+                      cannot_follow={"dydit": "diffusers' caches run on DiTTransformer2DModel, and converting DyDiT's "
+                                              "routed DiT to it would drop the routers; chain dydit with dipgo, "
+                                              "deepcache-style, l2c-block or fewer-steps"})
 
 
 FBCACHE = _spec("fbcache", "diffusers FirstBlockCache, threshold tuned to the measured MACs budget")
