@@ -61,6 +61,7 @@ from slimdiff import atomic, schema
 from slimdiff.errors import UsageError
 from slimdiff.reproducible import without_times
 from slimdiff.result import ModelRecord, record_of, set_record
+from slimdiff.utils import hooked_modules
 
 FORMAT_VERSION = 1
 JSON_NAME = "slimdiff.json"
@@ -224,8 +225,7 @@ def export_diffusers(model: nn.Module, path) -> Path:
     cannot be written in a diffusers config: those models raise :class:`UsageError`.
     """
     model = _unwrap(model)
-    hooked = [n or "the model" for n, m in model.named_modules()
-              if getattr(getattr(m, "_diffusers_hook", None), "hooks", None)]
+    hooked = [n or "the model" for n in hooked_modules(model)]
     if hooked:  # a reuse plan, cache or router runs in hooks, which save_pretrained would silently drop
         raise UsageError(f"cannot export to diffusers: {hooked[0]} carries a slimdiff runtime (reuse plan, cache or "
                          "routing) that a diffusers folder cannot hold; install the result in your pipeline with "

@@ -16,6 +16,12 @@ from slimdiff.errors import UsageError
 T = TypeVar("T")
 
 
+def hooked_modules(model: torch.nn.Module) -> list[str]:
+    """Names of ``model``'s modules ("" for the model itself) that carry a diffusers ``ModelHook``:
+    every slimdiff runtime (reuse plans, branch caches, routing, diffusers' caches, depth gates) is one."""
+    return [name for name, m in model.named_modules() if getattr(getattr(m, "_diffusers_hook", None), "hooks", None)]
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, C)."""
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -50,14 +50,6 @@ optimisation. (DiP-GO's earlier Adam recipe ran 150 x 8: on digits-dit at budget
 30 steps left long stale reuse runs, FD 8.9, and 150 gave FD 5.8, bench/dipgo/opt_steps_150.json.)"""
 
 
-def check_opt_steps(opt_steps: Any, default: int = OPT_STEPS) -> int:
-    """A learned planner's optimisation steps, checked (``None``: ``default``)."""
-    steps = default if opt_steps is None else opt_steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise UsageError(f"--opt-steps must be a non-negative integer, got {opt_steps!r}")
-    return steps
-
-
 # --------------------------------------------------------------------------- post-processing
 def split_plan(table: torch.Tensor, n_blocks: int, skip_reused_steps: bool = False) -> tuple[torch.Tensor, list[bool]]:
     """``(compute, step_compute)`` of a table (S, N) or, with a step-gate column, (S, N + 1).

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
+from slimdiff import atomic
 from slimdiff.errors import UsageError
 from slimdiff.models.conditions import TextCondition
 
@@ -310,11 +311,8 @@ def _cached(beside: Path, key: str, make: Callable[[], dict[str, torch.Tensor]])
     if path.is_file():
         return path
     arrays = {k: v.contiguous() for k, v in make().items()}
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(arrays, str(tmp))
-        os.replace(tmp, path)  # a killed run leaves no half-written cache entry
+    try:  # a killed run leaves no half-written cache entry
+        atomic.write_file(path, lambda tmp: save_file(arrays, str(tmp)))
     except OSError as e:
         raise UsageError(f"cannot write the latents cache {path} ({e.strerror or e}); set {CACHE_ENV} to a "
                          "writable folder") from None

@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimdiff.errors import UsageError
+from slimdiff.utils import hooked_modules
 
 
 def count_flops_by_op(fn: Callable[..., Any], *args, **kwargs) -> dict[str, int]:
@@ -92,13 +93,10 @@ def fixed_cost_per_call(model: nn.Module) -> bool:
     caches, depth gates), a torch forward hook, or a module whose code is not torch's,
     diffusers' or ``slimdiff.models``' (it may keep state between calls).
     """
-    for m in model.modules():
-        registry = getattr(m, "_diffusers_hook", None)
-        if (registry is not None and registry.hooks) or m._forward_hooks or m._forward_pre_hooks:
-            return False
-        if not type(m).__module__.startswith(_STATELESS_CODE):
-            return False
-    return True
+    if hooked_modules(model):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or not type(m).__module__.startswith(_STATELESS_CODE)
+                   for m in model.modules())
 
 
 def macs_sampling(
