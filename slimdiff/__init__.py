@@ -9,7 +9,7 @@ if TYPE_CHECKING:
 
     import torch.nn as nn
 
-    from slimdiff.pipeline import apply
+    from slimdiff.pipeline import apply, from_pretrained, save_pipeline
 
 __version__ = "0.1.0"
 
@@ -34,11 +34,12 @@ def save(model: nn.Module, path: str | os.PathLike, **kwargs) -> Path:
 
 def __getattr__(name: str) -> Any:
     """Lazy exports: ``slimdiff.apply`` (:func:`slimdiff.pipeline.apply`: a compressed model and its
-    reuse plan installed in a loaded diffusers pipeline) imports diffusers' pipeline machinery only when used."""
-    if name == "apply":
-        from slimdiff.pipeline import apply
+    reuse plan installed in a loaded diffusers pipeline; ``save_pipeline`` / ``from_pretrained``:
+    such a pipeline written to and loaded from one folder) imports diffusers' pipeline machinery only when used."""
+    if name in ("apply", "save_pipeline", "from_pretrained"):
+        from slimdiff import pipeline
 
-        return apply
+        return getattr(pipeline, name)
     raise AttributeError(f"module 'slimdiff' has no attribute {name!r}")
 
 
@@ -54,4 +55,4 @@ def register_builtin_restorers() -> None:
     registry()
 
 
-__all__ = ["load", "save", "apply", "__version__"]
+__all__ = ["load", "save", "apply", "save_pipeline", "from_pretrained", "__version__"]

@@ -39,6 +39,13 @@ def far_below(budget: float, reached: float) -> bool:
     return reached < budget * (1 - BUDGET_TOLERANCE)
 
 
+def over_budget(budget: float, reached: float) -> bool:
+    """``reached`` (a MACs ratio) is more than :data:`BUDGET_TOLERANCE` (relative) above ``budget``:
+    the budget is not met (routers that realise more than their target, a chain whose methods
+    each met their share on their own inputs but not end to end)."""
+    return reached > budget * (1 + BUDGET_TOLERANCE)
+
+
 @runtime_checkable
 class CostModel(Protocol):
     """MACs per image of a configuration (what "configuration" is depends on the method)."""

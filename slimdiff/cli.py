@@ -21,6 +21,8 @@ from slimdiff.errors import UsageError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0], pretty_exceptions_enable=False)
 err = Console(stderr=True)
 
+SAVE_PIPELINE = ("; slimdiff.save_pipeline(pipe, DIR) then writes the whole pipeline to one folder, which "
+                 "slimdiff.from_pretrained(DIR) loads")
 MODEL_HELP = ("a slimdiff model directory, a diffusers model or pipeline folder, a shipped name (digits-dit, mnist-dit), "
               "a DiT size name (DiT-S/2) or an official DiT .pt checkpoint")
 DIT_CONFIG = typer.Option(None, "--dit-config", help="DiTConfig fields for a DiT size name or an official .pt, e.g. "
@@ -428,7 +430,7 @@ def compress(
     export_diffusers: Optional[Path] = typer.Option(
         None, help="also write a diffusers save_pretrained copy here (when the result fits a diffusers config: "
                    "depth pruning; refused up front for width, reuse and dynamic methods, whose result "
-                   "slimdiff.apply(pipe, OUT) installs in a pipeline)"),
+                   "slimdiff.apply(pipe, OUT) installs in a pipeline and slimdiff.save_pipeline saves)"),
     dit_config: Optional[str] = DIT_CONFIG,
     device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -461,12 +463,12 @@ def compress(
     if export_diffusers is not None and runtime:  # a diffusers folder would hold the weights without the runtime
         raise UsageError(f"--export-diffusers cannot carry {', '.join(runtime)}'s runtime (reuse plan or routers) in "
                          f"a diffusers folder: drop it and install the result in your pipeline with "
-                         f"slimdiff.apply(pipe, \"{out}\")")
+                         f"slimdiff.apply(pipe, \"{out}\"){SAVE_PIPELINE}")
     width = [spec.name for spec, _ in chain if spec.kind == "width"]
     if export_diffusers is not None and width:  # per-layer widths do not fit a diffusers config
         raise UsageError(f"--export-diffusers cannot write {', '.join(width)}'s per-layer widths in a diffusers "
                          f"config: drop it and install the result in your pipeline with "
-                         f"slimdiff.apply(pipe, \"{out}\") (the slimdiff directory keeps every width)")
+                         f"slimdiff.apply(pipe, \"{out}\") (the slimdiff directory keeps every width){SAVE_PIPELINE}")
     model_options = dit_options(dit_config, model)
     data_source(data)  # a missing images:/prompts: path
     resolve_device(device)

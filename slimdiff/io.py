@@ -229,7 +229,7 @@ def export_diffusers(model: nn.Module, path) -> Path:
     if hooked:  # a reuse plan, cache or router runs in hooks, which save_pretrained would silently drop
         raise UsageError(f"cannot export to diffusers: {hooked[0]} carries a slimdiff runtime (reuse plan, cache or "
                          "routing) that a diffusers folder cannot hold; install the result in your pipeline with "
-                         "slimdiff.apply(pipe, result) instead")
+                         "slimdiff.apply(pipe, result) instead (slimdiff.save_pipeline saves that pipeline)")
     arch = architecture_name(model)
     if arch == "DiT":  # the converter handles depth; its output is checked below
         try:

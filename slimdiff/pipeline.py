@@ -10,13 +10,16 @@ plan to the timesteps the pipeline will call the model at, with the rule of
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
+from slimdiff import atomic
 from slimdiff.errors import UsageError
 from slimdiff.models.diffusers_adapter import for_slot, unwrap
 from slimdiff.result import record_of
@@ -36,7 +39,7 @@ from slimdiff.runtime.reuse import (
 )
 from slimdiff.runtime.routing import DyDiTRouting
 
-__all__ = ["apply", "COMPONENTS"]
+__all__ = ["apply", "save_pipeline", "from_pretrained", "COMPONENTS"]
 
 COMPONENTS = ("transformer", "unet")
 """Pipeline components a compressed denoiser can replace, in the order they are looked for."""
@@ -62,10 +65,7 @@ def apply(pipe: Any, result: str | os.PathLike | nn.Module, num_inference_steps:
     mapped plan realises against the reported one. A model given as a module is changed in
     place (its plan re-keyed).
     """
-    name = next((c for c in COMPONENTS if c in getattr(pipe, "components", {})), None)
-    if name is None:
-        raise UsageError(f"{type(pipe).__name__} has no {' or '.join(COMPONENTS)} component to replace; "
-                         "apply a slimdiff result to a pipeline with a diffusers denoiser")
+    name = _component(pipe)
     if num_inference_steps is not None:
         _check_steps(num_inference_steps)
     model = unwrap(result if isinstance(result, nn.Module) else _load(result))
@@ -91,6 +91,97 @@ def apply(pipe: Any, result: str | os.PathLike | nn.Module, num_inference_steps:
             installed.to(old.dtype)
     pipe.register_modules(**{name: installed})
     return pipe
+
+
+MARKER = "_slimdiff"
+"""The ``model_index.json`` key :func:`save_pipeline` writes: the denoiser's component name and step count."""
+
+
+def save_pipeline(pipe: Any, path: str | os.PathLike) -> Path:
+    """Write ``pipe`` (a pipeline :func:`apply` installed a result in) to the new folder ``path``,
+    for :func:`from_pretrained`; returns its path.
+
+    Every other component is written by diffusers' ``save_pretrained``; the denoiser is written
+    by ``slimdiff.save`` in its component's subfolder, with the step count :func:`apply` keyed
+    its plan or width tables to in ``model_index.json`` (key ``"_slimdiff"``). Its entry there is
+    ``[null, null]``, so plain ``DiffusionPipeline.from_pretrained`` refuses the folder
+    ("expected ... transformer") rather than load it without the compressed denoiser. The
+    folder is written next to ``path`` and renamed into place.
+    """
+    name = _component(pipe)
+    model = getattr(pipe, name)
+    if model is None:
+        raise UsageError(f"{type(pipe).__name__}.{name} is None: install a result with slimdiff.apply(pipe, result) first")
+    target = Path(path).expanduser().absolute()
+    if target.exists():
+        raise UsageError(f"{target} exists; choose a new folder for the pipeline")
+    from slimdiff import save
+
+    def write(tmp: Path) -> None:
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        pipe.register_modules(**{name: None})
+        diffusers_logging.set_verbosity_error()  # it warns that the (absent) denoiser "cannot be saved"
+        try:
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
+        finally:
+            pipe.register_modules(**{name: model})
+            diffusers_logging.set_verbosity(level)
+        save(unwrap(model), tmp / name)
+        index = json.loads((tmp / "model_index.json").read_text())
+        index[MARKER] = {"component": name, "num_inference_steps": _keyed_steps(unwrap(model))}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    try:
+        return atomic.write_dir(target, write, replace=False)
+    except OSError as e:
+        raise UsageError(f"cannot write the pipeline to {target}: {e.strerror or e}") from None
+
+
+def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """Load a pipeline folder :func:`save_pipeline` wrote: diffusers' ``DiffusionPipeline.from_pretrained``
+    (``kwargs`` go to it: ``torch_dtype``, ...) with the denoiser from ``slimdiff.load``, applied
+    (:func:`apply`) at the step count it was saved with. Returns the pipeline."""
+    folder = Path(path).expanduser()
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise UsageError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {index_path}: {e}") from None
+    marker = index.get(MARKER) if isinstance(index, dict) else None
+    if not isinstance(marker, dict) or marker.get("component") not in COMPONENTS:
+        raise UsageError(f"{folder} was not written by slimdiff.save_pipeline: load it with "
+                         "diffusers.DiffusionPipeline.from_pretrained, then slimdiff.apply(pipe, result)")
+    from diffusers import DiffusionPipeline, ModelMixin
+
+    name, steps = marker["component"], marker.get("num_inference_steps")
+    model = _load(folder / name)
+    absent = {k: None for k, v in index.items() if v == [None, None] and k != name}  # saved as None (no text encoder, ...)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), **{**absent, **kwargs, name: for_slot(model, ModelMixin)})
+    if "torch_dtype" in kwargs:
+        getattr(pipe, name).to(kwargs["torch_dtype"])
+    return apply(pipe, model, num_inference_steps=steps)
+
+
+def _component(pipe: Any) -> str:
+    name = next((c for c in COMPONENTS if c in getattr(pipe, "components", {})), None)
+    if name is None:
+        raise UsageError(f"{type(pipe).__name__} has no {' or '.join(COMPONENTS)} component to replace; "
+                         "apply a slimdiff result to a pipeline with a diffusers denoiser")
+    return name
+
+
+def _keyed_steps(model: nn.Module) -> int | None:
+    """The step count :func:`apply` keyed ``model``'s plan or width tables to (None: none keyed)."""
+    for get, *_ in _RUNTIMES:
+        plan = get(model)
+        if plan is not None and plan.origin is not None:
+            return plan.steps
+    routing = getattr(model, "dydit", None)
+    return routing.table_info.get("steps") if isinstance(routing, DyDiTRouting) else None
 
 
 def _key_tables(model: nn.Module, routing: DyDiTRouting, scheduler: Any, steps: int | None) -> None:

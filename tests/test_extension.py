@@ -101,3 +101,13 @@ def test_bench_runs_it(registered, teacher_dir, tmp_path):
 def test_declared_choices_are_checked_before_any_work():
     with pytest.raises(UsageError, match="unknown offset 2; choose one of 0, 1"):
         EVERY_OTHER.make_config({"offset": 2})
+
+
+def test_a_method_that_misses_its_budget_is_warned_about(registered):
+    """compress checks every chain end to end: a (user's) method over its budget is warned about
+    when the result is made (the toy method keeps half the blocks whatever the budget)."""
+    teacher = tiny_dit(input_size=8, in_channels=1, learn_sigma=False, depth=4)
+    with pytest.warns(UserWarning, match=r"costs 0\.\d+ .* more than 3% above the budget 0\.3: the budget is not met "
+                                         r"\(every-other-depth"):
+        out = compress(teacher, "every-other-depth", 0.3, Context(progress=False))
+    assert out.slimdiff_meta["measured"]["macs_ratio"] > 0.3 * 1.03

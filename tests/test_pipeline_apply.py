@@ -361,3 +361,60 @@ def test_a_dit_pipeline_warns_when_its_null_class_is_not_the_models():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         slimdiff.apply(pipe, tiny_dit(num_classes=1000, depth=2))
+
+
+# --------------------------------------------------------------------------- save_pipeline / from_pretrained
+def _roundtrip(pipe, tmp_path, steps: int = STEPS):
+    """(images and MACs before, after) saving ``pipe`` with save_pipeline and loading it back."""
+    before = _run(pipe, steps)
+    slimdiff.save_pipeline(pipe, tmp_path / "pipe")
+    loaded = _quiet(slimdiff.from_pretrained(tmp_path / "pipe"))
+    return before, _run(loaded, steps), loaded
+
+
+def test_a_pipeline_with_a_plan_round_trips_at_its_step_count(tmp_path):
+    """SD's PNDM at one step fewer than the plan (the step count that runs it as made): the
+    saved pipeline is applied again at that count, same images and MACs."""
+    pipe = _sd_pipe()
+    result = compress(copy.deepcopy(pipe.unet), "deepcache", 0.6, _ctx())
+    slimdiff.apply(pipe, result, num_inference_steps=STEPS - 1)
+    (a, macs), (b, macs_loaded), loaded = _roundtrip(pipe, tmp_path, STEPS - 1)
+    assert np.array_equal(a, b) and macs_loaded == macs
+    assert get_branch_cache(loaded.unet).steps == STEPS - 1
+    assert type(loaded.scheduler) is PNDMScheduler
+
+
+def test_per_layer_widths_and_routers_round_trip(tmp_path):
+    """What no diffusers config holds: Diff-Pruning's per-layer widths (DDPM UNet) and DyDiT's
+    routers (our DiT wrapped for DiTPipeline)."""
+    pipe = _ddpm_pipe()
+    ctx = Context(sampler="ddim", steps=STEPS, progress=False, batch_size=4,
+                  data=_latents(tmp_path / "images.npz", (3, 16, 16), classes=None))
+    slimdiff.apply(pipe, compress(copy.deepcopy(pipe.unet), "diff-pruning", 0.65, ctx, {"stride": 500}))
+    (a, macs), (b, macs_loaded), _ = _roundtrip(pipe, tmp_path / "unet")
+    assert np.allclose(a, b, atol=1e-6) and macs_loaded == macs
+
+    pipe = _dit_pipe()
+    slimdiff.apply(pipe, _dydit(copy.deepcopy(pipe.transformer), tmp_path))
+    (a, macs), (b, macs_loaded), loaded = _roundtrip(pipe, tmp_path / "dit")
+    assert isinstance(loaded.transformer, DiffusersDiT) and loaded.transformer.dit.dydit.table_info["steps"] == STEPS
+    assert np.allclose(a, b, atol=1e-6) and macs_loaded == macs
+
+
+def test_saving_and_loading_a_pipeline_refuse_what_would_lose_the_compression(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe = _dit_pipe()
+    slimdiff.apply(pipe, tiny_dit(num_classes=1000, depth=2))
+    with pytest.raises(UsageError, match="slimdiff.save_pipeline"):  # diffusers could not load the class back
+        pipe.save_pretrained(str(tmp_path / "plain"))
+    slimdiff.save_pipeline(pipe, tmp_path / "pipe")
+    with pytest.raises(UsageError, match="exists; choose a new folder"):
+        slimdiff.save_pipeline(pipe, tmp_path / "pipe")
+    with pytest.raises(ValueError, match="expected .*transformer"):  # plain diffusers: refused, not half-loaded
+        DiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
+    _dit_pipe().save_pretrained(str(tmp_path / "stock"))
+    with pytest.raises(UsageError, match="not written by slimdiff.save_pipeline.*slimdiff.apply"):
+        slimdiff.from_pretrained(tmp_path / "stock")
+    with pytest.raises(UsageError, match="not a diffusers pipeline folder"):
+        slimdiff.from_pretrained(tmp_path / "nowhere")

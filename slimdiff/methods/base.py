@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
-from slimdiff.budget import BUDGET_NOTE, BUDGET_TOLERANCE, ForwardCost, chain_step_budget, check_budget, far_below
+from slimdiff.budget import BUDGET_NOTE, BUDGET_TOLERANCE, ForwardCost, chain_step_budget, check_budget, far_below, over_budget
 from slimdiff.errors import UsageError
 from slimdiff.methods import get_method, split_chain
 from slimdiff.methods.spec import KIND_ORDER, MethodSpec
@@ -205,14 +205,20 @@ def compress(model: nn.Module, methods: list[str] | str, budget: float, ctx: Con
                            "params": params(result), "original_params": params(model),
                            "params_ratio": params_ratio(result, model),
                            "sampler": ctx.sampler, "steps": ctx.steps, "cfg": ctx.cfg}
-    warn_far_below(budget, macs / original, rec.result.chain[earlier:])
+    warn_off_budget(budget, macs / original, rec.result.chain[earlier:])
     return set_record(result, rec)
 
 
-def warn_far_below(budget: float, reached: float, entries: Sequence[ChainEntry]) -> None:
-    """Warn when the chain's result is far below its budget (:func:`slimdiff.budget.far_below`),
-    with each method's recorded reason (its :data:`~slimdiff.budget.BUDGET_NOTE` setting), so
-    that a coarse result is seen when it is made, not only in a summary."""
+def warn_off_budget(budget: float, reached: float, entries: Sequence[ChainEntry]) -> None:
+    """Warn when the chain's result is over its budget (:func:`slimdiff.budget.over_budget`), or
+    far below it (:func:`slimdiff.budget.far_below`) with each method's recorded reason (its
+    :data:`~slimdiff.budget.BUDGET_NOTE` setting), so that a result off its budget is seen when
+    it is made, not only in a summary."""
+    if over_budget(budget, reached):
+        warnings.warn(f"the result costs {reached:.3f} of the original's sampling MACs, more than "
+                      f"{BUDGET_TOLERANCE:.0%} above the budget {budget:g}: the budget is not met "
+                      f"({'+'.join(e.method for e in entries)} measured end to end on the sampling run)", stacklevel=3)
+        return
     if not far_below(budget, reached):
         return
     reasons = [f"{e.method}: {e.settings[BUDGET_NOTE]}" for e in entries if e.settings.get(BUDGET_NOTE)]

@@ -6,8 +6,8 @@ DiT, residual width) keep per-block widths and runtime hooks that diffusers'
 routers, reuse plan and record stay on it) and presents ``DiTTransformer2DModel``'s call
 (``hidden_states, timestep, class_labels, return_dict`` -> ``.sample``) and the config
 fields ``DiTPipeline`` reads (``sample_size``, ``in_channels``, ``out_channels``). The wrapper
-is for running, not for ``save_pretrained``: save the wrapped model with ``slimdiff.save``
-and install it again with ``slimdiff.apply``.
+is for running, not for ``save_pretrained`` (which refuses): save the pipeline with
+``slimdiff.save_pipeline`` (or the model with ``slimdiff.save``) instead.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch.nn as nn
 from diffusers import ConfigMixin, DiTTransformer2DModel, ModelMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+from slimdiff.errors import UsageError
 from slimdiff.models.dit import DiT
 
 __all__ = ["DiffusersDiT", "for_slot", "unwrap"]
@@ -38,6 +39,13 @@ class DiffusersDiT(ModelMixin, ConfigMixin):
         t = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1).expand(len(hidden_states))
         out = self.dit(hidden_states, t, class_labels)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    def save_pretrained(self, *args, **kwargs) -> None:
+        """Refused: a diffusers folder cannot hold our DiT's widths, routers or plan, and plain
+        diffusers could not load the class back."""
+        raise UsageError("a slimdiff DiT installed in a pipeline cannot be saved with save_pretrained: save the "
+                         "pipeline with slimdiff.save_pipeline(pipe, path) (load it with slimdiff.from_pretrained), "
+                         "or the model with slimdiff.save(pipe.transformer, path)")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
