@@ -181,3 +181,35 @@ def test_bad_data_forms_are_one_line_errors(tmp_path, monkeypatch, capsys):
     assert cli_main(monkeypatch, "compress", "--method", "first-depth", "--data", f"images:{tmp_path / 'none'}",
                     "-o", str(tmp_path / "o")) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make", [_pixart_dir, _sd_dir], ids=["pixart", "sd"])
+def test_guidance_uses_the_pipelines_encoded_empty_prompt(tmp_path, make):
+    """A text model loaded from a pipeline folder is guided with the empty prompt as its text
+    encoder encodes it (what the pipeline's own call does), with its mask; not zero embeddings."""
+    from slimdiff.diffusion.sampling import sample
+    from slimdiff.models.backbone import set_null_prompt
+
+    folder = make(tmp_path)
+    m = slimdiff.load(folder)
+    want = encode.load_encoders(folder).encode_prompts([""])
+    null = as_backbone(m).null_cond(None, 3)
+    assert torch.equal(null.embeds, want.embeds.expand(3, -1, -1)) and want.embeds.abs().sum() > 0
+    assert (null.mask is None) == (want.mask is None)  # PixArt passes the caption mask, SD does not
+    cond = encode.load_encoders(folder).encode_prompts(["a cat", "a dog", "a cow"])
+    guided = sample(m, sampler="ddim", steps=2, cond=cond, cfg=4.0, seed=0)
+    set_null_prompt(m, None)  # zero embeddings: another unconditional prediction, other samples
+    assert not torch.allclose(guided, sample(m, sampler="ddim", steps=2, cond=cond, cfg=4.0, seed=0))
+    assert torch.equal(as_backbone(m).null_cond(None, 1), torch.zeros(1, *want.shape[1:]))
+
+
+def test_caption_dropout_trains_on_the_empty_prompt(tmp_path):
+    from slimdiff.train.trainer import _drop_captions
+
+    folder = _pixart_dir(tmp_path)
+    bb = as_backbone(slimdiff.load(folder))
+    cond = encode.load_encoders(folder).encode_prompts(["a cat", "a dog"])
+    dropped = _drop_captions(cond, bb.null_cond(cond, 2), torch.tensor([True, False]))
+    empty = bb.null_prompt()
+    assert torch.equal(dropped.embeds[0], empty.embeds[0]) and torch.equal(dropped.mask[0], empty.mask[0])
+    assert torch.equal(dropped.embeds[1], cond.embeds[1]) and torch.equal(dropped.mask[1], cond.mask[1])

@@ -12,9 +12,9 @@ conditioning is the caller's choice (``missing``):
 * ``"null"`` -- the unconditional input of classifier-free guidance: the null class for
   unlabelled data, the null prompt for text models (Block Influence of the depth baselines).
 
-The null prompt is :meth:`~slimdiff.models.backbone.Backbone.null_cond`: zero embeddings, the
-unconditional input slimdiff's guidance and its trainer's caption dropout use (slimdiff ships no
-text encoder; data with the empty prompt's real encoding should carry it as its captions).
+The null prompt is :meth:`~slimdiff.models.backbone.Backbone.null_cond`, the unconditional input
+slimdiff's guidance and its trainer's caption dropout use: the empty prompt as the text encoder
+of the model's pipeline folder encodes it, else zero embeddings (a model without one).
 
 :func:`calibration_batches` yields batches of one draw (noise them with the same generator
 between batches, as the depth baselines do); :func:`calibration_batch` is the one-batch form.

@@ -91,6 +91,18 @@ def _call_parameters(folder: Path) -> Mapping[str, inspect.Parameter]:
     return inspect.signature(cls.__call__).parameters if isinstance(cls, type) else {}
 
 
+def encode_null_prompt(model: nn.Module) -> TextCondition | None:
+    """The empty prompt encoded by the text encoder of the pipeline folder ``model`` was loaded
+    from (what the pipeline guides with); None when it has none (or the folder is gone)."""
+    from slimdiff.models.registry import pipeline_of
+
+    folder = pipeline_of(model)
+    if folder is None or not folder.is_dir() or _text_len(folder) is None:
+        return None
+    device = next(model.parameters()).device
+    return load_encoders(folder, device, only=("text_encoder", "tokenizer")).encode_prompts([""])
+
+
 def pipeline_record(folder: Path) -> dict[str, Any]:
     """What a model loaded from pipeline ``folder`` records about it: the folder's absolute
     ``path`` and, for text pipelines, ``text_len`` (the caption length MACs are counted at)."""
@@ -144,13 +156,16 @@ class Encoders:
         return out.clamp(-1, 1)
 
 
-def load_encoders(folder: str | Path, device: torch.device | str = "cpu") -> Encoders:
-    """The VAE, text encoder and tokenizer of the diffusers pipeline ``folder`` (safetensors only, no network)."""
+def load_encoders(folder: str | Path, device: torch.device | str = "cpu",
+                  only: tuple[str, ...] = ("vae", "text_encoder", "tokenizer")) -> Encoders:
+    """The VAE, text encoder and tokenizer of the diffusers pipeline ``folder`` (safetensors only,
+    no network); only those named in ``only`` are loaded (the others are None)."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise UsageError(f"{folder} is not a diffusers pipeline folder (no model_index.json); pass the folder "
                          "that holds model_index.json, vae/ and, for text models, text_encoder/ and tokenizer/")
-    parts = {name: _load_part(folder, name, device) for name in ("vae", "text_encoder", "tokenizer")}
+    parts = {name: _load_part(folder, name, device) if name in only else None
+             for name in ("vae", "text_encoder", "tokenizer")}
     text = parts["text_encoder"] is not None and parts["tokenizer"] is not None
     return Encoders(folder, parts["vae"], parts["text_encoder"] if text else None, parts["tokenizer"] if text else None,
                     _text_len(folder) if text else None, _masked(folder))

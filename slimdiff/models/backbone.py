@@ -147,6 +147,19 @@ def register_backbone(model_cls: type) -> Callable[[type["Backbone"]], type["Bac
     return deco
 
 
+NULL_PROMPT = "slimdiff_null_prompt"
+"""Module attribute holding a text model's encoded empty prompt (:meth:`Backbone.null_prompt`)."""
+
+
+def set_null_prompt(model: nn.Module, prompt: TextCondition | None) -> None:
+    """Guide the text model ``model`` with ``prompt`` (the empty prompt encoded by its pipeline's
+    text encoder, one row: ``Encoders.encode_prompts([""])``); None: with zero embeddings."""
+    if prompt is not None and (not isinstance(prompt, TextCondition) or len(prompt) != 1):
+        raise UsageError("the null prompt is one encoded caption: a TextCondition of one row "
+                         "(slimdiff.data.encode.load_encoders(folder).encode_prompts(['']))")
+    model.__dict__[NULL_PROMPT] = prompt
+
+
 def as_backbone(module: Any) -> "Backbone":
     """The :class:`Backbone` view of ``module`` (a Backbone is returned unchanged)."""
     if isinstance(module, Backbone):
@@ -461,12 +474,32 @@ class Backbone:
                 raise UsageError(f"this {self.kind} model has no null class (trained without label dropout): no CFG")
             return torch.full((batch,), self.num_classes, dtype=torch.long, device=self.device)
         if self.conditioning == "text":
+            prompt = self.null_prompt()
+            if prompt is not None:
+                if cond is not None and tuple(cond.shape[1:]) != tuple(prompt.shape[1:]):
+                    raise UsageError(f"the captions have shape {tuple(cond.shape[1:])} but the pipeline's empty prompt "
+                                     f"encodes to {tuple(prompt.shape[1:])}: encode the captions with the same pipeline "
+                                     "(--data prompts:FILE or images:DIR)")
+                where = cond if cond is not None else self
+                mask = None if prompt.mask is None else prompt.mask.expand(batch, -1).to(where.device)
+                return TextCondition(prompt.embeds.expand(batch, -1, -1).to(where.device, where.dtype), mask)
             if cond is not None:
                 # zeros: also for a masked TextCondition (every attended caption token is then the
                 # same vector, so the mask cannot change the result and is dropped)
                 return torch.zeros((batch, *cond.shape[1:]), dtype=cond.dtype, device=cond.device)
             return torch.zeros((batch, self.text_len, self._text_dim()), dtype=self.dtype, device=self.device)
         raise UsageError(f"this {self.kind} model is unconditional: there is no null condition for guidance")
+
+    def null_prompt(self) -> TextCondition | None:
+        """The empty prompt as the model's pipeline encodes it (one row), the unconditional input
+        diffusers' pipelines guide with: set by :func:`set_null_prompt`, else encoded once with the
+        text encoder of the pipeline folder the model was loaded from and kept on the module;
+        None (zero embeddings) when there is none (a model without a pipeline text encoder)."""
+        if NULL_PROMPT not in self.module.__dict__:
+            from slimdiff.data.encode import encode_null_prompt
+
+            set_null_prompt(self.module, encode_null_prompt(self.module))
+        return self.module.__dict__[NULL_PROMPT]
 
     def _has_null_class(self) -> bool:
         return True

@@ -24,9 +24,10 @@ Conditions: class-conditional models train on labelled data; text-conditional mo
 (PixArt, ``UNet2DConditionModel``) on latents with pre-computed caption embeddings
 (:func:`slimdiff.data.datasets.latents`), passed through the Backbone view with their
 attention mask. Classifier-free-guidance dropout (``cfg_dropout``) replaces a sample's label
-by the null class, or its caption embeddings by zeros -- the null condition slimdiff samples
-with (``Backbone.null_cond``); with zero embeddings every attended caption token is the same
-vector, so the caption mask does not change a dropped sample's prediction.
+by the null class, or its captions by the null condition slimdiff samples with
+(``Backbone.null_cond``): the empty prompt as the model's pipeline encodes it (with its mask),
+else zero embeddings (every attended caption token is then the same vector, so the caption mask
+does not change a dropped sample's prediction).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,7 @@ from torch.utils.data import Dataset
 from slimdiff.diffusion.losses import ForwardProcess, NoisyBatch, diffusion_loss
 from slimdiff.diffusion.schedulers import DiffusionConfig, diffusion_config_of
 from slimdiff.errors import UsageError
+from slimdiff.models.conditions import TextCondition, text_inputs
 from slimdiff.train.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from slimdiff.train.distill import KD_MODES, HiddenCapture, distill_loss
 from slimdiff.utils import ProgressTask
@@ -162,7 +164,6 @@ def _check_same_run(saved: dict | None, current: dict, path: Path) -> None:
 def check_conditioning(bb, dataset: Dataset) -> None:
     """Fail up front when the data cannot condition the model."""
     from slimdiff.data.datasets import text_shape
-    from slimdiff.models.backbone import TextCondition
 
     if bb.conditioning == "text":
         shape = text_shape(dataset)
@@ -194,9 +195,19 @@ def check_conditioning(bb, dataset: Dataset) -> None:
 _check_conditioning = check_conditioning  # the earlier private name
 
 
-def _batch(dataset: Dataset, idx: torch.Tensor):
-    from slimdiff.models.backbone import TextCondition
+def _drop_captions(cond: TextCondition, null: Any, drop: torch.Tensor) -> TextCondition:
+    """``cond`` with the rows where ``drop`` is set replaced by the null condition ``null``
+    (embeddings, or a :class:`TextCondition` with the empty prompt's mask)."""
+    null_embeds, null_mask = text_inputs(null)
+    embeds = torch.where(drop[:, None, None], null_embeds.to(cond.embeds), cond.embeds)
+    if cond.mask is None and null_mask is None:
+        return TextCondition(embeds)
+    ones = torch.ones(cond.shape[:2], dtype=torch.long, device=embeds.device)
+    mask, null_mask = (ones if cond.mask is None else cond.mask), (ones if null_mask is None else null_mask)
+    return TextCondition(embeds, torch.where(drop[:, None], null_mask.to(mask), mask))
 
+
+def _batch(dataset: Dataset, idx: torch.Tensor):
     items = [dataset[int(i)] for i in idx]
     x = torch.stack([it[0] for it in items])
     if isinstance(items[0][1], TextCondition):
@@ -254,7 +265,7 @@ def train(
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    from slimdiff.models.backbone import TextCondition, as_backbone
+    from slimdiff.models.backbone import as_backbone
     from slimdiff.utils import resolve_device
 
     out_dir = Path(out_dir)
@@ -360,9 +371,8 @@ def train(
             cond = y.to(device) if bb.conditioning in ("class", "text") else None
             if drop_labels:
                 cond = torch.where(drop.to(device), bb.null_cond(cond, len(cond)).to(device), cond)
-            if drop_text:  # CFG dropout for captions: zero embeddings (the null condition)
-                embeds = torch.where(drop.to(device)[:, None, None], torch.zeros_like(cond.embeds), cond.embeds)
-                cond = TextCondition(embeds, cond.mask)
+            if drop_text:  # CFG dropout for captions: the null condition (the pipeline's empty prompt, or zeros)
+                cond = _drop_captions(cond, bb.null_cond(cond, len(cond)), drop.to(device))
             with accelerator.autocast():
                 pred = denoiser(batch.x_t, batch.t, cond)
                 loss = diffusion_loss(pred, batch)
