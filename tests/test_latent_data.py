@@ -3,6 +3,7 @@ and text encoder (cached latents files), samples decoded through the VAE with ``
 MACs counted at the pipeline's caption length. Tiny random pipelines in the real layouts."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -213,3 +214,15 @@ def test_caption_dropout_trains_on_the_empty_prompt(tmp_path):
     empty = bb.null_prompt()
     assert torch.equal(dropped.embeds[0], empty.embeds[0]) and torch.equal(dropped.mask[0], empty.mask[0])
     assert torch.equal(dropped.embeds[1], cond.embeds[1]) and torch.equal(dropped.mask[1], cond.mask[1])
+
+
+def test_captions_are_preprocessed_as_the_pipeline_does(tmp_path):
+    """PixArt's call lower-cases and strips captions (or cleans them with bs4 + ftfy) before
+    tokenizing; Stable Diffusion's does not."""
+    pixart = encode.load_encoders(_pixart_dir(tmp_path))
+    assert pixart.preprocess([" A Red CAT "]) == ["a red cat"]  # without bs4/ftfy, as here
+    plain = dataclasses.replace(pixart, preprocess=None)  # (the test tokenizer lower-cases by itself)
+    swapped = dataclasses.replace(pixart, preprocess=lambda texts: ["dog" for _ in texts])
+    assert torch.equal(swapped.encode_prompts(["cat"]).embeds, plain.encode_prompts(["dog"]).embeds)
+    sd = encode.load_encoders(_sd_dir(tmp_path))
+    assert sd.preprocess is None

@@ -43,6 +43,9 @@ LIBRARIES = ("diffusers", "transformers")
 CAPTIONS = "captions.txt"
 BATCH = 8
 CACHE_ENV = "SLIMDIFF_CACHE"
+ENCODING = 2
+"""Version of how captions and images are encoded, part of every cache key (2: captions
+preprocessed as the pipeline does; cached files of an earlier version are encoded again)."""
 """Folder for encoded latents files (default: ``.slimdiff-cache/`` inside the image folder)."""
 
 
@@ -120,13 +123,18 @@ class Encoders:
     tokenizer: Any
     text_len: int | None
     masked: bool
+    preprocess: Callable[[list[str]], list[str]] | None = None
+    """The pipeline's own caption preprocessing (PixArt: lower-case and strip, or its
+    ``clean_caption`` when bs4 and ftfy are installed, as its call's default); None: as given."""
 
     def encode_prompts(self, prompts: list[str]) -> TextCondition:
-        """Caption embeddings ``(N, text_len, D)`` as the pipeline makes them (padded to its
-        length, truncated), with the attention mask when the pipeline passes one."""
+        """Caption embeddings ``(N, text_len, D)`` as the pipeline makes them (preprocessed,
+        padded to its length, truncated), with the attention mask when the pipeline passes one."""
         if self.text_encoder is None:
             raise UsageError(f"{self.folder} has no text_encoder/ and tokenizer/; pass the pipeline folder that has them")
         device = next(self.text_encoder.parameters()).device
+        if self.preprocess is not None:
+            prompts = self.preprocess(list(prompts))
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.text_len, truncation=True,
                                 return_tensors="pt")
         mask = tokens["attention_mask"].to(device)
@@ -168,7 +176,21 @@ def load_encoders(folder: str | Path, device: torch.device | str = "cpu",
              for name in ("vae", "text_encoder", "tokenizer")}
     text = parts["text_encoder"] is not None and parts["tokenizer"] is not None
     return Encoders(folder, parts["vae"], parts["text_encoder"] if text else None, parts["tokenizer"] if text else None,
-                    _text_len(folder) if text else None, _masked(folder))
+                    _text_len(folder) if text else None, _masked(folder), _preprocessing(folder))
+
+
+def _preprocessing(folder: Path) -> Callable[[list[str]], list[str]] | None:
+    """The caption preprocessing of the pipeline class of ``folder``, as its call runs it by
+    default (PixArt's ``_text_preprocessing`` with ``clean_caption=True``, which needs bs4 and
+    ftfy: without them the pipeline lower-cases and strips, and so does this)."""
+    import diffusers
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    cls = getattr(diffusers, str(_index(folder).get("_class_name")), None)
+    if not isinstance(cls, type) or not hasattr(cls, "_text_preprocessing"):
+        return None
+    clean = is_bs4_available() and is_ftfy_available()
+    return lambda texts: cls._text_preprocessing(cls.__new__(cls), texts, clean_caption=clean)
 
 
 def _load_part(folder: Path, name: str, device) -> Any:
@@ -307,7 +329,7 @@ def _file_digest(path: Path) -> str:
 def _key(pipeline: Path, parts: list, components: tuple[str, ...]) -> str:
     """Hash of ``parts`` and the encoders' configs and weight files (name, size, modification
     time: hashing gigabytes of weights on every run would cost more than it saves)."""
-    h = hashlib.sha256(json.dumps(parts, default=str).encode())
+    h = hashlib.sha256(json.dumps([ENCODING, parts], default=str).encode())
     for name in components:
         for f in sorted((pipeline / name).glob("*")) if (pipeline / name).is_dir() else []:
             stat = f.stat()
