@@ -43,6 +43,21 @@ def test_image_folder_resizes_center_crops_and_labels(tmp_path):
     assert gray[0][0].shape == (1, 8, 8)
 
 
+def test_numbered_class_folders_are_their_class_indices(tmp_path):
+    """``207/`` is class 207 (an ImageNet DiT's golden retriever), ``10/`` is 10, not sorted-name
+    position 1; a folder beyond the model's classes is refused, a named subset warned about."""
+    for name in ("9", "10", "207"):
+        _write(tmp_path / "num" / name / "a.png", (8, 8))
+    ds = ImageFolder(tmp_path / "num", size=8)
+    assert sorted(int(ds[i][1]) for i in range(len(ds))) == [9, 10, 207]
+    ds.check_labelled(1000)
+    with pytest.raises(UsageError, match="class folder 207 is not a class of this model .*0..99"):
+        ds.check_labelled(100)
+    _write(tmp_path / "named" / "otter" / "a.png", (8, 8))
+    with pytest.warns(UserWarning, match="1 class folders for a model of 1000 classes get labels 0..0 .*e.g. 207/"):
+        ImageFolder(tmp_path / "named", size=8).check_labelled(1000)
+
+
 @pytest.mark.parametrize("case", ["empty", "corrupt", "missing"])
 def test_image_folder_errors(tmp_path, case):
     if case == "corrupt":

@@ -10,6 +10,7 @@ sample's ``(L, D)`` embeddings and optional ``(L,)`` attention mask.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,8 +116,10 @@ class ImageFolder(Dataset):
     Images of mixed sizes and aspect ratios are fine (each is resized, then cropped); a file
     PIL cannot identify is a :class:`UsageError` when the folder is opened.
 
-    A sub-folder layout ``root/<class>/*.png`` gives class labels in sorted folder order;
-    flat folders give label -1. Images are RGB (or grayscale with ``channels=1``) in [-1, 1].
+    A sub-folder layout ``root/<class>/*.png`` gives class labels: a folder named by a number is
+    that class index (``207/`` is class 207 of an ImageNet DiT, ``10/`` comes after ``9/``); other
+    names give 0..K-1 in sorted order (ImageNet's synset folders, all 1000 of them, are its class
+    indices). Flat folders give label -1. Images are RGB (or grayscale with ``channels=1``) in [-1, 1].
     """
 
     def __init__(self, root: str | Path, size: int, channels: int = 3):
@@ -133,7 +136,8 @@ class ImageFolder(Dataset):
             raise UsageError(f"{len(bad)} of {len(self.files)} files under {self.root} are not readable images "
                              f"(e.g. {bad[0]}); remove or replace them")
         classes = sorted({p.parent.name for p in self.files if p.parent != self.root})
-        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.numbered = bool(classes) and all(c.isdigit() for c in classes)
+        self.class_to_idx = {c: int(c) for c in classes} if self.numbered else {c: i for i, c in enumerate(classes)}
         self.size, self.channels, self._image = size, channels, Image
 
     def __len__(self) -> int:
@@ -147,6 +151,14 @@ class ImageFolder(Dataset):
             raise UsageError(f"{self.root}: this folder has no class sub-folders; the model needs labels (it is "
                              f"class-conditional, {classes}): put each class's images in a sub-folder of its own, "
                              f"e.g. {self.root / '0'}, {self.root / '1'}, ...")
+        top = max(self.class_to_idx.values())
+        if top >= num_classes:
+            raise UsageError(f"{self.root}: class folder {top} is not a class of this model (classes 0..{num_classes - 1}); "
+                             "name each class's folder by its class index")
+        if not self.numbered and len(self.class_to_idx) < num_classes:
+            warnings.warn(f"{self.root}: {len(self.class_to_idx)} class folders for a model of {num_classes} classes get "
+                          f"labels 0..{len(self.class_to_idx) - 1} in sorted name order; name each folder by its class "
+                          "index (e.g. 207/) to give it that class", stacklevel=2)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = self.files[i]
