@@ -7,7 +7,7 @@ pipeline call against the reported ratio -> export: the CLI's refusal for the ki
 else ``export_diffusers`` and a reload with ``from_pretrained``, run in the pipeline again ->
 ``slimdiff.save_pipeline`` of the applied pipeline and ``slimdiff.from_pretrained``, run again
 (MACs ratio, and whether its images equal the applied pipeline's). Each cell records its
-outcome or its error; the script never stops at one. Writes ``bench/pipelines/matrix.json`` and ``matrix.md``.
+outcome or its error; the script never stops at one. Writes ``bench/pipelines/matrix.json``, ``matrix.md`` and the README's copy of the table.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python scripts/pipeline_matrix.py
 """
@@ -42,6 +42,7 @@ from test_pipeline_apply import (
 
 import slimdiff
 from slimdiff.errors import UsageError
+from slimdiff.eval.report import replace_block
 from slimdiff.io import export_diffusers
 from slimdiff.methods import registry
 from slimdiff.methods.base import Context, compress
@@ -52,6 +53,8 @@ BUDGET = 0.6
 CLI_REFUSES = {"dynamic": "routers", "reuse": "reuse plan", "width": "per-layer widths"}
 """Kinds whose ``compress --export-diffusers`` the CLI refuses before work (what it cannot write)."""
 OUT = ROOT / "bench" / "pipelines"
+README_START, README_END = "<!-- pipelines:start -->", "<!-- pipelines:end -->"
+"""The README block this script writes (the matrix's table)."""
 TOLERANCE = 0.03
 """|in pipeline - reported| above which a cell says the ratios differ (DyDiT's routed ratio varies per input)."""
 SHORT = {"opt_steps": 2, "train_steps": 5, "heldout_samples": 2, "search_steps": 2, "scratch_steps": 2, "scratch_batch_size": 4, "scratch_lr": 1e-4,
@@ -84,11 +87,11 @@ def _compressed(model: torch.nn.Module, name: str, ctx: Context, options: dict) 
     """The compressed copy of ``model`` (under ``"model"``) and its reported MACs ratio."""
     try:
         budget, result = BUDGET, compress(copy.deepcopy(model), name, BUDGET, ctx, options)
-    except UsageError as e:  # width groups too coarse for BUDGET on a tiny model: the closest budget it reaches
-        closest = re.search(r"cannot meet budget .* \(closest: ([0-9.]+)", str(e))
+    except UsageError as e:  # BUDGET out of a method's reach on a tiny model: the closest budget it reaches
+        closest = re.search(r"cannot meet budget .* \(closest: ([0-9.]+)|use a budget >= ([0-9.]+)", str(e))
         if closest is None:
             raise
-        budget = float(closest.group(1))
+        budget = float(closest.group(1) or closest.group(2))
         result = compress(copy.deepcopy(model), name, budget, ctx, options)
     return {"model": result, "reported": record_of(result).result.measured.get("macs_ratio"),
             **({"budget": budget} if budget != BUDGET else {})}
@@ -187,9 +190,9 @@ def _fmt(row: dict, stage: str) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = [f"Budget {BUDGET}, {STEPS} steps, tiny random models; MACs ratios of the denoiser counted inside the "
-             "pipeline call (FlopCounterMode) against the uncompressed pipeline's. A width method that "
-             "cannot reach the budget on a tiny model runs at the closest budget it reaches, as its error "
-             "states.", "",
+             "pipeline call (FlopCounterMode) against the uncompressed pipeline's. A method that "
+             "cannot reach the budget on a tiny model (width groups, a cache's coarsest setting) runs at the "
+             "closest budget it reaches, as its error states.", "",
              "| layout | method | compress (reported MACs ratio) | apply in the stock pipeline | "
              "save_pipeline + from_pretrained | diffusers export + reload |",
              "|---|---|---|---|---|---|"]
@@ -204,6 +207,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "matrix.json").write_text(json.dumps(rows, indent=1) + "\n")
     (OUT / "matrix.md").write_text(markdown(rows))
+    replace_block(ROOT / "README.md", README_START, README_END, f"{README_START}\n\n{markdown(rows)}\n{README_END}")
     print(markdown(rows))
 
 

@@ -199,9 +199,13 @@ def test_guidance_uses_the_pipelines_encoded_empty_prompt(tmp_path, make):
     assert (null.mask is None) == (want.mask is None)  # PixArt passes the caption mask, SD does not
     cond = encode.load_encoders(folder).encode_prompts(["a cat", "a dog", "a cow"])
     guided = sample(m, sampler="ddim", steps=2, cond=cond, cfg=4.0, seed=0)
+    slimdiff.save(m, tmp_path / "saved")  # the encoded prompt is a runtime cache, not saved
+    again = slimdiff.load(tmp_path / "saved")
+    assert torch.equal(as_backbone(again).null_cond(None, 1).embeds, want.embeds)  # encoded again from the pipeline
     set_null_prompt(m, None)  # zero embeddings: another unconditional prediction, other samples
     assert not torch.allclose(guided, sample(m, sampler="ddim", steps=2, cond=cond, cfg=4.0, seed=0))
     assert torch.equal(as_backbone(m).null_cond(None, 1), torch.zeros(1, *want.shape[1:]))
+    slimdiff.save(m, tmp_path / "zeros")
 
 
 def test_caption_dropout_trains_on_the_empty_prompt(tmp_path):

@@ -418,3 +418,31 @@ def test_saving_and_loading_a_pipeline_refuse_what_would_lose_the_compression(tm
         slimdiff.from_pretrained(tmp_path / "stock")
     with pytest.raises(UsageError, match="not a diffusers pipeline folder"):
         slimdiff.from_pretrained(tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- the committed matrix
+def test_the_committed_pipeline_matrix_covers_every_method_and_layout():
+    """``bench/pipelines/matrix.json`` (scripts/pipeline_matrix.py) has a row for every registered
+    method in every layout it applies to, and every compressed result ran in its stock pipeline and
+    came back from save_pipeline with the same images and MACs: rerun the script after adding a
+    method or changing one of these paths."""
+    import json
+    from pathlib import Path
+
+    from slimdiff.methods import registry
+
+    rows = json.loads((Path(__file__).parents[1] / "bench" / "pipelines" / "matrix.json").read_text())
+    makers = {"DiTPipeline": _dit_pipe, "PixArtAlphaPipeline": _pixart_pipe, "StableDiffusionPipeline": _sd_pipe,
+              "DDPMPipeline": _ddpm_pipe}
+    for layout, make in makers.items():
+        pipe = make()
+        denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+        want = {name for name, spec in registry().items() if spec.applies is None or spec.applies(denoiser)}
+        have = {r["method"] for r in rows if r["layout"].startswith(layout)}
+        assert have == want, f"{layout}: rerun scripts/pipeline_matrix.py (missing {want - have}, extra {have - want})"
+    for r in rows:
+        if r["compress"]["ok"]:
+            assert r["apply"]["ok"] and r["save_pipeline"]["ok"] and r["save_pipeline"]["same_images"], r
+            assert r["save_pipeline"]["macs_ratio"] == pytest.approx(r["apply"]["macs_ratio"]), r
+        else:  # only a budget out of reach on a tiny model
+            assert "budget" in r["compress"]["error"] or "does not fit" in r["compress"]["error"], r

@@ -329,11 +329,16 @@ def readme_block(results: dict, directory: str) -> str:
 
 def update_readme(readme: Path, results: dict, directory: str) -> bool:
     """Replace the block between the bench markers of ``readme``; returns whether it changed."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} block")
-    head, rest = text.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
-    new = head + readme_block(results, directory) + tail
-    readme.write_text(new)
+    return replace_block(readme, README_START, README_END, readme_block(results, directory))
+
+
+def replace_block(path: Path, start: str, end: str, block: str) -> bool:
+    """Replace the text from marker ``start`` to marker ``end`` of the file ``path`` by ``block``
+    (which carries both markers): how generated tables enter the README. Returns whether it changed."""
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise ValueError(f"{path} has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    new = head + block + rest.split(end, 1)[1]
+    path.write_text(new)
     return new != text

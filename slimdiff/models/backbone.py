@@ -147,8 +147,9 @@ def register_backbone(model_cls: type) -> Callable[[type["Backbone"]], type["Bac
     return deco
 
 
-NULL_PROMPT = "slimdiff_null_prompt"
-"""Module attribute holding a text model's encoded empty prompt (:meth:`Backbone.null_prompt`)."""
+NULL_PROMPT = "_slimdiff_null_prompt"
+"""Module attribute holding a text model's encoded empty prompt (:meth:`Backbone.null_prompt`): a
+runtime cache, private so that saving skips it (it is encoded again from the pipeline)."""
 
 
 def set_null_prompt(model: nn.Module, prompt: TextCondition | None) -> None:
