@@ -146,3 +146,30 @@ def test_parameter_ratio_follows_the_macs_ratio():
 def test_other_models_are_refused(make):
     with pytest.raises(UsageError, match="residual-width pruning does not support .*supported: dit"):
         pruner_kwargs(make())
+
+
+@pytest.mark.parametrize("method", ["magnitude-width", "diff-pruning"])
+def test_a_diffusers_dit_is_converted_and_its_residual_width_pruned(tmp_path, method):
+    """diffusers' DiT loses its residual group in torch-pruning's graph: the width methods convert
+    it to our DiT (same outputs) first; the result installs in a DiTPipeline."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    import slimdiff
+    from slimdiff.methods.base import Context, compress
+    from slimdiff.models.dit import DiT
+
+    teacher = tiny_diffusers_dit(num_embeds_ada_norm=1000, num_layers=2)
+    data = tmp_path / "latents.npz"
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(data, latents=rng.standard_normal((8, 4, 8, 8)).astype(np.float32), labels=rng.integers(0, 1000, 8))
+    ctx = Context(steps=2, batch_size=4, progress=False, data=str(data), work_dir=tmp_path / "work")
+    out = compress(copy.deepcopy(teacher), method, 0.6, ctx, {"residual_width": True, "stride": 500}
+                   if method == "diff-pruning" else {"residual_width": True})
+    assert isinstance(out, DiT) and out.slimdiff_meta["method"]["chain"][0]["settings"]["residual"] is True
+    hidden = set(hidden_widths(out).values())
+    assert len(hidden) == 1 and hidden.pop() < teacher.config.num_attention_heads * teacher.config.attention_head_dim
+    pipe = DiTPipeline(transformer=teacher, vae=None, scheduler=DDIMScheduler())
+    slimdiff.apply(pipe, out)
+    assert pipe.transformer.dit is out

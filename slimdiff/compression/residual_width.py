@@ -36,7 +36,7 @@ projection shares the scope name and one of the two records silently overwrites 
 In our DiT the graph reaches the last block's ``mlp.fc2`` first (the gated residual's last
 operand), so the residual group is rooted there (a test checks it). diffusers'
 ``DiTTransformer2DModel`` reaches block 0's ``attn1.to_out.0`` first and loses its residual
-group that way (measured), so it is not supported yet.
+group that way (measured), so it is converted to our DiT first (:func:`prunable`).
 
 The pruned model is a plain, smaller module of the same class; :mod:`slimdiff.io` saves it (the
 per-layer widths and the position table's shape are recorded as structure).
@@ -49,9 +49,25 @@ import torch.nn as nn
 
 from slimdiff.errors import UsageError
 
-__all__ = ["SUPPORTED", "pruner_kwargs", "hidden_widths"]
+__all__ = ["SUPPORTED", "prunable", "pruner_kwargs", "hidden_widths"]
 
 SUPPORTED = ("dit (slimdiff.models.dit.DiT)",)
+
+
+def prunable(model: nn.Module) -> nn.Module:
+    """``model`` as a model whose residual width can be pruned: a diffusers
+    ``DiTTransformer2DModel`` becomes slimdiff's DiT (:func:`~slimdiff.models.convert.diffusers_to_dit`:
+    the same outputs, its record kept; diffusers' own graph loses the residual group, see the
+    module docs), which ``slimdiff.apply`` installs in a ``DiTPipeline``; any other unsupported
+    model is a :class:`UsageError`."""
+    from slimdiff.models.backbone import as_backbone
+
+    if as_backbone(model).kind == "diffusers-dit":
+        from slimdiff.models.convert import diffusers_to_dit
+
+        model = diffusers_to_dit(model)
+    _layout(model)
+    return model
 
 
 def _layout(model: nn.Module):
@@ -66,7 +82,8 @@ def _layout(model: nn.Module):
     if get is None:
         kind = bb.kind if bb is not None else type(model).__name__
         raise UsageError(f"residual-width pruning does not support {kind} models; supported: "
-                         f"{', '.join(SUPPORTED)}; prune inner widths only (residual off) for other models")
+                         f"{', '.join(SUPPORTED)} (the width methods convert a diffusers DiT to it: prunable()); "
+                         "prune inner widths only (residual off) for other models")
     return get()
 
 

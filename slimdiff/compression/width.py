@@ -86,8 +86,8 @@ IMPORTANCES = ("taylor", "taylor-paper", "taylor-multivariable", "magnitude", "r
 GROUP_RANKING_HELP = ("how channels inside GroupNorm groups / heads are ranked: separate = each group on its own, "
                       "(C - int(C (1-r))) // G channels per group (ddpm_exp's pruner behind the paper's tables); "
                       "shared = torch-pruning 1.6's mean over groups, the same slots in every group (ddpm_prune.py)")
-RESIDUAL_HELP = ("DiT only: also prune the residual (hidden) width (patch embedding, pos_embed, adaLN, every block, "
-                 "final layer), beyond the paper's UNet experiments")
+RESIDUAL_HELP = ("DiT only (a diffusers DiT is converted to slimdiff's DiT): also prune the residual (hidden) width "
+                 "(patch embedding, pos_embed, adaLN, every block, final layer), beyond the paper's UNet experiments")
 
 
 # --------------------------------------------------------------------------- pruner
@@ -467,6 +467,10 @@ def width_prune(model: nn.Module, budget: float, ctx: Context, name: str, import
     if budget >= 1.0:
         return record(model, name, settings, {"budget": 1.0, "macs_ratio": 1.0, "pruning_ratio": 0.0},
                       {"identity": True})
+    if residual:  # a diffusers DiT becomes our DiT, whose residual group torch-pruning keeps
+        from slimdiff.compression.residual_width import prunable
+
+        model = prunable(model)
     more, extras = prepare(model) if prepare else ({}, {})
     settings.update(more)
     original = sampling_macs(model, ctx)

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from slimdiff.compression.width import GROUP_RANKING_HELP, GROUP_RANKINGS, HEAD_MODES, HEADS_HELP, draw_width, width_prune
+from slimdiff.compression.width import (
+    GROUP_RANKING_HELP,
+    GROUP_RANKINGS,
+    HEAD_MODES,
+    HEADS_HELP,
+    RESIDUAL_HELP,
+    draw_width,
+    width_prune,
+)
 from slimdiff.methods.base import Context
 from slimdiff.methods.spec import MethodSpec, check_options, option
 
@@ -39,6 +47,7 @@ class WidthBaselineConfig:
 
     heads: str = option("dims", HEADS_HELP, choices=HEAD_MODES)
     group_ranking: str = option("separate", GROUP_RANKING_HELP, choices=GROUP_RANKINGS)
+    residual_width: bool = option(False, RESIDUAL_HELP + "; Diff-Pruning has the same option")
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -58,13 +67,13 @@ class TaylorConfig(WidthBaselineConfig):
 def _random(model: nn.Module, budget: float, ctx: Context, config: WidthBaselineConfig) -> nn.Module:
     """Random-importance width pruning with exactly Diff-Pruning's pruner, search and recovery."""
     return width_prune(model, budget, ctx, "random-width", "random", heads=config.heads, settings={"seed": ctx.seed},
-                       group_ranking=config.group_ranking)
+                       group_ranking=config.group_ranking, residual=config.residual_width)
 
 
 def _magnitude(model: nn.Module, budget: float, ctx: Context, config: WidthBaselineConfig) -> nn.Module:
     """Magnitude (group L2) width pruning with exactly Diff-Pruning's pruner, search and recovery."""
     return width_prune(model, budget, ctx, "magnitude-width", "magnitude", heads=config.heads, settings={},
-                       group_ranking=config.group_ranking)
+                       group_ranking=config.group_ranking, residual=config.residual_width)
 
 
 def _taylor(model: nn.Module, budget: float, ctx: Context, config: TaylorConfig) -> nn.Module:
@@ -73,7 +82,8 @@ def _taylor(model: nn.Module, budget: float, ctx: Context, config: TaylorConfig)
 
     prepare = gradient_pass(ctx, threshold=0.0, stride=config.stride)
     return width_prune(model, budget, ctx, "taylor", TAYLOR_IMPORTANCE[config.importance], heads=config.heads,
-                       settings={"stride": config.stride}, group_ranking=config.group_ranking, prepare=prepare)
+                       settings={"stride": config.stride}, group_ranking=config.group_ranking,
+                       residual=config.residual_width, prepare=prepare)
 
 
 RANDOM_WIDTH = MethodSpec("random-width", "width", "baseline: random channel importance, Diff-Pruning's pruner",
