@@ -495,8 +495,8 @@ class Bench:
                    "chains": chain_verdicts(done),
                    "pairs": pair_verdicts(done, c.pairs),
                    "pictures": {k: e["pictures"] for k, e in done.items() if e.get("pictures")}}
-        points = {k: (e["macs_ratio"], e["fd"]) for k, e in done.items() if not e.get("skipped")}
-        points["teacher"] = (1.0, teacher_scores["fd"])
+        points = {k: (e["macs_ratio"], e["fd"], e.get("fd_ci95")) for k, e in done.items() if not e.get("skipped")}
+        points["teacher"] = (1.0, teacher_scores["fd"], teacher_scores.get("fd_ci95"))
         pareto(points, self.out / "pareto.png", reference_fd=teacher_scores["fd"], floor=teacher_scores["fd_floor"],
                title=f"{c.model}: {c.sampler} x{c.steps}, {c.samples} samples, recovery {c.recover_steps} steps")
         rows = {"teacher": self.teacher()[2][0][: c.grid]}

@@ -29,3 +29,27 @@ def test_paired_differences_and_verdicts():
     assert higher["a_wins"] == 2
     with pytest.raises(ValueError):
         paired([1.0], [1.0, 2.0])
+
+
+def test_pareto_labels_do_not_overlap_and_intervals_are_drawn(tmp_path):
+    """Points at nearly the same place (bi-depth, first-depth and tinyfusion printed over each
+    other before) get label boxes that do not overlap; a given interval becomes an error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from slimdiff.eval.report import pareto, place_labels
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    names = ["bi-depth@0.5", "first-depth@0.5", "tinyfusion@0.5", "stride-depth@0.5", "oracle-depth@0.5"]
+    for i, _ in enumerate(names):
+        ax.scatter(0.5 + 0.001 * i, 7.0 + 0.01 * i)
+    texts = place_labels(ax, [(n, 0.5 + 0.001 * i, 7.0 + 0.01 * i) for i, n in enumerate(names)])
+    boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in texts]
+    assert [t.get_text() for t in texts] == names
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
+
+    out = pareto({"a": (0.5, 7.0, 1.2), "b": (0.5, 7.05, None), "teacher": (1.0, 6.7)}, tmp_path / "p.png")
+    assert out.exists() and out.stat().st_size > 0

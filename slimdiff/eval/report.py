@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -173,20 +174,24 @@ def reuse_plan(plan: dict, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def pareto(points: dict[str, tuple[float, float]], path: Path, *, reference_fd: float | None = None,
+def pareto(points: dict[str, tuple[float, ...]], path: Path, *, reference_fd: float | None = None,
            floor: float | None = None, title: str = "") -> Path:
-    """MACs ratio vs FD, every point labelled, the Pareto front (lower-left is better) drawn."""
+    """MACs ratio vs FD, every point labelled without overlaps (:func:`place_labels`), its 95%
+    interval as an error bar where ``points`` gives one (``(macs, fd)`` or ``(macs, fd, ci95)``),
+    the Pareto front (lower-left is better) drawn."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     items = sorted(points.items(), key=lambda kv: (kv[1][0], kv[1][1]))
     front, best = [], math.inf
-    for name, (macs, fd) in items:
+    for name, (macs, fd, *_) in items:
         if fd < best:
             front.append((macs, fd))
             best = fd
-    for name, (macs, fd) in items:
-        ax.scatter(macs, fd, s=18, color="#c33" if (macs, fd) in front else "#36c", zorder=3)
-        ax.annotate(name, (macs, fd), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for name, (macs, fd, *ci) in items:
+        color = "#c33" if (macs, fd) in front else "#36c"
+        ax.scatter(macs, fd, s=18, color=color, zorder=3)
+        if ci and ci[0]:
+            ax.errorbar(macs, fd, yerr=[[min(ci[0], fd * 0.99)], [ci[0]]], color=color, lw=0.8, capsize=2, zorder=2)
     if len(front) > 1:
         ax.step([m for m, _ in front], [f for _, f in front], where="post", color="#c33", lw=1, label="Pareto front")
     if reference_fd is not None:
@@ -195,10 +200,37 @@ def pareto(points: dict[str, tuple[float, float]], path: Path, *, reference_fd: 
         ax.axhline(floor, color="g", lw=0.8, ls="--", label="real-data floor")
     ax.set_xlabel("sampling MACs / teacher's")
     ax.set_yscale("log")  # FDs span orders of magnitude; the good region must stay readable
-    ax.set_ylabel("FD (judge features, log scale, lower is better)")
+    ax.set_ylabel("FD (log scale, lower is better; bars: 95% over seeds)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
+    place_labels(ax, [(name, macs, fd) for name, (macs, fd, *_) in items])
     return _save(fig, path)
+
+
+LABEL_OFFSETS = [(4, 3), (4, -9), (-4, 3), (-4, -9), (4, 10), (4, -16), (-4, 10), (-4, -16)]
+"""Offsets (points) tried in turn for a label: beside its point, right then left, then further out."""
+
+
+def place_labels(ax: Any, labels: list[tuple[str, float, float]], fontsize: int = 6) -> list:
+    """Annotate each ``(text, x, y)`` on ``ax`` at the first of :data:`LABEL_OFFSETS` (then ever
+    further out, with a leader line) whose box overlaps no label placed before; returns the texts."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    placed, texts = [], []
+    for text, x, y in labels:
+        for k in range(40):
+            dx, dy = LABEL_OFFSETS[k % len(LABEL_OFFSETS)]
+            far = 1 + k // len(LABEL_OFFSETS)  # every round of offsets further out
+            t = ax.annotate(text, (x, y), fontsize=fontsize, xytext=(dx * far, dy * far), textcoords="offset points",
+                            ha="left" if dx > 0 else "right",
+                            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if far > 1 else None)
+            box = t.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(b) for b in placed) or k == 39:
+                break
+            t.remove()
+        placed.append(box)
+        texts.append(t)
+    return texts
 
 
 def sample_rows(rows: dict[str, torch.Tensor], path: Path) -> Path:
