@@ -225,11 +225,7 @@ def export_diffusers(model: nn.Module, path) -> Path:
     cannot be written in a diffusers config: those models raise :class:`UsageError`.
     """
     model = _unwrap(model)
-    hooked = [n or "the model" for n in hooked_modules(model)]
-    if hooked:  # a reuse plan, cache or router runs in hooks, which save_pretrained would silently drop
-        raise UsageError(f"cannot export to diffusers: {hooked[0]} carries a slimdiff runtime (reuse plan, cache or "
-                         "routing) that a diffusers folder cannot hold; install the result in your pipeline with "
-                         "slimdiff.apply(pipe, result) instead (slimdiff.save_pipeline saves that pipeline)")
+    _refuse_hooked(model)
     arch = architecture_name(model)
     if arch == "DiT":  # the converter handles depth; its output is checked below
         try:
@@ -244,6 +240,27 @@ def export_diffusers(model: nn.Module, path) -> Path:
         raise UsageError(f"{target} exists and is not an empty directory; choose a new path for the diffusers export")
     model.save_pretrained(str(target), safe_serialization=True)
     return target
+
+
+def _refuse_hooked(model: nn.Module) -> None:
+    hooked = [n or "the model" for n in hooked_modules(model)]
+    if hooked:  # a reuse plan, cache or router runs in hooks, which save_pretrained would silently drop
+        raise UsageError(f"cannot export to diffusers: {hooked[0]} carries a slimdiff runtime (reuse plan, cache or "
+                         "routing) that a diffusers folder cannot hold; install the result in your pipeline with "
+                         "slimdiff.apply(pipe, result) instead (slimdiff.save_pipeline saves that pipeline)")
+
+
+def diffusers_refusal(model: nn.Module) -> str | None:
+    """Why diffusers' own ``save_pretrained`` of the diffusers model ``model`` would not give it
+    back (a slimdiff runtime in hooks, per-layer widths its config cannot hold), or None."""
+    try:
+        _refuse_hooked(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # runtime settings only warn: not a refusal
+            _require_plain(model, architecture_name(model), "save with save_pretrained")
+    except UsageError as e:
+        return str(e)
+    return None
 
 
 def architecture_name(model: nn.Module) -> str:

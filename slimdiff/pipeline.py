@@ -84,6 +84,7 @@ def apply(pipe: Any, result: str | os.PathLike | nn.Module, num_inference_steps:
     routing = getattr(model, "dydit", None)
     if isinstance(routing, DyDiTRouting):
         _key_tables(model, routing, pipe.scheduler, num_inference_steps or routing.table_info.get("steps"))
+    _guard_save_pretrained(installed, model)
     old = getattr(pipe, name)
     if old is not None:  # the component's device and dtype (a dtype cast only when they differ: diffusers warns)
         installed.to(old.device)
@@ -164,6 +165,25 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> Any:
     if "torch_dtype" in kwargs:
         getattr(pipe, name).to(kwargs["torch_dtype"])
     return apply(pipe, model, num_inference_steps=steps)
+
+
+def _guard_save_pretrained(installed: nn.Module, model: nn.Module) -> None:
+    """Make ``save_pretrained`` of an installed diffusers model refuse when diffusers could not give
+    it back (``pipe.save_pretrained`` would drop a plan silently or write widths its config does
+    not hold): an instance attribute, which ``pipe.save_pretrained`` finds first."""
+    from slimdiff.io import diffusers_refusal
+
+    installed.__dict__.pop("save_pretrained", None)
+    if installed is not model:  # our DiT's wrapper refuses by itself
+        return
+    reason = diffusers_refusal(model)
+    if reason is not None:
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise UsageError(f"{reason.replace('cannot export to diffusers', 'save_pretrained cannot save it')}; "
+                             "save the pipeline with slimdiff.save_pipeline(pipe, path) and load it with "
+                             "slimdiff.from_pretrained(path)")
+
+        installed.__dict__["save_pretrained"] = refuse
 
 
 def _component(pipe: Any) -> str:

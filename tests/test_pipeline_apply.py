@@ -391,6 +391,8 @@ def test_per_layer_widths_and_routers_round_trip(tmp_path):
     ctx = Context(sampler="ddim", steps=STEPS, progress=False, batch_size=4,
                   data=_latents(tmp_path / "images.npz", (3, 16, 16), classes=None))
     slimdiff.apply(pipe, compress(copy.deepcopy(pipe.unet), "diff-pruning", 0.65, ctx, {"stride": 500}))
+    with pytest.raises(UsageError, match="differ from what the UNet2DModel config builds.*slimdiff.save_pipeline"):
+        pipe.save_pretrained(str(tmp_path / "plain"))  # it would write widths its config cannot hold
     (a, macs), (b, macs_loaded), _ = _roundtrip(pipe, tmp_path / "unet")
     assert np.allclose(a, b, atol=1e-6) and macs_loaded == macs
 
@@ -413,6 +415,13 @@ def test_saving_and_loading_a_pipeline_refuse_what_would_lose_the_compression(tm
         slimdiff.save_pipeline(pipe, tmp_path / "pipe")
     with pytest.raises(ValueError, match="expected .*transformer"):  # plain diffusers: refused, not half-loaded
         DiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
+    sd = _sd_pipe()  # a plan in hooks on a diffusers model: diffusers would write the weights without it
+    slimdiff.apply(sd, compress(copy.deepcopy(sd.unet), "deepcache", 0.6, _ctx()))
+    with pytest.raises(UsageError, match="carries a slimdiff runtime.*slimdiff.save_pipeline"):
+        sd.save_pretrained(str(tmp_path / "sd"))
+    depth = _dit_pipe()  # what a diffusers config holds: diffusers' own save stays
+    slimdiff.apply(depth, compress(copy.deepcopy(depth.transformer), "first-depth", 0.6, _ctx()))
+    depth.save_pretrained(str(tmp_path / "depth"))
     _dit_pipe().save_pretrained(str(tmp_path / "stock"))
     with pytest.raises(UsageError, match="not written by slimdiff.save_pipeline.*slimdiff.apply"):
         slimdiff.from_pretrained(tmp_path / "stock")
