@@ -517,6 +517,8 @@ def bench_speed(
     budget: float = typer.Option(0.5, help="fraction of the teacher's MACs each method is compressed to"),
     steps: int = typer.Option(5, help="DDIM steps of the timed sampling runs (DyDiT, DiP-GO)"),
     latent_size: int = typer.Option(32, help="DiT latent size (4 x S x S)"),
+    residual_width: bool = typer.Option(False, help="Diff-Pruning's residual_width option on DiTs (the hidden size "
+                                                    "shrinks too; UNets are pruned as usual)"),
     output: Path = typer.Option(Path("bench/speed"), "-o", "--output", help="folder for results.json and report.md"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
@@ -526,7 +528,7 @@ def bench_speed(
     split = lambda text, default: tuple(v.strip() for v in text.split(",") if v.strip()) if text else default  # noqa: E731
     settings = SpeedSettings(models=split(models, DEFAULT_MODELS), methods=split(methods, METHODS), repeats=repeats,
                              warmup=warmup, device=device, dtype=dtype, batch=batch, budget=budget, steps=steps,
-                             latent_size=latent_size)
+                             latent_size=latent_size, residual_width=residual_width)
     res = run_speed(settings, log=lambda line: err.print(line, highlight=False, markup=False))
     paths = write_outputs(res, output)
     if as_json:

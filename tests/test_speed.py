@@ -219,3 +219,25 @@ def test_flat_memory_checkpointing_gives_the_same_gradients(name):
     assert grads[0][1:].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[2])
     torch.testing.assert_close(grads[1], grads[2])
+
+
+def test_residual_width_through_the_cli(tmp_path):
+    """--residual-width prunes a DiT's hidden size too (parameters follow MACs), while the UNet is
+    pruned as usual."""
+    from typer.testing import CliRunner
+
+    from slimdiff.cli import app
+
+    def run(out, *extra):
+        result = CliRunner().invoke(app, ["bench-speed", "--models", "DiT-M/2,UNet-tiny", "--latent-size", "8",
+                                          "--repeats", "1", "--warmup", "0", "--batch", "2", "--methods",
+                                          "diff-pruning", "-o", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        return {e["model"]: e for e in json.loads((out / "results.json").read_text())["entries"]}
+
+    inner, residual = run(tmp_path / "inner"), run(tmp_path / "residual", "--residual-width")
+    params = {k: {m: e["params_student"] / e["params_teacher"] for m, e in d.items()}
+              for k, d in (("inner", inner), ("residual", residual))}
+    assert params["residual"]["DiT-M/2"] < params["inner"]["DiT-M/2"] - 0.05
+    assert params["residual"]["UNet-tiny"] == params["inner"]["UNet-tiny"]
+    assert json.loads((tmp_path / "residual" / "results.json").read_text())["settings"]["residual_width"] is True

@@ -83,6 +83,7 @@ class SpeedSettings:
     stride: int = 250  # Diff-Pruning's timestep stride (4 timesteps: a speed bench needs the shape only)
     calibration_batch: int = 4  # Diff-Pruning's calibration batch
     heads: str = "dims"  # Diff-Pruning's head mode ("dims" narrows heads, "whole" removes heads)
+    residual_width: bool = False  # Diff-Pruning's residual_width option (DiT: the hidden size shrinks too)
 
     def context(self):
         """The compression :class:`~slimdiff.methods.base.Context` every speed student is built
@@ -287,10 +288,11 @@ def run_speed(settings: SpeedSettings, log: Callable[[str], None] = print) -> di
 
 def entries_table(entries: list[dict]) -> list[str]:
     """Markdown table rows of bench entries (also used by the per-method scripts' reports)."""
-    lines = ["| model | method | timed call | MACs ratio | theoretical | measured | paired | fastest | realisation | "
-             "target | |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | timed call | MACs ratio | params ratio | theoretical | measured | paired | fastest | "
+             "realisation | target | |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
-        lines.append(f"| {e['model']} | {e['method']} | {e['call']} | {e['macs_ratio']:.3f} | "
+        params = f"{e['params_student'] / e['params_teacher']:.3f}" if e.get("params_teacher") else "-"
+        lines.append(f"| {e['model']} | {e['method']} | {e['call']} | {e['macs_ratio']:.3f} | {params} | "
                      f"x{e['theoretical_speedup']:.3f} | x{e['measured_speedup']:.3f} | "
                      f"x{e['measured_speedup_paired']:.3f} | x{e['measured_speedup_min']:.3f} | "
                      f"**{e['realisation']:.3f}** | {e['target']:.2f} | "
@@ -307,7 +309,9 @@ def report_markdown(res: dict) -> str:
              "from results.json.", "",
              f"Budget {s['budget']}, batch {s['batch']}, {s['dtype']} on {where}; {s['warmup']} warm-up call(s), "
              f"{s['repeats']} interleaved rounds, medians. Load average {res['load_average_start'][0]:.2f} at the "
-             f"start, {res['load_average_end'][0]:.2f} at the end. torch {env['torch']}, diffusers {env['diffusers']}.",
+             f"start, {res['load_average_end'][0]:.2f} at the end. torch {env['torch']}, diffusers {env['diffusers']}."
+             + (" Diff-Pruning with residual_width (DiTs: the hidden size shrinks too)." if s.get("residual_width")
+                else ""),
              "", "Theoretical = teacher MACs / student MACs of the timed call; measured = teacher median / student "
              "median; realisation = measured / theoretical (the target applies to it). For reading the noise of a "
              "shared machine: paired = median of per-round ratios, fastest = ratio of the fastest calls.", ""]
