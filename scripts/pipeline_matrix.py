@@ -43,6 +43,7 @@ from test_pipeline_apply import (
 import slimdiff
 from slimdiff.errors import UsageError
 from slimdiff.eval.report import replace_block
+from slimdiff.eval.speed import git_commit
 from slimdiff.io import export_diffusers
 from slimdiff.methods import registry
 from slimdiff.methods.base import Context, compress
@@ -188,8 +189,12 @@ def _fmt(row: dict, stage: str) -> str:
     return text + (" **differs from reported**" if abs(cell["macs_ratio"] - reported) > TOLERANCE else "")
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = [f"Budget {BUDGET}, {STEPS} steps, tiny random models; MACs ratios of the denoiser counted inside the "
+COMMAND = "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python scripts/pipeline_matrix.py"
+
+
+def markdown(rows: list[dict], commit: str | None) -> str:
+    lines = [f"Written by `{COMMAND}` at commit `{(commit or 'unknown')[:12]}`.", "",
+             f"Budget {BUDGET}, {STEPS} steps, tiny random models; MACs ratios of the denoiser counted inside the "
              "pipeline call (FlopCounterMode) against the uncompressed pipeline's. A method that "
              "cannot reach the budget on a tiny model (width groups, a cache's coarsest setting) runs at the "
              "closest budget it reaches, as its error states.", "",
@@ -203,12 +208,14 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     torch.set_num_threads(1)
+    commit = git_commit(ROOT)  # the code that produces the rows, named before it runs
     rows = [row for layout in LAYOUTS for row in run_layout(layout)]
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "matrix.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (OUT / "matrix.md").write_text(markdown(rows))
-    replace_block(ROOT / "README.md", README_START, README_END, f"{README_START}\n\n{markdown(rows)}\n{README_END}")
-    print(markdown(rows))
+    (OUT / "matrix.json").write_text(json.dumps({"commit": commit, "command": COMMAND, "rows": rows}, indent=1) + "\n")
+    text = markdown(rows, commit)
+    (OUT / "matrix.md").write_text(text)
+    replace_block(ROOT / "README.md", README_START, README_END, f"{README_START}\n\n{text}\n{README_END}")
+    print(text)
 
 
 if __name__ == "__main__":

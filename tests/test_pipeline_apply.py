@@ -440,7 +440,9 @@ def test_the_committed_pipeline_matrix_covers_every_method_and_layout():
 
     from slimdiff.methods import registry
 
-    rows = json.loads((Path(__file__).parents[1] / "bench" / "pipelines" / "matrix.json").read_text())
+    matrix = json.loads((Path(__file__).parents[1] / "bench" / "pipelines" / "matrix.json").read_text())
+    assert matrix["commit"] and "scripts/pipeline_matrix.py" in matrix["command"]  # what produced it
+    rows = matrix["rows"]
     makers = {"DiTPipeline": _dit_pipe, "PixArtAlphaPipeline": _pixart_pipe, "StableDiffusionPipeline": _sd_pipe,
               "DDPMPipeline": _ddpm_pipe}
     for layout, make in makers.items():
