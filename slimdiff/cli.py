@@ -136,7 +136,7 @@ def sample(
     """Sample a grid of images from a model (latents decoded through its pipeline's VAE)."""
     from slimdiff.data.encode import load_encoders
     from slimdiff.diffusion.sampling import sample as run
-    from slimdiff.models.backbone import as_backbone
+    from slimdiff.models.backbone import as_backbone, set_null_prompt
     from slimdiff.models.registry import dit_options, pipeline_of
     from slimdiff.utils import save_grid
 
@@ -149,6 +149,8 @@ def sample(
         raise UsageError(f"the pipeline folder {folder} that {model} was loaded from is gone; pass --pipeline DIR")
     enc = load_encoders(folder, bb.device) if folder is not None else None
     cond = _prompts(bb, enc, prompt, num_samples)
+    if bb.conditioning == "text" and enc is not None and enc.text_encoder is not None:
+        set_null_prompt(m, enc.encode_prompts([""]))  # guidance with this pipeline's empty prompt (no second load)
     x = run(m, sampler=sampler, steps=steps, num_samples=num_samples, classes=labels, cond=cond, cfg=cfg, seed=seed,
             progress=True, guidance_channels=guidance_channels)
     if enc is not None and enc.vae is not None:

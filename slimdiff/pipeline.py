@@ -117,18 +117,22 @@ def save_pipeline(pipe: Any, path: str | os.PathLike) -> Path:
     if target.exists():
         raise UsageError(f"{target} exists; choose a new folder for the pipeline")
     from slimdiff import save
+    from slimdiff.io import architecture_name
+
+    architecture_name(unwrap(model))  # a denoiser slimdiff cannot save is refused before anything is written
 
     def write(tmp: Path) -> None:
-        from diffusers.utils import logging as diffusers_logging
+        import logging
 
-        level = diffusers_logging.get_verbosity()
+        logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+        quiet = _DropWarning(f"self.{name}=None")  # it warns that the (absent) denoiser "cannot be saved"
         pipe.register_modules(**{name: None})
-        diffusers_logging.set_verbosity_error()  # it warns that the (absent) denoiser "cannot be saved"
+        logger.addFilter(quiet)
         try:
             pipe.save_pretrained(str(tmp), safe_serialization=True)
         finally:
             pipe.register_modules(**{name: model})
-            diffusers_logging.set_verbosity(level)
+            logger.removeFilter(quiet)
         save(unwrap(model), tmp / name)
         index = json.loads((tmp / "model_index.json").read_text())
         index[MARKER] = {"component": name, "num_inference_steps": _keyed_steps(unwrap(model))}
@@ -162,8 +166,15 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> Any:
     model = _load(folder / name)
     absent = {k: None for k, v in index.items() if v == [None, None] and k != name}  # saved as None (no text encoder, ...)
     pipe = DiffusionPipeline.from_pretrained(str(folder), **{**absent, **kwargs, name: for_slot(model, ModelMixin)})
-    if "torch_dtype" in kwargs:
-        getattr(pipe, name).to(kwargs["torch_dtype"])
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if isinstance(dtype, dict):  # diffusers' per-component form
+        dtype = dtype.get(name, dtype.get("default"))
+    placed = next((m for k, m in pipe.components.items() if k != name and isinstance(m, nn.Module)), None)
+    param = next(placed.parameters(), None) if placed is not None else None
+    if param is not None:  # where diffusers put the other components (device_map, ...)
+        getattr(pipe, name).to(param.device)
+    if dtype is not None:
+        getattr(pipe, name).to(dtype)
     return apply(pipe, model, num_inference_steps=steps)
 
 
@@ -178,12 +189,30 @@ def _guard_save_pretrained(installed: nn.Module, model: nn.Module) -> None:
         return
     reason = diffusers_refusal(model)
     if reason is not None:
-        def refuse(*args: Any, **kwargs: Any) -> None:
-            raise UsageError(f"{reason.replace('cannot export to diffusers', 'save_pretrained cannot save it')}; "
-                             "save the pipeline with slimdiff.save_pipeline(pipe, path) and load it with "
-                             "slimdiff.from_pretrained(path)")
+        installed.__dict__["save_pretrained"] = RefuseSavePretrained(reason)
 
-        installed.__dict__["save_pretrained"] = refuse
+
+class _DropWarning:
+    """A logging filter that drops the records starting with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record: Any) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+class RefuseSavePretrained:
+    """An installed model's ``save_pretrained`` that refuses with ``reason`` and names
+    :func:`save_pipeline` (a module-level class, so the model still pickles)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason.split(";")[0].replace("cannot export to diffusers", "diffusers' save_pretrained cannot save "
+                                                  "this model")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise UsageError(f"{self.reason}; save the pipeline with slimdiff.save_pipeline(pipe, path) and load it with "
+                         "slimdiff.from_pretrained(path)")
 
 
 def _component(pipe: Any) -> str:

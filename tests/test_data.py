@@ -51,11 +51,24 @@ def test_numbered_class_folders_are_their_class_indices(tmp_path):
     ds = ImageFolder(tmp_path / "num", size=8)
     assert sorted(int(ds[i][1]) for i in range(len(ds))) == [9, 10, 207]
     ds.check_labelled(1000)
-    with pytest.raises(UsageError, match="class folder 207 is not a class of this model .*0..99"):
+    with pytest.raises(UsageError, match="class folder 207/ is not a class of this model .*0..99"):
         ds.check_labelled(100)
     _write(tmp_path / "named" / "otter" / "a.png", (8, 8))
     with pytest.warns(UserWarning, match="1 class folders for a model of 1000 classes get labels 0..0 .*e.g. 207/"):
         ImageFolder(tmp_path / "named", size=8).check_labelled(1000)
+    _write(tmp_path / "named" / "stoat" / "a.png", (8, 8))
+    with pytest.raises(UsageError, match="2 class folders are more than this model's classes"):
+        ImageFolder(tmp_path / "named", size=8).check_labelled(1)
+    for bad, message in ((("3", "cat"), "some class folders are numbers"), (("7", "007"), "the same class index"),
+                         (("²",), "")):
+        root = tmp_path / f"bad-{'-'.join(bad)}"
+        for name in bad:
+            _write(root / name / "a.png", (8, 8))
+        if message:
+            with pytest.raises(UsageError, match=message):
+                ImageFolder(root, size=8)
+        else:  # not an ASCII number: a name, label 0 (no traceback from int("²"))
+            assert ImageFolder(root, size=8)[0][1].item() == 0
 
 
 @pytest.mark.parametrize("case", ["empty", "corrupt", "missing"])
@@ -115,3 +128,20 @@ def test_latents_with_caption_embeddings_yield_text_conditions(tmp_path):
         np.savez(tmp_path / "bad.npz", latents=lat, **arrays)
         with pytest.raises(UsageError, match="encoder_"):
             latents(tmp_path / "bad.npz")
+
+
+def test_training_checks_every_label_of_data_in_memory(tmp_path):
+    """A latents file (what encoded images become) whose later labels exceed the model's classes is
+    refused before training, not at the step that draws them."""
+    from conftest import tiny_dit
+
+    from slimdiff.models.backbone import as_backbone
+    from slimdiff.train.trainer import check_conditioning
+
+    x = np.zeros((4, 4, 8, 8), dtype=np.float32)
+    np.savez(tmp_path / "ok.npz", latents=x, labels=np.array([0, 1, 2, 3]))
+    np.savez(tmp_path / "bad.npz", latents=x, labels=np.array([0, 1, 2, 207]))
+    bb = as_backbone(tiny_dit(num_classes=10))
+    check_conditioning(bb, latents(tmp_path / "ok.npz"))
+    with pytest.raises(UsageError, match="10 classes.*label 207"):
+        check_conditioning(bb, latents(tmp_path / "bad.npz"))

@@ -230,3 +230,22 @@ def test_captions_are_preprocessed_as_the_pipeline_does(tmp_path):
     assert torch.equal(swapped.encode_prompts(["cat"]).embeds, plain.encode_prompts(["dog"]).embeds)
     sd = encode.load_encoders(_sd_dir(tmp_path))
     assert sd.preprocess is None
+
+
+def test_sample_guides_with_its_pipelines_empty_prompt_without_a_second_encoder(tmp_path, monkeypatch):
+    """``sample --pipeline DIR --cfg`` encodes the empty prompt with the encoders it loaded (the
+    recorded folder may have moved: no second text encoder is loaded from it)."""
+    pipe = _pixart_dir(tmp_path)
+    m = slimdiff.load(pipe)
+    slimdiff.save(m, tmp_path / "model")
+    monkeypatch.setattr(encode, "encode_null_prompt", lambda *a: pytest.fail("a second text encoder was loaded"))
+    assert cli_main(monkeypatch, "sample", "--model", str(tmp_path / "model"), "--pipeline", str(pipe), "--prompt",
+                    "a cat", "--cfg", "3", "--steps", "2", "-o", str(tmp_path / "g.png")) == 0
+
+
+def test_a_moved_pipeline_folder_warns_that_guidance_uses_zeros(tmp_path):
+    pipe = _pixart_dir(tmp_path)
+    m = slimdiff.load(pipe)
+    pipe.rename(tmp_path / "moved")
+    with pytest.warns(UserWarning, match="is gone: guidance uses zero caption embeddings"):
+        assert as_backbone(m).null_prompt() is None

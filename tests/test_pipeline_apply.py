@@ -3,6 +3,7 @@ pipelines' own schedulers and step counts, at the reported MACs (counted inside 
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 
 import numpy as np
@@ -393,14 +394,20 @@ def test_per_layer_widths_and_routers_round_trip(tmp_path):
     slimdiff.apply(pipe, compress(copy.deepcopy(pipe.unet), "diff-pruning", 0.65, ctx, {"stride": 500}))
     with pytest.raises(UsageError, match="differ from what the UNet2DModel config builds.*slimdiff.save_pipeline"):
         pipe.save_pretrained(str(tmp_path / "plain"))  # it would write widths its config cannot hold
+    pickle.loads(pickle.dumps(pipe.unet))  # the refusal does not stop the model from pickling
     (a, macs), (b, macs_loaded), _ = _roundtrip(pipe, tmp_path / "unet")
     assert np.allclose(a, b, atol=1e-6) and macs_loaded == macs
+    for kwargs in ({"dtype": torch.float64}, {"torch_dtype": {"unet": torch.float64, "default": torch.float64}}):
+        wide = _quiet(slimdiff.from_pretrained(tmp_path / "unet" / "pipe", **kwargs))  # the denoiser follows the dtype
+        assert wide.unet.dtype == torch.float64  # (its noise is drawn in float64: other images, so none compared)
+        assert np.isfinite(_run(wide)[0]).all()
 
     pipe = _dit_pipe()
     slimdiff.apply(pipe, _dydit(copy.deepcopy(pipe.transformer), tmp_path))
     (a, macs), (b, macs_loaded), loaded = _roundtrip(pipe, tmp_path / "dit")
     assert isinstance(loaded.transformer, DiffusersDiT) and loaded.transformer.dit.dydit.table_info["steps"] == STEPS
     assert np.allclose(a, b, atol=1e-6) and macs_loaded == macs
+
 
 
 def test_saving_and_loading_a_pipeline_refuse_what_would_lose_the_compression(tmp_path):
@@ -417,7 +424,7 @@ def test_saving_and_loading_a_pipeline_refuse_what_would_lose_the_compression(tm
         DiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
     sd = _sd_pipe()  # a plan in hooks on a diffusers model: diffusers would write the weights without it
     slimdiff.apply(sd, compress(copy.deepcopy(sd.unet), "deepcache", 0.6, _ctx()))
-    with pytest.raises(UsageError, match="carries a slimdiff runtime.*slimdiff.save_pipeline"):
+    with pytest.raises(UsageError, match="carries a slimdiff runtime[^;]*; save the pipeline with slimdiff.save_pipeline"):
         sd.save_pretrained(str(tmp_path / "sd"))
     depth = _dit_pipe()  # what a diffusers config holds: diffusers' own save stays
     slimdiff.apply(depth, compress(copy.deepcopy(depth.transformer), "first-depth", 0.6, _ctx()))

@@ -31,7 +31,7 @@ def test_paired_differences_and_verdicts():
         paired([1.0], [1.0, 2.0])
 
 
-def test_pareto_labels_do_not_overlap_and_intervals_are_drawn(tmp_path):
+def test_pareto_labels_do_not_overlap_and_intervals_are_drawn(tmp_path, monkeypatch):
     """Points at nearly the same place (bi-depth, first-depth and tinyfusion printed over each
     other before) get label boxes that do not overlap; a given interval becomes an error bar."""
     import matplotlib
@@ -39,6 +39,7 @@ def test_pareto_labels_do_not_overlap_and_intervals_are_drawn(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from slimdiff.eval import report
     from slimdiff.eval.report import pareto, place_labels
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -51,5 +52,17 @@ def test_pareto_labels_do_not_overlap_and_intervals_are_drawn(tmp_path):
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
 
-    out = pareto({"a": (0.5, 7.0, 1.2), "b": (0.5, 7.05, None), "teacher": (1.0, 6.7)}, tmp_path / "p.png")
-    assert out.exists() and out.stat().st_size > 0
+    drawn = {}
+    real_save = report._save
+
+    def keep(fig, path, layout=True):  # the figure as saved: labels apart after the final layout
+        ax = fig.axes[0]
+        drawn["errorbars"] = len(ax.containers)
+        boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in ax.texts]
+        drawn["overlaps"] = sum(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        return real_save(fig, path, layout)
+
+    monkeypatch.setattr(report, "_save", keep)
+    points = {n: (0.5 + 0.001 * i, 7.0 + 0.01 * i, 1.2 if i else None) for i, n in enumerate(names)}
+    out = pareto({**points, "teacher": (1.0, 6.7)}, tmp_path / "p.png")
+    assert out.exists() and drawn == {"errorbars": len(names) - 1, "overlaps": 0}

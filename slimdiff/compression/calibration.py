@@ -65,7 +65,7 @@ def check_shape(x0: torch.Tensor, bb, what: str) -> None:
                          f"{want}: pass --data with images/latents of that shape")
 
 
-def _cond_for(bb, labels: torch.Tensor | None, n: int, missing: str) -> torch.Tensor | None:
+def _cond_for(bb, labels: torch.Tensor | None, n: int, missing: str) -> Any:
     """The condition of ``n`` samples with ``labels`` (``None``: the data has none), see the module docstring."""
     if bb.conditioning == "class":
         if labels is not None and labels.min() >= 0 and labels.max() < bb.num_classes:

@@ -136,7 +136,14 @@ class ImageFolder(Dataset):
             raise UsageError(f"{len(bad)} of {len(self.files)} files under {self.root} are not readable images "
                              f"(e.g. {bad[0]}); remove or replace them")
         classes = sorted({p.parent.name for p in self.files if p.parent != self.root})
-        self.numbered = bool(classes) and all(c.isdigit() for c in classes)
+        numbered = [c for c in classes if c.isascii() and c.isdecimal()]
+        if numbered and len(numbered) != len(classes):
+            raise UsageError(f"{self.root}: some class folders are numbers ({numbered[0]}/) and some are names "
+                             f"({next(c for c in classes if c not in numbered)}/): name every class folder by its "
+                             "class index, or none")
+        if len({int(c) for c in numbered}) != len(numbered):
+            raise UsageError(f"{self.root}: two class folders name the same class index (e.g. 7/ and 007/); merge them")
+        self.numbered = bool(numbered)
         self.class_to_idx = {c: int(c) for c in classes} if self.numbered else {c: i for i, c in enumerate(classes)}
         self.size, self.channels, self._image = size, channels, Image
 
@@ -151,10 +158,12 @@ class ImageFolder(Dataset):
             raise UsageError(f"{self.root}: this folder has no class sub-folders; the model needs labels (it is "
                              f"class-conditional, {classes}): put each class's images in a sub-folder of its own, "
                              f"e.g. {self.root / '0'}, {self.root / '1'}, ...")
-        top = max(self.class_to_idx.values())
+        folder, top = max(self.class_to_idx.items(), key=lambda kv: kv[1])
         if top >= num_classes:
-            raise UsageError(f"{self.root}: class folder {top} is not a class of this model (classes 0..{num_classes - 1}); "
-                             "name each class's folder by its class index")
+            what = f"class folder {folder}/ is not a class of this model" if self.numbered else \
+                f"{len(self.class_to_idx)} class folders are more than this model's classes"
+            raise UsageError(f"{self.root}: {what} (classes 0..{num_classes - 1}); name each class's folder by its "
+                             "class index")
         if not self.numbered and len(self.class_to_idx) < num_classes:
             warnings.warn(f"{self.root}: {len(self.class_to_idx)} class folders for a model of {num_classes} classes get "
                           f"labels 0..{len(self.class_to_idx) - 1} in sorted name order; name each folder by its class "

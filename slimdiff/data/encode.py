@@ -25,6 +25,7 @@ import importlib
 import inspect
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -43,10 +44,10 @@ LIBRARIES = ("diffusers", "transformers")
 CAPTIONS = "captions.txt"
 BATCH = 8
 CACHE_ENV = "SLIMDIFF_CACHE"
+"""Folder for encoded latents files (default: ``.slimdiff-cache/`` inside the image folder)."""
 ENCODING = 2
 """Version of how captions and images are encoded, part of every cache key (2: captions
 preprocessed as the pipeline does; cached files of an earlier version are encoded again)."""
-"""Folder for encoded latents files (default: ``.slimdiff-cache/`` inside the image folder)."""
 
 
 def _index(folder: Path) -> dict:
@@ -100,7 +101,12 @@ def encode_null_prompt(model: nn.Module) -> TextCondition | None:
     from slimdiff.models.registry import pipeline_of
 
     folder = pipeline_of(model)
-    if folder is None or not folder.is_dir() or _text_len(folder) is None:
+    if folder is not None and not folder.is_dir():
+        warnings.warn(f"the pipeline folder {folder} the model was loaded from is gone: guidance uses zero caption "
+                      "embeddings, not its encoded empty prompt (set it with set_null_prompt, or pass --pipeline DIR)",
+                      stacklevel=3)
+        return None
+    if folder is None or _text_len(folder) is None:
         return None
     device = next(model.parameters()).device
     return load_encoders(folder, device, only=("text_encoder", "tokenizer")).encode_prompts([""])

@@ -36,9 +36,10 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, layout: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
@@ -203,8 +204,9 @@ def pareto(points: dict[str, tuple[float, ...]], path: Path, *, reference_fd: fl
     ax.set_ylabel("FD (log scale, lower is better; bars: 95% over seeds)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
+    fig.tight_layout()  # the final layout first: label boxes are measured where they will be drawn
     place_labels(ax, [(name, macs, fd) for name, (macs, fd, *_) in items])
-    return _save(fig, path)
+    return _save(fig, path, layout=False)
 
 
 LABEL_OFFSETS = [(4, 3), (4, -9), (-4, 3), (-4, -9), (4, 10), (4, -16), (-4, 10), (-4, -16)]

@@ -184,7 +184,9 @@ def check_conditioning(bb, dataset: Dataset) -> None:
         if isinstance(y, TextCondition):
             raise UsageError(f"the data holds caption embeddings but the {bb.kind} model is class-conditional: "
                              "use labelled data (class sub-folders or a 'labels' array)")
-        label = int(torch.as_tensor(y))
+        tensors = getattr(dataset, "tensors", None)  # in memory (latents file, shipped data): every label is checked
+        labels = tensors[1] if isinstance(tensors, tuple) and len(tensors) > 1 and len(tensors[1]) else None
+        label = int(torch.as_tensor(y)) if labels is None else int(labels.min() if labels.min() < 0 else labels.max())
         if not 0 <= label < bb.num_classes:
             raise UsageError(
                 f"the model is class-conditional ({bb.num_classes} classes) but the data has label {label}: "
