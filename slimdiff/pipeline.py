@@ -165,7 +165,9 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> Any:
     name, steps = marker["component"], marker.get("num_inference_steps")
     model = _load(folder / name)
     absent = {k: None for k, v in index.items() if v == [None, None] and k != name}  # saved as None (no text encoder, ...)
-    pipe = DiffusionPipeline.from_pretrained(str(folder), **{**absent, **kwargs, name: for_slot(model, ModelMixin)})
+    kwargs.pop("use_safetensors", None)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True,  # never a pickle
+                                             **{**absent, **kwargs, name: for_slot(model, ModelMixin)})
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if isinstance(dtype, dict):  # diffusers' per-component form
         dtype = dtype.get(name, dtype.get("default"))

@@ -300,7 +300,7 @@ def test_specs_hold_every_option_with_the_recipe_defaults():
     assert spec.make_config() == dp.DiffPruningConfig(threshold=0.05, stride=1, backprop_stop_step=False, heads="dims",
                                                       importance="paper", residual_width=False)
     for name in ("random-width", "magnitude-width"):
-        assert get_method(name).options == ("heads", "group_ranking")
+        assert get_method(name).options == ("heads", "group_ranking", "residual_width")
         assert get_method(name).make_config() == wb.WidthBaselineConfig(heads="dims", group_ranking="separate")
     assert get_method("taylor").make_config() == wb.TaylorConfig(heads="dims", group_ranking="separate", stride=1,
                                                                  importance="multivariable")
