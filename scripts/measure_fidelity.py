@@ -12,7 +12,6 @@ Groups (``--groups``, default all, in this order):
 - ``width-taylor-tp``: diff-pruning with ``importance=taylor-tp`` (``ddpm_prune.py``)
 - ``depth``: tinyfusion (local N:M), bi-depth (reference), oracle-depth, first-depth, stride-depth
 - ``depth-global``: tinyfusion with ``search_space=global`` (the earlier default)
-- ``depth-local``: tinyfusion and bi-depth both at ``keep=1:2`` (the paper's same-shape comparison)
 - ``reuse``: dipgo, deepcache-style, l2c, l2c-block, fewer-steps and diffusers' caches
 - ``reuse-skip``: dipgo, deepcache-style, l2c, l2c-block with ``skip_reused_steps=1``
 - ``dydit`` and ``dydit-old``: DyDiT with the reference recipe and with slimdiff's earlier one
@@ -35,7 +34,6 @@ GROUPS: dict[str, tuple[list[str], dict]] = {
     "width-taylor-tp": (["diff-pruning"], {"importance": "taylor-tp"}),
     "depth": (["tinyfusion", "bi-depth", "oracle-depth", "first-depth", "stride-depth"], {}),
     "depth-global": (["tinyfusion"], {"search_space": "global"}),
-    "depth-local": (["tinyfusion", "bi-depth"], {"keep": "1:2"}),
     "reuse": (["dipgo", "deepcache-style", "l2c", "l2c-block", "fewer-steps", "fbcache", "taylorseer", "magcache",
                "pab", "fastercache"], {}),
     "reuse-skip": (["dipgo", "deepcache-style", "l2c", "l2c-block"], {"skip_reused_steps": True}),
