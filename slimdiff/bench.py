@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -479,10 +480,21 @@ class Bench:
 
     def run(self) -> dict:
         """Every entry (finished ones are read back), then results.json, report.md and the plots."""
+        self._warn_left_out()
         teacher_scores = self.teacher()[1]
         # the report is current after every entry
         done = self.run_entries(after=lambda done: self.finish(teacher_scores, done))
         return self.finish(teacher_scores, done)
+
+    def _warn_left_out(self) -> None:
+        """Warn when the directory holds finished entries this run does not list (another budget or
+        method set): the report is written for this run's entries only."""
+        listed = {_filename(key) for key, *_ in self.entries} | {"teacher"}
+        left = sorted(p.stem for p in (self.out / "entries").glob("*.json") if p.stem not in listed)
+        if left:
+            warnings.warn(f"{self.out} holds {len(left)} finished entries this run does not list (e.g. {left[0]}): "
+                          "results.json and report.md will show this run's entries only; list their methods and "
+                          "budgets too to keep them in the report", stacklevel=3)
 
     def finish(self, teacher_scores: dict, done: dict[str, dict]) -> dict:
         """Write results.json, report.md and the plots for the entries ``done`` so far."""

@@ -243,3 +243,15 @@ def test_long_recovery_entries_and_shared_sample_cache(teacher_dir, tmp_path):
         BenchConfig(recover_steps=5, long_recover_steps=5)
     with pytest.raises(UsageError, match="--seeds"):
         BenchConfig(seeds=0)
+
+
+def test_a_run_that_lists_fewer_entries_than_the_directory_holds_warns(teacher_dir, uninterrupted, tmp_path):
+    """Another budget or method set in a bench directory: the report covers this run's entries only,
+    which is said before the run (the earlier entries stay in entries/)."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted[1], out)
+    with pytest.warns(UserWarning, match="holds 3 finished entries this run does not list .*first-depth"):
+        results = run_bench(BenchConfig(model=str(teacher_dir), methods=["dipgo"], **FAST), out)
+    assert list(results["entries"]) == ["dipgo@0.5"] and (out / "entries" / "magnitude-width@0.5.json").exists()
