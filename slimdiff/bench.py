@@ -46,8 +46,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence

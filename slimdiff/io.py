@@ -225,7 +225,7 @@ def export_diffusers(model: nn.Module, path) -> Path:
     cannot be written in a diffusers config: those models raise :class:`UsageError`.
     """
     model = _unwrap(model)
-    _refuse_hooked(model)
+    _refuse_hooked(model, "export to diffusers")
     arch = architecture_name(model)
     if arch == "DiT":  # the converter handles depth; its output is checked below
         try:
@@ -242,10 +242,10 @@ def export_diffusers(model: nn.Module, path) -> Path:
     return target
 
 
-def _refuse_hooked(model: nn.Module) -> None:
+def _refuse_hooked(model: nn.Module, action: str) -> None:
     hooked = [n or "the model" for n in hooked_modules(model)]
     if hooked:  # a reuse plan, cache or router runs in hooks, which save_pretrained would silently drop
-        raise UsageError(f"cannot export to diffusers: {hooked[0]} carries a slimdiff runtime (reuse plan, cache or "
+        raise UsageError(f"cannot {action}: {hooked[0]} carries a slimdiff runtime (reuse plan, cache or "
                          "routing) that a diffusers folder cannot hold; install the result in your pipeline with "
                          "slimdiff.apply(pipe, result) instead (slimdiff.save_pipeline saves that pipeline)")
 
@@ -253,11 +253,12 @@ def _refuse_hooked(model: nn.Module) -> None:
 def diffusers_refusal(model: nn.Module) -> str | None:
     """Why diffusers' own ``save_pretrained`` of the diffusers model ``model`` would not give it
     back (a slimdiff runtime in hooks, per-layer widths its config cannot hold), or None."""
+    action = "save it with diffusers' save_pretrained"
     try:
-        _refuse_hooked(model)
+        _refuse_hooked(model, action)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # runtime settings only warn: not a refusal
-            _require_plain(model, architecture_name(model), "save with save_pretrained")
+            _require_plain(model, architecture_name(model), action)
     except UsageError as e:
         return str(e)
     return None

@@ -209,8 +209,7 @@ class RefuseSavePretrained:
     :func:`save_pipeline` (a module-level class, so the model still pickles)."""
 
     def __init__(self, reason: str):
-        self.reason = reason.split(";")[0].replace("cannot export to diffusers", "diffusers' save_pretrained cannot save "
-                                                  "this model")
+        self.reason = reason.split(";")[0]  # the problem, without the advice that follows it
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         raise UsageError(f"{self.reason}; save the pipeline with slimdiff.save_pipeline(pipe, path) and load it with "

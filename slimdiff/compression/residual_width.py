@@ -49,9 +49,17 @@ import torch.nn as nn
 
 from slimdiff.errors import UsageError
 
-__all__ = ["SUPPORTED", "prunable", "pruner_kwargs", "hidden_widths"]
+__all__ = ["SUPPORTED", "supports", "prunable", "pruner_kwargs", "hidden_widths"]
 
 SUPPORTED = ("dit (slimdiff.models.dit.DiT)",)
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether residual-width pruning takes ``model`` (directly, or converted by :func:`prunable`)."""
+    from slimdiff.models.backbone import as_backbone
+
+    bb = as_backbone(model)
+    return bb.kind == "diffusers-dit" or hasattr(bb, "residual_width_layout")
 
 
 def prunable(model: nn.Module) -> nn.Module:

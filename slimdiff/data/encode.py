@@ -87,12 +87,18 @@ def _masked(folder: Path) -> bool:
     return "prompt_attention_mask" in _call_parameters(folder)
 
 
-def _call_parameters(folder: Path) -> Mapping[str, inspect.Parameter]:
-    """The parameters of the pipeline class's ``__call__`` (empty for a class diffusers lacks)."""
+def _pipeline_class(folder: Path) -> type | None:
+    """The diffusers pipeline class ``folder``'s ``model_index.json`` names (None: one diffusers lacks)."""
     import diffusers
 
     cls = getattr(diffusers, str(_index(folder).get("_class_name")), None)
-    return inspect.signature(cls.__call__).parameters if isinstance(cls, type) else {}
+    return cls if isinstance(cls, type) else None
+
+
+def _call_parameters(folder: Path) -> Mapping[str, inspect.Parameter]:
+    """The parameters of the pipeline class's ``__call__`` (empty for a class diffusers lacks)."""
+    cls = _pipeline_class(folder)
+    return inspect.signature(cls.__call__).parameters if cls is not None else {}
 
 
 def encode_null_prompt(model: nn.Module) -> TextCondition | None:
@@ -189,11 +195,10 @@ def _preprocessing(folder: Path) -> Callable[[list[str]], list[str]] | None:
     """The caption preprocessing of the pipeline class of ``folder``, as its call runs it by
     default (PixArt's ``_text_preprocessing`` with ``clean_caption=True``, which needs bs4 and
     ftfy: without them the pipeline lower-cases and strips, and so does this)."""
-    import diffusers
     from diffusers.utils import is_bs4_available, is_ftfy_available
 
-    cls = getattr(diffusers, str(_index(folder).get("_class_name")), None)
-    if not isinstance(cls, type) or not hasattr(cls, "_text_preprocessing"):
+    cls = _pipeline_class(folder)
+    if cls is None or not hasattr(cls, "_text_preprocessing"):
         return None
     clean = is_bs4_available() and is_ftfy_available()
     return lambda texts: cls._text_preprocessing(cls.__new__(cls), texts, clean_caption=clean)

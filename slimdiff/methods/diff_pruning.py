@@ -337,11 +337,12 @@ def speed_student(model: nn.Module, settings: SpeedSettings) -> nn.Module:
     """The speed bench's student: the method itself at the bench's budget, threshold, stride,
     head mode and residual-width option (DiTs only), calibrated on seeded random example inputs, passed explicitly (the pruned
     shape is what it times, and with local ranking the shape does not depend on the scores)."""
+    from slimdiff.compression.residual_width import supports
     from slimdiff.models.backbone import as_backbone
 
-    ctx, bb = settings.context(), as_backbone(model)
-    x0, _, cond = bb.example_inputs(ctx.batch_size, torch.Generator().manual_seed(ctx.seed))
-    residual = settings.residual_width and (bb.kind == "diffusers-dit" or hasattr(bb, "residual_width_layout"))
+    ctx = settings.context()
+    x0, _, cond = as_backbone(model).example_inputs(ctx.batch_size, torch.Generator().manual_seed(ctx.seed))
+    residual = settings.residual_width and supports(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a non-epsilon objective does not change the shape this times
         return diff_pruning(model, settings.budget, ctx, settings.threshold, stride=settings.stride,
