@@ -1,7 +1,7 @@
 """One DyDiT run on digits-dit with the bench's settings (300 training steps, batch 64, lr 2e-4;
 2000 samples, DDIM 50, scored against the teacher's samples from the same noise: one entry of
 :class:`slimdiff.bench.Bench` in a temporary directory) and ``DyDiTConfig`` overrides given as
-JSON; prints one JSON line. The warm-up ablation in bench/dydit/warmup.jsonl came from (the
+JSON; prints one JSON line. The warm-up ablation in bench/dydit/warmup.jsonl (at commit 55570b3) came from (the
 0.5 row is the bench entry of that time)::
 
     for w in 0.25 0.1; do python scripts/dydit_ablation.py 0.5 "{\"warmup_frac\": $w}"; done

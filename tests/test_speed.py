@@ -93,10 +93,11 @@ def test_results_json_and_report(bench):
     data = json.loads((out / "results.json").read_text())
     assert data["settings"]["batch"] == 2 and data["settings"]["dtype"] == "float32"
     env = data["environment"]
-    for key in ("torch", "diffusers", "platform", "cpu_count", "torch_threads", "git_commit"):
+    for key in ("torch", "diffusers", "platform", "cpu_count", "torch_threads", "git_commit", "command"):
         assert key in env
     assert len(data["load_average_start"]) == 3 and len(data["load_average_end"]) == 3
     report = (out / "report.md").read_text()
+    assert f"Written by `{env['command']}` at commit" in report
     for e in res["entries"]:
         assert f"| {e['model']} | {e['method']} |" in report
         assert f"**{e['realisation']:.3f}**" in report

@@ -47,7 +47,8 @@ OPT_STEPS = 150
 1200 teacher trajectories, about DiP-GO's reference recipe (500 steps x 2 = 1000,
 :data:`slimdiff.methods.dipgo.OPT_STEPS_DIPGO`), so the two learned planners get about equal
 optimisation. (DiP-GO's earlier Adam recipe ran 150 x 8: on digits-dit at budget 0.5, DDIM 50,
-30 steps left long stale reuse runs, FD 8.9, and 150 gave FD 5.8, bench/dipgo/opt_steps_150.json.)"""
+30 steps left long stale reuse runs, FD 8.9, and 150 gave FD 5.8: ``bench/dipgo/opt_steps_150.json``
+at commit 55570b3.)"""
 
 
 # --------------------------------------------------------------------------- post-processing

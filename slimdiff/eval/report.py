@@ -306,6 +306,13 @@ def verdict_lines(results: dict) -> list[str]:
             *(f"- {p['verdict']}" for p in pairs.values()), ""]
 
 
+def provenance_line(env: dict) -> str:
+    """Which command at which commit wrote a report (files written before commands were recorded
+    say so)."""
+    return (f"Written by `{env.get('command') or 'a command not recorded'}` at commit "
+            f"`{(env.get('git_commit') or 'unknown')[:12]}`.")
+
+
 def markdown(results: dict) -> str:
     """The bench report: settings, the teacher, one table per budget (sorted by FD), chains, files."""
     cfg, teacher = results["config"], results["teacher"]
@@ -315,7 +322,7 @@ def markdown(results: dict) -> str:
              f"recovery {cfg['recover_steps']} steps"
              + (f" and {cfg['long_recover_steps']} (entries `/r{cfg['long_recover_steps']}`)"
                 if cfg.get("long_recover_steps") else "") + " "
-             f"(batch {cfg['batch_size']}, lr {cfg['lr']}, kd {cfg['kd']}). Git {results['environment'].get('git_commit')}.",
+             f"(batch {cfg['batch_size']}, lr {cfg['lr']}, kd {cfg['kd']}).", "", provenance_line(results["environment"]),
              "", f"Teacher: FD {_with_interval(teacher, 'fd')} (real-data floor {_fmt(teacher['fd_floor'])}; "
              f"subsample floor {_fmt(teacher['fd_floor_subsample_mean'])} +- {_fmt(teacher['fd_floor_subsample_std'])}), "
              f"class accuracy {_fmt(teacher['class_acc'])}, {teacher['params']:,} parameters.", ""]

@@ -40,8 +40,10 @@ import copy
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,15 +255,34 @@ def git_commit(root: Path | None = None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def command(argv: list[str] | None = None) -> str:
+    """The command line that runs this process, as a reader would retype it: ``slimdiff bench
+    ...`` for the CLI, ``python scripts/x.py ...`` for a script (path relative to the working
+    directory when it lies inside it). Every results file records it next to the commit."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not argv[0]:
+        return "python"
+    prog = Path(argv[0])
+    if prog.name == "slimdiff" or prog.name == "__main__.py" and prog.parent.name == "slimdiff":
+        head = ["slimdiff"]
+    else:
+        try:
+            prog = prog.resolve().relative_to(Path.cwd().resolve())
+        except ValueError:
+            pass
+        head = ["python", str(prog)]
+    return shlex.join(head + argv[1:])
+
+
 def environment(device: str = "cpu") -> dict:
-    """Library versions, machine, threads and commit (for results.json)."""
+    """Library versions, machine, threads, commit and command (for results.json)."""
     import diffusers
     import torch_pruning
 
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "torch_pruning": torch_pruning.__version__,
            "python": platform.python_version(), "platform": platform.platform(),
            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "git_commit": git_commit()}
+           "torch_threads": torch.get_num_threads(), "git_commit": git_commit(), "command": command()}
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
@@ -302,11 +323,12 @@ def entries_table(entries: list[dict]) -> list[str]:
 
 def report_markdown(res: dict) -> str:
     """``report.md``: the table of results.json (every number comes from there)."""
+    from slimdiff.eval.report import provenance_line
+
     s, env = res["settings"], res["environment"]
     where = env.get("gpu") or f"CPU ({env['processor']}, {env['torch_threads']} torch thread(s))"
     lines = ["# Speed: realised vs theoretical speedup", "",
-             f"Written by `slimdiff bench-speed` at commit `{(env.get('git_commit') or 'unknown')[:12]}`; numbers "
-             "from results.json.", "",
+             provenance_line(env) + " Numbers from results.json.", "",
              f"Budget {s['budget']}, batch {s['batch']}, {s['dtype']} on {where}; {s['warmup']} warm-up call(s), "
              f"{s['repeats']} interleaved rounds, medians. Load average {res['load_average_start'][0]:.2f} at the "
              f"start, {res['load_average_end'][0]:.2f} at the end. torch {env['torch']}, diffusers {env['diffusers']}."

@@ -55,7 +55,8 @@ saved in the model record's ``extras["dipgo"]`` and re-applied by ``slimdiff.loa
    post-processing counts those steps' MACs as 0 when it meets the budget. The SuperNet does
    not model the conversion: it applies to the final plan only. Measured on digits-dit at
    DDIM 25, budget 0.25, on one learned plan: FD 13.1 without, 10.0 with
-   (``bench/dipgo/skip_reused_steps.json``).
+   (``bench/dipgo/skip_reused_steps.json`` at commit 55570b3, removed since as it predates
+   the reference recipe; ``bench/fidelity/reuse-skip`` measures the option with today's defaults).
 6. **Step gates** (``step_gates=True``, off by default; *beyond the paper*). One more gate
    per step (a column after the blocks: the pruner has ``steps x (blocks + 1)`` queries)
    mixes the step's fresh prediction with the previous step's, and the block caches with
@@ -150,7 +151,8 @@ ALPHA = 1.0
 """Default sparsity weight, the reference's ``--sparse_scale 1`` (with its SGD). With the Adam
 deviation (``optimizer="adam"``, lr 0.05) use 0.1: there 1 overshot (on digits-dit at DDIM 25 and
 budget 0.5 the hard gates fell to 0.29 of the MACs before the early stop could act) and 0.1
-measured better FD and SSIM at both budgets and DDIM 50 / 25 (bench/digits, bench/digits_ddim25)."""
+measured better FD and SSIM at both budgets and DDIM 50 / 25 (``bench/digits``, and
+``bench/digits_ddim25`` at commit 55570b3)."""
 
 
 # --------------------------------------------------------------------------- pruner
