@@ -7,8 +7,10 @@ labels, and scores each against the teacher's samples from the same noise. It wr
 
 - ``entries/<key>.json`` -- one file per finished entry, written atomically. A rerun with
   the same settings keeps them and computes only what is missing (an interrupted entry's
-  recovery resumes from its trainer checkpoint under ``work/``);
-- ``results.json`` (every number, library versions, seeds, machine, git commit),
+  recovery resumes from its trainer checkpoint under ``work/``). A run with other budgets or
+  methods in the same directory (same protocol) adds its entries: the report shows every
+  finished entry of the directory;
+- ``results.json`` (every number, library versions, seeds, machine, git commit and command),
   ``report.md`` (with the paired verdicts), ``pareto.png`` (MACs vs FD, every point labelled), ``samples.png``
   (teacher and every student from the same noise) and ``pictures/<key>/`` (each method's
   own picture).
@@ -47,7 +49,6 @@ import json
 import os
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -480,21 +481,31 @@ class Bench:
 
     def run(self) -> dict:
         """Every entry (finished ones are read back), then results.json, report.md and the plots."""
-        self._warn_left_out()
+        earlier = self.earlier_entries()
+        if earlier:
+            self.console.print(f"[dim]{self.out} also holds {len(earlier)} finished entries this run does not list "
+                               f"(e.g. {next(iter(earlier))}): the report keeps them[/dim]")
         teacher_scores = self.teacher()[1]
         # the report is current after every entry
         done = self.run_entries(after=lambda done: self.finish(teacher_scores, done))
         return self.finish(teacher_scores, done)
 
-    def _warn_left_out(self) -> None:
-        """Warn when the directory holds finished entries this run does not list (another budget or
-        method set): the report is written for this run's entries only."""
-        listed = {_filename(key) for key, *_ in self.entries} | {"teacher"}
-        left = sorted(p.stem for p in (self.out / "entries").glob("*.json") if p.stem not in listed)
-        if left:
-            warnings.warn(f"{self.out} holds {len(left)} finished entries this run does not list (e.g. {left[0]}): "
-                          "results.json and report.md will show this run's entries only; list their methods and "
-                          "budgets too to keep them in the report", stacklevel=3)
+    def earlier_entries(self) -> dict[str, dict]:
+        """Finished entries in this directory that the config does not list (an earlier run with
+        other budgets or methods), by key. The directory's protocol check guarantees they were
+        scored like this run's, so the report shows them too."""
+        c, listed = self.config, {key for key, *_ in self.entries}
+        out = {}
+        for path in sorted((self.out / "entries").glob("*.json")):
+            if path.stem == "teacher":
+                continue
+            record = json.loads(path.read_text())
+            recover = record.get("recover_steps")
+            long = recover if c.long_recover_steps and recover == c.long_recover_steps else None
+            key = entry_key(record["method"], record["budget"], long)
+            if key not in listed:
+                out[key] = record
+        return out
 
     def finish(self, teacher_scores: dict, done: dict[str, dict]) -> dict:
         """Write results.json, report.md and the plots for the entries ``done`` so far."""
@@ -502,6 +513,7 @@ class Bench:
 
         c = self.config
         pending = [key for key, *_ in self.entries if key not in done]
+        done = {**self.earlier_entries(), **done}
         results = {"config": asdict(c), "environment": environment(), "teacher": teacher_scores, "entries": done,
                    "pending": pending,
                    "chains": chain_verdicts(done),

@@ -245,13 +245,16 @@ def test_long_recovery_entries_and_shared_sample_cache(teacher_dir, tmp_path):
         BenchConfig(seeds=0)
 
 
-def test_a_run_that_lists_fewer_entries_than_the_directory_holds_warns(teacher_dir, uninterrupted, tmp_path):
-    """Another budget or method set in a bench directory: the report covers this run's entries only,
-    which is said before the run (the earlier entries stay in entries/)."""
+def test_a_run_that_lists_fewer_entries_keeps_the_earlier_ones_in_the_report(teacher_dir, uninterrupted, tmp_path):
+    """Another budget or method set in a bench directory of the same protocol: the report shows the
+    earlier entries next to this run's (so a run with one budget cannot drop the other's from
+    results.json), and pending counts only this run's entries."""
     import shutil
 
     out = tmp_path / "copy"
     shutil.copytree(uninterrupted[1], out)
-    with pytest.warns(UserWarning, match="holds 3 finished entries this run does not list .*first-depth"):
-        results = run_bench(BenchConfig(model=str(teacher_dir), methods=["dipgo"], **FAST), out)
-    assert list(results["entries"]) == ["dipgo@0.5"] and (out / "entries" / "magnitude-width@0.5.json").exists()
+    before = json.loads((out / "results.json").read_text())
+    results = run_bench(BenchConfig(model=str(teacher_dir), methods=["dipgo"], **FAST), out)
+    assert set(results["entries"]) == set(before["entries"]) and results["pending"] == []
+    assert results["entries"]["first-depth@0.5"] == before["entries"]["first-depth@0.5"]
+    assert "first-depth@0.5" in (out / "report.md").read_text()
