@@ -8,10 +8,14 @@ seed for all groups. Every entry is resumable: rerun the same command after an i
 
 Groups (``--groups``, default all, in this order):
 
-- ``width``: diff-pruning (paper importance), taylor, magnitude-width, random-width, reinit
+- ``width``: diff-pruning (paper importance), taylor, magnitude-width, random-width, reinit, and
+  scratch (Diff-Pruning's architecture trained from scratch with the teacher's recipe: 8000 steps)
 - ``width-taylor-tp``: diff-pruning with ``importance=taylor-tp`` (``ddpm_prune.py``)
 - ``depth``: tinyfusion (local N:M), bi-depth (reference), oracle-depth, first-depth, stride-depth
 - ``depth-global``: tinyfusion with ``search_space=global`` (the earlier default)
+- ``depth-scratch``: the depth students' architecture (first ``budget x depth`` blocks; every depth
+  method's student has that shape) trained from scratch with the teacher's recipe, next to
+  tinyfusion and first-depth, with paired verdicts against both
 - ``reuse``: dipgo, deepcache-style, l2c, l2c-block, fewer-steps and diffusers' caches
 - ``reuse-skip``: dipgo, deepcache-style, l2c, l2c-block with ``skip_reused_steps=1``
 - ``dydit`` and ``dydit-old``: DyDiT with the reference recipe and with slimdiff's earlier one
@@ -30,16 +34,20 @@ ROOT = Path(__file__).resolve().parent.parent
 OLD_DYDIT = {"token_router": "linear", "gate_tau": 1.0, "width_init_bias": 4.0, "token_init_bias": 4.0,
              "router_init": "zeros", "t_sampling": "uniform", "calibrate": True, "frozen_router_recovery": True}
 GROUPS: dict[str, tuple[list[str], dict]] = {
-    "width": (["diff-pruning", "taylor", "magnitude-width", "random-width", "reinit"], {}),
+    "width": (["diff-pruning", "taylor", "magnitude-width", "random-width", "reinit", "scratch"], {}),
     "width-taylor-tp": (["diff-pruning"], {"importance": "taylor-tp"}),
     "depth": (["tinyfusion", "bi-depth", "oracle-depth", "first-depth", "stride-depth"], {}),
     "depth-global": (["tinyfusion"], {"search_space": "global"}),
+    "depth-scratch": (["tinyfusion", "first-depth", "scratch"], {"architecture": "first-depth"}),
     "reuse": (["dipgo", "deepcache-style", "l2c", "l2c-block", "fewer-steps", "fbcache", "taylorseer", "magcache",
                "pab", "fastercache"], {}),
     "reuse-skip": (["dipgo", "deepcache-style", "l2c", "l2c-block"], {"skip_reused_steps": True}),
     "dydit": (["dydit"], {}),
     "dydit-old": (["dydit"], OLD_DYDIT),
 }
+PAIRS: dict[str, list[tuple[str, str]]] = {"depth-scratch": [("tinyfusion", "scratch"), ("first-depth", "scratch")]}
+"""Verdict pairs beyond the bench's default ones (a scratch entry's kind is width, so a depth method
+is not paired with it by kind)."""
 
 
 def main() -> None:
@@ -60,9 +68,11 @@ def main() -> None:
         ap.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     for name in names:
         methods, options = GROUPS[name]
-        config = BenchConfig(model="digits-dit", budgets=[float(b) for b in args.budgets.split(",")], methods=methods,
-                             samples=args.samples, seeds=args.seeds, steps=args.steps,
-                             recover_steps=args.recover_steps, options=options, progress=False)
+        budgets = [float(b) for b in args.budgets.split(",")]
+        pairs = [f"{a}@{b:g}:{c}@{b:g}" for a, c in PAIRS.get(name, []) for b in budgets]
+        config = BenchConfig(model="digits-dit", budgets=budgets, methods=methods, samples=args.samples,
+                             seeds=args.seeds, steps=args.steps, recover_steps=args.recover_steps, options=options,
+                             pairs=pairs, progress=False)
         out = args.out / name
         print(f"== {name}: {', '.join(methods)} {options or ''} -> {out}", flush=True)
         bench = Bench(config, out, sample_cache=args.out / "samples")
