@@ -14,8 +14,10 @@ Groups (``--groups``, default all, in this order):
 - ``depth``: tinyfusion (local N:M), bi-depth (reference), oracle-depth, first-depth, stride-depth
 - ``depth-global``: tinyfusion with ``search_space=global`` (the earlier default)
 - ``depth-scratch``: the depth students' architecture (first ``budget x depth`` blocks; every depth
-  method's student has that shape) trained from scratch with the teacher's recipe, next to
-  tinyfusion and first-depth, with paired verdicts against both
+  method's student has that shape) trained from scratch with the teacher's recipe
+- ``depth-kd-output``, ``depth-kd-masked``: tinyfusion recovered with output KD and with the
+  paper's masked KD (``--kd``; the ``depth`` group recovers by fine-tuning): the paper's claim
+  masked KD >= KD >= fine-tuning
 - ``reuse``: dipgo, deepcache-style, l2c, l2c-block, fewer-steps and diffusers' caches
 - ``reuse-skip``: dipgo, deepcache-style, l2c, l2c-block with ``skip_reused_steps=1``
 - ``dydit`` and ``dydit-old``: DyDiT with the reference recipe and with slimdiff's earlier one
@@ -38,16 +40,25 @@ GROUPS: dict[str, tuple[list[str], dict]] = {
     "width-taylor-tp": (["diff-pruning"], {"importance": "taylor-tp"}),
     "depth": (["tinyfusion", "bi-depth", "oracle-depth", "first-depth", "stride-depth"], {}),
     "depth-global": (["tinyfusion"], {"search_space": "global"}),
-    "depth-scratch": (["tinyfusion", "first-depth", "scratch"], {"architecture": "first-depth"}),
+    "depth-scratch": (["scratch"], {"architecture": "first-depth"}),
+    "depth-kd-output": (["tinyfusion"], {}),
+    "depth-kd-masked": (["tinyfusion"], {}),
     "reuse": (["dipgo", "deepcache-style", "l2c", "l2c-block", "fewer-steps", "fbcache", "taylorseer", "magcache",
                "pab", "fastercache"], {}),
     "reuse-skip": (["dipgo", "deepcache-style", "l2c", "l2c-block"], {"skip_reused_steps": True}),
     "dydit": (["dydit"], {}),
     "dydit-old": (["dydit"], OLD_DYDIT),
 }
-PAIRS: dict[str, list[tuple[str, str]]] = {"depth-scratch": [("tinyfusion", "scratch"), ("first-depth", "scratch")]}
-"""Verdict pairs beyond the bench's default ones (a scratch entry's kind is width, so a depth method
-is not paired with it by kind)."""
+SETTINGS: dict[str, dict] = {"depth-kd-output": {"kd": "output"}, "depth-kd-masked": {"kd": "masked"}}
+"""Bench settings of a group beyond the shared protocol (the recovery loss is one for a whole bench)."""
+CROSS: list[tuple[str, str]] = [
+    ("depth/tinyfusion", "depth-scratch/scratch"), ("depth/first-depth", "depth-scratch/scratch"),
+    ("depth-kd-masked/tinyfusion", "depth-kd-output/tinyfusion"), ("depth-kd-output/tinyfusion", "depth/tinyfusion"),
+    ("depth-kd-masked/tinyfusion", "depth/tinyfusion"), ("depth/tinyfusion", "depth-global/tinyfusion"),
+    ("reuse-skip/dipgo", "reuse/dipgo"), ("dydit/dydit", "dydit-old/dydit"),
+]
+"""Verdict pairs across groups (``group/method``, at every budget): every group samples the same
+noises and labels per seed, so two groups' entries are paired like two entries of one bench."""
 
 
 def main() -> None:
@@ -66,13 +77,12 @@ def main() -> None:
     unknown = sorted(set(names) - set(GROUPS))
     if unknown:
         ap.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
+    budgets = [float(b) for b in args.budgets.split(",")]
     for name in names:
         methods, options = GROUPS[name]
-        budgets = [float(b) for b in args.budgets.split(",")]
-        pairs = [f"{a}@{b:g}:{c}@{b:g}" for a, c in PAIRS.get(name, []) for b in budgets]
         config = BenchConfig(model="digits-dit", budgets=budgets, methods=methods, samples=args.samples,
                              seeds=args.seeds, steps=args.steps, recover_steps=args.recover_steps, options=options,
-                             pairs=pairs, progress=False)
+                             progress=False, **SETTINGS.get(name, {}))
         out = args.out / name
         print(f"== {name}: {', '.join(methods)} {options or ''} -> {out}", flush=True)
         bench = Bench(config, out, sample_cache=args.out / "samples")
@@ -84,6 +94,47 @@ def main() -> None:
             print(f"   {key}: {line}", flush=True)
         for pair in results["pairs"].values():
             print(f"   {pair['verdict']}", flush=True)
+    cross_verdicts(args.out, budgets)
+
+
+def cross_verdicts(out: Path, budgets: list[float]) -> None:
+    """The :data:`CROSS` pairs whose two entries exist, into ``out/cross.json`` and ``out/cross.md``."""
+    import json
+
+    from slimdiff.bench import environment, write_json
+    from slimdiff.eval.report import provenance_line
+    from slimdiff.eval.stats import paired, verdict
+
+    pairs = {}
+    for a, b in CROSS:
+        for budget in budgets:
+            ea, eb = (_entry(out, spec, budget) for spec in (a, b))
+            if ea is None or eb is None or ea["seeds"] != eb["seeds"]:
+                continue
+            ka, kb = f"{a}@{budget:g}", f"{b}@{budget:g}"
+            pair = paired(ea["fd_seeds"], eb["fd_seeds"], "fd")
+            pairs[f"{ka} vs {kb}"] = {**pair, "a": ka, "b": kb, "verdict": verdict(ka, kb, pair)}
+    if not pairs:
+        return
+    env = environment()
+    write_json(out / "cross.json", {"environment": env, "pairs": pairs})
+    lines = ["# Fidelity: verdicts across groups", "", provenance_line(env), "",
+             "FD, paired over the seeds every group shares (95% intervals); each side is `group/method@budget`.", "",
+             *(f"- {p['verdict']}" for p in pairs.values()), ""]
+    (out / "cross.md").write_text("\n".join(lines))
+    print(json.dumps({k: p["verdict"] for k, p in pairs.items()}, indent=1), flush=True)
+
+
+def _entry(out: Path, spec: str, budget: float) -> dict | None:
+    """Group ``spec = group/method``'s entry at ``budget`` with per-seed FDs, or None."""
+    import json
+
+    group, method = spec.split("/")
+    path = out / group / "results.json"
+    if not path.exists():
+        return None
+    entry = json.loads(path.read_text())["entries"].get(f"{method}@{budget:g}")
+    return entry if entry and not entry.get("skipped") and entry.get("fd_seeds") else None
 
 
 if __name__ == "__main__":
