@@ -23,7 +23,9 @@ Groups (``--groups``, default all, in this order):
 - ``dydit`` and ``dydit-old``: DyDiT with the reference recipe and with slimdiff's earlier one
 
 Usage: ``OMP_NUM_THREADS=2 nohup python scripts/measure_fidelity.py [--groups width,depth]
-[--samples 500] [--seeds 5] [--budgets 0.5,0.25] [--out bench/fidelity] > fidelity.log &``
+[--samples 500] [--seeds 5] [--budgets 0.5,0.25] [--out bench/fidelity] [--recover-steps 300]
+[--skip scratch] > fidelity.log &``. The second recovery length of the evidence issue is
+``--recover-steps 3000 --out bench/fidelity-recover3000 --skip scratch``.
 Each group writes ``DIR/results.json`` and ``DIR/report.md`` (with the paired verdicts).
 """
 from __future__ import annotations
@@ -72,14 +74,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--recover-steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "fidelity")
+    ap.add_argument("--skip", default="", help="methods to leave out of every group, e.g. scratch (trained with the "
+                    "teacher's recipe, so a second recovery length does not change it)")
     args = ap.parse_args()
     names = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = sorted(set(names) - set(GROUPS))
     if unknown:
         ap.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     budgets = [float(b) for b in args.budgets.split(",")]
+    skip = {m.strip() for m in args.skip.split(",") if m.strip()}
     for name in names:
         methods, options = GROUPS[name]
+        methods = [m for m in methods if m not in skip]
+        if not methods:
+            continue
         config = BenchConfig(model="digits-dit", budgets=budgets, methods=methods, samples=args.samples,
                              seeds=args.seeds, steps=args.steps, recover_steps=args.recover_steps, options=options,
                              progress=False, **SETTINGS.get(name, {}))

@@ -22,11 +22,15 @@ def test_paired_differences_and_verdicts():
     assert pair["diff_seeds"] == pytest.approx([-2.0, -2.1, -1.9, -1.9]) and pair["a_wins"] == 4
     assert "`A` beats `B`" in verdict("A", "B", pair)
     assert "`A` beats `B`" in verdict("B", "A", paired(b, a, "fd"))  # same claim, other order
+    assert verdict("B", "A", paired(b, a, "fd")) == verdict("A", "B", pair)  # told from the winner's side
+    assert verdict("A", "B", pair).endswith(": fd lower by 1.98 +- 0.15 (95%), on 4/4 seeds.")
     noisy = paired([1.0, 3.0, 2.0], [2.0, 1.0, 2.5], "fd")
     assert "not distinguishable at 3 seeds" in verdict("A", "B", noisy)
+    assert "`A` better on 2/3 seeds, `B` on 1/3" in verdict("A", "B", noisy)
     assert "not distinguishable at 1 seed" in verdict("A", "B", paired([1.0], [2.0]))
     higher = paired([0.9, 0.8], [0.5, 0.45], "ssim")  # higher SSIM is better
     assert higher["a_wins"] == 2
+    assert verdict("A", "B", higher).startswith("`A` beats `B`: ssim higher by 0.375")
     with pytest.raises(ValueError):
         paired([1.0], [1.0, 2.0])
 

@@ -51,15 +51,18 @@ def paired(a: Sequence[float], b: Sequence[float], metric: str = "fd") -> dict:
 
 
 def verdict(a: str, b: str, pair: dict) -> str:
-    """One line: "A beats B ..." only when the paired interval excludes zero; otherwise
-    "not distinguishable at N seeds"."""
+    """One line: "W beats L: fd lower by X +- h (95%), on k/N seeds" only when the paired
+    interval excludes zero, told from the winner's side; otherwise "not distinguishable at N
+    seeds" with the difference ``a - b`` and how many seeds each side wins."""
     metric, mean, half, n = pair["metric"], pair["mean"], pair["ci95"], pair["n"]
     if half is None:
         return f"`{a}` vs `{b}`: not distinguishable at {n} seed (no interval; run more seeds)."
     lower = LOWER_IS_BETTER.get(metric, True)
-    detail = f"{metric} difference {mean:+.3g} +- {half:.2g} (95%), wins {pair['a_wins']}/{n} seeds"
+    b_wins = sum(1 for d in pair["diff_seeds"] if (d > 0 if lower else d < 0))
     if abs(mean) <= half:
-        return f"`{a}` vs `{b}`: not distinguishable at {n} seeds ({detail})."
+        return (f"`{a}` vs `{b}`: not distinguishable at {n} seeds ({metric} `{a}` - `{b}` {mean:+.3g} +- {half:.2g} "
+                f"(95%); `{a}` better on {pair['a_wins']}/{n} seeds, `{b}` on {b_wins}/{n}).")
     a_better = (mean < 0) == lower
-    winner, loser = (a, b) if a_better else (b, a)
-    return f"`{winner}` beats `{loser}` ({detail} for `{a}` - `{b}`)."
+    winner, loser, wins = (a, b, pair["a_wins"]) if a_better else (b, a, b_wins)
+    direction = "lower" if lower else "higher"
+    return f"`{winner}` beats `{loser}`: {metric} {direction} by {abs(mean):.3g} +- {half:.2g} (95%), on {wins}/{n} seeds."
