@@ -21,6 +21,8 @@ Groups (``--groups``, default all, in this order):
 - ``reuse``: dipgo, deepcache-style, l2c, l2c-block, fewer-steps and diffusers' caches
 - ``reuse-skip``: dipgo, deepcache-style, l2c, l2c-block with ``skip_reused_steps=1``
 - ``dydit`` and ``dydit-old``: DyDiT with the reference recipe and with slimdiff's earlier one
+- ``dydit-calibrate``: the reference recipe plus the bias-shift calibration (beyond the paper):
+  does it bring the realised MACs to the target where the reference recipe misses it?
 
 Usage: ``OMP_NUM_THREADS=2 nohup python scripts/measure_fidelity.py [--groups width,depth]
 [--samples 500] [--seeds 5] [--budgets 0.5,0.25] [--out bench/fidelity] [--recover-steps 300]
@@ -50,6 +52,7 @@ GROUPS: dict[str, tuple[list[str], dict]] = {
     "reuse-skip": (["dipgo", "deepcache-style", "l2c", "l2c-block"], {"skip_reused_steps": True}),
     "dydit": (["dydit"], {}),
     "dydit-old": (["dydit"], OLD_DYDIT),
+    "dydit-calibrate": (["dydit"], {"calibrate": True}),
 }
 SETTINGS: dict[str, dict] = {"depth-kd-output": {"kd": "output"}, "depth-kd-masked": {"kd": "masked"}}
 """Bench settings of a group beyond the shared protocol (the recovery loss is one for a whole bench)."""
@@ -57,7 +60,8 @@ CROSS: list[tuple[str, str]] = [
     ("depth/tinyfusion", "depth-scratch/scratch"), ("depth/first-depth", "depth-scratch/scratch"),
     ("depth-kd-masked/tinyfusion", "depth-kd-output/tinyfusion"), ("depth-kd-output/tinyfusion", "depth/tinyfusion"),
     ("depth-kd-masked/tinyfusion", "depth/tinyfusion"), ("depth/tinyfusion", "depth-global/tinyfusion"),
-    ("reuse-skip/dipgo", "reuse/dipgo"), ("dydit/dydit", "dydit-old/dydit"),
+    ("reuse-skip/dipgo", "reuse/dipgo"), ("dydit/dydit", "dydit-old/dydit"), ("dydit-calibrate/dydit", "dydit/dydit"),
+    ("width/diff-pruning", "width-taylor-tp/diff-pruning"),
 ]
 """Verdict pairs across groups (``group/method``, at every budget): every group samples the same
 noises and labels per seed, so two groups' entries are paired like two entries of one bench."""
@@ -106,7 +110,8 @@ def main() -> None:
 
 
 def cross_verdicts(out: Path, budgets: list[float]) -> None:
-    """The :data:`CROSS` pairs whose two entries exist, into ``out/cross.json`` and ``out/cross.md``."""
+    """The :data:`CROSS` pairs whose two entries exist, and each group's wall time (what the
+    measurement costs on this machine), into ``out/cross.json`` and ``out/cross.md``."""
     import json
 
     from slimdiff.bench import environment, write_json
@@ -122,15 +127,35 @@ def cross_verdicts(out: Path, budgets: list[float]) -> None:
             ka, kb = f"{a}@{budget:g}", f"{b}@{budget:g}"
             pair = paired(ea["fd_seeds"], eb["fd_seeds"], "fd")
             pairs[f"{ka} vs {kb}"] = {**pair, "a": ka, "b": kb, "verdict": verdict(ka, kb, pair)}
-    if not pairs:
+    hours = wall_hours(out)
+    if not pairs and not hours:
         return
     env = environment()
-    write_json(out / "cross.json", {"environment": env, "pairs": pairs})
+    write_json(out / "cross.json", {"environment": env, "pairs": pairs, "wall_hours": hours})
     lines = ["# Fidelity: verdicts across groups", "", provenance_line(env), "",
              "FD, paired over the seeds every group shares (95% intervals); each side is `group/method@budget`.", "",
-             *(f"- {p['verdict']}" for p in pairs.values()), ""]
+             *(f"- {p['verdict']}" for p in pairs.values()), "",
+             "## What it cost", "",
+             "Wall time of every finished entry (compression with its recovery, and scoring on every seed; "
+             "the teacher's cached samples not counted), one process per group on this machine.", "",
+             "| group | entries | hours |", "|---|---|---|",
+             *(f"| {g} | {h['entries']} | {h['hours']:.2f} |" for g, h in hours.items()),
+             f"| all | {sum(h['entries'] for h in hours.values())} | {sum(h['hours'] for h in hours.values()):.2f} |", ""]
     (out / "cross.md").write_text("\n".join(lines))
     print(json.dumps({k: p["verdict"] for k, p in pairs.items()}, indent=1), flush=True)
+
+
+def wall_hours(out: Path) -> dict[str, dict]:
+    """Per group directory under ``out``: finished entries and their summed wall hours
+    (``compress_wall_s + eval_wall_s`` as each entry recorded them)."""
+    import json
+
+    hours = {}
+    for results in sorted(out.glob("*/results.json")):
+        entries = [e for e in json.loads(results.read_text())["entries"].values() if not e.get("skipped")]
+        seconds = sum((e.get("compress_wall_s") or 0) + (e.get("eval_wall_s") or 0) for e in entries)
+        hours[results.parent.name] = {"entries": len(entries), "hours": seconds / 3600}
+    return hours
 
 
 def _entry(out: Path, spec: str, budget: float) -> dict | None:

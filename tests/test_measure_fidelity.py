@@ -1,0 +1,55 @@
+"""scripts/measure_fidelity.py: its groups name real methods and options, and its cross-group
+verdicts and cost table are generated from the groups' results files."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import measure_fidelity as mf  # noqa: E402
+
+from slimdiff.methods import get_method  # noqa: E402
+
+
+@pytest.mark.parametrize("group", sorted(mf.GROUPS))
+def test_every_group_names_registered_methods_and_options_they_declare(group):
+    methods, options = mf.GROUPS[group]
+    specs = [get_method(m) for m in methods]
+    for name, value in options.items():
+        takers = [s for s in specs if name in s.options]
+        assert takers, f"{group}: option {name} applies to none of {methods}: it would silently do nothing"
+        for spec in takers:
+            spec.make_config({name: value})  # a wrong value is refused here, not hours into the run
+
+
+def test_cross_pairs_name_groups_and_their_methods():
+    for a, b in mf.CROSS:
+        for side in (a, b):
+            group, method = side.split("/")
+            assert method in mf.GROUPS[group][0], side
+
+
+def _results(out: Path, group: str, entries: dict) -> None:
+    (out / group).mkdir(parents=True)
+    (out / group / "results.json").write_text(json.dumps({"entries": entries}))
+
+
+def test_cross_verdicts_pair_groups_seed_by_seed_and_state_the_cost(tmp_path, monkeypatch):
+    def entry(fds, wall):
+        return {"seeds": [0, 1, 2, 3], "fd_seeds": fds, "compress_wall_s": wall, "eval_wall_s": 1800.0}
+
+    _results(tmp_path, "dydit", {"dydit@0.5": entry([10.0, 11.0, 12.0, 10.5], 1800.0)})
+    _results(tmp_path, "dydit-old", {"dydit@0.5": entry([12.0, 13.1, 13.9, 12.4], 5400.0),
+                                     "dydit@0.25": {"skipped": "cannot"}})
+    monkeypatch.setattr(mf, "CROSS", [("dydit/dydit", "dydit-old/dydit"), ("width/scratch", "dydit/dydit")])
+    mf.cross_verdicts(tmp_path, [0.5, 0.25])
+    record = json.loads((tmp_path / "cross.json").read_text())
+    assert list(record["pairs"]) == ["dydit/dydit@0.5 vs dydit-old/dydit@0.5"]  # missing sides are left out
+    assert record["pairs"]["dydit/dydit@0.5 vs dydit-old/dydit@0.5"]["a_wins"] == 4
+    assert record["wall_hours"] == {"dydit": {"entries": 1, "hours": 1.0}, "dydit-old": {"entries": 1, "hours": 2.0}}
+    md = (tmp_path / "cross.md").read_text()
+    assert "`dydit/dydit@0.5` beats `dydit-old/dydit@0.5`: fd lower by 1.98" in md
+    assert "| all | 2 | 3.00 |" in md and "Written by" in md
