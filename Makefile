@@ -26,7 +26,7 @@ test: install
 
 # The full bench of the README (long: run it in the background; rerun to resume).
 # bench/digits holds the earlier one-seed run (the README table); the seed-paired protocol writes
-# bench/digits-seeds (then: python scripts/readme_bench.py bench/digits-seeds).
+# bench/digits-seeds (then `python scripts/readme_bench.py bench/digits-seeds` prints its table).
 bench: install
 	$(BIN)/slimdiff bench --model digits-dit --budgets 0.5,0.25 --long-recover-steps 3000 -o bench/digits-seeds
 

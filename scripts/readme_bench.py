@@ -1,6 +1,7 @@
-"""Write the README's bench section from a bench directory's results.json (default bench/digits).
+"""Print a bench directory's table as the README shows tables (markdown, generated from its
+results.json; never typed by hand). The README's own table is measure_fidelity's (``--readme``).
 
-    python scripts/readme_bench.py [bench/digits]
+    python scripts/readme_bench.py [bench/digits-seeds]
 """
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import json
 import sys
 from pathlib import Path
 
-from slimdiff.eval.report import update_readme
+from slimdiff.eval.report import readme_block
 
 ROOT = Path(__file__).resolve().parent.parent
 
 if __name__ == "__main__":
-    directory = sys.argv[1] if len(sys.argv) > 1 else "bench/digits"
-    results = json.loads((ROOT / directory / "results.json").read_text())
-    changed = update_readme(ROOT / "README.md", results, directory)
-    print("README.md updated" if changed else "README.md already up to date")
+    directory = sys.argv[1] if len(sys.argv) > 1 else "bench/digits-seeds"
+    path = ROOT / directory / "results.json"
+    if not path.exists():
+        sys.exit(f"{path} does not exist: run the bench first (`make bench` writes bench/digits-seeds)")
+    print(readme_block(json.loads(path.read_text()), directory))

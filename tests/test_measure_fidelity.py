@@ -53,3 +53,12 @@ def test_cross_verdicts_pair_groups_seed_by_seed_and_state_the_cost(tmp_path, mo
     md = (tmp_path / "cross.md").read_text()
     assert "`dydit/dydit@0.5` beats `dydit-old/dydit@0.5`: fd lower by 1.98" in md
     assert "| all | 2 | 3.00 |" in md and "Written by" in md
+
+
+def test_the_readme_table_is_generated_from_the_committed_fidelity_results():
+    """Every number of the README's bench table comes from bench/fidelity/<group>/results.json."""
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    block = text[text.index(mf.FIDELITY_START): text.index(mf.FIDELITY_END) + len(mf.FIDELITY_END)]
+    assert block == mf.readme_block(root / "bench" / "fidelity"), "rerun scripts/measure_fidelity.py --readme"
+    assert "| width/diff-pruning@0.5 |" in block and "| depth/tinyfusion@0.25 |" in block
