@@ -7,7 +7,8 @@ labels, and scores each against the teacher's samples from the same noise. It wr
 
 - ``entries/<key>.json`` -- one file per finished entry, written atomically. A rerun with
   the same settings keeps them and computes only what is missing (an interrupted entry's
-  recovery resumes from its trainer checkpoint under ``work/``). A run with other budgets or
+  recovery resumes from its trainer checkpoint under ``work/``, and its ``compress_cpu_s`` /
+  ``compress_wall_s`` are summed over every attempt: :class:`slimdiff.reproducible.Spent`). A run with other budgets or
   methods in the same directory (same protocol) adds its entries: the report shows every
   finished entry of the directory;
 - ``results.json`` (every number, library versions, seeds, machine, git commit and command),
@@ -59,6 +60,7 @@ import torch.nn as nn
 from slimdiff.atomic import write_file
 from slimdiff.budget import check_budget
 from slimdiff.errors import UsageError
+from slimdiff.reproducible import Spent
 from slimdiff.result import record_of
 from slimdiff.utils import resolve_device
 
@@ -365,12 +367,12 @@ class Bench:
         base = {"method": method, "budget": budget, "kind": kind}
         options, recover_steps = self._plan(parts, recover)
         ctx = self._context(key, teacher, recover_steps)
-        cpu, wall = time.process_time(), time.perf_counter()
-        try:
-            student = compress(teacher, parts, budget, ctx, options)
+        try:  # an interrupted entry resumes: its compression time is summed over every attempt
+            with Spent(ctx.work_dir / "spent.json") as spent:
+                student = compress(teacher, parts, budget, ctx, options)
         except UsageError as e:  # the method does not apply to this model: say so in the table
             return {**base, "skipped": str(e)}
-        compress_cpu, compress_wall = time.process_time() - cpu, time.perf_counter() - wall
+        compress_cpu, compress_wall = spent.cpu_s, spent.wall_s
         student.eval()
         start = time.perf_counter()
         per_seed, macs = [], None  # the sampling MACs are the same for every seed: counted once

@@ -74,8 +74,17 @@ def test_bench_resumes_after_kill_and_matches_uninterrupted(teacher_dir, uninter
     proc.wait()
     assert first.exists(), "the bench died before finishing its first entry"
     kept = first.read_text()
+    # the interrupted entry's time so far (written by the killed attempt, or none yet), plus a
+    # marker of 1000 s: the resumed entry reports the sum over its attempts
+    spent = out / "work" / f"{METHODS[1]}@0.5" / "spent.json"
+    before = json.loads(spent.read_text()) if spent.exists() else {"cpu_s": 0.0, "wall_s": 0.0}
+    spent.parent.mkdir(parents=True, exist_ok=True)
+    spent.write_text(json.dumps({k: v + 1000.0 for k, v in before.items()}))
     resumed = run_bench(BenchConfig(model=str(teacher_dir), methods=METHODS, **FAST), out)
     assert first.read_text() == kept  # finished work is kept, not recomputed
+    second = resumed["entries"][f"{METHODS[1]}@0.5"]
+    assert second["compress_cpu_s"] >= before["cpu_s"] + 1000 and second["compress_wall_s"] >= 1000
+    assert not spent.parent.exists()  # the work directory goes once the entry is written
     assert set(resumed["entries"]) == set(results["entries"])
     for key, e in results["entries"].items():
         for field in NUMBERS:
