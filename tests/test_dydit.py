@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
 from conftest import tiny_diffusers_dit, tiny_dit, tiny_pixart, tiny_unet, tiny_unet_cond
 
 import slimdiff
+from slimdiff.budget import BUDGET_NOTE
 from slimdiff.diffusion.sampling import sample
 from slimdiff.errors import UsageError
 from slimdiff.eval.compute import count_macs, macs_sampling
-from slimdiff.methods.base import Context, compress
+from slimdiff.methods.base import Context, compress, warn_off_budget
 from slimdiff.methods.dydit import DyDiTConfig, cost_model, dydit, routed_ratio, shift_routers
 from slimdiff.models.backbone import as_backbone
 from slimdiff.models.dit import DiT, DiTBlock
@@ -368,9 +370,17 @@ def test_compress_meets_budget_on_held_out_samples_and_save_load_roundtrip(tmp_p
     model = tiny_dit(depth=3, num_heads=4, in_channels=1)
     model.slimdiff_meta = {"name": "tiny"}
     ctx = _ctx(tmp_path)
-    out = compress(model, "dydit", 0.6, ctx, {"train_steps": 20, "tune": "full"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compress(model, "dydit", 0.6, ctx, {"train_steps": 20, "tune": "full"})
     entry = record_of(out).result.chain[0]
     assert entry.settings["calibrate"] is False and entry.measured["calibration"] == {}
+    assert "calibrate=1" in entry.settings[BUDGET_NOTE]  # what compress says when the routers miss the budget
+    missed = [str(w.message) for w in caught if "the budget is not met" in str(w.message)]
+    assert all("calibrate=1" in m for m in missed), missed
+    with pytest.warns(UserWarning, match=r"0\.660 .* not met \(dydit measured end to end on the sampling run; "
+                                         r"dydit: routers trained 20 steps .*calibrate=1"):
+        warn_off_budget(0.6, 0.66, [entry])
     held = entry.measured["heldout"]
     assert held["seed"] != ctx.seed and len(held["classes"]) == 8  # not the calibration's samples (seed 0, 0..7)
     recorded = entry.measured["realised_ratio_heldout"]

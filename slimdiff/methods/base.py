@@ -214,14 +214,15 @@ def warn_off_budget(budget: float, reached: float, entries: Sequence[ChainEntry]
     far below it (:func:`slimdiff.budget.far_below`) with each method's recorded reason (its
     :data:`~slimdiff.budget.BUDGET_NOTE` setting), so that a result off its budget is seen when
     it is made, not only in a summary."""
+    reasons = [f"{e.method}: {e.settings[BUDGET_NOTE]}" for e in entries if e.settings.get(BUDGET_NOTE)]
     if over_budget(budget, reached):
+        measured = f"{'+'.join(e.method for e in entries)} measured end to end on the sampling run"
         warnings.warn(f"the result costs {reached:.3f} of the original's sampling MACs, more than "
                       f"{BUDGET_TOLERANCE:.0%} above the budget {budget:g}: the budget is not met "
-                      f"({'+'.join(e.method for e in entries)} measured end to end on the sampling run)", stacklevel=3)
+                      f"({'; '.join([measured, *reasons])})", stacklevel=3)
         return
     if not far_below(budget, reached):
         return
-    reasons = [f"{e.method}: {e.settings[BUDGET_NOTE]}" for e in entries if e.settings.get(BUDGET_NOTE)]
     why = "; ".join(reasons) or f"{'+'.join(e.method for e in entries)} recorded no reason"
     warnings.warn(f"the result costs {reached:.3f} of the original's sampling MACs, more than "
                   f"{BUDGET_TOLERANCE:.0%} below the budget {budget:g} ({why})", stacklevel=3)

@@ -68,6 +68,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from slimdiff.budget import BUDGET_NOTE
 from slimdiff.errors import UsageError
 from slimdiff.compression.calibration import model_dataset
 from slimdiff.compression.lora import add_lora, merge_lora
@@ -508,7 +509,11 @@ def compress(model: nn.Module, budget: float, ctx: Context, cfg: DyDiTConfig) ->
     if cfg.heldout_samples > 0:
         measured.update(heldout_ratio(model, ctx, cfg.heldout_samples))
     measured["cpu_seconds"] = time.process_time() - start
-    return record(model, "dydit", {**asdict(cfg), "budget": budget}, measured, routing_extras(routing))
+    settings = {**asdict(cfg), "budget": budget}
+    if not cfg.calibrate:  # said by compress when the realised ratio misses the budget
+        settings[BUDGET_NOTE] = (f"routers trained {steps} steps meet the FLOPs target only approximately (the paper "
+                                 "has no calibration); calibrate=1 (beyond the paper) shifts every router bias to meet it")
+    return record(model, "dydit", settings, measured, routing_extras(routing))
 
 
 # --------------------------------------------------------------------------- pictures and the speed bench
