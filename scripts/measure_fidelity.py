@@ -27,7 +27,9 @@ Groups (``--groups``, default all, in this order):
 Usage: ``OMP_NUM_THREADS=2 nohup python scripts/measure_fidelity.py [--groups width,depth]
 [--samples 500] [--seeds 5] [--budgets 0.5,0.25] [--out bench/fidelity] [--recover-steps 300]
 [--skip scratch] > fidelity.log &``. The second recovery length of the evidence issue is
-``--recover-steps 3000 --out bench/fidelity-recover3000 --skip scratch``.
+``--recover-steps 3000 --out bench/fidelity-recover3000 --skip scratch --against bench/fidelity``
+(``recovery.md``: each entry at both lengths, the rankings that flip, and each long entry
+against training from scratch).
 Each group writes ``DIR/results.json`` and ``DIR/report.md`` (with the paired verdicts).
 """
 from __future__ import annotations
@@ -68,6 +70,9 @@ noises and labels per seed, so two groups' entries are paired like two entries o
 README_GROUPS = ("width", "depth", "depth-scratch", "reuse", "dydit")
 """The groups of every method at its default settings: the README's table (``--readme``)."""
 FIDELITY_START, FIDELITY_END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
+SCRATCH_OF = {"width": "width/scratch", "depth": "depth-scratch/scratch"}
+"""The scratch baseline (``group/method``) with each group's student architecture: entries at
+another recovery length are paired with it too (does compression plus recovery beat retraining?)."""
 
 
 def main() -> None:
@@ -83,6 +88,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "fidelity")
     ap.add_argument("--readme", action="store_true", help="also write the README's table of the default groups "
                     "(between its fidelity markers) from their results files")
+    ap.add_argument("--against", type=Path, help="the same groups at another recovery length (e.g. bench/fidelity): "
+                    "pair every entry with its namesake there and list the rankings that change (OUT/recovery.md)")
     ap.add_argument("--skip", default="", help="methods to leave out of every group, e.g. scratch (trained with the "
                     "teacher's recipe, so a second recovery length does not change it)")
     args = ap.parse_args()
@@ -112,11 +119,92 @@ def main() -> None:
         for pair in results["pairs"].values():
             print(f"   {pair['verdict']}", flush=True)
     cross_verdicts(args.out, budgets)
+    if args.against:
+        recovery_flips(args.out, args.against)
     if args.readme:
         from slimdiff.eval.report import replace_block
 
         changed = replace_block(ROOT / "README.md", FIDELITY_START, FIDELITY_END, readme_block(args.out))
         print("README.md updated" if changed else "README.md already up to date", flush=True)
+
+
+def recovery_flips(out: Path, against: Path) -> dict:
+    """Every entry under ``out`` next to the same ``group/method@budget`` under ``against`` (the
+    same protocol at another recovery length), paired seed by seed, and every two methods of one
+    group and budget whose verdict differs between the two lengths: the rankings that flip.
+    Written to ``out/recovery.json`` and ``out/recovery.md``; returns the record."""
+    import itertools
+    import json
+
+    from slimdiff.bench import environment, write_json
+    from slimdiff.eval.report import _with_interval, provenance_line
+    from slimdiff.eval.stats import paired, verdict
+
+    def scored(root: Path, group: str) -> tuple[dict, int | None]:
+        path = root / group / "results.json"
+        if not path.exists():
+            return {}, None
+        results = json.loads(path.read_text())
+        return ({k: e for k, e in results["entries"].items() if not e.get("skipped") and e.get("fd_seeds")},
+                results["config"]["recover_steps"])
+
+    def winner(x: dict, y: dict, kx: str, ky: str) -> str | None:
+        pair = paired(x["fd_seeds"], y["fd_seeds"], "fd")
+        return None if pair["ci95"] is None or abs(pair["mean"]) <= pair["ci95"] else (kx if pair["mean"] < 0 else ky)
+
+    rows, flips, scratch, lengths = [], [], [], set()
+    for path in sorted(out.glob("*/results.json")):
+        group = path.parent.name
+        (mine, n), (theirs, m) = scored(out, group), scored(against, group)
+        common = [k for k in mine if k in theirs and mine[k]["seeds"] == theirs[k]["seeds"]]
+        if not common:
+            continue
+        lengths.add((m, n))
+        if group in SCRATCH_OF:
+            sgroup, smethod = SCRATCH_OF[group].split("/")
+            others = scored(against, sgroup)[0]
+            for key, e in mine.items():
+                ref = others.get(f"{smethod}@{e['budget']:g}")
+                if ref is not None and ref["seeds"] == e["seeds"]:
+                    ka, kb = f"{group}/{key} at {n}", f"{SCRATCH_OF[group]}@{e['budget']:g}"
+                    scratch.append(verdict(ka, kb, paired(e["fd_seeds"], ref["fd_seeds"], "fd")))
+        for key in common:
+            pair = paired(mine[key]["fd_seeds"], theirs[key]["fd_seeds"], "fd")
+            rows.append({"entry": f"{group}/{key}", "short": _with_interval(theirs[key], "fd"),
+                         "long": _with_interval(mine[key], "fd"),
+                         "verdict": verdict(f"{group}/{key} at {n}", f"{group}/{key} at {m}", pair), **pair})
+        for x, y in itertools.combinations(common, 2):
+            if mine[x]["budget"] != mine[y]["budget"]:
+                continue
+            kx, ky = f"{group}/{x}", f"{group}/{y}"
+            before, after = winner(theirs[x], theirs[y], kx, ky), winner(mine[x], mine[y], kx, ky)
+            if before != after:
+                flips.append({"a": kx, "b": ky, "winner_at_short": before, "winner_at_long": after,
+                              "short": verdict(kx, ky, paired(theirs[x]["fd_seeds"], theirs[y]["fd_seeds"], "fd")),
+                              "long": verdict(kx, ky, paired(mine[x]["fd_seeds"], mine[y]["fd_seeds"], "fd"))})
+    if not rows:
+        return {}
+    if len(lengths) != 1:
+        raise ValueError(f"the groups under {out} and {against} ran at several pairs of recovery lengths: {lengths}")
+    (m, n), = lengths
+    env = environment()
+    record = {"environment": env, "out": str(out), "against": str(against), "recover_steps": n,
+              "against_recover_steps": m, "entries": rows, "flips": flips, "scratch": scratch}
+    write_json(out / "recovery.json", record)
+    lines = [f"# Recovery length: {n} steps against {m}", "", provenance_line(env), "",
+             f"Every entry of `{out.name}` (recovery {n}) next to its namesake in `{against.name}` (recovery {m}), FD "
+             "paired seed by seed (95% intervals).", "",
+             f"| entry | FD at {m} | FD at {n} | verdict |", "|---|---|---|---|",
+             *(f"| {r['entry']} | {r['short']} | {r['long']} | {r['verdict']} |" for r in rows), "",
+             "## Rankings that change with the recovery length", ""]
+    lines += [f"- `{f['a']}` vs `{f['b']}`: at {m}: {f['short']} At {n}: {f['long']}" for f in flips] or [
+        "No two methods of one group and budget change their verdict between the two lengths."]
+    if scratch:
+        lines += ["", "## Against training from scratch", "",
+                  f"Each entry at recovery {n} against the same architecture trained with the teacher's recipe "
+                  f"(`scratch` in `{against.name}`).", "", *(f"- {v}" for v in scratch)]
+    (out / "recovery.md").write_text("\n".join(lines) + "\n")
+    return record
 
 
 def readme_block(out: Path) -> str:

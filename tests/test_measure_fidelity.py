@@ -62,3 +62,36 @@ def test_the_readme_table_is_generated_from_the_committed_fidelity_results():
     block = text[text.index(mf.FIDELITY_START): text.index(mf.FIDELITY_END) + len(mf.FIDELITY_END)]
     assert block == mf.readme_block(root / "bench" / "fidelity"), "rerun scripts/measure_fidelity.py --readme"
     assert "| width/diff-pruning@0.5 |" in block and "| depth/tinyfusion@0.25 |" in block
+
+
+def test_recovery_flips_pair_each_entry_across_lengths_and_list_the_rankings_that_change(tmp_path):
+    def entry(budget, fds):
+        return {"budget": budget, "seeds": [0, 1, 2, 3], "fd_seeds": fds, "fd": sum(fds) / 4, "fd_ci95": 0.1}
+
+    def write(root, steps, entries):
+        (root / "depth").mkdir(parents=True)
+        (root / "depth" / "results.json").write_text(json.dumps({"config": {"recover_steps": steps}, "entries": entries}))
+
+    short, long = tmp_path / "short", tmp_path / "long"
+    write(short, 300, {"tinyfusion@0.5": entry(0.5, [80.0, 81, 79, 80.5]), "bi-depth@0.5": entry(0.5, [12.0, 13, 12.5, 12]),
+                       "first-depth@0.5": entry(0.5, [11.0, 12, 11.5, 11]), "stride-depth@0.25": entry(0.25, [9.0] * 4)})
+    write(long, 3000, {"tinyfusion@0.5": entry(0.5, [10.0, 10.5, 9.5, 10]), "bi-depth@0.5": entry(0.5, [11.0, 12, 11.4, 11]),
+                       "first-depth@0.5": entry(0.5, [10.6, 10.9, 10.1, 11.1]), "oracle-depth@0.5": entry(0.5, [1.0] * 4)})
+    (short / "depth-scratch").mkdir()
+    (short / "depth-scratch" / "results.json").write_text(json.dumps(
+        {"config": {"recover_steps": 300}, "entries": {"scratch@0.5": entry(0.5, [8.0, 8.5, 8.2, 8.1])}}))
+    record = mf.recovery_flips(long, short)
+    assert [v.split(": fd")[0] for v in record["scratch"]] == [  # every long entry with a scratch namesake
+        "`depth-scratch/scratch@0.5` beats `depth/tinyfusion@0.5 at 3000`",
+        "`depth-scratch/scratch@0.5` beats `depth/bi-depth@0.5 at 3000`",
+        "`depth-scratch/scratch@0.5` beats `depth/first-depth@0.5 at 3000`",
+        "`depth/oracle-depth@0.5 at 3000` beats `depth-scratch/scratch@0.5`"]
+    assert "fd lower by 1.8 +- " in record["scratch"][0]  # 10 - 8.2, seed by seed
+    assert [r["entry"] for r in record["entries"]] == ["depth/tinyfusion@0.5", "depth/bi-depth@0.5", "depth/first-depth@0.5"]
+    assert record["entries"][0]["mean"] == pytest.approx(-70.125)  # long - short, seed by seed
+    flips = {(f["a"], f["b"]): (f["winner_at_short"], f["winner_at_long"]) for f in record["flips"]}
+    assert flips == {("depth/tinyfusion@0.5", "depth/bi-depth@0.5"): ("depth/bi-depth@0.5", "depth/tinyfusion@0.5"),
+                     ("depth/tinyfusion@0.5", "depth/first-depth@0.5"): ("depth/first-depth@0.5", "depth/tinyfusion@0.5"),
+                     ("depth/bi-depth@0.5", "depth/first-depth@0.5"): ("depth/first-depth@0.5", None)}
+    md = (long / "recovery.md").read_text()
+    assert "# Recovery length: 3000 steps against 300" in md and "| depth/tinyfusion@0.5 | 80.1 +- 0.1 | 10 +- 0.1 |" in md
