@@ -50,9 +50,10 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -252,6 +253,7 @@ class Bench:
         self.entries = entry_list(config)
         self.save_models = save_models
         self.sample_cache = Path(sample_cache) if sample_cache is not None else None
+        self._lock_depth = 0
         self._model, self._teacher, self._teacher_macs = teacher, None, None
         self._check_settings()
 
@@ -452,7 +454,13 @@ class Bench:
         """Run ``entries`` -- ``(method or chain, budget)`` pairs, or ``(method, budget,
         recover_steps)`` for a static entry with another recovery length; default: the
         config's -- and return their records by key (:func:`entry_key`). A finished entry is read
-        back from ``entries/<key>.json``; ``after(done so far)`` runs after each newly computed one."""
+        back from ``entries/<key>.json``; ``after(done so far)`` runs after each newly computed one.
+        A second process running entries into the same directory is refused at once."""
+        with self._locked():
+            return self._run_entries(entries, after)
+
+    def _run_entries(self, entries: Sequence[tuple] | None, after: Callable[[dict[str, dict]], None] | None
+                     ) -> dict[str, dict]:
         if entries is None:
             todo = self.entries
         else:
@@ -481,8 +489,32 @@ class Bench:
                 after(done)
         return done
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the directory's lock (:func:`slimdiff.atomic.exclusive`) while entries run, so that
+        two processes (CLI or scripts) never compute one entry twice; re-entrant within this bench."""
+        from slimdiff.atomic import exclusive
+
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        with exclusive(self.out, f"bench directory {self.out}"):
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+
     def run(self) -> dict:
         """Every entry (finished ones are read back), then results.json, report.md and the plots."""
+        with self._locked():
+            return self._run()
+
+    def _run(self) -> dict:
         earlier = self.earlier_entries()
         if earlier:
             self.console.print(f"[dim]{self.out} also holds {len(earlier)} finished entries this run does not list "
@@ -651,8 +683,10 @@ def run_bench(config: BenchConfig, out: str | Path, sample_cache: str | Path | N
     from slimdiff.atomic import exclusive
 
     out = Path(out)
-    with exclusive(out, f"bench directory {out}"):
-        return Bench(config, out, sample_cache=Path(sample_cache) if sample_cache else None).run()
+    with exclusive(out, f"bench directory {out}"):  # before the Bench writes anything into ``out``
+        bench = Bench(config, out, sample_cache=Path(sample_cache) if sample_cache else None)
+        bench._lock_depth = 1  # held here: Bench.run's own lock is re-entrant
+        return bench.run()
 
 
 def summary_rows(results: dict) -> list[dict]:

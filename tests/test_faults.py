@@ -100,7 +100,7 @@ def test_a_second_run_into_one_output_is_refused_at_start(student, tmp_path, mon
     """While a run holds ``--out`` (its lock), another compress, bench or train into it stops at once
     with one line (exit 2) and writes nothing; the lock is gone when the holder ends."""
     from slimdiff.atomic import exclusive
-    from slimdiff.bench import BenchConfig, run_bench
+    from slimdiff.bench import Bench, BenchConfig, run_bench
     from slimdiff.errors import UsageError
 
     out = tmp_path / "o"
@@ -111,6 +111,15 @@ def test_a_second_run_into_one_output_is_refused_at_start(student, tmp_path, mon
         assert code == 2 and "in use by another slimdiff run" in capsys.readouterr().err
         with pytest.raises(UsageError, match="in use by another slimdiff run"):
             run_bench(BenchConfig(model=student, methods=["first-depth"], samples=4, steps=2, progress=False), out)
+    # scripts drive a Bench directly (measure_fidelity): its entries are refused too while another process holds it
+    bench_out = tmp_path / "b"
+    bench = Bench(BenchConfig(model=student, methods=["first-depth"], samples=4, steps=2, progress=False), bench_out)
+    with exclusive(bench_out, "test holder"):
+        with pytest.raises(UsageError, match="in use by another slimdiff run"):
+            bench.run_entries([("first-depth", 0.5)])
+        with pytest.raises(UsageError, match="in use by another slimdiff run"):
+            bench.run()
+    with exclusive(out, "test holder"):
         code = cli_main(monkeypatch, "train", "--data", "digits", "--model", "DiT-M/2", "--steps", "1", "-o", str(out))
         assert code == 2 and "in use by another slimdiff run" in capsys.readouterr().err
     assert not out.exists() and not lock.exists()
