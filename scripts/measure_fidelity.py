@@ -138,7 +138,7 @@ def recovery_flips(out: Path, against: Path) -> dict:
 
     from slimdiff.bench import environment, write_json
     from slimdiff.eval.report import _with_interval, provenance_line
-    from slimdiff.eval.stats import paired, verdict
+    from slimdiff.eval.stats import better, paired, verdict
 
     def scored(root: Path, group: str) -> tuple[dict, int | None]:
         path = root / group / "results.json"
@@ -147,10 +147,6 @@ def recovery_flips(out: Path, against: Path) -> dict:
         results = json.loads(path.read_text())
         return ({k: e for k, e in results["entries"].items() if not e.get("skipped") and e.get("fd_seeds")},
                 results["config"]["recover_steps"])
-
-    def winner(x: dict, y: dict, kx: str, ky: str) -> str | None:
-        pair = paired(x["fd_seeds"], y["fd_seeds"], "fd")
-        return None if pair["ci95"] is None or abs(pair["mean"]) <= pair["ci95"] else (kx if pair["mean"] < 0 else ky)
 
     rows, flips, scratch, lengths = [], [], [], set()
     for path in sorted(out.glob("*/results.json")):
@@ -177,11 +173,12 @@ def recovery_flips(out: Path, against: Path) -> dict:
             if mine[x]["budget"] != mine[y]["budget"]:
                 continue
             kx, ky = f"{group}/{x}", f"{group}/{y}"
-            before, after = winner(theirs[x], theirs[y], kx, ky), winner(mine[x], mine[y], kx, ky)
-            if before != after:
-                flips.append({"a": kx, "b": ky, "winner_at_short": before, "winner_at_long": after,
-                              "short": verdict(kx, ky, paired(theirs[x]["fd_seeds"], theirs[y]["fd_seeds"], "fd")),
-                              "long": verdict(kx, ky, paired(mine[x]["fd_seeds"], mine[y]["fd_seeds"], "fd"))})
+            short, long = (paired(r[x]["fd_seeds"], r[y]["fd_seeds"], "fd") for r in (theirs, mine))
+            name = {"a": kx, "b": ky, None: None}
+            if better(short) != better(long):
+                flips.append({"a": kx, "b": ky, "winner_at_short": name[better(short)],
+                              "winner_at_long": name[better(long)], "short": verdict(kx, ky, short),
+                              "long": verdict(kx, ky, long)})
     if not rows:
         return {}
     if len(lengths) != 1:

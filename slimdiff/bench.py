@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from slimdiff.atomic import write_file
+from slimdiff.atomic import exclusive, write_file
 from slimdiff.budget import check_budget
 from slimdiff.errors import UsageError
 from slimdiff.reproducible import Spent
@@ -253,7 +253,7 @@ class Bench:
         self.entries = entry_list(config)
         self.save_models = save_models
         self.sample_cache = Path(sample_cache) if sample_cache is not None else None
-        self._lock_depth = 0
+        self._holds_lock = False
         self._model, self._teacher, self._teacher_macs = teacher, None, None
         self._check_settings()
 
@@ -493,21 +493,15 @@ class Bench:
     def _locked(self) -> Iterator[None]:
         """Hold the directory's lock (:func:`slimdiff.atomic.exclusive`) while entries run, so that
         two processes (CLI or scripts) never compute one entry twice; re-entrant within this bench."""
-        from slimdiff.atomic import exclusive
-
-        if self._lock_depth:
-            self._lock_depth += 1
-            try:
-                yield
-            finally:
-                self._lock_depth -= 1
+        if self._holds_lock:  # run() -> run_entries(), or run_bench holding it already
+            yield
             return
         with exclusive(self.out, f"bench directory {self.out}"):
-            self._lock_depth = 1
+            self._holds_lock = True
             try:
                 yield
             finally:
-                self._lock_depth = 0
+                self._holds_lock = False
 
     def run(self) -> dict:
         """Every entry (finished ones are read back), then results.json, report.md and the plots."""
@@ -680,12 +674,10 @@ def entry_scores(entry: dict) -> dict:
 def run_bench(config: BenchConfig, out: str | Path, sample_cache: str | Path | None = None) -> dict:
     """Run (or resume) a bench into ``out``; returns the results written to ``out/results.json``.
     ``sample_cache``: see :class:`Bench`."""
-    from slimdiff.atomic import exclusive
-
     out = Path(out)
     with exclusive(out, f"bench directory {out}"):  # before the Bench writes anything into ``out``
         bench = Bench(config, out, sample_cache=Path(sample_cache) if sample_cache else None)
-        bench._lock_depth = 1  # held here: Bench.run's own lock is re-entrant
+        bench._holds_lock = True  # held here: Bench.run takes it only when not
         return bench.run()
 
 

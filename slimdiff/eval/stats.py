@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["LEVEL", "mean_interval", "summary", "paired", "verdict"]
+__all__ = ["LEVEL", "mean_interval", "summary", "paired", "better", "verdict"]
 
 LEVEL = 0.95
 LOWER_IS_BETTER = {"fd": True, "class_acc": False, "ssim": False, "psnr": False}
@@ -50,6 +50,15 @@ def paired(a: Sequence[float], b: Sequence[float], metric: str = "fd") -> dict:
     return {"metric": metric, "diff_seeds": diff, "mean": mean, "ci95": half, "n": len(diff), "a_wins": wins}
 
 
+def better(pair: dict) -> str | None:
+    """``"a"`` or ``"b"``: the side of :func:`paired`'s ``a - b`` that is better, when the paired
+    interval excludes zero; ``None`` when the two are not distinguishable (or one seed gives no interval)."""
+    mean, half = pair["mean"], pair["ci95"]
+    if half is None or abs(mean) <= half:
+        return None
+    return "a" if (mean < 0) == LOWER_IS_BETTER.get(pair["metric"], True) else "b"
+
+
 def verdict(a: str, b: str, pair: dict) -> str:
     """One line: "W beats L: fd lower by X +- h (95%), on k/N seeds" only when the paired
     interval excludes zero, told from the winner's side; otherwise "not distinguishable at N
@@ -59,10 +68,10 @@ def verdict(a: str, b: str, pair: dict) -> str:
         return f"`{a}` vs `{b}`: not distinguishable at {n} seed (no interval; run more seeds)."
     lower = LOWER_IS_BETTER.get(metric, True)
     b_wins = sum(1 for d in pair["diff_seeds"] if (d > 0 if lower else d < 0))
-    if abs(mean) <= half:
+    side = better(pair)
+    if side is None:
         return (f"`{a}` vs `{b}`: not distinguishable at {n} seeds ({metric} `{a}` - `{b}` {mean:+.3g} +- {half:.2g} "
                 f"(95%); `{a}` better on {pair['a_wins']}/{n} seeds, `{b}` on {b_wins}/{n}).")
-    a_better = (mean < 0) == lower
-    winner, loser, wins = (a, b, pair["a_wins"]) if a_better else (b, a, b_wins)
+    winner, loser, wins = (a, b, pair["a_wins"]) if side == "a" else (b, a, b_wins)
     direction = "lower" if lower else "higher"
     return f"`{winner}` beats `{loser}`: {metric} {direction} by {abs(mean):.3g} +- {half:.2g} (95%), on {wins}/{n} seeds."
